@@ -1,0 +1,162 @@
+"""Frozen model configuration.
+
+`ModelConfig` is the single source of truth for a model's shapes. It is stored as JSON
+beside every checkpoint, so a checkpoint can always be restored at the shapes that wrote it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Sequence
+
+MOE_PATTERNS = ("none", "all", "every_other")
+GATINGS = ("softmax_topk", "topk_softmax")
+DISPATCHES = ("dropless", "capacity")
+ROUTINGS = ("token_choice", "expert_choice")
+MOE_IMPLS = ("auto", "blocks", "ragged_dot", "einsum")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder-only transformer with optional MoE MLPs.
+
+  `moe_layers` is a pattern ("none", "all", "every_other": layers 1, 3, 5, ...) or an
+  explicit tuple of layer indices. `num_experts` is one count for every MoE layer or a
+  tuple with one count per MoE layer (per-layer expert counts).
+  """
+  vocab_size: int = 259
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  head_dim: int = 0  # 0: d_model // num_heads
+  d_ff: int = 1024
+  mlp_act: str = "swiglu"  # or "gelu"
+  tie_embeddings: bool = True
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  dtype: str = "float32"  # compute dtype; parameters and router are float32
+  # Mixture of experts.
+  moe_layers: Any = "none"
+  num_experts: Any = 8
+  top_k: int = 2
+  expert_d_ff: int = 0  # 0: d_ff
+  num_shared_experts: int = 0
+  shared_d_ff: int = 0  # 0: expert_d_ff (per shared expert)
+  gating: str = "topk_softmax"  # "topk_softmax" renormalises, "softmax_topk" does not
+  routing: str = "token_choice"  # "expert_choice" is a non-causal ablation
+  dispatch: str = "dropless"
+  capacity_factor: float = 1.25
+  moe_impl: str = "auto"
+  router_jitter: float = 0.0
+  router_init_std: float = 0.02
+  expert_output_scale: float = 1.0
+  aux_loss_weight: float = 0.01
+  z_loss_weight: float = 1e-3
+
+  def __post_init__(self):
+    fix = lambda k, v: object.__setattr__(self, k, v)
+    if self.head_dim == 0:
+      fix("head_dim", self.d_model // self.num_heads)
+    if self.expert_d_ff == 0:
+      fix("expert_d_ff", self.d_ff)
+    if self.shared_d_ff == 0:
+      fix("shared_d_ff", self.expert_d_ff)
+    if isinstance(self.moe_layers, list):
+      fix("moe_layers", tuple(self.moe_layers))
+    if isinstance(self.num_experts, list):
+      fix("num_experts", tuple(self.num_experts))
+    self._validate()
+
+  def _validate(self):
+    def need(ok, msg):
+      if not ok:
+        raise ValueError(f"ModelConfig: {msg}")
+    need(self.mlp_act in ("swiglu", "gelu"), f"mlp_act={self.mlp_act!r} not in ('swiglu', 'gelu')")
+    need(self.gating in GATINGS, f"gating={self.gating!r} not in {GATINGS}")
+    need(self.dispatch in DISPATCHES, f"dispatch={self.dispatch!r} not in {DISPATCHES}")
+    need(self.routing in ROUTINGS, f"routing={self.routing!r} not in {ROUTINGS}")
+    need(self.moe_impl in MOE_IMPLS, f"moe_impl={self.moe_impl!r} not in {MOE_IMPLS}")
+    if isinstance(self.moe_layers, str):
+      need(self.moe_layers in MOE_PATTERNS, f"moe_layers={self.moe_layers!r} not in {MOE_PATTERNS} or a tuple of ints")
+    else:
+      bad = [i for i in self.moe_layers if not 0 <= i < self.num_layers]
+      need(not bad, f"moe_layers {bad} out of range for num_layers={self.num_layers}")
+    n = len(self.moe_layer_ids)
+    if isinstance(self.num_experts, tuple):
+      need(len(self.num_experts) == n, f"num_experts has {len(self.num_experts)} entries for {n} MoE layers {self.moe_layer_ids}")
+    for i in self.moe_layer_ids:
+      e = self.experts_in_layer(i)
+      need(e >= 1, f"layer {i}: num_experts={e} must be >= 1")
+      need(self.routing == "expert_choice" or self.top_k <= e, f"layer {i}: top_k={self.top_k} > num_experts={e}")
+
+  @property
+  def moe_layer_ids(self) -> tuple[int, ...]:
+    if self.moe_layers == "none":
+      return ()
+    if self.moe_layers == "all":
+      return tuple(range(self.num_layers))
+    if self.moe_layers == "every_other":
+      return tuple(range(1, self.num_layers, 2))
+    return tuple(sorted(set(int(i) for i in self.moe_layers)))
+
+  def experts_in_layer(self, i: int) -> int:
+    """Number of experts in layer i (0 for a dense MLP)."""
+    ids = self.moe_layer_ids
+    if i not in ids:
+      return 0
+    if isinstance(self.num_experts, tuple):
+      return int(self.num_experts[ids.index(i)])
+    return int(self.num_experts)
+
+  def replace(self, **kw) -> "ModelConfig":
+    # Derived sizes are re-derived only if the caller resets them to 0.
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"ModelConfig: unknown keys {unknown}")
+    return cls(**d)
+
+  @classmethod
+  def from_json(cls, s: str) -> "ModelConfig":
+    return cls.from_dict(json.loads(s))
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+  """Total and per-token active parameter counts (embedding included once)."""
+  d, hd, h = cfg.d_model, cfg.head_dim, cfg.num_heads
+  mats = 3 if cfg.mlp_act == "swiglu" else 2
+  attn = 4 * d * h * hd + 2 * d
+  total = active = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2) + d
+  for i in range(cfg.num_layers):
+    e = cfg.experts_in_layer(i)
+    total += attn
+    active += attn
+    if e == 0:
+      total += mats * d * cfg.d_ff
+      active += mats * d * cfg.d_ff
+    else:
+      shared = cfg.num_shared_experts * mats * d * cfg.shared_d_ff
+      total += e * mats * d * cfg.expert_d_ff + d * e + shared
+      k = cfg.top_k if cfg.routing == "token_choice" else cfg.top_k  # k experts per token on average
+      active += k * mats * d * cfg.expert_d_ff + d * e + shared
+  return {"total": total, "active": active}
+
+
+def parse_layers(spec: Any) -> Any:
+  """Config-file helper: "1,3" -> (1, 3); patterns and sequences pass through."""
+  if isinstance(spec, str) and spec not in MOE_PATTERNS:
+    return tuple(int(s) for s in spec.split(",") if s.strip())
+  if isinstance(spec, Sequence) and not isinstance(spec, str):
+    return tuple(int(s) for s in spec)
+  return spec

@@ -1,0 +1,96 @@
+"""Transformer layers in Flax NNX: RMSNorm, causal rotary attention, dense MLP.
+
+Letter legend: B batch, T query length, S key length, D model width, F MLP hidden,
+H heads, A head dim, V vocab. Parameters carry their shape in their name (`wq_DHA`) and
+declare logical axes in the `logical_axes` metadata (see `moegrow.sharding`).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moegrow.sharding import constrain
+
+
+def param(rngs: nnx.Rngs | None, shape, axes, std: float | None = None, init=None) -> nnx.Param:
+  """Float32 parameter with logical axes; normal(std) (default 1/sqrt(fan_in)) or `init`."""
+  if init is not None:
+    value = init(shape)
+  else:
+    std = 1.0 / math.sqrt(shape[-2] if len(shape) >= 2 else shape[0]) if std is None else std
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+  return nnx.Param(value, logical_axes=tuple(axes))
+
+
+def fan_in_std(*dims: int) -> float:
+  return 1.0 / math.sqrt(math.prod(dims))
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, d: int, eps: float):
+    self.scale_D = param(None, (d,), ("embed",), init=lambda s: jnp.ones(s, jnp.float32))
+    self.eps = eps
+
+  def __call__(self, x_BTD):
+    x = x_BTD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * self.scale_D[...]).astype(x_BTD.dtype)
+
+
+def rope(x_BTHA, positions_BT, theta: float):
+  """Rotary position embedding (Su et al. 2021), rotate-half convention."""
+  a = x_BTHA.shape[-1]
+  freq_A2 = theta ** (-jnp.arange(0, a, 2, dtype=jnp.float32) / a)
+  ang_BTA2 = positions_BT[..., None].astype(jnp.float32) * freq_A2
+  sin, cos = jnp.sin(ang_BTA2)[:, :, None, :], jnp.cos(ang_BTA2)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTHA.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTHA.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal multi-head self-attention with rotary embeddings."""
+
+  def __init__(self, d: int, heads: int, head_dim: int, rope_theta: float, dtype, rngs: nnx.Rngs):
+    self.wq_DHA = param(rngs, (d, heads, head_dim), ("embed", "heads", "kv"), fan_in_std(d))
+    self.wk_DHA = param(rngs, (d, heads, head_dim), ("embed", "heads", "kv"), fan_in_std(d))
+    self.wv_DHA = param(rngs, (d, heads, head_dim), ("embed", "heads", "kv"), fan_in_std(d))
+    self.wo_HAD = param(rngs, (heads, head_dim, d), ("heads", "kv", "embed"), fan_in_std(heads, head_dim))
+    self.rope_theta, self.dtype = rope_theta, dtype
+
+  def __call__(self, x_BTD, positions_BT):
+    w = lambda p: p[...].astype(self.dtype)
+    q_BTHA = jnp.einsum("BTD,DHA->BTHA", x_BTD, w(self.wq_DHA))
+    k_BSHA = jnp.einsum("BSD,DHA->BSHA", x_BTD, w(self.wk_DHA))
+    v_BSHA = jnp.einsum("BSD,DHA->BSHA", x_BTD, w(self.wv_DHA))
+    q_BTHA = rope(q_BTHA, positions_BT, self.rope_theta)
+    k_BSHA = rope(k_BSHA, positions_BT, self.rope_theta)
+    q_BTHA = constrain(q_BTHA, ("batch", "length", "heads", "kv"))
+    out_BTHA = jax.nn.dot_product_attention(q_BTHA, k_BSHA, v_BSHA, is_causal=True)
+    out_BTD = jnp.einsum("BTHA,HAD->BTD", out_BTHA, w(self.wo_HAD))
+    return constrain(out_BTD, ("batch", "length", "act_embed"))
+
+
+def activation(name: str):
+  return {"swiglu": jax.nn.silu, "gelu": jax.nn.gelu}[name]
+
+
+class Mlp(nnx.Module):
+  """Dense MLP: y = W_out (act(W_in x) * W_gate x) for SwiGLU, W_out act(W_in x) for GELU."""
+
+  def __init__(self, d: int, f: int, act: str, dtype, rngs: nnx.Rngs):
+    self.wi_DF = param(rngs, (d, f), ("embed", "mlp"), fan_in_std(d))
+    self.wg_DF = param(rngs, (d, f), ("embed", "mlp"), fan_in_std(d)) if act == "swiglu" else None
+    self.wo_FD = param(rngs, (f, d), ("mlp", "embed"), fan_in_std(f))
+    self.act, self.dtype = act, dtype
+
+  def __call__(self, x_BTD):
+    w = lambda p: p[...].astype(self.dtype)
+    h_BTF = activation(self.act)(jnp.einsum("BTD,DF->BTF", x_BTD, w(self.wi_DF)))
+    if self.wg_DF is not None:
+      h_BTF = h_BTF * jnp.einsum("BTD,DF->BTF", x_BTD, w(self.wg_DF))
+    h_BTF = constrain(h_BTF, ("batch", "length", "mlp"))
+    return jnp.einsum("BTF,FD->BTD", h_BTF, w(self.wo_FD))

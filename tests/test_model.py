@@ -1,0 +1,230 @@
+"""Model correctness against independent references (issue: the model)."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moegrow import transformer as tf
+from moegrow.config import ModelConfig
+from moegrow.layers import Mlp
+from moegrow.moe import MoeMlp, router_losses
+
+D, F, E, K = 16, 24, 4, 2
+
+
+def moe_cfg(**kw):
+  base = dict(d_model=D, d_ff=F, num_layers=1, num_heads=2, moe_layers="all", num_experts=E, top_k=K)
+  base.update(kw)
+  return ModelConfig(**base)
+
+
+def params_np(layer):
+  return {k: np.asarray(v, np.float64) for k, v in tf._str_keys(nnx.to_pure_dict(nnx.state(layer))).items()
+          if not isinstance(v, dict)}
+
+
+def silu(x):
+  return x / (1 + np.exp(-x))
+
+
+def naive_moe(layer, cfg, x_BTD, capacity=None):
+  """Loop over tokens: softmax router, top-k, weighted sum of that token's expert MLPs."""
+  p = params_np(layer)
+  b, t, d = x_BTD.shape
+  x = np.asarray(x_BTD, np.float64)
+  y = np.zeros_like(x)
+  # Which (token, choice) pairs fit in capacity: per sequence, top-1 choices first, in token order.
+  choices = {}
+  for bi in range(b):
+    for ti in range(t):
+      z = x[bi, ti] @ p["router_DE"]
+      probs = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+      top = np.argsort(-probs, kind="stable")[:cfg.top_k]
+      if cfg.gating == "softmax_topk":
+        gates = probs[top]
+      else:
+        gates = np.exp(z[top] - z[top].max()) / np.exp(z[top] - z[top].max()).sum()
+      choices[bi, ti] = list(zip(top, gates))
+  kept, dropped = set(), 0
+  for bi in range(b):
+    count = np.zeros(layer.num_experts, int)
+    for j in range(cfg.top_k):
+      for ti in range(t):
+        e = choices[bi, ti][j][0]
+        if capacity is None or count[e] < capacity:
+          kept.add((bi, ti, j))
+        else:
+          dropped += 1
+        count[e] += 1
+  for (bi, ti), ch in choices.items():
+    for j, (e, g) in enumerate(ch):
+      if (bi, ti, j) not in kept:
+        continue
+      h = silu(x[bi, ti] @ p["wi_EDF"][e]) * (x[bi, ti] @ p["wg_EDF"][e])
+      y[bi, ti] += g * (h @ p["wo_EFD"][e])
+  y *= cfg.expert_output_scale
+  if layer.shared is not None:
+    s = {k: np.asarray(v[...], np.float64) for k, v in vars(layer.shared).items() if isinstance(v, nnx.Param)}
+    y += (silu(x @ s["wi_DF"]) * (x @ s["wg_DF"])) @ s["wo_FD"]
+  return y, dropped / (b * t * cfg.top_k), kept
+
+
+def random_x(b=2, t=12, seed=1):
+  return jax.random.normal(jax.random.key(seed), (b, t, D), jnp.float32)
+
+
+def make_layer(cfg, seed=0, router_std=1.0):
+  layer = MoeMlp(cfg, E, nnx.Rngs(seed))
+  # A spread-out router so top-k choices are well separated (no near-ties).
+  layer.router_DE[...] = router_std * jax.random.normal(jax.random.key(seed + 7), (D, E))
+  return layer
+
+
+@pytest.mark.parametrize("gating", ["softmax_topk", "topk_softmax"])
+@pytest.mark.parametrize("shared", [0, 1])
+@pytest.mark.parametrize("mode", ["blocks", "ragged_dot", "capacity"])
+def test_moe_matches_naive_reference(gating, shared, mode):
+  kw = dict(dispatch="capacity", capacity_factor=float(E)) if mode == "capacity" else dict(moe_impl=mode)
+  cfg = moe_cfg(gating=gating, num_shared_experts=shared, expert_output_scale=1.5, **kw)
+  layer = make_layer(cfg)
+  x = random_x()
+  y, metrics = layer(x)
+  ref, ref_dropped, _ = naive_moe(layer, cfg, x)
+  np.testing.assert_allclose(np.asarray(y), ref, atol=1e-5, rtol=1e-5)
+  assert float(metrics["dropped"]) == 0.0 == ref_dropped
+
+
+def test_tiny_capacity_drops_exactly_the_overflow():
+  cfg = moe_cfg(dispatch="capacity", capacity_factor=0.5, gating="softmax_topk")
+  layer = make_layer(cfg)
+  x = random_x(b=3, t=16)
+  capacity = math.ceil(K * 16 / E * 0.5)
+  y, metrics = layer(x)
+  ref, ref_dropped, kept = naive_moe(layer, cfg, x, capacity=capacity)
+  assert ref_dropped > 0.1  # the test exercises real dropping
+  np.testing.assert_allclose(np.asarray(y), ref, atol=1e-5)
+  assert abs(float(metrics["dropped"]) - ref_dropped) < 1e-6
+  # Tokens with every choice dropped get exactly zero output.
+  all_dropped = [(b, t) for b in range(3) for t in range(16) if not any((b, t, j) in kept for j in range(K))]
+  assert all_dropped, "expected some fully dropped tokens"
+  for b, t in all_dropped:
+    assert np.all(np.asarray(y)[b, t] == 0.0)
+
+
+@pytest.mark.parametrize("mode", ["blocks", "ragged_dot", "capacity"])
+def test_upcycling_invariant(mode):
+  """All experts = one dense MLP + renormalised gating => MoE == dense, for any router."""
+  kw = dict(dispatch="capacity", capacity_factor=float(E)) if mode == "capacity" else dict(moe_impl=mode)
+  cfg = moe_cfg(gating="topk_softmax", **kw)
+  dense = Mlp(D, F, "swiglu", jnp.float32, nnx.Rngs(3))
+  x = random_x()
+  for seed in range(3):
+    layer = make_layer(cfg, seed=seed, router_std=3.0)
+    for name in ("wi", "wg", "wo"):
+      dense_w = getattr(dense, f"{name}_DF" if name != "wo" else "wo_FD")[...]
+      getattr(layer, f"{name}_EDF" if name != "wo" else "wo_EFD")[...] = jnp.broadcast_to(dense_w, (E,) + dense_w.shape)
+    y, _ = layer(x)
+    assert float(jnp.max(jnp.abs(y - dense(x)))) <= 1e-6
+
+
+def test_aux_and_z_loss_formulas():
+  # Hand-built router: 4 tokens, 3 experts.
+  logits = jnp.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 0.0]])
+  probs = jax.nn.softmax(logits, axis=-1)
+  idx = jnp.array([[0], [1], [2], [0]])  # top-1 picks
+  aux, z, load, entropy = router_losses(logits, probs, idx)
+  f = np.array([2, 1, 1]) / 4.0
+  p = np.asarray(probs).mean(0)
+  np.testing.assert_allclose(float(aux), 3 * np.sum(f * p), rtol=1e-6)
+  lse = np.log(np.exp(np.asarray(logits)).sum(-1))
+  np.testing.assert_allclose(float(z), np.mean(lse**2), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(load), f, rtol=1e-6)
+  pn = np.asarray(probs)
+  np.testing.assert_allclose(float(entropy), np.mean(-(pn * np.log(pn)).sum(-1)), rtol=1e-5)
+  # Uniform routing gives the minimum aux loss of 1.
+  u = jnp.zeros((6, 3))
+  aux_u, *_ = router_losses(u, jax.nn.softmax(u), jnp.array([[0], [1], [2], [0], [1], [2]]))
+  np.testing.assert_allclose(float(aux_u), 1.0, rtol=1e-6)
+
+
+SMALL = dict(vocab_size=259, d_model=32, num_layers=2, num_heads=2, d_ff=64)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(moe_layers="all", num_experts=(4, 2), top_k=2),
+                                dict(moe_layers=(1,), num_experts=4, top_k=1, dispatch="dropless", tie_embeddings=False)])
+def test_causal(kw):
+  cfg = ModelConfig(**SMALL, **kw)
+  params = tf.init_params(cfg, 0)
+  toks = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
+  f = jax.jit(lambda p, t: tf.apply(cfg, p, t)[0])
+  base = f(params, toks)
+  for t in (0, 7, 14):
+    pert = toks.at[:, t + 1].set((toks[:, t + 1] + 1) % 256)
+    out = f(params, pert)
+    assert float(jnp.max(jnp.abs(out[:, : t + 1] - base[:, : t + 1]))) == 0.0
+    assert float(jnp.max(jnp.abs(out[:, t + 1] - base[:, t + 1]))) > 0.0
+
+
+def test_jit_matches_eager_and_params_roundtrip():
+  cfg = ModelConfig(**SMALL, moe_layers="every_other", num_experts=4, num_shared_experts=1)
+  params = tf.init_params(cfg, 1)
+  toks = jax.random.randint(jax.random.key(2), (2, 8), 0, 256)
+  eager, aux_e = tf.apply(cfg, params, toks)
+  jitted, aux_j = jax.jit(lambda p, t: tf.apply(cfg, p, t))(params, toks)
+  np.testing.assert_allclose(np.asarray(eager), np.asarray(jitted), atol=1e-5)
+  np.testing.assert_allclose(float(aux_e["loss"]), float(aux_j["loss"]), rtol=1e-5)
+  again = tf.params_of(tf.model_from_params(cfg, params))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, again)
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(tf.abstract_params(cfg))
+  axes = tf.logical_axes(cfg)
+  assert axes["blocks"]["1"]["mlp"]["wi_EDF"] == ("expert", "embed", "mlp")
+  assert params["blocks"]["1"]["mlp"]["wi_EDF"].shape == (4, 32, 64)
+  assert params["blocks"]["0"]["mlp"]["wi_DF"].shape == (32, 64)
+
+
+def test_model_from_params_rejects_wrong_shapes_and_keys():
+  cfg = ModelConfig(**SMALL)
+  params = tf.init_params(cfg, 0)
+  bad = jax.tree_util.tree_map(lambda x: x, params)
+  bad["blocks"]["0"]["mlp"]["wi_DF"] = jnp.zeros((32, 65))
+  with pytest.raises(ValueError, match=r"blocks/0/mlp/wi_DF.*\(32, 65\)"):
+    tf.model_from_params(cfg, bad)
+  del bad["blocks"]["1"]
+  with pytest.raises(ValueError, match=r"missing \['1'\]"):
+    tf.model_from_params(cfg, bad)
+
+
+def test_config_validation_and_per_layer_experts():
+  cfg = ModelConfig(num_layers=4, moe_layers="every_other", num_experts=(2, 8))
+  assert [cfg.experts_in_layer(i) for i in range(4)] == [0, 2, 0, 8]
+  assert ModelConfig.from_json(cfg.to_json()) == cfg
+  with pytest.raises(ValueError, match="num_experts has 1 entries for 2 MoE layers"):
+    ModelConfig(num_layers=4, moe_layers="every_other", num_experts=(2,))
+  with pytest.raises(ValueError, match=r"moe_layers \[7\] out of range"):
+    ModelConfig(num_layers=4, moe_layers=(7,))
+  with pytest.raises(ValueError, match="unknown keys \\['bogus'\\]"):
+    ModelConfig.from_dict({"bogus": 1})
+
+
+def test_expert_choice_is_flagged_and_runs(caplog):
+  cfg = moe_cfg(routing="expert_choice", capacity_factor=1.0)
+  with caplog.at_level("WARNING"):
+    layer = MoeMlp(cfg, E, nnx.Rngs(0))
+  assert "NOT causal" in caplog.text
+  x = random_x()
+  y, m = layer(x)
+  # Each expert serves exactly C tokens per sequence: output equals the per-expert weighted sum.
+  p = params_np(layer)
+  xn = np.asarray(x, np.float64)
+  probs = jax.nn.softmax(jnp.einsum("BTD,DE->BTE", x, layer.router_DE[...]), -1)
+  c = math.ceil(K * 12 / E)
+  ref = np.zeros_like(xn)
+  for b in range(2):
+    for e in range(E):
+      for t in np.argsort(-np.asarray(probs[b, :, e]), kind="stable")[:c]:
+        h = silu(xn[b, t] @ p["wi_EDF"][e]) * (xn[b, t] @ p["wg_EDF"][e])
+        ref[b, t] += float(probs[b, t, e]) * (h @ p["wo_EFD"][e])
+  np.testing.assert_allclose(np.asarray(y), ref, atol=1e-5)
