@@ -168,6 +168,7 @@ class PythonStdlib(_LocalTextBuilder):
 
 _BUILDERS = {'shakespeare_plays': ShakespearePlays,
              'python_stdlib': PythonStdlib}
+LOCAL_DATASETS = tuple(_BUILDERS)
 
 
 def _own_name(name: str) -> str | None:

@@ -67,6 +67,8 @@ class MoeMlp(nnx.Module):
   def __init__(self, cfg: ModelConfig, num_experts: int, rngs: nnx.Rngs):
     d, f, e = cfg.d_model, cfg.expert_d_ff, num_experts
     self.router_DE = param(rngs, (d, e), ("embed", None), std=cfg.router_init_std)
+    # Per-expert logit bias: zeros at init; growth uses it to add experts exactly.
+    self.router_bias_E = param(None, (e,), (None,), init=lambda s: jnp.zeros(s, jnp.float32))
     self.wi_EDF = param(rngs, (e, d, f), ("expert", "embed", "mlp"), fan_in_std(d))
     self.wg_EDF = param(rngs, (e, d, f), ("expert", "embed", "mlp"), fan_in_std(d)) if cfg.mlp_act == "swiglu" else None
     self.wo_EFD = param(rngs, (e, f, d), ("expert", "mlp", "embed"), fan_in_std(f))
@@ -93,7 +95,7 @@ class MoeMlp(nnx.Module):
     xr_ND = x_ND.astype(jnp.float32)
     if cfg.router_jitter > 0 and rng is not None:  # multiplicative jitter (Fedus et al. 2022)
       xr_ND = xr_ND * jax.random.uniform(rng, xr_ND.shape, jnp.float32, 1 - cfg.router_jitter, 1 + cfg.router_jitter)
-    logits_NE = jnp.einsum("ND,DE->NE", xr_ND, self.router_DE[...])
+    logits_NE = jnp.einsum("ND,DE->NE", xr_ND, self.router_DE[...]) + self.router_bias_E[...]
     if cfg.routing == "expert_choice":
       y_ND, probs_NE, dropped, idx_NK = self._expert_choice(x_ND, logits_NE, b, t)
     else:

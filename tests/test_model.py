@@ -40,7 +40,7 @@ def naive_moe(layer, cfg, x_BTD, capacity=None):
   choices = {}
   for bi in range(b):
     for ti in range(t):
-      z = x[bi, ti] @ p["router_DE"]
+      z = x[bi, ti] @ p["router_DE"] + p["router_bias_E"]
       probs = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
       top = np.argsort(-probs, kind="stable")[:cfg.top_k]
       if cfg.gating == "softmax_topk":
@@ -80,6 +80,7 @@ def make_layer(cfg, seed=0, router_std=1.0):
   layer = MoeMlp(cfg, E, nnx.Rngs(seed))
   # A spread-out router so top-k choices are well separated (no near-ties).
   layer.router_DE[...] = router_std * jax.random.normal(jax.random.key(seed + 7), (D, E))
+  layer.router_bias_E[...] = 0.3 * jax.random.normal(jax.random.key(seed + 8), (E,))
   return layer
 
 
@@ -219,7 +220,7 @@ def test_expert_choice_is_flagged_and_runs(caplog):
   # Each expert serves exactly C tokens per sequence: output equals the per-expert weighted sum.
   p = params_np(layer)
   xn = np.asarray(x, np.float64)
-  probs = jax.nn.softmax(jnp.einsum("BTD,DE->BTE", x, layer.router_DE[...]), -1)
+  probs = jax.nn.softmax(jnp.einsum("BTD,DE->BTE", x, layer.router_DE[...]) + layer.router_bias_E[...], -1)
   c = math.ceil(K * 12 / E)
   ref = np.zeros_like(xn)
   for b in range(2):
