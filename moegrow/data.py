@@ -32,7 +32,7 @@ import os
 import pathlib
 import sys
 import sysconfig
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 import grain
 from etils import epath

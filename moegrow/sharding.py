@@ -60,11 +60,7 @@ def use_mesh(mesh: Mesh | None, rules=None) -> Iterator[None]:
   old = dict(_CTX)
   _CTX.update(mesh=mesh, rules=rules or LOGICAL_RULES)
   try:
-    if mesh is None:
-      yield
-    else:
-      with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh:
-        yield
+    yield
   finally:
     _CTX.update(old)
 
@@ -101,6 +97,8 @@ def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> Mesh:
     if devices.size % known:
       raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes))} does not divide {devices.size} devices")
     sizes[sizes.index(-1)] = devices.size // known
+  if math.prod(sizes) < devices.size and jax.process_count() == 1:
+    devices = devices.reshape(-1)[: math.prod(sizes)]  # explicit sizes may use a subset (one host)
   if math.prod(sizes) != devices.size:
     raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {devices.size}")
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)

@@ -16,7 +16,7 @@ MIX = {'shakespeare_plays': 0.5, 'python_stdlib': 0.5}
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp('tfds'))
-  for name in data._BUILDERS:
+  for name in data.LOCAL_DATASETS:
     data.build(name, d)
     data.build(name, d)  # Idempotent: second call is a no-op.
   return d

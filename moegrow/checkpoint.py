@@ -1,0 +1,125 @@
+"""Orbax checkpoints: params (plain dicts) + optimizer state + step, data iterator state and
+metadata (model config, stage, lineage) as JSON, under `<workdir>/checkpoints/<step>/`.
+
+Restores always name the shapes they expect: `abstract_state` carries shapes, dtypes and the
+shardings of the CURRENT mesh, so a checkpoint written on 1 device restores onto 8 and back.
+Growth restores at the checkpoint's OWN (old) shapes, read from its stored model config, and
+grows in JAX; Orbax is never asked to pad or truncate.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from moegrow.config import ModelConfig
+
+STATE, META, DATA = "state", "meta", "data"
+
+
+def manager(directory: str, keep: int = 3, async_save: bool = True, save_interval: int = 1,
+            read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only,
+      enable_async_checkpointing=async_save and not read_only, save_interval_steps=save_interval)
+  handlers = {STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler(),
+              DATA: ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: dict, meta: dict, data_state: Any = None,
+         force: bool = True) -> bool:
+  """Save (asynchronously if the manager is async). `meta` must be JSON-serialisable."""
+  args = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta),
+          DATA: ocp.args.JsonSave({"iterator": data_state})}
+  return mngr.save(int(step), args=ocp.args.Composite(**args), force=force)
+
+
+def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+  try:
+    out = mngr.restore(int(step), args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
+  except Exception as e:  # noqa: BLE001 - re-raised with the path
+    raise ValueError(f"checkpoint {step_dir(mngr, step)}: cannot read its metadata ({type(e).__name__}: {e})") from e
+  meta = out[META]
+  if not isinstance(meta, dict) or "model" not in meta:
+    raise ValueError(f"checkpoint {step_dir(mngr, step)}: metadata has no model config; not a moegrow checkpoint")
+  return meta
+
+
+def model_config(meta: dict) -> ModelConfig:
+  return ModelConfig.from_dict(meta["model"])
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict) -> tuple[dict, dict, Any]:
+  """(state, meta, data_iterator_state) at `step`, at exactly the shapes/shardings of
+  `abstract_state` (a tree of jax.ShapeDtypeStruct with shardings)."""
+  where = step_dir(mngr, step)
+  stored = _stored_shapes(mngr, step)
+  if stored is not None:
+    _check_shapes(stored, abstract_state, where)
+  try:
+    out = mngr.restore(int(step), args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore(),
+        DATA: ocp.args.JsonRestore()}))
+  except Exception as e:  # noqa: BLE001 - re-raised with the path
+    raise ValueError(f"checkpoint {where}: restore failed ({type(e).__name__}: {e})") from e
+  return out[STATE], out[META], (out[DATA] or {}).get("iterator")
+
+
+def _stored_shapes(mngr, step):
+  try:
+    meta = mngr.item_metadata(int(step))
+    tree = meta[STATE] if meta is not None else None
+  except Exception:  # noqa: BLE001 - metadata is advisory; restore reports real errors
+    return None
+  if tree is None:
+    return None
+  return tree
+
+
+def _check_shapes(stored, abstract, where):
+  """Refuse any shape or structure mismatch, naming the paths (no silent padding)."""
+  want, have = _by_path(abstract), _by_path(stored)
+  missing = sorted(set(want) - set(have))
+  extra = sorted(set(have) - set(want))
+  wrong = sorted(f"{k}: checkpoint {have[k]} != expected {want[k]}" for k in set(want) & set(have)
+                 if tuple(have[k]) != tuple(want[k]))
+  if missing or extra or wrong:
+    raise ValueError(f"checkpoint {where} does not match the expected tree: "
+                     f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                     f"unexpected {extra[:8]}{'...' if len(extra) > 8 else ''}, wrong shapes {wrong[:8]}")
+
+
+def _by_path(tree) -> dict[str, tuple]:
+  """'/'-joined path -> shape, for trees of arrays, ShapeDtypeStructs or Orbax metadata."""
+  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+  return {jax.tree_util.keystr(p, simple=True, separator="/"): tuple(v.shape) for p, v in leaves}
+
+
+def step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(mngr.directory), str(int(step)))
+
+
+def locate(path: str) -> tuple[str, int | None]:
+  """A checkpoints directory (or a run's workdir, or one step's directory) -> (dir, step)."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"checkpoint path {path} does not exist")
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return os.path.join(path, "checkpoints"), None
+  base = os.path.basename(path.rstrip("/"))
+  if base.isdigit() and os.path.isdir(os.path.join(path, STATE)):
+    return os.path.dirname(path), int(base)
+  return path, None
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Atomic JSON write (tmp + rename), for small side files like growth certificates."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=str)
+  os.replace(tmp, path)

@@ -1,0 +1,264 @@
+"""Training: sharded train/eval steps and the resumable, preemptible loop.
+
+`train_and_evaluate(config, workdir)` is the whole job. Load order, in one place:
+resume this run's latest checkpoint > scratch. State is a plain dict
+`{'params', 'opt_state', 'step'}`; every jitted function names its in/out shardings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from moegrow import checkpoint, data, optim, sharding
+from moegrow import transformer as tf
+from moegrow.config import ModelConfig
+from moegrow.logbook import Logbook, flatten_metrics, print_table
+
+
+# ------------------------------------------------------------------ steps
+
+def lm_loss(cfg: ModelConfig, params, batch, rng=None):
+  """Mean next-token cross-entropy + the model's weighted MoE losses."""
+  logits_BTV, aux = tf.apply(cfg, params, batch["inputs"], rng)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"]).mean()
+  moe = {i: {k: m[k] for k in ("load", "dropped", "router_entropy")} for i, m in aux["layers"].items()}
+  return ce + aux["loss"], {"ce": ce, "aux_loss": aux["aux_loss"], "z_loss": aux["z_loss"], "moe": moe}
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """Everything compiled for one model config on one mesh."""
+  cfg: ModelConfig
+  mesh: Mesh
+  tx: optax.GradientTransformation
+  schedule: Callable
+  abstract_state: Any  # ShapeDtypeStructs with shardings
+  state_sharding: Any
+  batch_sharding: NamedSharding
+  init: Callable  # key -> state
+  train_step: Callable  # (state, batch) -> (state, metrics)
+  eval_step: Callable  # (params, batch) -> (sum_nll, count)
+
+
+def state_shardings(cfg: ModelConfig, tx, mesh: Mesh):
+  """(abstract state with shardings, sharding tree) for params, optimizer state and step."""
+  params = tf.abstract_params(cfg)
+  p_sh = sharding.tree_shardings(tf.logical_axes(cfg), mesh, params)
+  opt = jax.eval_shape(tx.init, params)
+  replicated = NamedSharding(mesh, P())
+  o_sh = optax.tree_map_params(tx, lambda _, s: s, opt, p_sh, transform_non_params=lambda _: replicated,
+                               is_leaf=lambda x: isinstance(x, NamedSharding))
+  sh = {"params": p_sh, "opt_state": o_sh, "step": replicated}
+  shapes = {"params": params, "opt_state": opt, "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  abstract = jax.tree_util.tree_map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), shapes, sh)
+  return abstract, sh
+
+
+def build_program(cfg: ModelConfig, train_cfg, mesh: Mesh) -> Program:
+  tx = optim.make_optimizer(train_cfg, tf.abstract_params(cfg))
+  schedule = optim.make_schedule(train_cfg.lr, train_cfg.steps, train_cfg.warmup_steps, train_cfg.schedule,
+                                 train_cfg.get("min_lr_ratio", 0.1))
+  abstract, sh = state_shardings(cfg, tx, mesh)
+  batch_sh = NamedSharding(mesh, sharding.logical_to_spec(("batch", None), mesh=mesh))
+  seed = int(train_cfg.seed)
+
+  def init(key):
+    params = tf.init_params(cfg, key)
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+  def train_step(state, batch):
+    with sharding.use_mesh(mesh):
+      rng = jax.random.fold_in(jax.random.key(seed + 1), state["step"])
+      grad_fn = jax.value_and_grad(lambda p: lm_loss(cfg, p, batch, rng), has_aux=True)
+      (loss, aux), grads = grad_fn(state["params"])
+      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
+    metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+  def eval_step(params, batch):
+    with sharding.use_mesh(mesh):
+      logits, _ = tf.apply(cfg, params, batch["inputs"])
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = (batch["targets"] != data.PAD_ID).astype(jnp.float32)
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+  batch_tree = {"inputs": batch_sh, "targets": batch_sh}
+  return Program(
+      cfg=cfg, mesh=mesh, tx=tx, schedule=schedule, abstract_state=abstract, state_sharding=sh,
+      batch_sharding=batch_sh,
+      init=jax.jit(init, out_shardings=sh),
+      train_step=jax.jit(train_step, in_shardings=(sh, batch_tree), out_shardings=(sh, None), donate_argnums=0),
+      eval_step=jax.jit(eval_step, in_shardings=(sh["params"], batch_tree)))
+
+
+def to_global(program: Program, local: dict) -> dict:
+  """Host-local numpy batch -> global jax arrays sharded over the batch axes."""
+  out = {}
+  for k in ("inputs", "targets"):
+    x = np.asarray(local[k])
+    shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+    out[k] = jax.make_array_from_process_local_data(program.batch_sharding, x, shape)
+  return out
+
+
+def evaluate(program: Program, params, eval_sets: dict[str, list[dict]]) -> dict[str, float]:
+  """Per-domain mean loss (nats/token) and bits per byte on fixed validation batches."""
+  out = {}
+  for domain, batches in eval_sets.items():
+    nll = count = nbytes = 0.0
+    for b in batches:
+      g = {k: jax.make_array_from_callback(b[k].shape, program.batch_sharding, lambda i, x=b[k]: x[i])
+           for k in ("inputs", "targets")}
+      s, c = program.eval_step(params, g)
+      nll, count, nbytes = nll + float(s), count + float(c), nbytes + b["num_bytes"]
+    out[f"eval/{domain}/loss"] = nll / count
+    out[f"eval/{domain}/bpb"] = nll / math.log(2) / nbytes
+  return out
+
+
+# ------------------------------------------------------------------ loop
+
+class _Preempted:
+  """SIGTERM flag: the loop saves a checkpoint and returns cleanly."""
+
+  def __init__(self):
+    self.flag = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._set)
+    except ValueError:  # not the main thread: no handler, no preemption support
+      self._old = None
+    return self
+
+  def _set(self, *_):
+    self.flag = True
+
+  def __exit__(self, *_):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  return ModelConfig.from_dict(config.model.to_dict())
+
+
+def make_mesh(config) -> Mesh:
+  return sharding.make_mesh(dict(config.mesh))
+
+
+def data_dir(config) -> str:
+  return os.path.expanduser(config.data.data_dir or os.path.join("~", "tensorflow_datasets"))
+
+
+def eval_sets(config, names=None) -> dict[str, list[dict]]:
+  dd, tr = data_dir(config), config.train
+  names = names or [n for n, w in config.data.mixture.items() if w > 0]
+  return {data.domain_name(n): data.eval_batches(n, seq_len=config.data.seq_len, batch_size=tr.eval_batch_size,
+                                                 num_batches=tr.eval_batches, data_dir=dd,
+                                                 text_key=config.data.text_key) for n in names}
+
+
+def train_iter(config):
+  dd = data_dir(config)  # local corpora are built there on first use
+  return data.make_train_iter(dict(config.data.mixture), seq_len=config.data.seq_len,
+                              global_batch=config.train.batch_size, seed=config.train.seed, data_dir=dd,
+                              process_index=jax.process_index(), process_count=jax.process_count(),
+                              text_key=config.data.text_key)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Train (resuming from `workdir` if it holds checkpoints); returns the final metrics."""
+  cfg, mesh, tr = model_config(config), make_mesh(config), config.train
+  program = build_program(cfg, tr, mesh)
+  book = Logbook(workdir, tr.steps)
+  mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), keep=tr.keep_checkpoints,
+                            async_save=tr.async_checkpoint)
+  it = train_iter(config)
+  latest = mngr.latest_step()
+  if latest is not None:
+    state, meta, data_state = checkpoint.restore(mngr, latest, program.abstract_state)
+    if checkpoint.model_config(meta) != cfg:
+      raise ValueError(f"checkpoint {checkpoint.step_dir(mngr, latest)} holds a different model "
+                       f"({meta['model']}) than the config ({cfg.to_dict()})")
+    if data_state is not None:
+      it.set_state(data_state)
+    book.say(f"resumed from {checkpoint.step_dir(mngr, latest)} at step {latest}")
+  else:
+    state = program.init(jax.random.key(tr.seed))
+  evals = eval_sets(config)
+  meta = {"model": cfg.to_dict(), "lineage": [{"stage": 0, "ops": []}]}
+  result = run_loop(program, state, it, mngr, book, evals, meta, tr)
+  book.close()
+  mngr.close()
+  return result
+
+
+def run_loop(program, state, it, mngr, book, evals, meta, tr, stage_name: str = "") -> dict[str, Any]:
+  """Steps until `tr.steps` (global step). Saves every `checkpoint_every`, at the end and on SIGTERM."""
+  start = int(state["step"])
+  last_saved = mngr.latest_step()
+  step, prev, t_log, tok = start, None, time.perf_counter(), 0
+  result: dict[str, Any] = {"step": start, "preempted": False}
+  stop = min(tr.steps, start + tr.stop_after_steps) if tr.get("stop_after_steps", 0) else tr.steps
+  with _Preempted() as pre:
+    while step < stop:
+      local = next(it)
+      batch = to_global(program, local)
+      state, metrics = program.train_step(state, batch)
+      tok += batch["inputs"].size
+      if prev is not None:  # check the previous step's loss: keeps dispatch one step ahead
+        _check_finite(prev, step, mngr, last_saved)
+      step, prev = step + 1, (metrics["loss"], step + 1)
+      if step % tr.log_every == 0 or step == tr.steps:
+        loss = float(metrics["loss"])
+        _check_finite((metrics["loss"], step), step, mngr, last_saved)
+        dt = time.perf_counter() - t_log
+        row = flatten_metrics(jax.device_get(metrics))
+        row["tokens_per_s"] = tok / dt
+        book.write(step, row)
+        book.progress(step, loss, tok / dt, start, stage_name)
+        t_log, tok = time.perf_counter(), 0
+        result.update(loss=loss, tokens_per_s=row["tokens_per_s"])
+      if tr.eval_every and (step % tr.eval_every == 0 or step == tr.steps):
+        ev = evaluate(program, state["params"], evals)
+        book.write(step, ev)
+        result.update(ev)
+      if pre.flag or step % tr.checkpoint_every == 0 or step == stop:
+        checkpoint.save(mngr, step, state, meta, it.get_state())
+        last_saved = step
+      if pre.flag:
+        mngr.wait_until_finished()
+        book.say(f"SIGTERM: saved checkpoint {checkpoint.step_dir(mngr, step)} at step {step}; exiting")
+        result["preempted"] = True
+        break
+  mngr.wait_until_finished()
+  result["step"], result["state"] = step, state
+  result["stopped_early"] = step < tr.steps
+  if not result["preempted"] and any(k.startswith("eval/") for k in result):
+    rows = [{"domain": d, "loss": result.get(f"eval/{d}/loss", float("nan")),
+             "bits/byte": result.get(f"eval/{d}/bpb", float("nan"))} for d in evals]
+    if jax.process_index() == 0:
+      print_table(rows, ["domain", "loss", "bits/byte"])
+  return result
+
+
+def _check_finite(loss_and_step, step, mngr, last_saved):
+  loss, at = loss_and_step
+  v = float(loss)
+  if not math.isfinite(v):
+    where = checkpoint.step_dir(mngr, last_saved) if last_saved is not None else "none (no checkpoint yet)"
+    raise FloatingPointError(f"loss is {v} at step {at}; stopping. Last good checkpoint: {where}")
