@@ -408,7 +408,8 @@ def add_experts(state, cfg, key, *, num_experts: int | Sequence[int] | Mapping[A
   args = dict(num_experts=num_experts, layers=layers, source=source, loads=loads, mode=mode,
               noise_std=noise_std, new_bias=new_bias)
   new, new_cfg, report = run_rules(state, cfg, new_cfg, rules, key, op=op, args=args, opt_state=opt_state,
-                                   exact=mode == "exact",
-                                   note="exact mode preserves logits; aux loss changes with E")
+                                   exact=mode == "exact" and cfg.dispatch == "dropless",
+                                   note="exact mode preserves logits (dropless dispatch: capacity shrinks "
+                                        "with E); the aux loss changes with E")
   report["sources"] = sources
   return new, new_cfg, report

@@ -201,10 +201,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = program.init(jax.random.key(tr.seed))
   evals = eval_sets(config)
   meta = {"model": cfg.to_dict(), "lineage": [{"stage": 0, "ops": []}]}
-  result = run_loop(program, state, it, mngr, book, evals, meta, tr)
-  book.close()
-  mngr.close()
-  return result
+  try:
+    return run_loop(program, state, it, mngr, book, evals, meta, tr)
+  finally:  # also on errors: finish in-flight async saves so the last good checkpoint is whole
+    mngr.wait_until_finished()
+    mngr.close()
+    book.close()
 
 
 def run_loop(program, state, it, mngr, book, evals, meta, tr, stage_name: str = "") -> dict[str, Any]:

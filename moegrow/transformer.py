@@ -64,11 +64,13 @@ class TransformerLM(nnx.Module):
       if metrics is not None:
         layers[str(i)] = metrics
     x_BTD = self.final_norm(x_BTD)
+    b, t, d = x_BTD.shape
+    x_ND = x_BTD.reshape(b * t, d)
     if self.head_DV is None:  # tied: logits = x E^T (scaled so init logits are O(1))
-      logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, self.embed_VD[...].astype(dt)) / jnp.sqrt(cfg.d_model).astype(dt)
+      logits_NV = (x_ND @ self.embed_VD[...].astype(dt).T) / jnp.sqrt(cfg.d_model).astype(dt)
     else:
-      logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, self.head_DV[...].astype(dt))
-    logits_BTV = constrain(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))
+      logits_NV = x_ND @ self.head_DV[...].astype(dt)
+    logits_BTV = constrain(logits_NV.astype(jnp.float32).reshape(b, t, -1), ("batch", "length", "vocab"))
     aux_sum = sum((m["aux_loss"] for m in layers.values()), jnp.zeros((), jnp.float32))
     z_sum = sum((m["z_loss"] for m in layers.values()), jnp.zeros((), jnp.float32))
     aux = {"loss": cfg.aux_loss_weight * aux_sum + cfg.z_loss_weight * z_sum,

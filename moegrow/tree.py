@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 SEP = "/"
 KINDS = ("params", "mu", "nu")
+DISTS = ("normal", "zeros", "ones", "constant")
 
 
 # ---------------------------------------------------------------- flatten / unflatten
@@ -130,7 +131,8 @@ def _sample(dist, key, shape, dtype, std=1.0, mean=0.0, value=0.0):
 
 def init(dist: str = "normal", std: float = 1.0, mean: float = 0.0, value: float = 0.0) -> Action:
   """New leaf: 'normal' N(mean, std), 'zeros', 'ones' or 'constant' (value). Moments: zeros."""
-  _sample(dist, jax.random.PRNGKey(0), (0,), jnp.float32)  # validate dist now
+  if dist not in DISTS:
+    raise ValueError(f"init: unknown dist {dist!r}; one of {DISTS}")
 
   def fn(kind, key, srcs, want):
     if kind != "params":
@@ -197,6 +199,13 @@ Rule = tuple  # (pattern, Action)
 
 # ---------------------------------------------------------------- engine
 
+def _as_flat(tree: Mapping) -> dict[str, Any]:
+  """Nested tree -> flat; an already flat {path: leaf} dict is returned as is."""
+  if all(not isinstance(v, Mapping) for v in tree.values()):
+    return dict(tree)
+  return flatten(tree)
+
+
 def leaf_key(key, path: str):
   return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
@@ -240,14 +249,13 @@ def apply_rules(source: Mapping, target: Mapping, rules: Sequence[Rule], key=Non
                 check_dtype: bool = True):
   """Build the target tree from the source tree.
 
-  source: nested dict of arrays; target: nested dict (or flat {path: leaf}) of anything with
+  source: nested dict (or flat {path: leaf}) of arrays; target: the same of anything with
   .shape/.dtype (e.g. `abstract_params(new_cfg)`); kind: "params", "mu" or "nu".
   Returns (nested target tree, {target path: (Action, [source paths])}).
   """
   if kind not in KINDS:
     raise ValueError(f"apply_rules: kind={kind!r} not in {KINDS}")
-  src = flatten(source)
-  want = flatten(target)
+  src, want = _as_flat(source), _as_flat(target)
   plan = plan_rules(list(src), list(want), rules)
   key = jax.random.PRNGKey(0) if key is None else key
   out, bad = {}, []
