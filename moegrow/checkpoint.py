@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from moegrow.config import ModelConfig
 
@@ -21,13 +22,20 @@ STATE, META, DATA = "state", "meta", "data"
 
 
 def manager(directory: str, keep: int = 3, async_save: bool = True, save_interval: int = 1,
-            read_only: bool = False) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
+            read_only: bool = False, step_prefix: str | None = None) -> ocp.CheckpointManager:
+  """Checkpoints `<directory>/<step>` (or `<directory>/<step_prefix>_<step>`)."""
+  options = ocp.CheckpointManagerOptions(step_prefix=step_prefix,
       max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only,
       enable_async_checkpointing=async_save and not read_only, save_interval_steps=save_interval)
   handlers = {STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler(),
               DATA: ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
+  level = logging.get_verbosity()
+  if read_only:  # Orbax warns that a read-only manager is read-only
+    logging.set_verbosity(logging.ERROR)
+  try:
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
+  finally:
+    logging.set_verbosity(level)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: dict, meta: dict, data_state: Any = None,
@@ -100,7 +108,8 @@ def _by_path(tree) -> dict[str, tuple]:
 
 
 def step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
-  return os.path.join(str(mngr.directory), str(int(step)))
+  prefix = mngr._options.step_prefix  # noqa: SLF001 - the manager's own naming
+  return os.path.join(str(mngr.directory), f"{prefix}_{int(step)}" if prefix else str(int(step)))
 
 
 def locate(path: str) -> tuple[str, int | None]:

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from moegrow import checkpoint, data, optim, sharding
+from moegrow import boundary, checkpoint, data, optim, sharding
 from moegrow import transformer as tf
 from moegrow.config import ModelConfig
 from moegrow.logbook import Logbook, flatten_metrics, print_table
@@ -172,50 +172,87 @@ def eval_sets(config, names=None) -> dict[str, list[dict]]:
                                                  text_key=config.data.text_key) for n in names}
 
 
-def train_iter(config):
+def train_iter(config, mixture=None, seed=None):
   dd = data_dir(config)  # local corpora are built there on first use
-  return data.make_train_iter(dict(config.data.mixture), seq_len=config.data.seq_len,
-                              global_batch=config.train.batch_size, seed=config.train.seed, data_dir=dd,
+  return data.make_train_iter(dict(mixture or config.data.mixture), seq_len=config.data.seq_len,
+                              global_batch=config.train.batch_size,
+                              seed=config.train.seed if seed is None else seed, data_dir=dd,
                               process_index=jax.process_index(), process_count=jax.process_count(),
                               text_key=config.data.text_key)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Train (resuming from `workdir` if it holds checkpoints); returns the final metrics."""
-  cfg, mesh, tr = model_config(config), make_mesh(config), config.train
-  program = build_program(cfg, tr, mesh)
+  """Run every stage of `config` (growing at stage boundaries), resuming from `workdir`.
+
+  Load order, in one place: this run's newest checkpoint (whatever its stage) > grow the previous
+  stage's final checkpoint (if the newest one ends a stage) > scratch. Returns the final metrics.
+  """
+  mesh = make_mesh(config)
+  stages = boundary.resolve_stages(config, model_config(config))
+  tr = ml_collections.ConfigDict(config.train.to_dict())
+  tr.steps = stages[-1].end  # one schedule over all stages; the Adam count carries through growth
   book = Logbook(workdir, tr.steps)
-  mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), keep=tr.keep_checkpoints,
-                            async_save=tr.async_checkpoint)
-  it = train_iter(config)
-  latest = mngr.latest_step()
-  if latest is not None:
-    state, meta, data_state = checkpoint.restore(mngr, latest, program.abstract_state)
-    if checkpoint.model_config(meta) != cfg:
-      raise ValueError(f"checkpoint {checkpoint.step_dir(mngr, latest)} holds a different model "
-                       f"({meta['model']}) than the config ({cfg.to_dict()})")
-    if data_state is not None:
-      it.set_state(data_state)
-    book.say(f"resumed from {checkpoint.step_dir(mngr, latest)} at step {latest}")
-  else:
-    state = program.init(jax.random.key(tr.seed))
-  evals = eval_sets(config)
-  meta = {"model": cfg.to_dict(), "lineage": [{"stage": 0, "ops": []}]}
-  try:
-    return run_loop(program, state, it, mngr, book, evals, meta, tr)
-  finally:  # also on errors: finish in-flight async saves so the last good checkpoint is whole
-    mngr.wait_until_finished()
-    mngr.close()
-    book.close()
+  mixtures = [dict(st.mixture or config.data.mixture) for st in stages]
+  domains = list(dict.fromkeys(n for m in mixtures for n, w in m.items() if w > 0))
+  evals = eval_sets(config, domains)
+  held = {d: b[0] for d, b in evals.items()}
+  at_stage, at_step = boundary.latest(workdir, stages, tr)
+  budget = tr.get("stop_after_steps", 0) or None
+  result: dict[str, Any] = {}
+  for st in stages:
+    if st.index < at_stage or (st.index == at_stage and at_step >= st.end and st.index < len(stages) - 1):
+      continue  # finished earlier (a finished stage's successor grows from its checkpoint below)
+    program = build_program(st.cfg, tr, mesh)
+    mngr = boundary.manager(workdir, st.index, tr)
+    it = train_iter(config, mixtures[st.index])
+    try:
+      if st.index == at_stage:
+        state, meta, data_state = checkpoint.restore(mngr, at_step, program.abstract_state)
+        if checkpoint.model_config(meta) != st.cfg:
+          raise ValueError(f"checkpoint {checkpoint.step_dir(mngr, at_step)} holds a different model than stage "
+                           f"{st.index} of the config: {boundary._diff(checkpoint.model_config(meta), st.cfg)}")
+        book.say(f"resumed from {checkpoint.step_dir(mngr, at_step)} at step {at_step} (stage {st.index}: {st.name})")
+      elif st.index == 0:
+        state, data_state = program.init(jax.random.key(tr.seed)), None
+        meta = {"model": st.cfg.to_dict(), "stage": 0, "lineage": [{"stage": 0, "name": st.name, "step": 0, "ops": []}]}
+      else:
+        src = boundary.manager(workdir, st.index - 1, tr, read_only=True)
+        state, data_state, cert = boundary.grow_checkpoint(
+            src, src.latest_step(), st, tr, mesh, build_program, held, mngr, workdir,
+            jax.random.fold_in(jax.random.key(tr.seed), 1000 + st.index))
+        src.close()
+        book.say(boundary.certificate_text(cert))
+        meta = checkpoint.read_meta(mngr, int(state["step"]))
+        result.setdefault("certificates", []).append(cert)
+        if mixtures[st.index] != mixtures[st.index - 1]:
+          data_state = None  # a new mixture starts its own stream
+      if data_state is not None:
+        it.set_state(data_state)
+      begin = int(state["step"])
+      stop = st.end if budget is None else min(st.end, begin + budget)
+      out = run_loop(program, state, it, mngr, book, evals, meta, tr, end=stop, stage_name=st.name)
+    finally:  # also on errors: finish in-flight async saves so the last good checkpoint is whole
+      mngr.wait_until_finished()
+      mngr.close()
+    result.update({k: v for k, v in out.items() if k != "certificates"}, stage=st.index)
+    if budget is not None:
+      budget -= out["step"] - begin
+    if out["preempted"] or out["step"] < st.end:
+      result["stopped_early"] = not out["preempted"]
+      break
+  book.close()
+  result.setdefault("stopped_early", False)
+  return result
 
 
-def run_loop(program, state, it, mngr, book, evals, meta, tr, stage_name: str = "") -> dict[str, Any]:
-  """Steps until `tr.steps` (global step). Saves every `checkpoint_every`, at the end and on SIGTERM."""
+def run_loop(program, state, it, mngr, book, evals, meta, tr, end: int, stage_name: str = "") -> dict[str, Any]:
+  """Train from `state['step']` to global step `end`: checkpoints every `checkpoint_every`, at
+  `end` and on SIGTERM; evaluates every `eval_every` and at `end`."""
   start = int(state["step"])
   last_saved = mngr.latest_step()
   step, prev, t_log, tok = start, None, time.perf_counter(), 0
   result: dict[str, Any] = {"step": start, "preempted": False}
-  stop = min(tr.steps, start + tr.stop_after_steps) if tr.get("stop_after_steps", 0) else tr.steps
+  stop = end
   with _Preempted() as pre:
     while step < stop:
       local = next(it)
@@ -235,7 +272,7 @@ def run_loop(program, state, it, mngr, book, evals, meta, tr, stage_name: str = 
         book.progress(step, loss, tok / dt, start, stage_name)
         t_log, tok = time.perf_counter(), 0
         result.update(loss=loss, tokens_per_s=row["tokens_per_s"])
-      if tr.eval_every and (step % tr.eval_every == 0 or step == tr.steps):
+      if tr.eval_every and (step % tr.eval_every == 0 or step == stop):
         ev = evaluate(program, state["params"], evals)
         book.write(step, ev)
         result.update(ev)
@@ -249,7 +286,6 @@ def run_loop(program, state, it, mngr, book, evals, meta, tr, stage_name: str = 
         break
   mngr.wait_until_finished()
   result["step"], result["state"] = step, state
-  result["stopped_early"] = step < tr.steps
   if not result["preempted"] and any(k.startswith("eval/") for k in result):
     rows = [{"domain": d, "loss": result.get(f"eval/{d}/loss", float("nan")),
              "bits/byte": result.get(f"eval/{d}/bpb", float("nan"))} for d in evals]

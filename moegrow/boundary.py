@@ -1,0 +1,185 @@
+"""Growth at checkpoint boundaries: stages, restore at OLD shapes, grow under jit, certify.
+
+A run's config may hold `stages`: stage 0 trains; each later stage names growth `ops` (see
+`moegrow.grow.OPS`), its `steps`, and optionally a new data `mixture`. Stage 0's checkpoints
+live in `<workdir>/checkpoints/<step>`, stage i's in `<workdir>/checkpoints/stage<i>_<step>`,
+so the final checkpoint of a stage and the first (grown) checkpoint of the next share a step
+number without sharing a directory. At a boundary (DESIGN.md section 4):
+  1. the finished stage's final checkpoint is on disk;
+  2. it is restored at its OWN shapes (from its stored model config) on the current mesh;
+  3. the ops run under `jax.jit(..., out_shardings=<new shardings>)` on params and Adam moments;
+  4. the result is checked against the new stage's abstract tree, the held-out loss per domain is
+     measured before and after (the growth certificate, `<workdir>/growth/<step>.json`), and the
+     grown state is saved as the new stage's first checkpoint (lineage in its metadata).
+The source checkpoint is never written to; a crash before step 4 completes leaves the source
+as the latest checkpoint, so a restart simply grows again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moegrow import checkpoint, grow, optim
+from moegrow import transformer as tf
+from moegrow.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  index: int
+  name: str
+  start: int  # global step at which the stage begins
+  end: int  # global step at which it ends
+  ops: tuple  # growth ops applied at `start` (empty for stage 0)
+  mixture: dict | None  # None: the config's data.mixture
+  cfg: ModelConfig  # the model trained in this stage
+
+
+def grown_config(cfg: ModelConfig, ops) -> ModelConfig:
+  """The config `ops` produce from `cfg`, traced abstractly (no FLOPs, no memory)."""
+  if not ops:
+    return cfg
+  box = {}
+
+  def run(params):
+    _, box["cfg"], _ = grow.apply_ops({"params": params, "mu": None, "nu": None}, cfg, list(ops))
+    return 0
+  jax.eval_shape(run, tf.abstract_params(cfg))
+  return box["cfg"]
+
+
+def resolve_stages(config, base_cfg: ModelConfig) -> list[Stage]:
+  """Stages from `config.stages` (or one stage of `config.train.steps` if there are none)."""
+  specs = list(config.get("stages", None) or ())
+  if not specs:
+    return [Stage(0, "train", 0, int(config.train.steps), (), None, base_cfg)]
+  stages, start, cfg = [], 0, base_cfg
+  for i, spec in enumerate(specs):
+    spec = dict(spec)
+    unknown = sorted(set(spec) - {"name", "steps", "ops", "mixture"})
+    if unknown:
+      raise ValueError(f"stages[{i}]: unknown keys {unknown} (expected name, steps, ops, mixture)")
+    ops = tuple(_plain(o) for o in spec.get("ops", ()) or ())
+    if i == 0 and ops:
+      raise ValueError("stages[0] trains the initial model and cannot have growth ops")
+    if i > 0 and not ops:
+      raise ValueError(f"stages[{i}] ({spec.get('name')}) has no growth ops")
+    cfg = grown_config(cfg, ops)
+    steps = int(spec["steps"])
+    mixture = _plain(spec["mixture"]) if spec.get("mixture") else None
+    stages.append(Stage(i, str(spec.get("name", f"stage{i}")), start, start + steps, ops, mixture, cfg))
+    start += steps
+  return stages
+
+
+def _plain(x):
+  """ConfigDict / FrozenConfigDict / tuples -> plain dicts and lists (JSON-friendly op args)."""
+  if hasattr(x, "items"):
+    return {str(k): _plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_plain(v) for v in x]
+  return x
+
+
+def manager(workdir: str, stage: int, tr, read_only: bool = False):
+  return checkpoint.manager(os.path.join(workdir, "checkpoints"), keep=tr.keep_checkpoints,
+                            async_save=tr.async_checkpoint, read_only=read_only,
+                            step_prefix=None if stage == 0 else f"stage{stage}")
+
+
+def latest(workdir: str, stages: list[Stage], tr) -> tuple[int, int | None]:
+  """(stage index, step) of the newest checkpoint in `workdir`, or (-1, None)."""
+  for st in reversed(stages):
+    m = manager(workdir, st.index, tr, read_only=True)
+    step = m.latest_step() if os.path.isdir(m.directory) else None
+    m.close()
+    if step is not None:
+      return st.index, step
+  return -1, None
+
+
+def held_out_losses(program, params, held: dict[str, dict]) -> dict[str, float]:
+  """Mean token loss of `params` on one fixed held-out batch per domain."""
+  out = {}
+  for domain, b in held.items():
+    g = {k: jax.make_array_from_callback(b[k].shape, program.batch_sharding, lambda i, x=b[k]: x[i])
+         for k in ("inputs", "targets")}
+    s, c = program.eval_step(params, g)
+    out[domain] = float(s) / float(c)
+  return out
+
+
+def _expert_loads(cfg: ModelConfig, params, held) -> dict[str, list[float]]:
+  """Per-layer expert load on the held-out batches (for add_experts source='most_loaded')."""
+  tokens = np.concatenate([b["inputs"] for b in held.values()])
+  _, aux = jax.jit(lambda p, t: tf.apply(cfg, p, t))(params, tokens)
+  return {i: np.asarray(m["load"]).tolist() for i, m in aux["layers"].items()}
+
+
+def grow_checkpoint(src_mngr, src_step: int, stage: Stage, tr, mesh, build_program, held: dict,
+                    dst_mngr, workdir: str, key) -> tuple[dict, Any, dict]:
+  """Restore `src_step` at its own shapes, apply `stage.ops`, save as `stage`'s first checkpoint.
+
+  Returns (grown state, data iterator state of the source, growth certificate)."""
+  meta = checkpoint.read_meta(src_mngr, src_step)
+  old_cfg = checkpoint.model_config(meta)
+  old = build_program(old_cfg, tr, mesh)
+  state, meta, data_state = checkpoint.restore(src_mngr, src_step, old.abstract_state)
+  before = held_out_losses(old, state["params"], held)
+  ops = [dict(o) for o in stage.ops]
+  for o in ops:
+    if o.get("op") == "add_experts" and o.get("source") == "most_loaded" and not o.get("loads"):
+      o["loads"] = _expert_loads(old_cfg, state["params"], held)
+  moments = optim.adam_moments(state["opt_state"])
+  new = build_program(stage.cfg, tr, mesh)
+  p_sh = new.state_sharding["params"]
+  box: dict[str, Any] = {}
+
+  def run(gs, k):
+    out, box["cfg"], box["reports"] = grow.apply_ops(gs, old_cfg, ops, k)
+    return out
+  grown = jax.jit(run, out_shardings={"params": p_sh, "mu": p_sh, "nu": p_sh})(
+      {"params": state["params"], "mu": moments["mu"], "nu": moments["nu"]}, key)
+  if box["cfg"] != stage.cfg:
+    raise ValueError(f"stage {stage.index} ({stage.name}): growing the checkpoint at step {src_step} gave "
+                     f"{_diff(box['cfg'], stage.cfg)}; the checkpoint's model differs from the config's")
+  opt = jax.jit(new.tx.init, out_shardings=new.state_sharding["opt_state"])(grown["params"])
+  opt = optim.with_adam_moments(opt, grown["mu"], grown["nu"], moments["count"])
+  new_state = {"params": grown["params"], "opt_state": opt, "step": state["step"]}
+  # Unique buffers (ops may return one array for several leaves, e.g. zero moments): the train
+  # step donates its state, and XLA refuses to donate one buffer twice.
+  new_state = jax.device_put(jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), new_state), new.state_sharding)
+  after = held_out_losses(new, new_state["params"], held)
+  lineage = list(meta.get("lineage", [])) + [{"stage": stage.index, "name": stage.name, "step": int(src_step),
+                                              "ops": ops}]
+  new_meta = {"model": stage.cfg.to_dict(), "stage": stage.index, "lineage": lineage}
+  cert = {"step": int(src_step), "stage": stage.index, "name": stage.name, "source": checkpoint.step_dir(src_mngr, src_step),
+          "ops": ops, "loss_before": before, "loss_after": after,
+          "loss_change": {d: after[d] - before[d] for d in before},
+          "params_before": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(state["params"]))),
+          "params_after": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(new_state["params"]))),
+          "reports": box["reports"]}
+  if jax.process_index() == 0:
+    checkpoint.write_json(os.path.join(workdir, "growth", f"{int(src_step)}.json"), cert)
+  checkpoint.save(dst_mngr, src_step, new_state, new_meta, data_state)
+  dst_mngr.wait_until_finished()
+  return new_state, data_state, cert
+
+
+def _diff(a: ModelConfig, b: ModelConfig) -> str:
+  da, db = a.to_dict(), b.to_dict()
+  return ", ".join(f"{k}={da[k]!r} (config: {db[k]!r})" for k in da if da[k] != db[k]) or "no difference"
+
+
+def certificate_text(cert: dict) -> str:
+  lines = [f"growth certificate @ step {cert['step']} -> stage {cert['stage']} ({cert['name']}): "
+           f"{', '.join(o['op'] for o in cert['ops'])}; params {cert['params_before']:,} -> {cert['params_after']:,}"]
+  for d in cert["loss_before"]:
+    lines.append(f"  {d:<20} held-out loss {cert['loss_before'][d]:.5f} -> {cert['loss_after'][d]:.5f} "
+                 f"(change {cert['loss_change'][d]:+.2e})")
+  return "\n".join(lines)
