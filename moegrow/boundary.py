@@ -121,6 +121,12 @@ def _expert_loads(cfg: ModelConfig, params, held) -> dict[str, list[float]]:
   return {i: np.asarray(m["load"]).tolist() for i, m in aux["layers"].items()}
 
 
+def own_buffers(state):
+  """A copy of `state` with one buffer per leaf. Growth may return one array for several leaves
+  (e.g. zero moments); the train step donates its state and XLA cannot donate a buffer twice."""
+  return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), state)
+
+
 def grow_checkpoint(src_mngr, src_step: int, stage: Stage, tr, mesh, build_program, held: dict,
                     dst_mngr, workdir: str, key) -> tuple[dict, Any, dict]:
   """Restore `src_step` at its own shapes, apply `stage.ops`, save as `stage`'s first checkpoint.
@@ -151,9 +157,7 @@ def grow_checkpoint(src_mngr, src_step: int, stage: Stage, tr, mesh, build_progr
   opt = jax.jit(new.tx.init, out_shardings=new.state_sharding["opt_state"])(grown["params"])
   opt = optim.with_adam_moments(opt, grown["mu"], grown["nu"], moments["count"])
   new_state = {"params": grown["params"], "opt_state": opt, "step": state["step"]}
-  # Unique buffers (ops may return one array for several leaves, e.g. zero moments): the train
-  # step donates its state, and XLA refuses to donate one buffer twice.
-  new_state = jax.device_put(jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), new_state), new.state_sharding)
+  new_state = jax.device_put(own_buffers(new_state), new.state_sharding)
   after = held_out_losses(new, new_state["params"], held)
   lineage = list(meta.get("lineage", [])) + [{"stage": stage.index, "name": stage.name, "step": int(src_step),
                                               "ops": ops}]
@@ -183,3 +187,38 @@ def certificate_text(cert: dict) -> str:
     lines.append(f"  {d:<20} held-out loss {cert['loss_before'][d]:.5f} -> {cert['loss_after'][d]:.5f} "
                  f"(change {cert['loss_change'][d]:+.2e})")
   return "\n".join(lines)
+
+
+def grow_offline(config, source: str, workdir: str, stage: int | None = None) -> dict:
+  """Grow the checkpoint at `source` into stage `stage` of `config` (default: the stage whose
+  predecessor's model is the checkpoint's), writing it as that stage's first checkpoint in
+  `workdir`; `moegrow.main` with the same config and workdir then trains on from it."""
+  from moegrow import train  # the trainer builds programs; boundary stays importable without it
+  src_dir, prefix, step = checkpoint.locate(source)
+  src = checkpoint.manager(src_dir, read_only=True, step_prefix=prefix)
+  src_cfg = checkpoint.model_config(checkpoint.read_meta(src, step))
+  stages = resolve_stages(config, train.model_config(config))
+  if stage is None:
+    fits = [s.index for s in stages[1:] if stages[s.index - 1].cfg == src_cfg]
+    if not fits:
+      raise ValueError(f"checkpoint {checkpoint.step_dir(src, step)}: its model matches no stage of the config "
+                       f"(vs stage 0: {_diff(src_cfg, stages[0].cfg)})")
+    stage = fits[0]
+  if not 1 <= stage < len(stages):
+    raise ValueError(f"--stage={stage}: the config's growth stages are 1..{len(stages) - 1}")
+  if stages[stage - 1].cfg != src_cfg:
+    raise ValueError(f"checkpoint {checkpoint.step_dir(src, step)} is not the model stage {stage} grows from: "
+                     f"{_diff(src_cfg, stages[stage - 1].cfg)}")
+  tr = config.train
+  dst = manager(workdir, stage, tr)
+  if dst.latest_step() is not None:
+    raise ValueError(f"{workdir} already holds stage {stage} checkpoints; use a new --workdir")
+  evals = train.eval_sets(config, [n for n, w in dict(stages[stage].mixture or config.data.mixture).items() if w > 0])
+  held = {d: b[0] for d, b in evals.items()}
+  try:
+    _, _, cert = grow_checkpoint(src, step, stages[stage], tr, train.make_mesh(config), train.build_program,
+                                 held, dst, workdir, jax.random.fold_in(jax.random.key(tr.seed), 1000 + stage))
+  finally:
+    dst.close()
+    src.close()
+  return cert

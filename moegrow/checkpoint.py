@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -112,17 +113,25 @@ def step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(str(mngr.directory), f"{prefix}_{int(step)}" if prefix else str(int(step)))
 
 
-def locate(path: str) -> tuple[str, int | None]:
-  """A checkpoints directory (or a run's workdir, or one step's directory) -> (dir, step)."""
+def locate(path: str) -> tuple[str, str | None, int]:
+  """A run's workdir, its checkpoints directory, or one step's directory -> (checkpoints
+  directory, step prefix or None, step). Without a step directory: the newest checkpoint."""
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"checkpoint path {path} does not exist")
+  m = re.fullmatch(r"(?:(stage\d+)_)?(\d+)", os.path.basename(path.rstrip("/")))
+  if m:
+    if not os.path.isdir(os.path.join(path, STATE)):
+      raise ValueError(f"checkpoint {path} has no '{STATE}' item: incomplete or not a moegrow checkpoint")
+    return os.path.dirname(path), m.group(1), int(m.group(2))
   if os.path.isdir(os.path.join(path, "checkpoints")):
-    return os.path.join(path, "checkpoints"), None
-  base = os.path.basename(path.rstrip("/"))
-  if base.isdigit() and os.path.isdir(os.path.join(path, STATE)):
-    return os.path.dirname(path), int(base)
-  return path, None
+    path = os.path.join(path, "checkpoints")
+  found = [(int(m.group(2)), int((m.group(1) or "stage0")[5:]), m.group(1)) for m in
+           (re.fullmatch(r"(?:(stage\d+)_)?(\d+)", n) for n in os.listdir(path)) if m]
+  if not found:
+    raise FileNotFoundError(f"no checkpoint in {path}")
+  step, _, prefix = max(found)
+  return path, prefix, step
 
 
 def write_json(path: str, obj: Any) -> None:

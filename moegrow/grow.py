@@ -260,3 +260,27 @@ def apply_ops(state: Mapping, cfg: ModelConfig, ops: Sequence[Mapping[str, Any]]
     validate_state(state, cfg, f"after op #{n} ({name})")
     reports.append(report)
   return state, cfg, reports
+
+
+def main(argv=None) -> None:
+  """python -m moegrow.grow --from=<checkpoint> --config=<config of the grown run> --workdir=<new dir>"""
+  from absl import app, flags, logging
+  from ml_collections import config_flags
+  config = config_flags.DEFINE_config_file("config", None, "Config whose stage the checkpoint grows into.")
+  src = flags.DEFINE_string("from", None, "A run's workdir, its checkpoints dir, or one step's dir.")
+  workdir = flags.DEFINE_string("workdir", None, "New run directory for the grown checkpoint.")
+  stage = flags.DEFINE_integer("stage", None, "Stage of the config to grow into (default: inferred).")
+  flags.mark_flags_as_required(["config", "from", "workdir"])
+
+  def run(args):
+    if len(args) > 1:
+      raise app.UsageError(f"unexpected arguments: {args[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    from moegrow import boundary
+    cert = boundary.grow_offline(config.value, src.value, workdir.value, stage.value)
+    print(boundary.certificate_text(cert), flush=True)
+  app.run(run, argv)
+
+
+if __name__ == "__main__":
+  main()
