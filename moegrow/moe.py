@@ -11,8 +11,8 @@ Dispatch:
   capacity: each sequence gives expert e at most C = ceil(K*T/E * capacity_factor) slots,
             top-1 choices first (GShard priority); assignments beyond C are dropped.
   dropless: every assignment is computed. "blocks": sort by expert, pad each expert's group to
-            a multiple of R rows, one batched matmul over blocks with per-block expert weights
-            (CPU: no E-fold masked product). "ragged_dot": jax.lax.ragged_dot grouped matmul
+            a multiple of R rows, then a grouped matmul that scans the blocks (each with its
+            expert's weights, unused padding blocks skipped; CPU: no E-fold masked product). "ragged_dot": jax.lax.ragged_dot grouped matmul
             (TPU/GPU; on XLA:CPU it lowers to a masked dense product, E times the FLOPs).
 """
 from __future__ import annotations
@@ -51,6 +51,46 @@ def top_k_gates(logits_NE, k: int, gating: str):
   return probs_NE, gates_NK, idx_NK
 
 
+def _gmm_scan(x_QRD, w_EDF, e_Q, used):
+  def body(_, inp):
+    x_RD, e, q = inp
+    y_RF = jax.lax.cond(q < used, lambda: x_RD @ jax.lax.dynamic_index_in_dim(w_EDF, e, 0, keepdims=False),
+                        lambda: jnp.zeros((x_RD.shape[0], w_EDF.shape[2]), x_RD.dtype))
+    return None, y_RF
+  return jax.lax.scan(body, None, (x_QRD, e_Q, jnp.arange(x_QRD.shape[0])))[1]
+
+
+@jax.custom_vjp
+def grouped_matmul(x_QRD, w_EDF, e_Q, used):
+  """y[q] = x[q] @ w[e_Q[q]] for blocks q < used (zeros after): a dropless grouped matmul.
+
+  A scan over blocks, so no [Q, D, F] copy of per-block weights is ever built; the backward
+  accumulates dW in place per expert. Skipped blocks cost nothing (lax.cond)."""
+  return _gmm_scan(x_QRD, w_EDF, e_Q, used)
+
+
+def _gmm_fwd(x_QRD, w_EDF, e_Q, used):
+  return _gmm_scan(x_QRD, w_EDF, e_Q, used), (x_QRD, w_EDF, e_Q, used)
+
+
+def _gmm_bwd(res, dy_QRF):
+  x_QRD, w_EDF, e_Q, used = res
+
+  def body(dw_EDF, inp):
+    x_RD, dy_RF, e, q = inp
+
+    def work(dw_EDF):
+      dx_RD = dy_RF @ jax.lax.dynamic_index_in_dim(w_EDF, e, 0, keepdims=False).T
+      cur_1DF = jax.lax.dynamic_index_in_dim(dw_EDF, e, 0, keepdims=True)
+      return jax.lax.dynamic_update_index_in_dim(dw_EDF, cur_1DF + (x_RD.T @ dy_RF)[None], e, 0), dx_RD
+    return jax.lax.cond(q < used, work, lambda dw: (dw, jnp.zeros_like(x_RD)), dw_EDF)
+  dw_EDF, dx_QRD = jax.lax.scan(body, jnp.zeros_like(w_EDF), (x_QRD, dy_QRF, e_Q, jnp.arange(x_QRD.shape[0])))
+  return dx_QRD, dw_EDF, None, None
+
+
+grouped_matmul.defvjp(_gmm_fwd, _gmm_bwd)
+
+
 def default_impl() -> str:
   return "blocks" if jax.default_backend() == "cpu" else "ragged_dot"
 
@@ -79,14 +119,13 @@ class MoeMlp(nnx.Module):
       logging.warning("moegrow: expert-choice routing picks tokens using the whole sequence; "
                       "it is NOT causal in a decoder (future tokens leak). Use only as an ablation.")
 
-  def _ffn(self, x_GRD, idx_G=None):
-    """Expert MLPs on row groups; group g uses expert idx_G[g] (default: expert g)."""
-    dt = jnp.dtype(self.cfg.dtype)
-    take = (lambda p: p[...].astype(dt)) if idx_G is None else (lambda p: jnp.take(p[...], idx_G, axis=0).astype(dt))
-    h_GRF = activation(self.cfg.mlp_act)(jnp.einsum("GRD,GDF->GRF", x_GRD, take(self.wi_EDF)))
+  def _ffn(self, x_ERD):
+    """Expert MLPs on a capacity buffer: row block e goes through expert e."""
+    w = lambda p: p[...].astype(jnp.dtype(self.cfg.dtype))
+    h_ERF = activation(self.cfg.mlp_act)(jnp.einsum("ERD,EDF->ERF", x_ERD, w(self.wi_EDF)))
     if self.wg_EDF is not None:
-      h_GRF = h_GRF * jnp.einsum("GRD,GDF->GRF", x_GRD, take(self.wg_EDF))
-    return jnp.einsum("GRF,GFD->GRD", h_GRF, take(self.wo_EFD))
+      h_ERF = h_ERF * jnp.einsum("ERD,EDF->ERF", x_ERD, w(self.wg_EDF))
+    return jnp.einsum("ERF,EFD->ERD", h_ERF, w(self.wo_EFD))
 
   def __call__(self, x_BTD, rng: jax.Array | None = None):
     cfg, e, k = self.cfg, self.num_experts, self.cfg.top_k
@@ -136,7 +175,13 @@ class MoeMlp(nnx.Module):
     row_token_P = jnp.full((q * r,), n, jnp.int32).at[dest_M].set(jnp.arange(m, dtype=jnp.int32) // k)
     x_QRD = jnp.concatenate([x_ND, jnp.zeros((1, x_ND.shape[1]), x_ND.dtype)])[row_token_P].reshape(q, r, -1)
     block_expert_Q = jnp.minimum(jnp.searchsorted(pend_E // r, jnp.arange(q), side="right"), e - 1)
-    out_PD = self._ffn(x_QRD, block_expert_Q).reshape(q * r, -1)
+    used = pend_E[-1] // r  # blocks past `used` are padding and skipped
+    dt = jnp.dtype(self.cfg.dtype)
+    gmm = lambda x, p: grouped_matmul(x, p[...].astype(dt), block_expert_Q, used)
+    h_QRF = activation(self.cfg.mlp_act)(gmm(x_QRD.astype(dt), self.wi_EDF))
+    if self.wg_EDF is not None:
+      h_QRF = h_QRF * gmm(x_QRD.astype(dt), self.wg_EDF)
+    out_PD = gmm(h_QRF, self.wo_EFD).reshape(q * r, -1)
     return self._combine(out_PD, dest_M.reshape(n, k), gates_NK)
 
   def _ragged(self, x_ND, gates_NK, idx_NK):
