@@ -23,6 +23,9 @@ def main(argv):
   result = train.train_and_evaluate(config, _WORKDIR.value)
   if result.get("preempted"):
     print("preempted: checkpoint saved, run the same command to resume", flush=True)
+  elif jax.process_index() == 0:
+    from moegrow import plot
+    print(f"loss curves: {plot.plot_run(_WORKDIR.value)}", flush=True)
 
 
 if __name__ == "__main__":
