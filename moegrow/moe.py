@@ -12,8 +12,13 @@ Dispatch:
             top-1 choices first (GShard priority); assignments beyond C are dropped.
   dropless: every assignment is computed. "blocks": sort by expert, pad each expert's group to
             a multiple of R rows, then a grouped matmul that scans the blocks (each with its
-            expert's weights, unused padding blocks skipped; CPU: no E-fold masked product). "ragged_dot": jax.lax.ragged_dot grouped matmul
-            (TPU/GPU; on XLA:CPU it lowers to a masked dense product, E times the FLOPs).
+            expert's weights, unused padding blocks skipped; CPU: no E-fold masked product).
+            "ragged_dot": jax.lax.ragged_dot (TPU/GPU; on XLA:CPU it lowers to a masked
+            dense product, E times the FLOPs).
+On a mesh the routed part runs under shard_map: every device routes its own tokens (tokens are
+never gathered). With capacity dispatch and an `expert` mesh axis, buffers go to the devices
+that own their experts by all_to_all (GShard); dropless dispatch keeps tokens local and gathers
+the expert weights instead (XLA:CPU has no ragged all-to-all to send unpadded groups).
 """
 from __future__ import annotations
 
@@ -26,18 +31,20 @@ from flax import nnx
 
 from moegrow.config import ModelConfig
 from moegrow.layers import Mlp, activation, fan_in_std, param
+from moegrow import sharding
 from moegrow.sharding import constrain
 
 
-def router_losses(logits_NE, probs_NE, idx_NK):
+def router_losses(logits_NE, probs_NE, idx_NK, mean=lambda x: x):
   """Switch load-balancing loss E * sum_e f_e P_e (Fedus et al. 2022, eq. 4), router z-loss
-  mean(logsumexp(z)^2) (Zoph et al. 2022, eq. 5), load f_E and mean router entropy."""
+  mean(logsumexp(z)^2) (Zoph et al. 2022, eq. 5), load f_E and mean router entropy.
+  `mean` averages over data shards (pmean inside shard_map): f and P are global means."""
   e = logits_NE.shape[-1]
-  f_E = jnp.mean(jnp.sum(jax.nn.one_hot(idx_NK, e, dtype=jnp.float32), axis=1), axis=0) / idx_NK.shape[1]
-  p_E = jnp.mean(probs_NE, axis=0)
+  f_E = mean(jnp.mean(jnp.sum(jax.nn.one_hot(idx_NK, e, dtype=jnp.float32), axis=1), axis=0) / idx_NK.shape[1])
+  p_E = mean(jnp.mean(probs_NE, axis=0))
   aux = e * jnp.sum(f_E * p_E)
-  z = jnp.mean(jnp.square(jax.nn.logsumexp(logits_NE, axis=-1)))
-  entropy = -jnp.mean(jnp.sum(probs_NE * jnp.log(jnp.clip(probs_NE, 1e-9)), axis=-1))
+  z = mean(jnp.mean(jnp.square(jax.nn.logsumexp(logits_NE, axis=-1))))
+  entropy = mean(-jnp.mean(jnp.sum(probs_NE * jnp.log(jnp.clip(probs_NE, 1e-9)), axis=-1)))
   return aux, z, f_E, entropy
 
 
@@ -101,6 +108,137 @@ def block_rows(m: int, e: int) -> int:
   return int(min(256, max(16, r)))
 
 
+
+def _combine(out_PD, rows_NK, gates_NK):
+  """y_n = sum_k g_nk * out[rows_nk]; a row index P (one past the end) means dropped."""
+  out_PD = jnp.concatenate([out_PD, jnp.zeros((1, out_PD.shape[1]), out_PD.dtype)])
+  return jnp.einsum("NKD,NK->ND", out_PD[rows_NK], gates_NK.astype(out_PD.dtype))
+
+
+def _pad_row(x_ND):
+  return jnp.concatenate([x_ND, jnp.zeros((1, x_ND.shape[1]), x_ND.dtype)])
+
+
+def _expert_ffn(w, x_ERD, act: str):
+  """Expert MLPs on a capacity buffer: row block e goes through expert e."""
+  h_ERF = activation(act)(jnp.einsum("ERD,EDF->ERF", x_ERD, w["wi_EDF"]))
+  if w.get("wg_EDF") is not None:
+    h_ERF = h_ERF * jnp.einsum("ERD,EDF->ERF", x_ERD, w["wg_EDF"])
+  return jnp.einsum("ERF,EFD->ERD", h_ERF, w["wo_EFD"])
+
+
+def dropless_blocks(w, x_ND, gates_NK, idx_NK, act: str):
+  n, k = idx_NK.shape
+  e = w["wi_EDF"].shape[0]
+  m = n * k
+  r = block_rows(m, e)
+  q = (m + e * (r - 1)) // r  # sum_e ceil(g_e / R) <= (M + E (R-1)) / R
+  e_M = idx_NK.reshape(m)
+  order_M = jnp.argsort(e_M, stable=True)
+  g_E = jnp.zeros((e,), jnp.int32).at[e_M].add(1)
+  padded_E = (g_E + r - 1) // r * r
+  pend_E = jnp.cumsum(padded_E)
+  e_sorted = e_M[order_M]
+  # Row of the j-th sorted assignment: its group's padded start + its rank in the group.
+  rank = jnp.arange(m) - (jnp.cumsum(g_E) - g_E)[e_sorted]
+  dest_M = jnp.zeros((m,), jnp.int32).at[order_M].set((pend_E - padded_E)[e_sorted] + rank)
+  row_token_P = jnp.full((q * r,), n, jnp.int32).at[dest_M].set(jnp.arange(m, dtype=jnp.int32) // k)
+  x_QRD = _pad_row(x_ND)[row_token_P].reshape(q, r, -1)
+  block_expert_Q = jnp.minimum(jnp.searchsorted(pend_E // r, jnp.arange(q), side="right"), e - 1)
+  used = pend_E[-1] // r  # blocks past `used` are padding and skipped
+  gmm = lambda x, name: grouped_matmul(x, w[name], block_expert_Q, used)
+  h_QRF = activation(act)(gmm(x_QRD, "wi_EDF"))
+  if w.get("wg_EDF") is not None:
+    h_QRF = h_QRF * gmm(x_QRD, "wg_EDF")
+  out_PD = gmm(h_QRF, "wo_EFD").reshape(q * r, -1)
+  return _combine(out_PD, dest_M.reshape(n, k), gates_NK)
+
+
+def dropless_ragged(w, x_ND, gates_NK, idx_NK, act: str):
+  n, k = idx_NK.shape
+  e_M = idx_NK.reshape(n * k)
+  order_M = jnp.argsort(e_M, stable=True)
+  g_E = jnp.zeros((w["wi_EDF"].shape[0],), jnp.int32).at[e_M].add(1)
+  xs_MD = x_ND[order_M // k]
+  h_MF = activation(act)(jax.lax.ragged_dot(xs_MD, w["wi_EDF"], g_E))
+  if w.get("wg_EDF") is not None:
+    h_MF = h_MF * jax.lax.ragged_dot(xs_MD, w["wg_EDF"], g_E)
+  out_MD = jax.lax.ragged_dot(h_MF, w["wo_EFD"], g_E)
+  dest_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(n * k))
+  return _combine(out_MD, dest_M.reshape(n, k), gates_NK)
+
+
+def capacity_dispatch(w, x_ND, gates_NK, idx_NK, b: int, t: int, e: int, cf: float, act: str,
+                      expert_axis: str | None = None):
+  """GShard-style capacity buffer [E, B*C, D]; with `expert_axis` (inside shard_map) the buffer's
+  expert blocks travel to the devices owning those experts and back (all_to_all)."""
+  k = idx_NK.shape[1]
+  c = max(1, math.ceil(k * t / e * cf))
+  # Per sequence, assignments in priority order: all top-1 choices, then all top-2, ...
+  idx_BM = idx_NK.reshape(b, t, k).transpose(0, 2, 1).reshape(b, k * t)
+  onehot_BME = jax.nn.one_hot(idx_BM, e, dtype=jnp.int32)
+  pos_BM = jnp.take_along_axis(jnp.cumsum(onehot_BME, axis=1) - 1, idx_BM[..., None], axis=2)[..., 0]
+  keep_BM = pos_BM < c
+  rows = e * b * c
+  row_BM = jnp.where(keep_BM, idx_BM * (b * c) + jnp.arange(b)[:, None] * c + pos_BM, rows)
+  tok_BM = jnp.arange(b)[:, None] * t + jnp.tile(jnp.arange(t), k)[None, :]
+  row_token = jnp.full((rows,), b * t, jnp.int32).at[row_BM.reshape(-1)].set(tok_BM.reshape(-1), mode="drop")
+  x_ERD = _pad_row(x_ND)[row_token].reshape(e, b * c, -1)
+  if expert_axis is not None:  # [E, R, D] -> [E/ne, ne*R, D]: my experts, everyone's tokens
+    x_ERD = jax.lax.all_to_all(x_ERD, expert_axis, 0, 1, tiled=True)
+  out_ERD = _expert_ffn(w, x_ERD, act)
+  if expert_axis is not None:
+    out_ERD = jax.lax.all_to_all(out_ERD, expert_axis, 1, 0, tiled=True)
+  rows_NK = row_BM.reshape(b, k, t).transpose(0, 2, 1).reshape(b * t, k)
+  dropped = 1.0 - jnp.mean(keep_BM.astype(jnp.float32))
+  return _combine(out_ERD.reshape(rows, -1), rows_NK, gates_NK), dropped
+
+
+def expert_choice(w, x_ND, logits_NE, b: int, t: int, k: int, cf: float, act: str):
+  """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens of a sequence."""
+  e = logits_NE.shape[-1]
+  c = max(1, min(t, math.ceil(k * t / e * cf)))
+  probs_NE = jax.nn.softmax(logits_NE, axis=-1)
+  gates_BEC, tok_BEC = jax.lax.top_k(probs_NE.reshape(b, t, e).transpose(0, 2, 1), c)
+  tok_BEC = tok_BEC + (jnp.arange(b) * t)[:, None, None]
+  x_ERD = x_ND[tok_BEC.transpose(1, 0, 2).reshape(e, b * c)]
+  out_BECD = _expert_ffn(w, x_ERD, act).reshape(e, b, c, -1).transpose(1, 0, 2, 3)
+  y_ND = jnp.zeros_like(x_ND, dtype=out_BECD.dtype).at[tok_BEC.reshape(-1)].add(
+      (out_BECD * gates_BEC[..., None].astype(out_BECD.dtype)).reshape(-1, x_ND.shape[1]))
+  served = jnp.zeros((b * t,), jnp.float32).at[tok_BEC.reshape(-1)].set(1.0)
+  _, idx_NK = jax.lax.top_k(logits_NE, min(k, e))  # load/aux reported in the top-k token view
+  return y_ND, probs_NE, 1.0 - jnp.mean(served), idx_NK
+
+
+def routed(cfg: ModelConfig, e: int, w: dict, x_BTD, rng=None, *, data_axes=(), expert_axis=None):
+  """The routed (non-shared) part of an MoE layer on the tokens at hand: (y_BTD, metrics).
+  `w` holds router_DE, router_bias_E and the (local) expert weights in the compute dtype.
+  Inside shard_map, `data_axes` are the mesh axes the tokens are split over."""
+  b, t, d = x_BTD.shape
+  k = cfg.top_k
+  x_ND = x_BTD.reshape(b * t, d)
+  xr_ND = x_ND.astype(jnp.float32)
+  if cfg.router_jitter > 0 and rng is not None:  # multiplicative jitter (Fedus et al. 2022)
+    xr_ND = xr_ND * jax.random.uniform(rng, xr_ND.shape, jnp.float32, 1 - cfg.router_jitter, 1 + cfg.router_jitter)
+  logits_NE = jnp.einsum("ND,DE->NE", xr_ND, w["router_DE"]) + w["router_bias_E"]
+  mean = (lambda v: jax.lax.pmean(v, data_axes)) if data_axes else (lambda v: v)
+  if cfg.routing == "expert_choice":
+    y_ND, probs_NE, dropped, idx_NK = expert_choice(w, x_ND, logits_NE, b, t, k, cfg.capacity_factor, cfg.mlp_act)
+  else:
+    probs_NE, gates_NK, idx_NK = top_k_gates(logits_NE, k, cfg.gating)
+    if cfg.dispatch == "capacity":
+      y_ND, dropped = capacity_dispatch(w, x_ND, gates_NK, idx_NK, b, t, e, cfg.capacity_factor, cfg.mlp_act,
+                                        expert_axis)
+    else:
+      impl = default_impl() if cfg.moe_impl == "auto" else cfg.moe_impl
+      fn = dropless_ragged if impl == "ragged_dot" else dropless_blocks
+      y_ND, dropped = fn(w, x_ND, gates_NK, idx_NK, cfg.mlp_act), jnp.zeros((), jnp.float32)
+  aux, z, load_E, entropy = router_losses(logits_NE, probs_NE, idx_NK, mean)
+  y_BTD = (y_ND * cfg.expert_output_scale).reshape(b, t, d).astype(x_BTD.dtype)
+  metrics = {"aux_loss": aux, "z_loss": z, "load": load_E, "dropped": mean(dropped), "router_entropy": entropy}
+  return y_BTD, metrics
+
+
 class MoeMlp(nnx.Module):
   """Token-choice top-k MoE MLP (expert choice as a flagged, non-causal ablation)."""
 
@@ -119,117 +257,39 @@ class MoeMlp(nnx.Module):
       logging.warning("moegrow: expert-choice routing picks tokens using the whole sequence; "
                       "it is NOT causal in a decoder (future tokens leak). Use only as an ablation.")
 
-  def _ffn(self, x_ERD):
-    """Expert MLPs on a capacity buffer: row block e goes through expert e."""
-    w = lambda p: p[...].astype(jnp.dtype(self.cfg.dtype))
-    h_ERF = activation(self.cfg.mlp_act)(jnp.einsum("ERD,EDF->ERF", x_ERD, w(self.wi_EDF)))
-    if self.wg_EDF is not None:
-      h_ERF = h_ERF * jnp.einsum("ERD,EDF->ERF", x_ERD, w(self.wg_EDF))
-    return jnp.einsum("ERF,EFD->ERD", h_ERF, w(self.wo_EFD))
-
   def __call__(self, x_BTD, rng: jax.Array | None = None):
-    cfg, e, k = self.cfg, self.num_experts, self.cfg.top_k
-    b, t, d = x_BTD.shape
-    x_ND = x_BTD.reshape(b * t, d)
-    xr_ND = x_ND.astype(jnp.float32)
-    if cfg.router_jitter > 0 and rng is not None:  # multiplicative jitter (Fedus et al. 2022)
-      xr_ND = xr_ND * jax.random.uniform(rng, xr_ND.shape, jnp.float32, 1 - cfg.router_jitter, 1 + cfg.router_jitter)
-    logits_NE = jnp.einsum("ND,DE->NE", xr_ND, self.router_DE[...]) + self.router_bias_E[...]
-    if cfg.routing == "expert_choice":
-      y_ND, probs_NE, dropped, idx_NK = self._expert_choice(x_ND, logits_NE, b, t)
+    cfg, e = self.cfg, self.num_experts
+    dt = jnp.dtype(cfg.dtype)
+    w = {"router_DE": self.router_DE[...], "router_bias_E": self.router_bias_E[...],
+         "wi_EDF": self.wi_EDF[...].astype(dt), "wo_EFD": self.wo_EFD[...].astype(dt),
+         "wg_EDF": None if self.wg_EDF is None else self.wg_EDF[...].astype(dt)}
+    mesh = sharding.current_mesh()
+    data_axes = sharding.batch_axes(mesh, x_BTD.shape[0]) if mesh is not None else ()
+    if not data_axes or cfg.routing == "expert_choice":
+      y_BTD, metrics = routed(cfg, e, w, x_BTD, rng)
     else:
-      probs_NE, gates_NK, idx_NK = top_k_gates(logits_NE, k, cfg.gating)
-      if cfg.dispatch == "capacity":
-        y_ND, dropped = self._capacity(x_ND, gates_NK, idx_NK, b, t)
-      else:
-        impl = default_impl() if cfg.moe_impl == "auto" else cfg.moe_impl
-        y_ND = (self._ragged(x_ND, gates_NK, idx_NK) if impl == "ragged_dot"
-                else self._blocks(x_ND, gates_NK, idx_NK))
-        dropped = jnp.zeros((), jnp.float32)
-    aux, z, load_E, entropy = router_losses(logits_NE, probs_NE, idx_NK)
-    y_BTD = (y_ND * cfg.expert_output_scale).reshape(b, t, d).astype(x_BTD.dtype)
+      y_BTD, metrics = self._sharded(mesh, data_axes, w, x_BTD, rng)
     if self.shared is not None:
       y_BTD = y_BTD + self.shared(x_BTD)
-    metrics = {"aux_loss": aux, "z_loss": z, "load": load_E, "dropped": dropped, "router_entropy": entropy}
     return constrain(y_BTD, ("batch", "length", "act_embed")), metrics
 
-  def _combine(self, out_PD, rows_NK, gates_NK):
-    """y_n = sum_k g_nk * out[rows_nk]; a row index P (one past the end) means dropped."""
-    out_PD = jnp.concatenate([out_PD, jnp.zeros((1, out_PD.shape[1]), out_PD.dtype)])
-    return jnp.einsum("NKD,NK->ND", out_PD[rows_NK], gates_NK.astype(out_PD.dtype))
+  def _sharded(self, mesh, data_axes, w, x_BTD, rng):
+    """Routed part under shard_map: tokens stay on their devices (see the module docstring)."""
+    cfg, e = self.cfg, self.num_experts
+    ne = mesh.shape.get("expert", 1)
+    ep = "expert" if cfg.dispatch == "capacity" and ne > 1 and e % ne == 0 and "expert" in data_axes else None
+    P = jax.sharding.PartitionSpec
+    x_spec = P(data_axes or None)
+    w_specs = {k: (None if v is None else P("expert") if ep and k.startswith("w") else P()) for k, v in w.items()}
+    w = {k: v for k, v in w.items() if v is not None}
+    w_specs = {k: w_specs[k] for k in w}
+    key = rng if rng is not None else jax.random.key(0)
 
-  def _blocks(self, x_ND, gates_NK, idx_NK):
-    n, k = idx_NK.shape
-    e, m = self.num_experts, n * k
-    r = block_rows(m, e)
-    q = (m + e * (r - 1)) // r  # sum_e ceil(g_e / R) <= (M + E (R-1)) / R
-    e_M = idx_NK.reshape(m)
-    order_M = jnp.argsort(e_M, stable=True)
-    g_E = jnp.zeros((e,), jnp.int32).at[e_M].add(1)
-    padded_E = (g_E + r - 1) // r * r
-    pend_E = jnp.cumsum(padded_E)
-    e_sorted = e_M[order_M]
-    # Row of the j-th sorted assignment: its group's padded start + its rank in the group.
-    rank = jnp.arange(m) - (jnp.cumsum(g_E) - g_E)[e_sorted]
-    dest_M = jnp.zeros((m,), jnp.int32).at[order_M].set((pend_E - padded_E)[e_sorted] + rank)
-    row_token_P = jnp.full((q * r,), n, jnp.int32).at[dest_M].set(jnp.arange(m, dtype=jnp.int32) // k)
-    x_QRD = jnp.concatenate([x_ND, jnp.zeros((1, x_ND.shape[1]), x_ND.dtype)])[row_token_P].reshape(q, r, -1)
-    block_expert_Q = jnp.minimum(jnp.searchsorted(pend_E // r, jnp.arange(q), side="right"), e - 1)
-    used = pend_E[-1] // r  # blocks past `used` are padding and skipped
-    dt = jnp.dtype(self.cfg.dtype)
-    gmm = lambda x, p: grouped_matmul(x, p[...].astype(dt), block_expert_Q, used)
-    h_QRF = activation(self.cfg.mlp_act)(gmm(x_QRD.astype(dt), self.wi_EDF))
-    if self.wg_EDF is not None:
-      h_QRF = h_QRF * gmm(x_QRD.astype(dt), self.wg_EDF)
-    out_PD = gmm(h_QRF, self.wo_EFD).reshape(q * r, -1)
-    return self._combine(out_PD, dest_M.reshape(n, k), gates_NK)
-
-  def _ragged(self, x_ND, gates_NK, idx_NK):
-    n, k = idx_NK.shape
-    e_M = idx_NK.reshape(n * k)
-    order_M = jnp.argsort(e_M, stable=True)
-    g_E = jnp.zeros((self.num_experts,), jnp.int32).at[e_M].add(1)
-    xs_MD = x_ND[order_M // k]
-    dt = jnp.dtype(self.cfg.dtype)
-    w = lambda p: p[...].astype(dt)
-    h_MF = activation(self.cfg.mlp_act)(jax.lax.ragged_dot(xs_MD, w(self.wi_EDF), g_E))
-    if self.wg_EDF is not None:
-      h_MF = h_MF * jax.lax.ragged_dot(xs_MD, w(self.wg_EDF), g_E)
-    out_MD = jax.lax.ragged_dot(h_MF, w(self.wo_EFD), g_E)
-    dest_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(n * k))
-    return self._combine(out_MD, dest_M.reshape(n, k), gates_NK)
-
-  def _capacity(self, x_ND, gates_NK, idx_NK, b, t):
-    e, k = self.num_experts, self.cfg.top_k
-    c = max(1, math.ceil(k * t / e * self.cfg.capacity_factor))
-    # Per sequence, assignments in priority order: all top-1 choices, then all top-2, ...
-    idx_BM = idx_NK.reshape(b, t, k).transpose(0, 2, 1).reshape(b, k * t)
-    onehot_BME = jax.nn.one_hot(idx_BM, e, dtype=jnp.int32)
-    pos_BM = jnp.take_along_axis(jnp.cumsum(onehot_BME, axis=1) - 1, idx_BM[..., None], axis=2)[..., 0]
-    keep_BM = pos_BM < c
-    rows = e * b * c
-    row_BM = jnp.where(keep_BM, idx_BM * (b * c) + jnp.arange(b)[:, None] * c + pos_BM, rows)
-    tok_BM = jnp.arange(b)[:, None] * t + jnp.tile(jnp.arange(t), k)[None, :]
-    row_token = jnp.full((rows,), b * t, jnp.int32).at[row_BM.reshape(-1)].set(tok_BM.reshape(-1), mode="drop")
-    x_ERD = jnp.concatenate([x_ND, jnp.zeros((1, x_ND.shape[1]), x_ND.dtype)])[row_token].reshape(e, b * c, -1)
-    x_ERD = constrain(x_ERD, ("act_expert", None, "act_embed"))
-    out_PD = self._ffn(x_ERD).reshape(rows, -1)
-    rows_NK = row_BM.reshape(b, k, t).transpose(0, 2, 1).reshape(b * t, k)
-    dropped = 1.0 - jnp.mean(keep_BM.astype(jnp.float32))
-    return self._combine(out_PD, rows_NK, gates_NK), dropped
-
-  def _expert_choice(self, x_ND, logits_NE, b, t):
-    """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens of a sequence."""
-    e, k = self.num_experts, self.cfg.top_k
-    c = max(1, min(t, math.ceil(k * t / e * self.cfg.capacity_factor)))
-    probs_NE = jax.nn.softmax(logits_NE, axis=-1)
-    gates_BEC, tok_BEC = jax.lax.top_k(probs_NE.reshape(b, t, e).transpose(0, 2, 1), c)
-    tok_BEC = tok_BEC + (jnp.arange(b) * t)[:, None, None]
-    x_ERD = x_ND[tok_BEC.transpose(1, 0, 2).reshape(e, b * c)]
-    out_BECD = self._ffn(x_ERD).reshape(e, b, c, -1).transpose(1, 0, 2, 3)
-    y_ND = jnp.zeros_like(x_ND, dtype=out_BECD.dtype).at[tok_BEC.reshape(-1)].add(
-        (out_BECD * gates_BEC[..., None].astype(out_BECD.dtype)).reshape(-1, x_ND.shape[1]))
-    served = jnp.zeros((b * t,), jnp.float32).at[tok_BEC.reshape(-1)].set(1.0)
-    # Load: fraction of slots per expert is uniform by construction; report the top-k token view.
-    _, idx_NK = jax.lax.top_k(logits_NE, min(k, e))
-    return y_ND, probs_NE, 1.0 - jnp.mean(served), idx_NK
+    def local(w, x_BTD, key):
+      if rng is not None and data_axes:  # per-shard jitter noise
+        key = jax.random.fold_in(key, jax.lax.axis_index(data_axes))
+      return routed(cfg, e, w, x_BTD, key if rng is not None else None, data_axes=data_axes, expert_axis=ep)
+    metric_specs = {"aux_loss": P(), "z_loss": P(), "load": P(), "dropped": P(), "router_entropy": P()}
+    f = jax.shard_map(local, mesh=mesh, in_specs=(w_specs, x_spec, P()), out_specs=(x_spec, metric_specs),
+                      check_vma=False)
+    return f(w, x_BTD, key)

@@ -65,6 +65,20 @@ def use_mesh(mesh: Mesh | None, rules=None) -> Iterator[None]:
     _CTX.update(old)
 
 
+def current_mesh() -> Mesh | None:
+  """The mesh activated by `use_mesh` (None outside)."""
+  return _CTX["mesh"]
+
+
+def batch_axes(mesh: Mesh, batch_size: int | None = None) -> tuple[str, ...]:
+  """Mesh axes (size > 1) the batch is split over; () if `batch_size` does not divide."""
+  spec = logical_to_spec(("batch",), mesh=mesh)[0]
+  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  if batch_size is not None and axes and batch_size % _axis_size(mesh, axes):
+    return ()
+  return axes
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   """Sharding constraint by logical axes; identity when no mesh is active."""
   mesh = _CTX["mesh"]
