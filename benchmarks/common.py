@@ -1,16 +1,22 @@
-"""Shared timing helpers for the benchmark scripts (not a test dependency)."""
+"""Shared helpers for the benchmark scripts: timing, the machine's matmul peak, train steps."""
 from __future__ import annotations
 
 import json
+import os
+import platform
 import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+
+TRAIN = ml_collections.ConfigDict(dict(lr=1e-3, steps=1000, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1,
+                                       b1=0.9, b2=0.95, weight_decay=0.1, grad_clip=1.0, seed=0, frozen=()))
 
 
 def time_fn(fn, *args, warmup: int = 2, min_time: float = 2.0, min_iters: int = 5) -> float:
-  """Median seconds per call of a jitted fn (outputs blocked on)."""
+  """Median seconds per call (outputs blocked on)."""
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
   times = []
@@ -22,22 +28,45 @@ def time_fn(fn, *args, warmup: int = 2, min_time: float = 2.0, min_iters: int = 
   return float(np.median(times))
 
 
-def matmul_peak(dtype=jnp.float32, sizes=(1024, 2048)) -> dict[int, float]:
-  """Measured matmul FLOP/s of this machine for square sizes (the MFU denominator)."""
+def matmul_peak(dtype=jnp.float32, sizes=(1024, 2048), min_time: float = 1.0) -> dict[int, float]:
+  """Measured FLOP/s of square matmuls (the MFU denominator is the best of these)."""
   out = {}
+  f = jax.jit(jnp.dot)
   for n in sizes:
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    f = jax.jit(jnp.dot)
-    out[n] = 2 * n**3 / time_fn(f, a, b, min_time=1.0)
+    out[n] = 2 * n**3 / time_fn(f, a, b, min_time=min_time)
   return out
+
+
+def train_step_fn(cfg, batch: int, seq: int):
+  """(compiled step closure, compile seconds) for `cfg` on one device with random byte tokens."""
+  from moegrow import sharding, train
+  prog = train.build_program(cfg, TRAIN, sharding.make_mesh({"data": 1}))
+  state = prog.init(jax.random.key(0))
+  toks = np.random.default_rng(0).integers(0, 256, (batch, seq + 1), dtype=np.int32)
+  b = jax.device_put({"inputs": toks[:, :-1], "targets": toks[:, 1:]}, prog.batch_sharding)
+  t0 = time.perf_counter()
+  compiled = prog.train_step.lower(state, b).compile()
+  compile_s = time.perf_counter() - t0
+  box = [state]
+
+  def run():
+    box[0], m = compiled(box[0], b)
+    return m["loss"]
+  return run, compile_s
+
+
+def header(title: str) -> str:
+  return (f"# {title} | {time.strftime('%Y-%m-%d')} | {platform.machine()} x{os.cpu_count()} cores | "
+          f"jax {jax.__version__} ({jax.default_backend()})")
 
 
 def print_table(rows: list[dict], cols: list[str]) -> None:
   widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols]
   print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
   for r in rows:
-    print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(cols, widths)))
+    print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(cols, widths)), flush=True)
 
 
 def _fmt(v) -> str:
@@ -47,5 +76,6 @@ def _fmt(v) -> str:
 
 
 def write_json(path: str, obj) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w") as f:
     json.dump(obj, f, indent=2)

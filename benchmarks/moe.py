@@ -13,38 +13,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import matmul_peak, print_table, time_fn, write_json
+from benchmarks.common import header, matmul_peak, print_table, time_fn, train_step_fn, write_json
 from benchmarks.flops import FORMULA, train_flops_per_token
-from moegrow import sharding, train
 from moegrow.config import ModelConfig
 from moegrow.layers import Mlp
 from moegrow.moe import MoeMlp
 
-TRAIN = ml_collections.ConfigDict(dict(lr=1e-3, steps=1000, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1,
-                                       b1=0.9, b2=0.95, weight_decay=0.1, grad_clip=1.0, seed=0, frozen=()))
-
-
 def step_time(cfg: ModelConfig, batch: int, seq: int, min_time: float) -> float:
-  mesh = sharding.make_mesh({"data": 1})
-  prog = train.build_program(cfg, TRAIN, mesh)
-  state = prog.init(jax.random.key(0))
-  rng = np.random.default_rng(0)
-  toks = rng.integers(0, 256, (batch, seq + 1), dtype=np.int32)
-  b = jax.device_put({"inputs": toks[:, :-1], "targets": toks[:, 1:]}, prog.batch_sharding)
-  box = [state]
-
-  def run():
-    box[0], m = prog.train_step(box[0], b)
-    return m["loss"]
+  run, _ = train_step_fn(cfg, batch, seq)
   return time_fn(run, min_time=min_time)
 
 
@@ -82,8 +65,7 @@ def main():
   eq = times["dense equal-active"]
   rows = [{"model": n, "step_ms": 1e3 * t, "vs_equal_active": t / eq, "tokens_per_s": batch * seq / t,
            "MFU": flops[n] / t / peak} for n, t in times.items()]
-  print(f"# {time.strftime('%Y-%m-%d')} {platform.processor() or platform.machine()} x{os.cpu_count()} "
-        f"jax {jax.__version__} {jax.default_backend()}; measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+  print(header("MoE vs dense") + f" | measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s")
   print(f"# {FORMULA}")
   print_table(rows, ["model", "step_ms", "vs_equal_active", "tokens_per_s", "MFU"])
 
