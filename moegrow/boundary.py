@@ -114,11 +114,14 @@ def held_out_losses(program, params, held: dict[str, dict]) -> dict[str, float]:
   return out
 
 
-def _expert_loads(cfg: ModelConfig, params, held) -> dict[str, list[float]]:
+def _expert_loads(cfg: ModelConfig, params, held, mesh) -> dict[str, list[float]]:
   """Per-layer expert load on the held-out batches (for add_experts source='most_loaded')."""
-  tokens = np.concatenate([b["inputs"] for b in held.values()])
-  _, aux = jax.jit(lambda p, t: tf.apply(cfg, p, t))(params, tokens)
-  return {i: np.asarray(m["load"]).tolist() for i, m in aux["layers"].items()}
+  rows = np.concatenate([b["inputs"] for b in held.values()])
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())  # readable on every process
+  tokens = jax.make_array_from_callback(rows.shape, replicated, lambda i: rows[i])
+  loads = jax.jit(lambda p, t: {i: m["load"] for i, m in tf.apply(cfg, p, t)[1]["layers"].items()},
+                  out_shardings=replicated)(params, tokens)
+  return {i: np.asarray(v).tolist() for i, v in loads.items()}
 
 
 def own_buffers(state):
@@ -140,7 +143,7 @@ def grow_checkpoint(src_mngr, src_step: int, stage: Stage, tr, mesh, build_progr
   ops = [dict(o) for o in stage.ops]
   for o in ops:
     if o.get("op") == "add_experts" and o.get("source") == "most_loaded" and not o.get("loads"):
-      o["loads"] = _expert_loads(old_cfg, state["params"], held)
+      o["loads"] = _expert_loads(old_cfg, state["params"], held, mesh)
   moments = optim.adam_moments(state["opt_state"])
   new = build_program(stage.cfg, tr, mesh)
   p_sh = new.state_sharding["params"]

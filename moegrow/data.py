@@ -21,6 +21,9 @@ into windows of seq_len + 1 tokens -> grain mix by weight -> batch.
 Everything runs in-process; the iterator state (``get_state()``) is a small
 JSON-serialisable dict of ints/bools (record indices + offset in the current
 document), so ``set_state`` restores the stream exactly.
+Many hosts: ``make_sharded_train_iter`` cuts the global stream into data
+shards (by default one per process) and each process reads its own; the same
+shard count gives the same global batches on any number of processes.
 """
 from __future__ import annotations
 
@@ -375,6 +378,70 @@ def make_train_iter(mixture: Mapping[str, float], *, seq_len: int,
       parts, part_weights)
   batched = mixed.batch(local_batch, drop_remainder=True).map(_split_batch)
   return batched.__iter__()
+
+
+class ShardedIterator:
+  """The rows of this process's data shards, concatenated in shard order.
+
+  Shard ``s`` of ``S`` is ``make_train_iter(process_index=s, process_count=S)``
+  (documents ``[s::S]``, ``global_batch // S`` rows), so the global stream
+  depends on ``S`` only: process ``p`` of ``P`` (``S % P == 0``) holds shards
+  ``[p*S/P, (p+1)*S/P)``, i.e. the rows its devices hold in the global batch.
+  State: ``{'num_shards': S, 'shards': {str(s): state}}`` for this process's
+  shards; ``set_state`` takes any state holding them (e.g. every process's
+  merged), or a single shard's plain state when ``S == 1``.
+  """
+
+  def __init__(self, iters: Mapping[int, Any], num_shards: int):
+    self._iters = dict(iters)
+    self.num_shards = num_shards
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batches = [next(it) for it in self._iters.values()]
+    if len(batches) == 1:
+      return batches[0]
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+  def get_state(self) -> dict[str, Any]:
+    return {'num_shards': self.num_shards,
+            'shards': {str(s): it.get_state() for s, it in self._iters.items()}}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    if 'shards' not in state:  # a plain single-stream state
+      if self.num_shards != 1:
+        raise ValueError(f'Data state of one stream cannot resume '
+                         f'{self.num_shards} data shards.')
+      state = {'num_shards': 1, 'shards': {'0': state}}
+    if int(state['num_shards']) != self.num_shards:
+      raise ValueError(f'Data state has {state["num_shards"]} shards, the '
+                       f'pipeline {self.num_shards} (data.shards): the '
+                       'stream cannot resume with another shard count.')
+    missing = [s for s in self._iters if str(s) not in state['shards']]
+    if missing:
+      raise ValueError(f'Data state lacks shards {missing}.')
+    for s, it in self._iters.items():
+      it.set_state(copy.deepcopy(state['shards'][str(s)]))
+
+
+def make_sharded_train_iter(mixture: Mapping[str, float], *, num_shards: int = 0,
+                            process_index: int = 0, process_count: int = 1,
+                            global_batch: int, **kwargs) -> ShardedIterator:
+  """``make_train_iter`` over ``num_shards`` data shards (0: one per process)
+  of which this process reads its own (see ``ShardedIterator``)."""
+  shards = num_shards or process_count
+  if shards < 1 or shards % process_count:
+    raise ValueError(f'data shards={shards} must be a positive multiple of '
+                     f'the process count {process_count}.')
+  if global_batch % shards:
+    raise ValueError(f'global_batch={global_batch} is not divisible by '
+                     f'{shards} data shards.')
+  per = shards // process_count
+  return ShardedIterator({s: make_train_iter(
+      mixture, global_batch=global_batch, process_index=s, process_count=shards, **kwargs)
+      for s in range(process_index * per, (process_index + 1) * per)}, shards)
 
 
 def eval_batches(name: str, *, seq_len: int, batch_size: int,

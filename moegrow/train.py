@@ -7,6 +7,7 @@ resume this run's latest checkpoint > scratch. State is a plain dict
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -95,12 +96,14 @@ def build_program(cfg: ModelConfig, train_cfg, mesh: Mesh) -> Program:
     return jnp.sum(nll * mask), jnp.sum(mask)
 
   batch_tree = {"inputs": batch_sh, "targets": batch_sh}
+  replicated = NamedSharding(mesh, P())  # metrics: readable on every process
   return Program(
       cfg=cfg, mesh=mesh, tx=tx, schedule=schedule, abstract_state=abstract, state_sharding=sh,
       batch_sharding=batch_sh,
       init=jax.jit(init, out_shardings=sh),
-      train_step=jax.jit(train_step, in_shardings=(sh, batch_tree), out_shardings=(sh, None), donate_argnums=0),
-      eval_step=jax.jit(eval_step, in_shardings=(sh["params"], batch_tree)))
+      train_step=jax.jit(train_step, in_shardings=(sh, batch_tree), out_shardings=(sh, replicated),
+                         donate_argnums=0),
+      eval_step=jax.jit(eval_step, in_shardings=(sh["params"], batch_tree), out_shardings=replicated))
 
 
 def to_global(program: Program, local: dict) -> dict:
@@ -113,15 +116,19 @@ def to_global(program: Program, local: dict) -> dict:
   return out
 
 
+def from_full(program: Program, full: dict) -> dict:
+  """A batch every process holds in full (eval) -> global jax arrays sharded over the batch axes."""
+  return {k: jax.make_array_from_callback(full[k].shape, program.batch_sharding, lambda i, x=full[k]: x[i])
+          for k in ("inputs", "targets")}
+
+
 def evaluate(program: Program, params, eval_sets: dict[str, list[dict]]) -> dict[str, float]:
   """Per-domain mean loss (nats/token) and bits per byte on fixed validation batches."""
   out = {}
   for domain, batches in eval_sets.items():
     nll = count = nbytes = 0.0
     for b in batches:
-      g = {k: jax.make_array_from_callback(b[k].shape, program.batch_sharding, lambda i, x=b[k]: x[i])
-           for k in ("inputs", "targets")}
-      s, c = program.eval_step(params, g)
+      s, c = program.eval_step(params, from_full(program, b))
       nll, count, nbytes = nll + float(s), count + float(c), nbytes + b["num_bytes"]
     out[f"eval/{domain}/loss"] = nll / count
     out[f"eval/{domain}/bpb"] = nll / math.log(2) / nbytes
@@ -131,13 +138,18 @@ def evaluate(program: Program, params, eval_sets: dict[str, list[dict]]) -> dict
 # ------------------------------------------------------------------ loop
 
 class _Preempted:
-  """SIGTERM flag: the loop saves a checkpoint and returns cleanly."""
+  """SIGTERM: the loop saves a checkpoint and returns cleanly. One process: a handler sets a flag.
+  Many: jax's preemption service (it catches SIGTERM itself; any process may get it) names the
+  step at which every process stops, so all of them save the same step together."""
 
   def __init__(self):
     self.flag = False
     self._old = None
+    self._sync = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
 
   def __enter__(self):
+    if self._sync:
+      return self
     try:
       self._old = signal.signal(signal.SIGTERM, self._set)
     except ValueError:  # not the main thread: no handler, no preemption support
@@ -146,6 +158,13 @@ class _Preempted:
 
   def _set(self, *_):
     self.flag = True
+
+  def reached(self, step: int) -> bool:
+    """Whether to stop after `step`; with many processes, call it at every step."""
+    if self._sync:
+      from jax.experimental import multihost_utils
+      self.flag = self.flag or multihost_utils.reached_preemption_sync_point(step)
+    return self.flag
 
   def __exit__(self, *_):
     if self._old is not None:
@@ -172,13 +191,30 @@ def eval_sets(config, names=None) -> dict[str, list[dict]]:
                                                  text_key=config.data.text_key) for n in names}
 
 
-def train_iter(config, mixture=None, seed=None):
+def train_iter(config, mixture=None, seed=None) -> data.ShardedIterator:
+  """This process's rows of the global batches: its own `data.shards` (0: one per process)."""
   dd = data_dir(config)  # local corpora are built there on first use
-  return data.make_train_iter(dict(mixture or config.data.mixture), seq_len=config.data.seq_len,
-                              global_batch=config.train.batch_size,
-                              seed=config.train.seed if seed is None else seed, data_dir=dd,
-                              process_index=jax.process_index(), process_count=jax.process_count(),
-                              text_key=config.data.text_key)
+  return data.make_sharded_train_iter(dict(mixture or config.data.mixture), seq_len=config.data.seq_len,
+                                      global_batch=config.train.batch_size,
+                                      seed=config.train.seed if seed is None else seed, data_dir=dd,
+                                      num_shards=config.data.get("shards", 0), process_index=jax.process_index(),
+                                      process_count=jax.process_count(), text_key=config.data.text_key)
+
+
+def global_data_state(it: data.ShardedIterator) -> dict:
+  """The iterator state of every process's shards (each process holds only its own)."""
+  state = it.get_state()
+  if jax.process_count() == 1:
+    return state
+  from jax.experimental import multihost_utils
+  raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int32))).reshape(-1)
+  buf = np.zeros(int(sizes.max()), np.uint8)
+  buf[:raw.size] = raw
+  every = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+  for row, n in zip(every, sizes):
+    state["shards"].update(json.loads(bytes(row[:n]))["shards"])
+  return state
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -276,10 +312,11 @@ def run_loop(program, state, it, mngr, book, evals, meta, tr, end: int, stage_na
         ev = evaluate(program, state["params"], evals)
         book.write(step, ev)
         result.update(ev)
-      if pre.flag or step % tr.checkpoint_every == 0 or step == stop:
-        checkpoint.save(mngr, step, state, meta, it.get_state())
+      preempted = pre.reached(step)
+      if preempted or step % tr.checkpoint_every == 0 or step == stop:
+        checkpoint.save(mngr, step, state, meta, global_data_state(it))
         last_saved = step
-      if pre.flag:
+      if preempted:
         mngr.wait_until_finished()
         book.say(f"SIGTERM: saved checkpoint {checkpoint.step_dir(mngr, step)} at step {step}; exiting")
         result["preempted"] = True
