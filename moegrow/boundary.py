@@ -45,9 +45,13 @@ def grown_config(cfg: ModelConfig, ops) -> ModelConfig:
   if not ops:
     return cfg
   box = {}
+  ops = [dict(o) for o in ops]
+  for o in ops:  # loads only pick sources; they do not change the config
+    if o.get("op") == "add_experts" and o.get("source") == "most_loaded" and not o.get("loads"):
+      o["loads"] = {str(i): [1.0] * cfg.experts_in_layer(i) for i in cfg.moe_layer_ids}
 
   def run(params):
-    _, box["cfg"], _ = grow.apply_ops({"params": params, "mu": None, "nu": None}, cfg, list(ops))
+    _, box["cfg"], _ = grow.apply_ops({"params": params, "mu": None, "nu": None}, cfg, ops)
     return 0
   jax.eval_shape(run, tf.abstract_params(cfg))
   return box["cfg"]
@@ -125,42 +129,61 @@ def _expert_loads(cfg: ModelConfig, params, held, mesh) -> dict[str, list[float]
 
 
 def own_buffers(state):
-  """A copy of `state` with one buffer per leaf. Growth may return one array for several leaves
-  (e.g. zero moments); the train step donates its state and XLA cannot donate a buffer twice."""
-  return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), state)
+  """`state` with one buffer per leaf: leaves sharing a buffer with an earlier leaf are copied.
+  Growth may return one array for several leaves (e.g. identical zero moments); the train step
+  donates its state and XLA cannot donate a buffer twice."""
+  seen: set = set()
+
+  def own(x):
+    ptrs = tuple(s.data.unsafe_buffer_pointer() for s in x.addressable_shards)
+    if ptrs in seen:
+      return jnp.array(x, copy=True)
+    seen.add(ptrs)
+    return x
+  return jax.tree_util.tree_map(own, state)
+
+
+def _certificate_rows(held: dict, mesh) -> dict:
+  """The certificate needs only a few sequences per domain: keep max(8, batch shards) rows."""
+  from moegrow import sharding  # local: keeps this module's import surface small
+  shards = int(np.prod([mesh.shape[a] for a in sharding.batch_axes(mesh)] or [1]))
+  return {d: {k: (v[:max(8, shards)] if isinstance(v, np.ndarray) else v) for k, v in b.items()}
+          for d, b in held.items()}
 
 
 def grow_checkpoint(src_mngr, src_step: int, stage: Stage, tr, mesh, build_program, held: dict,
                     dst_mngr, workdir: str, key) -> tuple[dict, Any, dict]:
   """Restore `src_step` at its own shapes, apply `stage.ops`, save as `stage`'s first checkpoint.
 
-  Returns (grown state, data iterator state of the source, growth certificate)."""
+  Returns (grown state, data iterator state of the source, growth certificate). Memory: the old
+  state is released before the save, and the new optimizer state is built in the same jit as
+  its moments (no throw-away zero state)."""
+  held = _certificate_rows(held, mesh)
   meta = checkpoint.read_meta(src_mngr, src_step)
   old_cfg = checkpoint.model_config(meta)
   old = build_program(old_cfg, tr, mesh)
   state, meta, data_state = checkpoint.restore(src_mngr, src_step, old.abstract_state)
   before = held_out_losses(old, state["params"], held)
+  params_before = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(state["params"])))
   ops = [dict(o) for o in stage.ops]
   for o in ops:
     if o.get("op") == "add_experts" and o.get("source") == "most_loaded" and not o.get("loads"):
       o["loads"] = _expert_loads(old_cfg, state["params"], held, mesh)
   moments = optim.adam_moments(state["opt_state"])
   new = build_program(stage.cfg, tr, mesh)
-  p_sh = new.state_sharding["params"]
   box: dict[str, Any] = {}
 
-  def run(gs, k):
-    out, box["cfg"], box["reports"] = grow.apply_ops(gs, old_cfg, ops, k)
-    return out
-  grown = jax.jit(run, out_shardings={"params": p_sh, "mu": p_sh, "nu": p_sh})(
-      {"params": state["params"], "mu": moments["mu"], "nu": moments["nu"]}, key)
+  def run(params, mu, nu, count, step, k):
+    out, box["cfg"], box["reports"] = grow.apply_ops({"params": params, "mu": mu, "nu": nu}, old_cfg, ops, k)
+    opt = optim.with_adam_moments(new.tx.init(out["params"]), out["mu"], out["nu"], count)
+    return {"params": out["params"], "opt_state": opt, "step": step}
+  new_state = jax.jit(run, out_shardings=new.state_sharding)(
+      state["params"], moments["mu"], moments["nu"], moments["count"], state["step"], key)
+  del state, moments  # the old state is no longer needed: free it before the save
   if box["cfg"] != stage.cfg:
     raise ValueError(f"stage {stage.index} ({stage.name}): growing the checkpoint at step {src_step} gave "
                      f"{_diff(box['cfg'], stage.cfg)}; the checkpoint's model differs from the config's")
-  opt = jax.jit(new.tx.init, out_shardings=new.state_sharding["opt_state"])(grown["params"])
-  opt = optim.with_adam_moments(opt, grown["mu"], grown["nu"], moments["count"])
-  new_state = {"params": grown["params"], "opt_state": opt, "step": state["step"]}
-  new_state = jax.device_put(own_buffers(new_state), new.state_sharding)
+  new_state = own_buffers(new_state)
   after = held_out_losses(new, new_state["params"], held)
   lineage = list(meta.get("lineage", [])) + [{"stage": stage.index, "name": stage.name, "step": int(src_step),
                                               "ops": ops}]
@@ -168,7 +191,7 @@ def grow_checkpoint(src_mngr, src_step: int, stage: Stage, tr, mesh, build_progr
   cert = {"step": int(src_step), "stage": stage.index, "name": stage.name, "source": checkpoint.step_dir(src_mngr, src_step),
           "ops": ops, "loss_before": before, "loss_after": after,
           "loss_change": {d: after[d] - before[d] for d in before},
-          "params_before": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(state["params"]))),
+          "params_before": params_before,
           "params_after": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(new_state["params"]))),
           "reports": box["reports"]}
   if jax.process_index() == 0:

@@ -277,6 +277,8 @@ def main(argv=None) -> None:
       raise app.UsageError(f"unexpected arguments: {args[1:]}")
     logging.set_verbosity(logging.WARNING)
     from moegrow import boundary
+    from moegrow.main import init_distributed
+    init_distributed(config.value)  # multi-host: every process runs this command
     cert = boundary.grow_offline(config.value, src.value, workdir.value, stage.value)
     print(boundary.certificate_text(cert), flush=True)
   app.run(run, argv)

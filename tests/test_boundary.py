@@ -203,3 +203,19 @@ def test_offline_grow_cli_and_errors(tmp_path, data_dir):
   with pytest.raises(ValueError, match=str(corrupt / "6")):
     boundary.grow_offline(staged(data_dir), str(corrupt / "6"), str(tmp_path / "z"))
   assert tree_digest(os.path.join(src, "checkpoints")) == digest  # the source never changed
+
+
+def test_three_stages_add_most_loaded_experts_measured_at_the_boundary(tmp_path, data_dir):
+  c = staged(data_dir, steps=(4, 4))
+  c.stages = (dict(name="dense", steps=4),
+              dict(name="moe2", steps=4, ops=(dict(op="upcycle", layers="every_other", num_experts=2, top_k=1),)),
+              dict(name="moe4", steps=4, ops=(dict(op="add_experts", num_experts=4, source="most_loaded"),)))
+  c.train.steps = 12
+  r = train.train_and_evaluate(c, str(tmp_path / "run"))
+  assert r["stage"] == 2 and r["step"] == 12 and len(r["certificates"]) == 2
+  for cert in r["certificates"]:
+    assert all(abs(v) < 1e-5 for v in cert["loss_change"].values()), cert["loss_change"]
+  add = r["certificates"][1]
+  loads = add["ops"][0]["loads"]["1"]  # measured on the held-out batches at the boundary
+  assert len(loads) == 2 and abs(sum(loads) - 1.0) < 1e-5
+  assert add["reports"][0]["sources"]["1"][0] == int(np.argmax(loads))
