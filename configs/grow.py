@@ -10,8 +10,9 @@ Variants: `tiny` (tests: 2 x 100 steps, seconds), `small` (the main job: 2 x 300
 
 Command:
   python -m moegrow.main --config=configs/grow.py:small --workdir=runs/grow
-Expected (small): the certificate shows held-out loss change |dloss| < 1e-5 on both domains;
-final validation bits/byte about 2.0 (shakespeare_plays) and 1.8 (python_stdlib).
+Expected (small): the certificate shows a held-out loss change |dloss| < 1e-5 on both domains
+(measured: -2.4e-07 on each; 4.26M -> 15.28M parameters); final validation bits/byte about 2.67
+(shakespeare_plays) and 2.72 (python_stdlib) at step 600.
 """
 from configs import lm
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moegrow import checkpoint, grow, optim
+from moegrow import checkpoint, grow, optim, sharding
 from moegrow import transformer as tf
 from moegrow.config import ModelConfig
 
@@ -111,9 +111,7 @@ def held_out_losses(program, params, held: dict[str, dict]) -> dict[str, float]:
   """Mean token loss of `params` on one fixed held-out batch per domain."""
   out = {}
   for domain, b in held.items():
-    g = {k: jax.make_array_from_callback(b[k].shape, program.batch_sharding, lambda i, x=b[k]: x[i])
-         for k in ("inputs", "targets")}
-    s, c = program.eval_step(params, g)
+    s, c = program.eval_step(params, sharding.from_full(b, program.batch_sharding))
     out[domain] = float(s) / float(c)
   return out
 
@@ -145,7 +143,6 @@ def own_buffers(state):
 
 def _certificate_rows(held: dict, mesh) -> dict:
   """The certificate needs only a few sequences per domain: keep max(8, batch shards) rows."""
-  from moegrow import sharding  # local: keeps this module's import surface small
   shards = int(np.prod([mesh.shape[a] for a in sharding.batch_axes(mesh)] or [1]))
   return {d: {k: (v[:max(8, shards)] if isinstance(v, np.ndarray) else v) for k, v in b.items()}
           for d, b in held.items()}

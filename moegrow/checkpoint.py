@@ -25,15 +25,16 @@ STATE, META, DATA = "state", "meta", "data"
 def manager(directory: str, keep: int = 3, async_save: bool = True, save_interval: int = 1,
             read_only: bool = False, step_prefix: str | None = None) -> ocp.CheckpointManager:
   """Checkpoints `<directory>/<step>` (or `<directory>/<step_prefix>_<step>`)."""
-  options = ocp.CheckpointManagerOptions(step_prefix=step_prefix,
-      max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=async_save and not read_only, save_interval_steps=save_interval)
   handlers = {STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler(),
               DATA: ocp.JsonCheckpointHandler()}
   level = logging.get_verbosity()
   if read_only:  # Orbax warns that a read-only manager is read-only
     logging.set_verbosity(logging.ERROR)
   try:
+    options = ocp.CheckpointManagerOptions(
+        step_prefix=step_prefix, max_to_keep=None if read_only else keep, create=not read_only,
+        read_only=read_only, enable_async_checkpointing=async_save and not read_only,
+        save_interval_steps=save_interval)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
   finally:
     logging.set_verbosity(level)

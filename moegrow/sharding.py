@@ -119,6 +119,11 @@ def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> Mesh:
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices.reshape(-1).tolist())
 
 
+def from_full(batch: dict, batch_sharding: NamedSharding, keys=("inputs", "targets")) -> dict:
+  """A batch every process holds in full (eval) -> global arrays split over the batch axes."""
+  return {k: jax.make_array_from_callback(batch[k].shape, batch_sharding, lambda i, x=batch[k]: x[i]) for k in keys}
+
+
 def tree_shardings(axes_tree: Any, mesh: Mesh, shapes_tree: Any | None = None) -> Any:
   """NamedShardings for a tree of logical-axes tuples (leaves: tuples of names).
 

@@ -116,19 +116,13 @@ def to_global(program: Program, local: dict) -> dict:
   return out
 
 
-def from_full(program: Program, full: dict) -> dict:
-  """A batch every process holds in full (eval) -> global jax arrays sharded over the batch axes."""
-  return {k: jax.make_array_from_callback(full[k].shape, program.batch_sharding, lambda i, x=full[k]: x[i])
-          for k in ("inputs", "targets")}
-
-
 def evaluate(program: Program, params, eval_sets: dict[str, list[dict]]) -> dict[str, float]:
   """Per-domain mean loss (nats/token) and bits per byte on fixed validation batches."""
   out = {}
   for domain, batches in eval_sets.items():
     nll = count = nbytes = 0.0
     for b in batches:
-      s, c = program.eval_step(params, from_full(program, b))
+      s, c = program.eval_step(params, sharding.from_full(b, program.batch_sharding))
       nll, count, nbytes = nll + float(s), count + float(c), nbytes + b["num_bytes"]
     out[f"eval/{domain}/loss"] = nll / count
     out[f"eval/{domain}/bpb"] = nll / math.log(2) / nbytes
