@@ -103,9 +103,10 @@ def default_impl() -> str:
 
 
 def block_rows(m: int, e: int) -> int:
-  """Rows per block for the dropless grouped matmul: padding costs < E*R rows of M."""
+  """Rows per block for the dropless grouped matmul. Padding costs ~E*R/2 rows of M, each block
+  copies its expert's weights once: measured best on CPU (M=8192: E=2 -> 256, 8 -> 128, 32 -> 64)."""
   r = 1 << max(0, int(math.log2(max(1, m // (8 * e)))))
-  return int(min(256, max(16, r)))
+  return int(min(256, max(64, r)))
 
 
 
