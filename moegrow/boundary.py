@@ -142,9 +142,9 @@ def own_buffers(state):
 
 
 def _certificate_rows(held: dict, mesh) -> dict:
-  """The certificate needs only a few sequences per domain: keep max(8, batch shards) rows."""
+  """The certificate needs only a few sequences per domain: keep max(4, batch shards) rows."""
   shards = int(np.prod([mesh.shape[a] for a in sharding.batch_axes(mesh)] or [1]))
-  return {d: {k: (v[:max(8, shards)] if isinstance(v, np.ndarray) else v) for k, v in b.items()}
+  return {d: {k: (v[:max(4, shards)] if isinstance(v, np.ndarray) else v) for k, v in b.items()}
           for d, b in held.items()}
 
 

@@ -10,9 +10,13 @@ Compute matching (FLOPs per training token = 6 * active params + 6 * layers * se
 the causal-attention term 12 * L * T * d / 2; per step x batch x seq_len):
   M_dense = round(M * F_moe / F_dense)           same extra FLOPs as the upcycled continuation;
   S       = round((N * F_dense + M * F_moe) / F_moe)  the dense run's sunk FLOPs + that extra budget.
-All runs share data mixture, batch, seed and a step-only schedule (linear warm-up, then constant),
-so every continuation sees exactly the learning rate the dense run would have seen, whatever its
-length (the paper continues the dense inverse-square-root schedule).
+All runs share data mixture, batch, seed and the configs' warm-up + cosine schedule (decay to 0.1x).
+The dense run and its dense continuation form ONE cosine over N + M_dense steps (dense_base stops at
+N via `stop_after_steps`), so the dense curve is exactly the schedule of an uninterrupted dense run;
+the upcycled run is one cosine over N + M (configs/grow.py: one schedule over all stages), so at the
+boundary its learning rate steps down from the dense value (lr(N) of an N+M_dense cosine) to that of
+an N+M cosine; the scratch MoE has its own cosine over S steps. Every variant ends annealed (0.1x lr)
+at the same extra FLOPs, which is where they are compared.
 
 Any variant runs alone through the normal entry point, e.g.
   python -m moegrow.main --config=experiments/upcycling/config.py:small,upcycled --workdir=runs/upcycling/upcycled
@@ -62,6 +66,8 @@ def plan(size: str = "small") -> dict:
   return {
       "size": size, "base": s["base"], "dense_steps": n, "moe_steps": m, "dense_extra_steps": m_dense,
       "scratch_steps": scratch, "tokens_per_step": tokens, "flops_per_step": {"dense": f_dense, "moe": f_moe},
+      "lr_schedule": {"kind": "warmup + cosine to 0.1x", "horizon": {"dense_base": n + m_dense, "dense": n + m_dense,
+                                                                    "upcycled": n + m, "moe_scratch": scratch}},
       "sunk_flops": n * f_dense, "extra_flops": m * f_moe, "flops_formula": FLOPS_FORMULA,
       # global step at which each variant's run ends
       "end_step": {"dense_base": n, "dense": n + m_dense, "upcycled": n + m, "moe_scratch": scratch},
@@ -83,6 +89,8 @@ def get_config(arg: str = "small,upcycled") -> ml_collections.ConfigDict:
     c = lm.get_config(s["base"] + ",moe")
   else:
     c = lm.get_config(s["base"])
-  c.train.update(steps=p["end_step"][variant], schedule="constant", warmup_steps=s["warmup_steps"],
+  c.train.update(steps=p["end_step"][variant], warmup_steps=s["warmup_steps"],
                  eval_every=s["eval_every"], log_every=s["log_every"], checkpoint_every=s["checkpoint_every"])
+  if variant == "dense_base":  # the first N steps of the dense run's one schedule
+    c.train.update(steps=p["end_step"]["dense"], stop_after_steps=p["dense_steps"])
   return c

@@ -84,7 +84,7 @@ def curve(table, variant, domain):
   return np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
 
 
-def summary(table: list[dict]) -> list[dict]:
+def summary(table: list[dict]) -> tuple[list[dict], float]:
   """Per variant: final point, and every variant's loss interpolated at the common budget
   (the smallest final extra FLOPs over the variants)."""
   domains = list(dict.fromkeys(r["domain"] for r in table))
@@ -128,7 +128,7 @@ def plot(path: str, table: list[dict], plan: dict) -> None:
     ax.set_xlabel(f"extra training FLOPs after the dense checkpoint (x 1e{int(math.log10(scale))})")
     ax.set_ylabel("validation loss (nats/byte-token)")
     ax.grid(alpha=0.3)
-  np.atleast_1d(axes)[0].legend(fontsize=8, loc="upper right")
+  np.atleast_1d(axes)[0].legend(fontsize=8, loc="best")
   fp = plan["flops_per_step"]
   fig.suptitle(f"Sparse upcycling ({plan['size']}): dense checkpoint after {plan['dense_steps']} steps "
                f"(sunk {plan['sunk_flops']:.2e} FLOPs); dense {fp['dense']:.2e}, MoE {fp['moe']:.2e} FLOPs/step",

@@ -95,13 +95,17 @@ def main(argv=None) -> int:
       continue
     if v in ("dense", "upcycled"):
       seed_from_dense(base_dir, wd, plan["dense_steps"])
+    if v == "dense_base":  # stop at N, also when resuming an interrupted dense_base
+      done = [int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit()] \
+          if os.path.isdir(os.path.join(wd, "checkpoints")) else []
+      cfgs[v].train.stop_after_steps = plan["dense_steps"] - max(done, default=0)
     print(f"[{v}] training in {wd}", flush=True)
     t0 = time.perf_counter()
     result = train.train_and_evaluate(cfgs[v], wd)
     timings[v] = timings.get(v, 0.0) + time.perf_counter() - t0
     with open(times_path, "w") as f:
       json.dump(timings, f, indent=2)
-    if result.get("preempted") or result.get("stopped_early"):
+    if result.get("preempted") or not os.path.isdir(final_checkpoint(wd, v, plan)):
       print(f"[{v}] stopped before its end; run the same command to resume", flush=True)
       return 1
   print(f"wall time per run (s): {json.dumps({k: round(t, 1) for k, t in timings.items()})}, "
