@@ -13,8 +13,8 @@ Append `,moe` for E=8 top-2 MoE MLPs in every other layer (e.g. `small,moe`).
 
 Command:
   python -m moegrow.main --config=configs/lm.py:small --workdir=runs/small
-Expected (small, dense, 2 CPU cores): validation bits/byte around 2.3 (shakespeare_plays)
-and 2.1 (python_stdlib) after 600 steps, at roughly 15-20k tokens/s.
+Expected (small, dense, 2 CPU cores): validation bits/byte 2.68 (shakespeare_plays) and 2.69
+(python_stdlib) after 600 steps (loss 1.861 / 1.863 nats), at about 7.0-7.6k tokens/s.
 """
 import ml_collections
 
