@@ -179,7 +179,7 @@ def grow_checkpoint(src_mngr, src_step: int, stage: Stage, tr, mesh, build_progr
   del state, moments  # the old state is no longer needed: free it before the save
   if box["cfg"] != stage.cfg:
     raise ValueError(f"stage {stage.index} ({stage.name}): growing the checkpoint at step {src_step} gave "
-                     f"{_diff(box['cfg'], stage.cfg)}; the checkpoint's model differs from the config's")
+                     f"{config_diff(box['cfg'], stage.cfg)}; the checkpoint's model differs from the config's")
   new_state = own_buffers(new_state)
   after = held_out_losses(new, new_state["params"], held)
   lineage = list(meta.get("lineage", [])) + [{"stage": stage.index, "name": stage.name, "step": int(src_step),
@@ -198,7 +198,8 @@ def grow_checkpoint(src_mngr, src_step: int, stage: Stage, tr, mesh, build_progr
   return new_state, data_state, cert
 
 
-def _diff(a: ModelConfig, b: ModelConfig) -> str:
+def config_diff(a: ModelConfig, b: ModelConfig) -> str:
+  """The fields where `a` differs from `b` (the config's), for error messages."""
   da, db = a.to_dict(), b.to_dict()
   return ", ".join(f"{k}={da[k]!r} (config: {db[k]!r})" for k in da if da[k] != db[k]) or "no difference"
 
@@ -225,13 +226,13 @@ def grow_offline(config, source: str, workdir: str, stage: int | None = None) ->
     fits = [s.index for s in stages[1:] if stages[s.index - 1].cfg == src_cfg]
     if not fits:
       raise ValueError(f"checkpoint {checkpoint.step_dir(src, step)}: its model matches no stage of the config "
-                       f"(vs stage 0: {_diff(src_cfg, stages[0].cfg)})")
+                       f"(vs stage 0: {config_diff(src_cfg, stages[0].cfg)})")
     stage = fits[0]
   if not 1 <= stage < len(stages):
     raise ValueError(f"--stage={stage}: the config's growth stages are 1..{len(stages) - 1}")
   if stages[stage - 1].cfg != src_cfg:
     raise ValueError(f"checkpoint {checkpoint.step_dir(src, step)} is not the model stage {stage} grows from: "
-                     f"{_diff(src_cfg, stages[stage - 1].cfg)}")
+                     f"{config_diff(src_cfg, stages[stage - 1].cfg)}")
   tr = config.train
   dst = manager(workdir, stage, tr)
   if dst.latest_step() is not None:

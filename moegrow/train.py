@@ -185,12 +185,12 @@ def eval_sets(config, names=None) -> dict[str, list[dict]]:
                                                  text_key=config.data.text_key) for n in names}
 
 
-def train_iter(config, mixture=None, seed=None) -> data.ShardedIterator:
+def train_iter(config, mixture=None) -> data.ShardedIterator:
   """This process's rows of the global batches: its own `data.shards` (0: one per process)."""
   dd = data_dir(config)  # local corpora are built there on first use
   return data.make_sharded_train_iter(dict(mixture or config.data.mixture), seq_len=config.data.seq_len,
                                       global_batch=config.train.batch_size,
-                                      seed=config.train.seed if seed is None else seed, data_dir=dd,
+                                      seed=config.train.seed, data_dir=dd,
                                       num_shards=config.data.get("shards", 0), process_index=jax.process_index(),
                                       process_count=jax.process_count(), text_key=config.data.text_key)
 
@@ -240,7 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, meta, data_state = checkpoint.restore(mngr, at_step, program.abstract_state)
         if checkpoint.model_config(meta) != st.cfg:
           raise ValueError(f"checkpoint {checkpoint.step_dir(mngr, at_step)} holds a different model than stage "
-                           f"{st.index} of the config: {boundary._diff(checkpoint.model_config(meta), st.cfg)}")
+                           f"{st.index} of the config: {boundary.config_diff(checkpoint.model_config(meta), st.cfg)}")
         book.say(f"resumed from {checkpoint.step_dir(mngr, at_step)} at step {at_step} (stage {st.index}: {st.name})")
       elif st.index == 0:
         state, data_state = program.init(jax.random.key(tr.seed)), None

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
   up = boundary.resolve_stages(cfgs["upcycled"], train.model_config(cfgs["upcycled"]))[-1].cfg
   if up != train.model_config(cfgs["moe_scratch"]):
     raise ValueError("the scratch MoE differs from the upcycled model: "
-                     + boundary._diff(train.model_config(cfgs["moe_scratch"]), up))  # noqa: SLF001
+                     + boundary.config_diff(train.model_config(cfgs["moe_scratch"]), up))
   check_plan(args.workdir, plan)
   fp = plan["flops_per_step"]
   print(f"upcycling [{size}]: N={plan['dense_steps']} dense steps, then dense +{plan['dense_extra_steps']} | "
