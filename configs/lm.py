@@ -35,7 +35,8 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
       data_dir="", seq_len=256, text_key="text",
       shards=0))  # data shards (0: one per process); the same shards on any process count = the same stream
   c.train = ml_collections.ConfigDict(dict(
-      steps=600, batch_size=16, lr=3e-3, warmup_steps=50, schedule="cosine", min_lr_ratio=0.1,
+      steps=600, batch_size=16, lr=3e-3, warmup_steps=50, schedule="cosine",  # or "constant", "rsqrt"
+      min_lr_ratio=0.1,
       b1=0.9, b2=0.95, weight_decay=0.1, grad_clip=1.0, seed=0, frozen=(),
       log_every=20, eval_every=200, eval_batches=4, eval_batch_size=16,
       checkpoint_every=200, keep_checkpoints=2, async_checkpoint=True,

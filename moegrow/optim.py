@@ -17,14 +17,19 @@ import optax
 
 def make_schedule(lr: float, steps: int, warmup_steps: int = 0, schedule: str = "cosine",
                   min_lr_ratio: float = 0.1) -> optax.Schedule:
-  """Linear warm-up to `lr`, then cosine decay to `min_lr_ratio * lr` at `steps` (or constant)."""
+  """Linear warm-up to `lr`, then: cosine decay to `min_lr_ratio * lr` at `steps`; constant; or
+  "rsqrt", lr * sqrt(warmup / step), which has no fixed end, so continuations of any length (and
+  growth stages) share the same learning rate at every step."""
   warmup_steps = min(warmup_steps, max(steps - 1, 0))
   if schedule == "constant":
     after = optax.constant_schedule(lr)
   elif schedule == "cosine":
     after = optax.cosine_decay_schedule(lr, max(steps - warmup_steps, 1), alpha=min_lr_ratio)
+  elif schedule == "rsqrt":
+    w = max(warmup_steps, 1)
+    after = lambda count: lr * jax.lax.rsqrt((count + w) / w)  # join_schedules passes step - warmup
   else:
-    raise ValueError(f"train.schedule={schedule!r}: expected 'cosine' or 'constant'")
+    raise ValueError(f"train.schedule={schedule!r}: expected 'cosine', 'constant' or 'rsqrt'")
   if warmup_steps == 0:
     return after
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), after], [warmup_steps])
