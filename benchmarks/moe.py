@@ -17,7 +17,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from benchmarks.common import header, matmul_peak, print_table, time_fn, train_step_fn, write_json

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Sequence
+from typing import Any
 
 MOE_PATTERNS = ("none", "all", "every_other")
 GATINGS = ("softmax_topk", "topk_softmax")
@@ -148,15 +148,6 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     else:
       shared = cfg.num_shared_experts * mats * d * cfg.shared_d_ff
       total += e * mats * d * cfg.expert_d_ff + d * e + shared
-      k = cfg.top_k if cfg.routing == "token_choice" else cfg.top_k  # k experts per token on average
-      active += k * mats * d * cfg.expert_d_ff + d * e + shared
+      active += cfg.top_k * mats * d * cfg.expert_d_ff + d * e + shared  # k experts per token
   return {"total": total, "active": active}
 
-
-def parse_layers(spec: Any) -> Any:
-  """Config-file helper: "1,3" -> (1, 3); patterns and sequences pass through."""
-  if isinstance(spec, str) and spec not in MOE_PATTERNS:
-    return tuple(int(s) for s in spec.split(",") if s.strip())
-  if isinstance(spec, Sequence) and not isinstance(spec, str):
-    return tuple(int(s) for s in spec)
-  return spec

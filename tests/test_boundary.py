@@ -13,7 +13,7 @@ import pytest
 
 from moegrow import boundary, checkpoint, data, grow, optim, sharding, train
 from moegrow import transformer as tf
-from configs import grow as grow_config, lm
+from configs import grow as grow_config
 from test_grow import EXACT, KEY, random_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,7 +143,7 @@ def test_staged_run_killed_after_growth_resumes_without_regrowing(tmp_path, data
 def test_offline_grow_across_meshes(tmp_path, data_dir, src_mesh, dst_mesh):
   src_cfg = staged(data_dir, mesh=src_mesh)
   src = str(tmp_path / "src")
-  r = train.train_and_evaluate(staged(data_dir, mesh=src_mesh, stop_after_steps=6, steps=(6, 6)), src)
+  train.train_and_evaluate(staged(data_dir, mesh=src_mesh, stop_after_steps=6, steps=(6, 6)), src)
   # The source run is stopped at the end of stage 0 *and grew*; remove its grown checkpoint so
   # `src` holds only the dense one, as a run trained without stages would.
   import shutil

@@ -1,7 +1,6 @@
 """The training system end to end on the real corpora (issue: the training system)."""
 import glob
 import json
-import math
 import os
 import signal
 import subprocess
@@ -67,7 +66,7 @@ def test_exact_resume_in_a_fresh_process(tmp_path, data_dir):
   code, out = cli(tmp_path / "b", data_dir, "--config.mesh.data=1", f"--config.train.steps={2 * n}",
                   "--config.train.eval_every=0", "--config.train.log_every=5", "--config.train.checkpoint_every=100")
   assert code == 0, out
-  assert f"resumed from" in out and f"at step {n}" in out
+  assert "resumed from" in out and f"at step {n}" in out
   step_a, state_a, data_a = latest_state(tmp_path / "a", straight)
   step_b, state_b, data_b = latest_state(tmp_path / "b", straight)
   assert step_a == step_b == 2 * n
