@@ -28,6 +28,26 @@ def time_fn(fn, *args, warmup: int = 2, min_time: float = 2.0, min_iters: int = 
   return float(np.median(times))
 
 
+def time_interleaved(fns: dict, min_time: float = 2.0, rounds: int = 5) -> dict[str, float]:
+  """Median seconds per call of each `name: (fn, args)`, measured in alternating rounds so slow
+  drifts of a shared machine hit every candidate alike (ratios are what the tables report)."""
+  for fn, args in fns.values():
+    for _ in range(2):
+      jax.block_until_ready(fn(*args))
+  samples = {name: [] for name in fns}
+  per_round = min_time / rounds
+  for _ in range(rounds):
+    for name, (fn, args) in fns.items():
+      t_end = time.perf_counter() + per_round
+      while True:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples[name].append(time.perf_counter() - t0)
+        if time.perf_counter() >= t_end:
+          break
+  return {name: float(np.median(v)) for name, v in samples.items()}
+
+
 def matmul_peak(dtype=jnp.float32, sizes=(1024, 2048), min_time: float = 1.0) -> dict[int, float]:
   """Measured FLOP/s of square matmuls (the MFU denominator is the best of these)."""
   out = {}

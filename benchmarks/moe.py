@@ -7,7 +7,8 @@ top-2 in every other layer (expert d_ff=1024), dropless and capacity 1.25; the d
 the same active FLOPs per token (d_ff=2048 in the MoE layers, 1024 elsewhere). Per-layer MLP costs
 add, so its step time is measured as the mean of the all-1024 and all-2048 dense models.
 Table 2 (layer alone, forward + backward, 4096 tokens, d=256): MoE E=8 top-2 expert hidden 1024
-vs a dense SwiGLU MLP of hidden 2048 (same active FLOPs). Ratios are measured in one process.
+vs a dense SwiGLU MLP of hidden 2048 (same active FLOPs). Ratios are measured in one process,
+candidates timed in alternating rounds (median per call).
 """
 from __future__ import annotations
 
@@ -19,26 +20,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from benchmarks.common import header, matmul_peak, print_table, time_fn, train_step_fn, write_json
+from benchmarks.common import header, matmul_peak, print_table, time_interleaved, train_step_fn, write_json
 from benchmarks.flops import FORMULA, train_flops_per_token
 from moegrow.config import ModelConfig
 from moegrow.layers import Mlp
 from moegrow.moe import MoeMlp
 
-def step_time(cfg: ModelConfig, batch: int, seq: int, min_time: float) -> float:
-  run, _ = train_step_fn(cfg, batch, seq)
-  return time_fn(run, min_time=min_time)
-
-
-def layer_time(layer, x, min_time: float) -> float:
+def layer_fn(layer, x):
+  """(jitted forward + backward of sum(y^2), args) for an MLP or MoE layer."""
   g, s = nnx.split(layer)
 
   def loss(s, x):
     y = nnx.merge(g, s)(x)
     y = y[0] if isinstance(y, tuple) else y
     return jnp.sum(y * y)
-  f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-  return time_fn(f, s, x, min_time=min_time)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (s, x)
 
 
 def main():
@@ -57,7 +53,7 @@ def main():
       "MoE E=8 k=2 capacity 1.25": ModelConfig(**moe, dispatch="capacity", capacity_factor=1.25),
   }
   batch, seq = 16, 256
-  times = {name: step_time(cfg, batch, seq, mt) for name, cfg in models.items()}
+  times = time_interleaved({name: (train_step_fn(cfg, batch, seq)[0], ()) for name, cfg in models.items()}, 4 * mt)
   times["dense equal-active"] = (times["dense d_ff=1024"] + times["dense d_ff=2048"]) / 2
   flops = {n: train_flops_per_token(c, seq) * batch * seq for n, c in models.items()}
   flops["dense equal-active"] = flops["MoE E=8 k=2 dropless"]
@@ -75,7 +71,7 @@ def main():
     layers[f"MoE dropless ({impl})"] = MoeMlp(cfg, 8, nnx.Rngs(0))
   cfg = ModelConfig(**dict(moe, num_layers=1, moe_layers="all", dispatch="capacity"))
   layers["MoE capacity 1.25"] = MoeMlp(cfg, 8, nnx.Rngs(0))
-  lt = {n: layer_time(l, x, mt) for n, l in layers.items()}
+  lt = time_interleaved({n: layer_fn(l, x) for n, l in layers.items()}, 4 * mt)
   d = lt["dense MLP hidden 2048"]
   layer_flops = 3 * 2 * 3 * 4096 * 256 * 2048
   lrows = [{"layer (fwd+bwd, 4096 tokens)": n, "ms": 1e3 * t, "vs_dense": t / d, "MFU": layer_flops / t / peak}

@@ -13,7 +13,7 @@ MOE_PATTERNS = ("none", "all", "every_other")
 GATINGS = ("softmax_topk", "topk_softmax")
 DISPATCHES = ("dropless", "capacity")
 ROUTINGS = ("token_choice", "expert_choice")
-MOE_IMPLS = ("auto", "blocks", "ragged_dot", "einsum")
+MOE_IMPLS = ("auto", "blocks", "ragged_dot")
 
 
 @dataclasses.dataclass(frozen=True)

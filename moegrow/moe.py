@@ -2,7 +2,7 @@
 
 Letter legend: B batch, T length, D model width, F expert hidden, E experts, K experts per
 token, C capacity per expert per sequence, N = B*T tokens, M = N*K token-expert assignments,
-Q blocks of R rows (dropless grouped matmul), P = Q*R padded rows.
+P rows of a dispatch buffer (sorted or capacity-slotted assignments, plus padding).
 
 Routing (Shazeer et al. 2017; Fedus et al. 2022; Zoph et al. 2022):
   softmax_topk:  g = top_k(softmax(z))            (weights not renormalised; Switch/GShard)
@@ -10,11 +10,10 @@ Routing (Shazeer et al. 2017; Fedus et al. 2022; Zoph et al. 2022):
 Dispatch:
   capacity: each sequence gives expert e at most C = ceil(K*T/E * capacity_factor) slots,
             top-1 choices first (GShard priority); assignments beyond C are dropped.
-  dropless: every assignment is computed. "blocks": sort by expert, pad each expert's group to
-            a multiple of R rows, then a grouped matmul that scans the blocks (each with its
-            expert's weights, unused padding blocks skipped; CPU: no E-fold masked product).
-            "ragged_dot": jax.lax.ragged_dot (TPU/GPU; on XLA:CPU it lowers to a masked
-            dense product, E times the FLOPs).
+  dropless: every assignment is computed. "blocks" (CPU default): sort by expert, then one fused
+            expert FFN that loops over experts and blocks of their rows (moegrow.grouped_ffn).
+            "ragged_dot" (TPU/GPU default): jax.lax.ragged_dot; on XLA:CPU it lowers to a
+            masked dense product with E times the FLOPs.
 On a mesh the routed part runs under shard_map: every device routes its own tokens (tokens are
 never gathered). With capacity dispatch and an `expert` mesh axis, buffers go to the devices
 that own their experts by all_to_all (GShard); dropless dispatch keeps tokens local and gathers
@@ -24,12 +23,14 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from moegrow.config import ModelConfig
+from moegrow.grouped_ffn import chunk_sizes, expert_ffn
 from moegrow.layers import Mlp, activation, fan_in_std, param
 from moegrow import sharding
 from moegrow.sharding import constrain
@@ -58,56 +59,8 @@ def top_k_gates(logits_NE, k: int, gating: str):
   return probs_NE, gates_NK, idx_NK
 
 
-def _gmm_scan(x_QRD, w_EDF, e_Q, used):
-  def body(_, inp):
-    x_RD, e, q = inp
-    y_RF = jax.lax.cond(q < used, lambda: x_RD @ jax.lax.dynamic_index_in_dim(w_EDF, e, 0, keepdims=False),
-                        lambda: jnp.zeros((x_RD.shape[0], w_EDF.shape[2]), x_RD.dtype))
-    return None, y_RF
-  return jax.lax.scan(body, None, (x_QRD, e_Q, jnp.arange(x_QRD.shape[0])))[1]
-
-
-@jax.custom_vjp
-def grouped_matmul(x_QRD, w_EDF, e_Q, used):
-  """y[q] = x[q] @ w[e_Q[q]] for blocks q < used (zeros after): a dropless grouped matmul.
-
-  A scan over blocks, so no [Q, D, F] copy of per-block weights is ever built; the backward
-  accumulates dW in place per expert. Skipped blocks cost nothing (lax.cond)."""
-  return _gmm_scan(x_QRD, w_EDF, e_Q, used)
-
-
-def _gmm_fwd(x_QRD, w_EDF, e_Q, used):
-  return _gmm_scan(x_QRD, w_EDF, e_Q, used), (x_QRD, w_EDF, e_Q, used)
-
-
-def _gmm_bwd(res, dy_QRF):
-  x_QRD, w_EDF, e_Q, used = res
-
-  def body(dw_EDF, inp):
-    x_RD, dy_RF, e, q = inp
-
-    def work(dw_EDF):
-      dx_RD = dy_RF @ jax.lax.dynamic_index_in_dim(w_EDF, e, 0, keepdims=False).T
-      cur_1DF = jax.lax.dynamic_index_in_dim(dw_EDF, e, 0, keepdims=True)
-      return jax.lax.dynamic_update_index_in_dim(dw_EDF, cur_1DF + (x_RD.T @ dy_RF)[None], e, 0), dx_RD
-    return jax.lax.cond(q < used, work, lambda dw: (dw, jnp.zeros_like(x_RD)), dw_EDF)
-  dw_EDF, dx_QRD = jax.lax.scan(body, jnp.zeros_like(w_EDF), (x_QRD, dy_QRF, e_Q, jnp.arange(x_QRD.shape[0])))
-  return dx_QRD, dw_EDF, None, None
-
-
-grouped_matmul.defvjp(_gmm_fwd, _gmm_bwd)
-
-
 def default_impl() -> str:
   return "blocks" if jax.default_backend() == "cpu" else "ragged_dot"
-
-
-def block_rows(m: int, e: int) -> int:
-  """Rows per block for the dropless grouped matmul. Padding costs ~E*R/2 rows of M, each block
-  copies its expert's weights once: measured best on CPU (M=8192: E=2 -> 256, 8 -> 128, 32 -> 64)."""
-  r = 1 << max(0, int(math.log2(max(1, m // (8 * e)))))
-  return int(min(256, max(64, r)))
-
 
 
 def _combine(out_PD, rows_NK, gates_NK):
@@ -128,45 +81,85 @@ def _expert_ffn(w, x_ERD, act: str):
   return jnp.einsum("ERF,EFD->ERD", h_ERF, w["wo_EFD"])
 
 
-def dropless_blocks(w, x_ND, gates_NK, idx_NK, act: str):
-  n, k = idx_NK.shape
-  e = w["wi_EDF"].shape[0]
-  m = n * k
-  r = block_rows(m, e)
-  q = (m + e * (r - 1)) // r  # sum_e ceil(g_e / R) <= (M + E (R-1)) / R
+def _sort_by_expert(idx_NK, e: int):
+  """Assignments sorted by expert: (order_M, start_E, size_E, dest_NK), where order_M lists
+  flat (token, choice) indices in expert order and dest_NK is each one's sorted row."""
+  m = idx_NK.size
   e_M = idx_NK.reshape(m)
-  order_M = jnp.argsort(e_M, stable=True)
-  g_E = jnp.zeros((e,), jnp.int32).at[e_M].add(1)
-  padded_E = (g_E + r - 1) // r * r
-  pend_E = jnp.cumsum(padded_E)
-  e_sorted = e_M[order_M]
-  # Row of the j-th sorted assignment: its group's padded start + its rank in the group.
-  rank = jnp.arange(m) - (jnp.cumsum(g_E) - g_E)[e_sorted]
-  dest_M = jnp.zeros((m,), jnp.int32).at[order_M].set((pend_E - padded_E)[e_sorted] + rank)
-  row_token_P = jnp.full((q * r,), n, jnp.int32).at[dest_M].set(jnp.arange(m, dtype=jnp.int32) // k)
-  x_QRD = _pad_row(x_ND)[row_token_P].reshape(q, r, -1)
-  block_expert_Q = jnp.minimum(jnp.searchsorted(pend_E // r, jnp.arange(q), side="right"), e - 1)
-  used = pend_E[-1] // r  # blocks past `used` are padding and skipped
-  gmm = lambda x, name: grouped_matmul(x, w[name], block_expert_Q, used)
-  h_QRF = activation(act)(gmm(x_QRD, "wi_EDF"))
-  if w.get("wg_EDF") is not None:
-    h_QRF = h_QRF * gmm(x_QRD, "wg_EDF")
-  out_PD = gmm(h_QRF, "wo_EFD").reshape(q * r, -1)
-  return _combine(out_PD, dest_M.reshape(n, k), gates_NK)
+  order_M = jnp.argsort(e_M, stable=True).astype(jnp.int32)
+  size_E = jnp.zeros((e,), jnp.int32).at[e_M].add(1)
+  dest_M = jnp.zeros((m,), jnp.int32).at[order_M].set(jnp.arange(m, dtype=jnp.int32))
+  return order_M, jnp.cumsum(size_E) - size_E, size_E, dest_M.reshape(idx_NK.shape)
+
+
+def _take(a, i):
+  return jnp.take(a, i, axis=0, mode="fill", fill_value=0)
+
+
+# Sorted dispatch and combine with gather-only transposes: each token has exactly K sorted rows,
+# so the transpose of the dispatch gather sums K gathered rows instead of a scatter-add (which
+# XLA:CPU runs serially over a zero-filled buffer).
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def permute(x_ND, order_M, dest_NK, slack: int):
+  """x_PD: row j is token order_M[j] // K; `slack` zero rows after the M sorted rows."""
+  token_P = jnp.concatenate([order_M // dest_NK.shape[1], jnp.full((slack,), x_ND.shape[0], jnp.int32)])
+  return _take(x_ND, token_P)
+
+
+def _permute_fwd(x_ND, order_M, dest_NK, slack):
+  return permute(x_ND, order_M, dest_NK, slack), dest_NK
+
+
+def _permute_bwd(slack, dest_NK, dx_PD):
+  return jnp.sum(_take(dx_PD, dest_NK), axis=1), None, None
+
+
+permute.defvjp(_permute_fwd, _permute_bwd)
+
+
+@jax.custom_vjp
+def unpermute(y_PD, gates_NK, order_M, dest_NK):
+  """y_n = sum_k g_nk * y_PD[dest_nk] (rows past M are ignored)."""
+  return jnp.einsum("NKD,NK->ND", y_PD[dest_NK], gates_NK.astype(y_PD.dtype))
+
+
+def _unpermute_fwd(y_PD, gates_NK, order_M, dest_NK):
+  return unpermute(y_PD, gates_NK, order_M, dest_NK), (y_PD, gates_NK, order_M, dest_NK)
+
+
+def _unpermute_bwd(res, dy_ND):
+  y_PD, gates_NK, order_M, dest_NK = res
+  n, k = dest_NK.shape
+  slack = y_PD.shape[0] - order_M.shape[0]
+  pad = jnp.full((slack,), n * k, jnp.int32)  # out of range: zero gate, zero gradient
+  flat_P = jnp.concatenate([order_M, pad])
+  g_P = _take(gates_NK.reshape(n * k).astype(y_PD.dtype), flat_P)
+  dy_PD = _take(dy_ND, flat_P // k) * g_P[:, None]
+  dg_NK = jnp.einsum("NKD,ND->NK", y_PD[dest_NK], dy_ND).astype(gates_NK.dtype)
+  return dy_PD, dg_NK, None, None
+
+
+unpermute.defvjp(_unpermute_fwd, _unpermute_bwd)
+
+
+def dropless_blocks(w, x_ND, gates_NK, idx_NK, act: str):
+  """Sort assignments by expert, then the fused grouped expert FFN (moegrow.grouped_ffn)."""
+  e = w["wi_EDF"].shape[0]
+  sizes = chunk_sizes(idx_NK.size, e)
+  order_M, start_E, size_E, dest_NK = _sort_by_expert(idx_NK, e)
+  x_PD = permute(x_ND, order_M, dest_NK, max(sizes))  # slack rows keep every chunk in bounds
+  y_PD = expert_ffn(x_PD, w["wi_EDF"], w.get("wg_EDF"), w["wo_EFD"], start_E, size_E, activation(act), sizes)
+  return unpermute(y_PD, gates_NK, order_M, dest_NK)
 
 
 def dropless_ragged(w, x_ND, gates_NK, idx_NK, act: str):
-  n, k = idx_NK.shape
-  e_M = idx_NK.reshape(n * k)
-  order_M = jnp.argsort(e_M, stable=True)
-  g_E = jnp.zeros((w["wi_EDF"].shape[0],), jnp.int32).at[e_M].add(1)
-  xs_MD = x_ND[order_M // k]
+  order_M, _, g_E, dest_NK = _sort_by_expert(idx_NK, w["wi_EDF"].shape[0])
+  xs_MD = permute(x_ND, order_M, dest_NK, 0)
   h_MF = activation(act)(jax.lax.ragged_dot(xs_MD, w["wi_EDF"], g_E))
   if w.get("wg_EDF") is not None:
     h_MF = h_MF * jax.lax.ragged_dot(xs_MD, w["wg_EDF"], g_E)
   out_MD = jax.lax.ragged_dot(h_MF, w["wo_EFD"], g_E)
-  dest_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(n * k))
-  return _combine(out_MD, dest_M.reshape(n, k), gates_NK)
+  return unpermute(out_MD, gates_NK, order_M, dest_NK)
 
 
 def capacity_dispatch(w, x_ND, gates_NK, idx_NK, b: int, t: int, e: int, cf: float, act: str,
