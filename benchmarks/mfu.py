@@ -14,7 +14,7 @@ import argparse
 
 import jax.numpy as jnp
 
-from benchmarks.common import header, matmul_peak, print_table, time_fn, train_step_fn, write_json
+from benchmarks.common import header, matmul_peak, print_table, time_fn, time_interleaved, train_step_fn, write_json
 from benchmarks.flops import FORMULA, train_flops_per_token
 from moegrow.config import ModelConfig
 
@@ -69,21 +69,25 @@ def main():
                  "compile_s": compile_s})
   print_table(rows, ["model", "step_ms", "tokens/s", "GFLOP/step", "MFU", "matmuls_only_ms", "ceiling_MFU",
                      "compile_s"])
-  erows = []
+  steps, erows = {}, []
   for e in (2, 4, 8, 16, 32):
     cfg = ModelConfig(d_model=256, num_layers=4, num_heads=4, d_ff=1024, moe_layers="every_other",
                       num_experts=e, top_k=2)
     run, compile_s = train_step_fn(cfg, 16, 256)
-    erows.append({"experts": e, "step_ms": 1e3 * time_fn(run, min_time=mt), "compile_s": compile_s})
+    steps[e] = (run, ())
+    erows.append({"experts": e, "compile_s": compile_s})
+  times = time_interleaved(steps, 5 * mt)
   for r in erows:
+    r["step_ms"] = 1e3 * times[r["experts"]]
     r["vs_E=2"] = r["step_ms"] / erows[0]["step_ms"]
   print()
   print_table(erows, ["experts", "step_ms", "vs_E=2", "compile_s"])
-  srows = []
+  srows, steps = [], {}
+  cfg = ModelConfig(d_model=256, num_layers=4, num_heads=4, d_ff=1024)
   for seq in (256, 512, 1024, 2048):
-    cfg = ModelConfig(d_model=256, num_layers=4, num_heads=4, d_ff=1024)
-    run, _ = train_step_fn(cfg, 4096 // seq, seq)
-    t = time_fn(run, min_time=mt)
+    steps[seq] = (train_step_fn(cfg, 4096 // seq, seq)[0], ())
+  times = time_interleaved(steps, 4 * mt)
+  for seq, t in times.items():
     fl = train_flops_per_token(cfg, seq) * 4096
     srows.append({"seq_len": seq, "batch": 4096 // seq, "step_ms": 1e3 * t, "MFU": fl / t / peak})
   for r in srows:
