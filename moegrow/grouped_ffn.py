@@ -56,6 +56,10 @@ def _put(a, u, start):
   return jax.lax.dynamic_update_slice_in_dim(a, u, start, 0)
 
 
+def _f32_dot(a, b):
+  return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+
+
 def _expert(w, e):
   return None if w is None else jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
 
@@ -123,19 +127,22 @@ def _ffn_bwd(act, sizes, res, dy_PD):
       h_RF = g_RF * b_RF if gated else g_RF
       dh_RF = dy_RD @ wo_FD.T
       acc = dict(cc["acc"])
-      acc["wo"] = acc["wo"] + h_RF.T @ dy_RD
+      acc["wo"] = acc["wo"] + _f32_dot(h_RF.T, dy_RD)
       da_RF = act_vjp(dh_RF * b_RF if gated else dh_RF)[0]
-      acc["wi"] = acc["wi"] + x_RD.T @ da_RF
+      acc["wi"] = acc["wi"] + _f32_dot(x_RD.T, da_RF)
       dx_RD = da_RF @ wi_DF.T
       if gated:
         db_RF = dh_RF * g_RF
-        acc["wg"] = acc["wg"] + x_RD.T @ db_RF
+        acc["wg"] = acc["wg"] + _f32_dot(x_RD.T, db_RF)
         dx_RD = dx_RD + db_RF @ wg_DF.T
       return {"acc": acc, "dx": _put(cc["dx"], dx_RD, s + off)}
 
-    acc = {k: jnp.zeros_like(v) for k, v in (("wi", wi_DF), ("wg", wg_DF), ("wo", wo_FD)) if v is not None}
+    # dW sums over chunks in float32 (as one big matmul would), rounded once per expert.
+    acc = {k: jnp.zeros(v.shape, jnp.float32) for k, v in (("wi", wi_DF), ("wg", wg_DF), ("wo", wo_FD))
+           if v is not None}
     r = _chunks(n, sizes, chunk, {"acc": acc, "dx": c["dx"]})
-    dw = {k: jax.lax.dynamic_update_index_in_dim(c["dw"][k], r["acc"][k], e, 0) for k in acc}
+    dw = {k: jax.lax.dynamic_update_index_in_dim(c["dw"][k], r["acc"][k].astype(c["dw"][k].dtype), e, 0)
+          for k in acc}
     return {"dx": r["dx"], "dw": dw}
 
   dw = {k: jnp.zeros_like(v) for k, v in (("wi", wi_EDF), ("wg", wg_EDF), ("wo", wo_EFD)) if v is not None}

@@ -99,8 +99,8 @@ def test_moe_matches_naive_reference(gating, shared, mode):
   assert float(metrics["dropped"]) == 0.0 == ref_dropped
 
 
-@pytest.mark.parametrize("act", ["swiglu", "gelu"])
-def test_grouped_ffn_values_and_gradients(act):
+@pytest.mark.parametrize("act,dtype", [("swiglu", jnp.float32), ("gelu", jnp.float32), ("swiglu", jnp.bfloat16)])
+def test_grouped_ffn_values_and_gradients(act, dtype):
   """The fused grouped expert FFN (custom VJP) against autodiff of a per-row reference, with
   empty experts, groups spanning several big chunks, and tails that run into the next group."""
   sizes = (8, 4, 2)
@@ -114,9 +114,14 @@ def test_grouped_ffn_values_and_gradients(act):
   wg = wg if act == "swiglu" else None
   dy = jax.random.normal(ks[4], (m, D))
   f = activation(act)
+  tol = 1e-5 if dtype == jnp.float32 else 3e-2
+  x_PD, wi, wo, dy = (a.astype(dtype) for a in (x_PD, wi, wo, dy))
+  wg = None if wg is None else wg.astype(dtype)
   expert_M = jnp.repeat(jnp.arange(e), size_E, total_repeat_length=m)
 
-  def ref(x, wi, wg, wo):
+  def ref(x, wi, wg, wo):  # float32 math, whatever the inputs
+    x, wi, wo = (a.astype(jnp.float32) for a in (x, wi, wo))
+    wg = None if wg is None else wg.astype(jnp.float32)
     h = f(jnp.einsum("MD,MDF->MF", x[:m], wi[expert_M]))
     if wg is not None:
       h = h * jnp.einsum("MD,MDF->MF", x[:m], wg[expert_M])
@@ -124,9 +129,10 @@ def test_grouped_ffn_values_and_gradients(act):
 
   def fused(x, wi, wg, wo):
     return expert_ffn(x, wi, wg, wo, start_E, size_E, f, sizes)[:m]
-  loss = lambda fn: lambda *w: jnp.sum(fn(*w) * dy)
+  loss = lambda fn: lambda *w: jnp.sum(fn(*w).astype(jnp.float32) * dy.astype(jnp.float32))
   y, y_ref = jax.jit(fused)(x_PD, wi, wg, wo), ref(x_PD, wi, wg, wo)
-  np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), atol=1e-5, rtol=1e-5)
+  assert y.dtype == dtype
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref), atol=tol, rtol=tol)
   args = (x_PD, wi, wg, wo)
   grads = jax.jit(jax.grad(loss(fused), argnums=(0, 1, 2, 3)))(*args)
   grads_ref = jax.grad(loss(ref), argnums=(0, 1, 2, 3))(*args)
@@ -134,8 +140,10 @@ def test_grouped_ffn_values_and_gradients(act):
     if g_ref is None:
       assert g is None
       continue
-    assert float(jnp.max(jnp.abs(g_ref))) > 0, name
-    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-5, rtol=1e-5, err_msg=name)
+    assert g.dtype == dtype and float(jnp.max(jnp.abs(g_ref))) > 0, name
+    scale = float(jnp.max(jnp.abs(g_ref.astype(jnp.float32))))
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_ref, np.float32), atol=tol * scale,
+                               rtol=tol, err_msg=name)
 
 
 @pytest.mark.parametrize("impl", ["blocks", "ragged_dot"])
