@@ -69,8 +69,9 @@ def main():
   for impl in ("blocks", "ragged_dot"):
     cfg = ModelConfig(**dict(moe, num_layers=1, moe_layers="all", moe_impl=impl))
     layers[f"MoE dropless ({impl})"] = MoeMlp(cfg, 8, nnx.Rngs(0))
-  cfg = ModelConfig(**dict(moe, num_layers=1, moe_layers="all", dispatch="capacity"))
-  layers["MoE capacity 1.25"] = MoeMlp(cfg, 8, nnx.Rngs(0))
+  for impl, name in (("blocks", "MoE capacity 1.25 (blocks)"), ("ragged_dot", "MoE capacity 1.25 (einsum)")):
+    cfg = ModelConfig(**dict(moe, num_layers=1, moe_layers="all", dispatch="capacity", moe_impl=impl))
+    layers[name] = MoeMlp(cfg, 8, nnx.Rngs(0))
   lt = time_interleaved({n: layer_fn(l, x) for n, l in layers.items()}, 4 * mt)
   d = lt["dense MLP hidden 2048"]
   layer_flops = 3 * 2 * 3 * 4096 * 256 * 2048

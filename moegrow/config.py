@@ -46,7 +46,8 @@ class ModelConfig:
   routing: str = "token_choice"  # "expert_choice" is a non-causal ablation
   dispatch: str = "dropless"
   capacity_factor: float = 1.25
-  moe_impl: str = "auto"
+  moe_impl: str = "auto"  # expert FFN kernel: "blocks" (fused loops, CPU), "ragged_dot" (TPU/GPU; batched
+  # einsum for capacity buffers); "auto" picks by backend
   router_jitter: float = 0.0
   router_init_std: float = 0.02
   expert_output_scale: float = 1.0

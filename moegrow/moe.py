@@ -73,8 +73,17 @@ def _pad_row(x_ND):
   return jnp.concatenate([x_ND, jnp.zeros((1, x_ND.shape[1]), x_ND.dtype)])
 
 
-def _expert_ffn(w, x_ERD, act: str):
-  """Expert MLPs on a capacity buffer: row block e goes through expert e."""
+def _expert_ffn(w, x_ERD, act: str, impl: str):
+  """Expert MLPs on a capacity buffer: row block e goes through expert e. "blocks" (CPU) runs the
+  fused grouped FFN on the E equal groups (1.39x -> 1.25x a dense MLP on the benchmark layer);
+  otherwise one batched einsum per weight."""
+  if impl == "blocks":
+    e, r, d = x_ERD.shape
+    sizes = chunk_sizes(e * r, e)
+    x_PD = jnp.concatenate([x_ERD.reshape(e * r, d), jnp.zeros((max(sizes), d), x_ERD.dtype)])
+    y_PD = expert_ffn(x_PD, w["wi_EDF"], w.get("wg_EDF"), w["wo_EFD"], jnp.arange(e, dtype=jnp.int32) * r,
+                      jnp.full((e,), r, jnp.int32), activation(act), sizes)
+    return y_PD[:e * r].reshape(e, r, d)
   h_ERF = activation(act)(jnp.einsum("ERD,EDF->ERF", x_ERD, w["wi_EDF"]))
   if w.get("wg_EDF") is not None:
     h_ERF = h_ERF * jnp.einsum("ERD,EDF->ERF", x_ERD, w["wg_EDF"])
@@ -162,7 +171,7 @@ def dropless_ragged(w, x_ND, gates_NK, idx_NK, act: str):
   return unpermute(out_MD, gates_NK, order_M, dest_NK)
 
 
-def capacity_dispatch(w, x_ND, gates_NK, idx_NK, b: int, t: int, e: int, cf: float, act: str,
+def capacity_dispatch(w, x_ND, gates_NK, idx_NK, b: int, t: int, e: int, cf: float, act: str, impl: str,
                       expert_axis: str | None = None):
   """GShard-style capacity buffer [E, B*C, D]; with `expert_axis` (inside shard_map) the buffer's
   expert blocks travel to the devices owning those experts and back (all_to_all)."""
@@ -180,7 +189,7 @@ def capacity_dispatch(w, x_ND, gates_NK, idx_NK, b: int, t: int, e: int, cf: flo
   x_ERD = _pad_row(x_ND)[row_token].reshape(e, b * c, -1)
   if expert_axis is not None:  # [E, R, D] -> [E/ne, ne*R, D]: my experts, everyone's tokens
     x_ERD = jax.lax.all_to_all(x_ERD, expert_axis, 0, 1, tiled=True)
-  out_ERD = _expert_ffn(w, x_ERD, act)
+  out_ERD = _expert_ffn(w, x_ERD, act, impl)
   if expert_axis is not None:
     out_ERD = jax.lax.all_to_all(out_ERD, expert_axis, 1, 0, tiled=True)
   rows_NK = row_BM.reshape(b, k, t).transpose(0, 2, 1).reshape(b * t, k)
@@ -188,7 +197,7 @@ def capacity_dispatch(w, x_ND, gates_NK, idx_NK, b: int, t: int, e: int, cf: flo
   return _combine(out_ERD.reshape(rows, -1), rows_NK, gates_NK), dropped
 
 
-def expert_choice(w, x_ND, logits_NE, b: int, t: int, k: int, cf: float, act: str):
+def expert_choice(w, x_ND, logits_NE, b: int, t: int, k: int, cf: float, act: str, impl: str):
   """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens of a sequence."""
   e = logits_NE.shape[-1]
   c = max(1, min(t, math.ceil(k * t / e * cf)))
@@ -196,7 +205,7 @@ def expert_choice(w, x_ND, logits_NE, b: int, t: int, k: int, cf: float, act: st
   gates_BEC, tok_BEC = jax.lax.top_k(probs_NE.reshape(b, t, e).transpose(0, 2, 1), c)
   tok_BEC = tok_BEC + (jnp.arange(b) * t)[:, None, None]
   x_ERD = x_ND[tok_BEC.transpose(1, 0, 2).reshape(e, b * c)]
-  out_BECD = _expert_ffn(w, x_ERD, act).reshape(e, b, c, -1).transpose(1, 0, 2, 3)
+  out_BECD = _expert_ffn(w, x_ERD, act, impl).reshape(e, b, c, -1).transpose(1, 0, 2, 3)
   y_ND = jnp.zeros_like(x_ND, dtype=out_BECD.dtype).at[tok_BEC.reshape(-1)].add(
       (out_BECD * gates_BEC[..., None].astype(out_BECD.dtype)).reshape(-1, x_ND.shape[1]))
   served = jnp.zeros((b * t,), jnp.float32).at[tok_BEC.reshape(-1)].set(1.0)
@@ -216,15 +225,16 @@ def routed(cfg: ModelConfig, e: int, w: dict, x_BTD, rng=None, *, data_axes=(), 
     xr_ND = xr_ND * jax.random.uniform(rng, xr_ND.shape, jnp.float32, 1 - cfg.router_jitter, 1 + cfg.router_jitter)
   logits_NE = jnp.einsum("ND,DE->NE", xr_ND, w["router_DE"]) + w["router_bias_E"]
   mean = (lambda v: jax.lax.pmean(v, data_axes)) if data_axes else (lambda v: v)
+  impl = default_impl() if cfg.moe_impl == "auto" else cfg.moe_impl
   if cfg.routing == "expert_choice":
-    y_ND, probs_NE, dropped, idx_NK = expert_choice(w, x_ND, logits_NE, b, t, k, cfg.capacity_factor, cfg.mlp_act)
+    y_ND, probs_NE, dropped, idx_NK = expert_choice(w, x_ND, logits_NE, b, t, k, cfg.capacity_factor, cfg.mlp_act,
+                                                    impl)
   else:
     probs_NE, gates_NK, idx_NK = top_k_gates(logits_NE, k, cfg.gating)
     if cfg.dispatch == "capacity":
       y_ND, dropped = capacity_dispatch(w, x_ND, gates_NK, idx_NK, b, t, e, cfg.capacity_factor, cfg.mlp_act,
-                                        expert_axis)
+                                        impl, expert_axis)
     else:
-      impl = default_impl() if cfg.moe_impl == "auto" else cfg.moe_impl
       fn = dropless_ragged if impl == "ragged_dot" else dropless_blocks
       y_ND, dropped = fn(w, x_ND, gates_NK, idx_NK, cfg.mlp_act), jnp.zeros((), jnp.float32)
   aux, z, load_E, entropy = router_losses(logits_NE, probs_NE, idx_NK, mean)

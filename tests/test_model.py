@@ -85,11 +85,19 @@ def make_layer(cfg, seed=0, router_std=1.0):
   return layer
 
 
+def mode_kw(mode):
+  """dropless "blocks"/"ragged_dot"; capacity with room for all through the fused FFN ("capacity")
+  or batched einsums ("capacity_einsum")."""
+  if mode.startswith("capacity"):
+    return dict(dispatch="capacity", capacity_factor=float(E), moe_impl="ragged_dot" if "einsum" in mode else "blocks")
+  return dict(moe_impl=mode)
+
+
 @pytest.mark.parametrize("gating", ["softmax_topk", "topk_softmax"])
 @pytest.mark.parametrize("shared", [0, 1])
-@pytest.mark.parametrize("mode", ["blocks", "ragged_dot", "capacity"])
+@pytest.mark.parametrize("mode", ["blocks", "ragged_dot", "capacity", "capacity_einsum"])
 def test_moe_matches_naive_reference(gating, shared, mode):
-  kw = dict(dispatch="capacity", capacity_factor=float(E)) if mode == "capacity" else dict(moe_impl=mode)
+  kw = mode_kw(mode)
   cfg = moe_cfg(gating=gating, num_shared_experts=shared, expert_output_scale=1.5, **kw)
   layer = make_layer(cfg)
   x = random_x()
@@ -146,13 +154,16 @@ def test_grouped_ffn_values_and_gradients(act, dtype):
                                rtol=tol, err_msg=name)
 
 
-@pytest.mark.parametrize("impl", ["blocks", "ragged_dot"])
-def test_dropless_layer_gradients_match_autodiff(impl):
+@pytest.mark.parametrize("impl", ["blocks", "ragged_dot", "capacity_blocks"])
+def test_layer_gradients_match_autodiff(impl):
   """Whole layer (router, sorted dispatch, expert FFN, combine; custom VJPs) against plain
-  autodiff of the capacity path with room for every token, for every parameter and the input."""
+  autodiff of the capacity path (batched einsums) with room for every token, for every parameter
+  and the input; and the capacity path through the fused FFN against the same reference."""
   x = random_x()
   grads = {}
-  for name, kw in ((impl, dict(moe_impl=impl)), ("ref", dict(dispatch="capacity", capacity_factor=float(E)))):
+  cap = dict(dispatch="capacity", capacity_factor=float(E))
+  for name, kw in ((impl, dict(moe_impl=impl) if impl != "capacity_blocks" else dict(cap, moe_impl="blocks")),
+                   ("ref", dict(cap, moe_impl="ragged_dot"))):
     layer = make_layer(moe_cfg(num_shared_experts=1, **kw))
     g, s = nnx.split(layer)
 
@@ -184,10 +195,10 @@ def test_tiny_capacity_drops_exactly_the_overflow():
     assert np.all(np.asarray(y)[b, t] == 0.0)
 
 
-@pytest.mark.parametrize("mode", ["blocks", "ragged_dot", "capacity"])
+@pytest.mark.parametrize("mode", ["blocks", "ragged_dot", "capacity", "capacity_einsum"])
 def test_upcycling_invariant(mode):
   """All experts = one dense MLP + renormalised gating => MoE == dense, for any router."""
-  kw = dict(dispatch="capacity", capacity_factor=float(E)) if mode == "capacity" else dict(moe_impl=mode)
+  kw = mode_kw(mode)
   cfg = moe_cfg(gating="topk_softmax", **kw)
   dense = Mlp(D, F, "swiglu", jnp.float32, nnx.Rngs(3))
   x = random_x()
