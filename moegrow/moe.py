@@ -213,16 +213,17 @@ def expert_choice(w, x_ND, logits_NE, b: int, t: int, k: int, cf: float, act: st
   return y_ND, probs_NE, 1.0 - jnp.mean(served), idx_NK
 
 
-def routed(cfg: ModelConfig, e: int, w: dict, x_BTD, rng=None, *, data_axes=(), expert_axis=None):
+def routed(cfg: ModelConfig, e: int, w: dict, x_BTD, jitter_BTD=None, *, data_axes=(), expert_axis=None):
   """The routed (non-shared) part of an MoE layer on the tokens at hand: (y_BTD, metrics).
-  `w` holds router_DE, router_bias_E and the (local) expert weights in the compute dtype.
-  Inside shard_map, `data_axes` are the mesh axes the tokens are split over."""
+  `w` holds router_DE, router_bias_E and the (local) expert weights in the compute dtype;
+  `jitter_BTD` (optional) multiplies the router input. Inside shard_map, `data_axes` are the mesh
+  axes the tokens are split over."""
   b, t, d = x_BTD.shape
   k = cfg.top_k
   x_ND = x_BTD.reshape(b * t, d)
   xr_ND = x_ND.astype(jnp.float32)
-  if cfg.router_jitter > 0 and rng is not None:  # multiplicative jitter (Fedus et al. 2022)
-    xr_ND = xr_ND * jax.random.uniform(rng, xr_ND.shape, jnp.float32, 1 - cfg.router_jitter, 1 + cfg.router_jitter)
+  if jitter_BTD is not None:
+    xr_ND = xr_ND * jitter_BTD.reshape(b * t, d)
   logits_NE = jnp.einsum("ND,DE->NE", xr_ND, w["router_DE"]) + w["router_bias_E"]
   mean = (lambda v: jax.lax.pmean(v, data_axes)) if data_axes else (lambda v: v)
   impl = default_impl() if cfg.moe_impl == "auto" else cfg.moe_impl
@@ -269,15 +270,21 @@ class MoeMlp(nnx.Module):
          "wg_EDF": None if self.wg_EDF is None else self.wg_EDF[...].astype(dt)}
     mesh = sharding.current_mesh()
     data_axes = sharding.batch_axes(mesh, x_BTD.shape[0]) if mesh is not None else ()
+    jitter_BTD = None
+    if cfg.router_jitter > 0 and rng is not None:
+      # Multiplicative router jitter (Fedus et al. 2022), drawn for the whole batch so a given rng
+      # gives the same noise on any mesh.
+      jitter_BTD = constrain(jax.random.uniform(rng, x_BTD.shape, jnp.float32, 1 - cfg.router_jitter,
+                                                1 + cfg.router_jitter), ("batch", "length", "act_embed"))
     if not data_axes or cfg.routing == "expert_choice":
-      y_BTD, metrics = routed(cfg, e, w, x_BTD, rng)
+      y_BTD, metrics = routed(cfg, e, w, x_BTD, jitter_BTD)
     else:
-      y_BTD, metrics = self._sharded(mesh, data_axes, w, x_BTD, rng)
+      y_BTD, metrics = self._sharded(mesh, data_axes, w, x_BTD, jitter_BTD)
     if self.shared is not None:
       y_BTD = y_BTD + self.shared(x_BTD)
     return constrain(y_BTD, ("batch", "length", "act_embed")), metrics
 
-  def _sharded(self, mesh, data_axes, w, x_BTD, rng):
+  def _sharded(self, mesh, data_axes, w, x_BTD, jitter_BTD):
     """Routed part under shard_map: tokens stay on their devices (see the module docstring)."""
     cfg, e = self.cfg, self.num_experts
     ne = mesh.shape.get("expert", 1)
@@ -287,13 +294,10 @@ class MoeMlp(nnx.Module):
     w_specs = {k: (None if v is None else P("expert") if ep and k.startswith("w") else P()) for k, v in w.items()}
     w = {k: v for k, v in w.items() if v is not None}
     w_specs = {k: w_specs[k] for k in w}
-    key = rng if rng is not None else jax.random.key(0)
 
-    def local(w, x_BTD, key):
-      if rng is not None and data_axes:  # per-shard jitter noise
-        key = jax.random.fold_in(key, jax.lax.axis_index(data_axes))
-      return routed(cfg, e, w, x_BTD, key if rng is not None else None, data_axes=data_axes, expert_axis=ep)
+    def local(w, x_BTD, jitter_BTD):
+      return routed(cfg, e, w, x_BTD, jitter_BTD, data_axes=data_axes, expert_axis=ep)
     metric_specs = {"aux_loss": P(), "z_loss": P(), "load": P(), "dropped": P(), "router_entropy": P()}
-    f = jax.shard_map(local, mesh=mesh, in_specs=(w_specs, x_spec, P()), out_specs=(x_spec, metric_specs),
-                      check_vma=False)
-    return f(w, x_BTD, key)
+    f = jax.shard_map(local, mesh=mesh, in_specs=(w_specs, x_spec, None if jitter_BTD is None else x_spec),
+                      out_specs=(x_spec, metric_specs), check_vma=False)
+    return f(w, x_BTD, jitter_BTD)

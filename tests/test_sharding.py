@@ -28,8 +28,9 @@ def config(data_dir, dispatch):
   c = lm.get_config("tiny")
   c.data.data_dir = data_dir
   c.data.seq_len = 32
+  # Router jitter on: its noise must not depend on how the batch is sharded.
   c.model.update(moe_layers="every_other", num_experts=4, top_k=2, d_ff=128, dispatch=dispatch,
-                 capacity_factor=1.0)
+                 capacity_factor=1.0, router_jitter=0.1)
   return c
 
 
