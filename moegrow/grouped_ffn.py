@@ -6,17 +6,17 @@ F expert hidden, E experts, R rows per chunk.
 Rows of expert e are the contiguous range [start_E[e], start_E[e] + size_E[e]) of x_PD. One
 custom-VJP op runs the whole expert MLP, y = W_out (act(W_in x) * W_gate x), as two nested loops:
 experts outside (each expert's weights are sliced once), chunks of that expert's rows inside,
-with a dynamic trip count so no padding rows are computed beyond the last chunk's tail. Chunks
+with a dynamic trip count, so no padding rows are computed beyond the last chunk's tail. Chunks
 are big first (512 rows), then the remainder is split in halves down to a tail size, so matmuls
-stay large and the waste is under one small chunk per expert. The activation runs on one chunk at a time (in cache), and
-the backward computes dx and dW of all three matrices in one pass over the chunks.
+stay large and the waste is under one small chunk per expert. The activation runs on one chunk
+at a time (in cache), and the backward computes dx and dW of all three matrices in one pass.
 
 A chunk may run past its expert's rows into the next expert's (or into the slack): experts are
 visited in order, so those rows are overwritten by their owner later; in the backward the rows
-past the group are masked before they reach dW. The slack (max chunk rows past P - slack) keeps
-every chunk in bounds. Measured on a 2-core CPU: forward + backward within ~5-10% of a dense
-SwiGLU MLP with the same FLOPs (benchmarks/README.md); a per-block scan that re-slices expert
-weights for every block of rows was ~1.4x.
+past the group are masked before they reach dW. x_PD carries max(sizes) slack rows after the
+last group, which keeps every chunk in bounds. Measured on a 2-core CPU: forward + backward
+within 2-7% of a dense SwiGLU MLP with the same FLOPs (benchmarks/README.md); a per-block scan
+that re-sliced expert weights for every block of rows was ~1.4x.
 """
 from __future__ import annotations
 
