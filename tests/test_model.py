@@ -9,7 +9,7 @@ from flax import nnx
 
 from moegrow import transformer as tf
 from moegrow.config import ModelConfig
-from moegrow.grouped_ffn import chunk_sizes, expert_ffn
+from moegrow.grouped_ffn import expert_ffn
 from moegrow.layers import Mlp, activation
 from moegrow.moe import MoeMlp, router_losses
 

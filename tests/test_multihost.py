@@ -1,8 +1,6 @@
 """Many hosts (issue: multi-host): two real processes on loopback, 4 CPU devices each, one
 8-device mesh. They train, checkpoint together, resume, match a single-process run on 8 devices,
 and checkpoints grow across the two topologies (2 processes -> 1 and 1 -> 2)."""
-import contextlib
-import fcntl
 import json
 import os
 import re
@@ -18,6 +16,7 @@ import numpy as np
 import pytest
 
 from moegrow import boundary, checkpoint, train
+from moegrow.corpora import _file_lock
 from configs import grow as grow_config, lm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,16 +96,6 @@ def restore(workdir, config, step, prefix=None):
   return jax.device_get(state), data_state
 
 
-@contextlib.contextmanager
-def _locked(path):
-  with open(path, "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir, worker_id):
   """Two-process job (stop after STOP steps, resume to STEPS) and its single-process twin; done
@@ -116,7 +105,7 @@ def runs(tmp_path_factory, data_dir, worker_id):
     root = root.parent
   root = root / "multihost"
   os.makedirs(root, exist_ok=True)
-  with _locked(str(root / ".lock")):
+  with _file_lock(str(root / ".lock")):
     done = root / "done.json"
     if not done.exists():
       two, one = str(root / "two"), str(root / "one")
@@ -216,7 +205,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path, data_dir):
                        while_running=preempt_process_1)
   final = final_metrics(outs)  # both processes stopped at the same step, preempted
   assert final["preempted"] and 3 <= final["step"] < 100000
-  assert f"SIGTERM: saved checkpoint" in outs[0] and all("preempted: checkpoint saved" in o for o in outs)
+  assert "SIGTERM: saved checkpoint" in outs[0] and all("preempted: checkpoint saved" in o for o in outs)
   assert os.listdir(os.path.join(wd, "checkpoints")) == [str(final["step"])]
   state, data_state = restore(wd, lm.get_config("tiny"), final["step"])
   assert int(state["step"]) == final["step"] and sorted(data_state["shards"]) == ["0", "1"]
