@@ -2,10 +2,12 @@ from setuptools import find_packages, setup
 
 setup(
     name="moegrow",
-    version="0.1.0",
+    version="0.2.0",
     description="Grow sparse Mixture-of-Experts language models in JAX: upcycle, add experts, "
                 "deepen and widen at checkpoint boundaries while training goes on.",
-    packages=find_packages(include=["moegrow", "moegrow.*"]),
+    # configs/ stays a top-level folder of the repository and ships as moegrow.configs.
+    packages=find_packages(include=["moegrow", "moegrow.*"]) + ["moegrow.configs"],
+    package_dir={"moegrow.configs": "configs"},
     python_requires=">=3.11,<3.12",
     install_requires=[
         "jax[cpu]==0.10.2",
@@ -24,6 +26,6 @@ setup(
         "numpy==2.4.6",
     ],
     extras_require={
-        "test": ["pytest==9.0.3", "pytest-xdist==3.8.0", "nbformat==5.11.1", "nbclient==0.11.0", "ipykernel==7.4.0"],
+        "test": ["pytest==9.0.3", "wheel==0.45.1", "pytest-xdist==3.8.0", "nbformat==5.11.1", "nbclient==0.11.0", "ipykernel==7.4.0"],
     },
 )

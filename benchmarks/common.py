@@ -61,8 +61,9 @@ def matmul_peak(dtype=jnp.float32, sizes=(1024, 2048), min_time: float = 1.0) ->
 
 def train_step_fn(cfg, batch: int, seq: int):
   """(compiled step closure, compile seconds) for `cfg` on one device with random byte tokens."""
-  from moegrow import sharding, train
-  prog = train.build_program(cfg, TRAIN, sharding.make_mesh({"data": 1}))
+  from moegrow import sharding
+  from moegrow.train import steps
+  prog = steps.build_program(cfg, TRAIN, sharding.make_mesh({"data": 1}))
   state = prog.init(jax.random.key(0))
   toks = np.random.default_rng(0).integers(0, 256, (batch, seq + 1), dtype=np.int32)
   b = jax.device_put({"inputs": toks[:, :-1], "targets": toks[:, 1:]}, prog.batch_sharding)

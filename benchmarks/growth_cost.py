@@ -1,4 +1,4 @@
-"""Growth cost (DESIGN.md section 8): time and peak memory of growing a checkpoint offline vs a
+"""Growth cost (issue "scale and speed"): time and peak memory of growing a checkpoint offline vs a
 plain Orbax restore + save of the grown size.
 
   python -m benchmarks.growth_cost [--quick] [--out benchmarks/results/growth_cost.json]
@@ -10,7 +10,7 @@ step on the data mixture, so params and Adam moments are dense random-looking fl
 every other layer to E=8 top-2). Each job runs in its OWN subprocess, so its peak RSS is its own:
   make      writes the source checkpoint (not part of the comparison);
   idle      imports jax + moegrow (trainer, data, Orbax) and starts the backend: runtime RSS;
-  grow      boundary.grow_offline (what `python -m moegrow.grow` runs): restore at the old
+  grow      stages.grow_offline (what `python -m moegrow.grow` runs): restore at the old
             shapes, certificate eval, upcycle params + moments under jit, certificate eval, save;
   baseline  checkpoint.restore of the grown checkpoint + checkpoint.save to a new directory with
             the same managers (async save, then wait).
@@ -61,7 +61,7 @@ def _rss() -> int:
 
 
 def _config(size: str):
-  from configs import grow as grow_config
+  from moegrow.configs import grow as grow_config
   c = grow_config.get_config("small")
   c.model.update(**SIZES[size])
   return c
@@ -114,19 +114,20 @@ class Phases:
 
 def child_make(args) -> dict:
   import jax
-  from moegrow import boundary, checkpoint, train
+  from moegrow import checkpoint
+  from moegrow.train import loop, stages, steps
+  from moegrow.trees import to_plain
   config = _config(args.size)
-  stages = boundary.resolve_stages(config, train.model_config(config))
+  plan = stages.resolve_stages(config, stages.model_config(config))
   tr = config.train
-  mesh = train.make_mesh(config)
-  old, new = (train.build_program(st.cfg, tr, mesh) for st in stages[:2])
+  mesh = stages.make_mesh(config)
+  old, new = (steps.build_program(st.cfg, tr, mesh) for st in plan[:2])
   state = old.init(jax.random.key(tr.seed))
-  it = train.train_iter(config)
-  state, _ = old.train_step(state, train.to_global(old, next(it)))  # dense, non-zero Adam moments
-  meta = {"model": stages[0].cfg.to_dict(), "stage": 0,
-          "lineage": [{"stage": 0, "name": stages[0].name, "step": 0, "ops": []}]}
-  mngr = boundary.manager(os.path.join(args.dir, "src"), 0, tr)
-  checkpoint.save(mngr, int(state["step"]), state, meta, train.global_data_state(it))
+  it = stages.train_iter(config)
+  state, _ = old.train_step(state, steps.to_global(old, next(it)))  # dense, non-zero Adam moments
+  meta = stages.checkpoint_meta(plan[0], [], step=0)
+  mngr = stages.manager(os.path.join(args.dir, "src"), 0, tr)
+  checkpoint.save(mngr, int(state["step"]), state, meta, loop.global_data_state(it))
   mngr.wait_until_finished()
   mngr.close()
 
@@ -137,33 +138,35 @@ def child_make(args) -> dict:
     return int(sum(x.size for x in jax.tree_util.tree_leaves(p["params"])))
   return {"old_state_bytes": nbytes(old.abstract_state), "new_state_bytes": nbytes(new.abstract_state),
           "old_params": nparams(old.abstract_state), "new_params": nparams(new.abstract_state),
-          "old_model": stages[0].cfg.to_dict(), "new_model": stages[1].cfg.to_dict(),
-          "ops": boundary._plain(config.stages[1]["ops"])}
+          "old_model": plan[0].cfg.to_dict(), "new_model": plan[1].cfg.to_dict(),
+          "ops": to_plain(config.stages[1]["ops"])}
 
 
 def child_idle(args) -> dict:
   import jax
   import jax.numpy as jnp
   import orbax.checkpoint  # noqa: F401
-  from moegrow import boundary, checkpoint, grow, train  # noqa: F401
+  from moegrow import checkpoint  # noqa: F401
+  from moegrow.train import stages  # noqa: F401
   jax.block_until_ready(jnp.zeros(()) + 1)  # start the backend
   return {}
 
 
 def child_grow(args) -> dict:
-  from moegrow import boundary, checkpoint, train
+  from moegrow import checkpoint
+  from moegrow.train import probes, stages
   config = _config(args.size)
   ph = Phases()
-  ph.wrap(train, "eval_sets", "load held-out batches", "setup: read meta, build programs")
+  ph.wrap(stages, "eval_sets", "load held-out batches", "setup: read meta, build programs")
   ph.wrap(checkpoint, "restore", "restore (old shapes)", "certificate setup")
-  ph.wrap(boundary, "held_out_losses",
+  ph.wrap(probes, "domain_losses",
           lambda n: "certificate eval (old model)" if n == 0 else "certificate eval (grown model)",
           lambda n: "grow: jit upcycle params+moments, opt init" if n == 0 else "certificate json",
           block_args=True)
-  ph.wrap(boundary, "own_buffers", "own_buffers copy", "device_put", block_args=True)
+  ph.wrap(stages, "own_buffers", "own_buffers copy", "device_put", block_args=True)
   ph.wrap(checkpoint, "save", "save (dispatch)", "save (wait for async write) + close")
   t0 = ph.mark("pre-restore setup")
-  cert = boundary.grow_offline(config, os.path.join(args.dir, "src"), args.workdir)
+  cert = stages.grow_offline(config, os.path.join(args.dir, "src"), args.workdir)
   t1 = ph.mark("end")
   rows = ph.rows[1:]
   i = next((k for k, r in enumerate(rows) if r["phase"] == "restore (old shapes)"), 0)
@@ -177,13 +180,14 @@ def child_grow(args) -> dict:
 
 def child_baseline(args) -> dict:
   import jax
-  from moegrow import boundary, checkpoint, train
+  from moegrow import checkpoint
+  from moegrow.train import stages, steps
   config = _config(args.size)
   src_dir, prefix, step = checkpoint.locate(args.workdir)
   src = checkpoint.manager(src_dir, read_only=True, step_prefix=prefix)
   meta = checkpoint.read_meta(src, step)
-  prog = train.build_program(checkpoint.model_config(meta), config.train, train.make_mesh(config))
-  dst = boundary.manager(args.dst, int(prefix[5:]) if prefix else 0, config.train)
+  prog = steps.build_program(checkpoint.model_config(meta), config.train, stages.make_mesh(config))
+  dst = checkpoint.manager(args.dst, keep=config.train.keep_checkpoints, step_prefix=prefix)
   t0 = time.perf_counter()
   state, meta, data_state = checkpoint.restore(src, step, prog.abstract_state)
   jax.block_until_ready(state)

@@ -15,7 +15,7 @@ import argparse
 import jax.numpy as jnp
 
 from benchmarks.common import header, matmul_peak, print_table, time_fn, time_interleaved, train_step_fn, write_json
-from benchmarks.flops import FORMULA, train_flops_per_token
+from moegrow.flops import FORMULA, train_flops_per_token
 from moegrow.config import ModelConfig
 
 

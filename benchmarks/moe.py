@@ -21,10 +21,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks.common import header, matmul_peak, print_table, time_interleaved, train_step_fn, write_json
-from benchmarks.flops import FORMULA, train_flops_per_token
+from moegrow.flops import FORMULA, train_flops_per_token
 from moegrow.config import ModelConfig
-from moegrow.layers import Mlp
-from moegrow.moe import MoeMlp
+from moegrow.model.layers import Mlp
+from moegrow.model.moe import MoeMlp
 
 def layer_fn(layer, x):
   """(jitted forward + backward of sum(y^2), args) for an MLP or MoE layer."""

@@ -15,7 +15,7 @@ Expected (small): the certificate shows a held-out loss change |dloss| < 1e-5 on
 changes 0 and +2.4e-07; 4.26M -> 15.28M parameters); final validation bits/byte 2.70
 (python_stdlib) and 2.73 (shakespeare_plays) at step 600; 7m20s wall.
 """
-from configs import lm
+from moegrow.configs import lm
 
 
 def get_config(arg: str = "small"):

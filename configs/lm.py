@@ -18,18 +18,14 @@ Expected (small, dense, 2 CPU cores): validation bits/byte 2.68 (shakespeare_pla
 """
 import ml_collections
 
+from moegrow.config import ModelConfig
+
 
 def get_config(arg: str = "small") -> ml_collections.ConfigDict:
   parts = arg.split(",") if arg else ["small"]
   variant, moe = parts[0], "moe" in parts[1:]
   c = ml_collections.ConfigDict()
-  c.model = ml_collections.ConfigDict(dict(
-      vocab_size=259, d_model=256, num_layers=4, num_heads=4, head_dim=0, d_ff=1024, mlp_act="swiglu",
-      tie_embeddings=True, rope_theta=10_000.0, norm_eps=1e-6, dtype="float32",
-      moe_layers="none", num_experts=8, top_k=2, expert_d_ff=0, num_shared_experts=0, shared_d_ff=0,
-      gating="topk_softmax", routing="token_choice", dispatch="dropless", capacity_factor=1.25,
-      moe_impl="auto", router_jitter=0.0, router_init_std=0.02, expert_output_scale=1.0,
-      aux_loss_weight=0.01, z_loss_weight=1e-3))
+  c.model = ml_collections.ConfigDict(ModelConfig.defaults())  # every field, at its default
   c.data = ml_collections.ConfigDict(dict(
       mixture=ml_collections.ConfigDict({"shakespeare_plays": 0.5, "python_stdlib": 0.5}),
       data_dir="", seq_len=256, text_key="text",
@@ -40,7 +36,8 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
       b1=0.9, b2=0.95, weight_decay=0.1, grad_clip=1.0, seed=0, frozen=(),
       log_every=20, eval_every=200, eval_batches=4, eval_batch_size=16,
       checkpoint_every=200, keep_checkpoints=2, async_checkpoint=True,
-      stop_after_steps=0))  # >0: end this invocation (with a checkpoint) after that many steps
+      stop_after_steps=0,  # >0: end this invocation (with a checkpoint) after that many steps
+      stop_at_step=0))  # >0: end this invocation (with a checkpoint) at that global step
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
   # Multi-host start-up (moegrow.main): enabled with no address = jax.distributed.initialize() discovers
   # the cluster (TPU/GPU pods); with an address, e.g. two CPU processes on loopback:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from typing import Any
 
 import jax
@@ -18,8 +19,27 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from moegrow.config import ModelConfig
+from moegrow.trees import check_tree
 
 STATE, META, DATA = "state", "meta", "data"
+_STEP_DIR = re.compile(r"(?:stage(\d+)_)?(\d+)")
+
+
+def stage_prefix(stage: int) -> str | None:
+  """Step-directory prefix of a stage's checkpoints: stage 0 `<step>`, stage i `stage<i>_<step>`."""
+  return None if stage == 0 else f"stage{int(stage)}"
+
+
+def step_name(stage: int, step: int) -> str:
+  """Directory name of a stage's checkpoint at `step` (inverse of `parse_step_dir`)."""
+  prefix = stage_prefix(stage)
+  return f"{prefix}_{int(step)}" if prefix else str(int(step))
+
+
+def parse_step_dir(name: str) -> tuple[int, int] | None:
+  """'stage2_300' -> (2, 300), '300' -> (0, 300); None for any other name."""
+  m = _STEP_DIR.fullmatch(name)
+  return None if m is None else (int(m.group(1) or 0), int(m.group(2)))
 
 
 def manager(directory: str, keep: int = 3, async_save: bool = True, save_interval: int = 1,
@@ -92,21 +112,13 @@ def _stored_shapes(mngr, step):
 
 def _check_shapes(stored, abstract, where):
   """Refuse any shape or structure mismatch, naming the paths (no silent padding)."""
-  want, have = _by_path(abstract), _by_path(stored)
-  missing = sorted(set(want) - set(have))
-  extra = sorted(set(have) - set(want))
-  wrong = sorted(f"{k}: checkpoint {have[k]} != expected {want[k]}" for k in set(want) & set(have)
-                 if tuple(have[k]) != tuple(want[k]))
-  if missing or extra or wrong:
-    raise ValueError(f"checkpoint {where} does not match the expected tree: "
-                     f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                     f"unexpected {extra[:8]}{'...' if len(extra) > 8 else ''}, wrong shapes {wrong[:8]}")
+  check_tree(_by_path(stored), _by_path(abstract), f"checkpoint {where}", check_dtype=False)
 
 
-def _by_path(tree) -> dict[str, tuple]:
-  """'/'-joined path -> shape, for trees of arrays, ShapeDtypeStructs or Orbax metadata."""
+def _by_path(tree) -> dict[str, Any]:
+  """'/'-joined path -> leaf, for trees of arrays, ShapeDtypeStructs or Orbax metadata."""
   leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
-  return {jax.tree_util.keystr(p, simple=True, separator="/"): tuple(v.shape) for p, v in leaves}
+  return {jax.tree_util.keystr(p, simple=True, separator="/"): v for p, v in leaves}
 
 
 def step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
@@ -120,25 +132,28 @@ def locate(path: str) -> tuple[str, str | None, int]:
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"checkpoint path {path} does not exist")
-  m = re.fullmatch(r"(?:(stage\d+)_)?(\d+)", os.path.basename(path.rstrip("/")))
-  if m:
+  parsed = parse_step_dir(os.path.basename(path.rstrip("/")))
+  if parsed:
     if not os.path.isdir(os.path.join(path, STATE)):
       raise ValueError(f"checkpoint {path} has no '{STATE}' item: incomplete or not a moegrow checkpoint")
-    return os.path.dirname(path), m.group(1), int(m.group(2))
+    return os.path.dirname(path), stage_prefix(parsed[0]), parsed[1]
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
-  found = [(int(m.group(2)), int((m.group(1) or "stage0")[5:]), m.group(1)) for m in
-           (re.fullmatch(r"(?:(stage\d+)_)?(\d+)", n) for n in os.listdir(path)) if m]
+  found = [(step, stage) for stage, step in filter(None, map(parse_step_dir, os.listdir(path)))]
   if not found:
     raise FileNotFoundError(f"no checkpoint in {path}")
-  step, _, prefix = max(found)
-  return path, prefix, step
+  step, stage = max(found)
+  return path, stage_prefix(stage), step
 
 
 def write_json(path: str, obj: Any) -> None:
   """Atomic JSON write (tmp + rename), for small side files like growth certificates."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise

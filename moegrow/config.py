@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 MOE_PATTERNS = ("none", "all", "every_other")
@@ -14,6 +15,7 @@ GATINGS = ("softmax_topk", "topk_softmax")
 DISPATCHES = ("dropless", "capacity")
 ROUTINGS = ("token_choice", "expert_choice")
 MOE_IMPLS = ("auto", "blocks", "ragged_dot")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,7 @@ class ModelConfig:
   z_loss_weight: float = 1e-3
 
   def __post_init__(self):
+    self._check_fields()
     fix = lambda k, v: object.__setattr__(self, k, v)
     if self.head_dim == 0:
       fix("head_dim", self.d_model // self.num_heads)
@@ -68,23 +71,48 @@ class ModelConfig:
       fix("num_experts", tuple(self.num_experts))
     self._validate()
 
+  def _check_fields(self):
+    """Types and ranges of single fields; each error starts with `<field>=<value>`."""
+    def need(ok, field, allowed):
+      if not ok:
+        raise ValueError(f"ModelConfig: {field}={getattr(self, field)!r} must be {allowed}")
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    for f in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "top_k"):
+      need(is_int(getattr(self, f)) and getattr(self, f) >= 1, f, "an integer >= 1")
+    for f in ("head_dim", "expert_d_ff", "num_shared_experts", "shared_d_ff"):
+      need(is_int(getattr(self, f)) and getattr(self, f) >= 0, f, "an integer >= 0")
+    for f in ("rope_theta", "norm_eps", "capacity_factor", "expert_output_scale"):
+      need(is_num(getattr(self, f)) and getattr(self, f) > 0, f, "a finite number > 0")
+    for f in ("router_init_std", "aux_loss_weight", "z_loss_weight"):
+      need(is_num(getattr(self, f)) and getattr(self, f) >= 0, f, "a finite number >= 0")
+    need(is_num(self.router_jitter) and 0 <= self.router_jitter < 1, "router_jitter", "in [0, 1)")
+    need(isinstance(self.tie_embeddings, bool), "tie_embeddings", "a bool")
+    for f, allowed in (("dtype", DTYPES), ("mlp_act", ("swiglu", "gelu")), ("gating", GATINGS),
+                       ("dispatch", DISPATCHES), ("routing", ROUTINGS), ("moe_impl", MOE_IMPLS)):
+      if getattr(self, f) not in allowed:
+        raise ValueError(f"ModelConfig: {f}={getattr(self, f)!r} not in {allowed}")
+    if isinstance(self.moe_layers, str):
+      if self.moe_layers not in MOE_PATTERNS:
+        raise ValueError(f"ModelConfig: moe_layers={self.moe_layers!r} not in {MOE_PATTERNS} or a tuple of ints")
+    else:
+      need(isinstance(self.moe_layers, (list, tuple)) and all(is_int(i) for i in self.moe_layers), "moe_layers",
+           f"one of {MOE_PATTERNS} or a tuple of layer indices")
+    e = self.num_experts
+    need(is_int(e) or (isinstance(e, (list, tuple)) and all(is_int(i) for i in e)), "num_experts",
+         "an integer or one integer per MoE layer")
+
   def _validate(self):
     def need(ok, msg):
       if not ok:
         raise ValueError(f"ModelConfig: {msg}")
-    need(self.mlp_act in ("swiglu", "gelu"), f"mlp_act={self.mlp_act!r} not in ('swiglu', 'gelu')")
-    need(self.gating in GATINGS, f"gating={self.gating!r} not in {GATINGS}")
-    need(self.dispatch in DISPATCHES, f"dispatch={self.dispatch!r} not in {DISPATCHES}")
-    need(self.routing in ROUTINGS, f"routing={self.routing!r} not in {ROUTINGS}")
-    need(self.moe_impl in MOE_IMPLS, f"moe_impl={self.moe_impl!r} not in {MOE_IMPLS}")
-    if isinstance(self.moe_layers, str):
-      need(self.moe_layers in MOE_PATTERNS, f"moe_layers={self.moe_layers!r} not in {MOE_PATTERNS} or a tuple of ints")
-    else:
+    if not isinstance(self.moe_layers, str):
       bad = [i for i in self.moe_layers if not 0 <= i < self.num_layers]
       need(not bad, f"moe_layers {bad} out of range for num_layers={self.num_layers}")
     n = len(self.moe_layer_ids)
     if isinstance(self.num_experts, tuple):
-      need(len(self.num_experts) == n, f"num_experts has {len(self.num_experts)} entries for {n} MoE layers {self.moe_layer_ids}")
+      need(len(self.num_experts) == n, f"num_experts has {len(self.num_experts)} entries for {n} MoE layers "
+           f"{self.moe_layer_ids}")
     for i in self.moe_layer_ids:
       e = self.experts_in_layer(i)
       need(e >= 1, f"layer {i}: num_experts={e} must be >= 1")
@@ -132,23 +160,13 @@ class ModelConfig:
   def from_json(cls, s: str) -> "ModelConfig":
     return cls.from_dict(json.loads(s))
 
+  @classmethod
+  def defaults(cls) -> dict[str, Any]:
+    """Every field's declared default (derived sizes still 0), e.g. the base of a config file."""
+    return {f.name: f.default for f in dataclasses.fields(cls)}
 
-def count_params(cfg: ModelConfig) -> dict[str, int]:
-  """Total and per-token active parameter counts (embedding included once)."""
-  d, hd, h = cfg.d_model, cfg.head_dim, cfg.num_heads
-  mats = 3 if cfg.mlp_act == "swiglu" else 2
-  attn = 4 * d * h * hd + 2 * d
-  total = active = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2) + d
-  for i in range(cfg.num_layers):
-    e = cfg.experts_in_layer(i)
-    total += attn
-    active += attn
-    if e == 0:
-      total += mats * d * cfg.d_ff
-      active += mats * d * cfg.d_ff
-    else:
-      shared = cfg.num_shared_experts * mats * d * cfg.shared_d_ff
-      total += e * mats * d * cfg.expert_d_ff + d * e + shared
-      active += cfg.top_k * mats * d * cfg.expert_d_ff + d * e + shared  # k experts per token
-  return {"total": total, "active": active}
 
+def fan_in_std(*dims: int) -> float:
+  """The model's initialisation scale, N(0, 1/fan_in): used by the model's layers and by growth
+  ops that add units at the same scale."""
+  return 1.0 / math.sqrt(math.prod(dims))

@@ -18,7 +18,7 @@ CELLS = [
 # 01 - Grow a model: dense -> MoE, exactly, with the optimizer state carried
 
 In five minutes: build a tiny dense byte-level LM, train it on the local corpora, **upcycle** every MLP
-into a 4-expert top-2 MoE with `moegrow.grow.apply_ops` (params *and* Adam moments), check the
+into a 4-expert top-2 MoE with `moegrow.surgery.apply.apply_ops` (params *and* Adam moments), check the
 **growth certificate** (held-out loss before == after), and keep training as an MoE.
 
 The whole API used here is pure functions on plain dicts:
@@ -26,8 +26,8 @@ The whole API used here is pure functions on plain dicts:
 | call | what |
 |---|---|
 | `transformer.init_params(cfg, seed)` / `apply(cfg, params, tokens)` | params are nested dicts, `apply` returns `(logits, aux)` |
-| `train.lm_loss(cfg, params, batch)` | cross-entropy + MoE aux losses, and per-layer router metrics |
-| `grow.apply_ops(state, cfg, ops, key)` | `state = {'params', 'mu', 'nu'}` -> `(state, new_cfg, reports)` |
+| `steps.lm_loss(cfg, params, batch)` | cross-entropy + MoE aux losses, and per-layer router metrics |
+| `surgery.apply_ops(state, cfg, ops, key, shapes=transformer.abstract_params)` | `state = {'params', 'mu', 'nu'}` -> `(state, new_cfg, reports)` |
 | `optim.adam_moments` / `with_adam_moments` | take the Adam moments out of an optax state / put grown ones back |
 
 The notebook runs in well under a minute on 2 CPU cores."""),
@@ -45,10 +45,13 @@ import jax
 import numpy as np
 import optax
 
-from moegrow import data, grow, optim
-from moegrow import transformer as tf
-from moegrow.config import ModelConfig, count_params
-from moegrow.train import lm_loss
+from moegrow import data
+from moegrow.config import ModelConfig
+from moegrow.flops import count_params
+from moegrow.model import transformer as tf
+from moegrow.surgery import apply as surgery
+from moegrow.train import optim
+from moegrow.train.steps import lm_loss
 
 print("jax", jax.__version__, "on", jax.default_backend())"""),
     ("md", """\
@@ -62,7 +65,7 @@ params = tf.init_params(cfg, seed=0)
 
 
 def tree_shapes(tree):
-  \"\"\"{'blocks/0/mlp/wi_DF': (64, 128), ...} for any nested dict of arrays.\"\"\"
+  \"\"\"{'blocks/0/mlp/wact_DF': (64, 128), ...} for any nested dict of arrays.\"\"\"
   return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(x.shape)
           for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
@@ -70,7 +73,7 @@ def tree_shapes(tree):
 for name, shape in tree_shapes(params).items():
   print(f"{name:28s} {shape}")
 n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
-print(f"\\n{n_params:,} parameters (config.count_params: {count_params(cfg)})")"""),
+print(f"\\n{n_params:,} parameters (flops.count_params: {count_params(cfg)})")"""),
     ("md", """\
 ## 2. Train it on real text
 
@@ -88,7 +91,7 @@ print(repr(data.decode(batch["inputs"][0])))"""),
     ("md", """\
 A plain optax AdamW loop. The config is static (it fixes the shapes), so the step function is
 built per config and `jax.jit` compiles it once; after growth we build a new one.
-(`moegrow.train.build_program` is the sharded version of the same thing used by `moegrow.main`.)"""),
+(`moegrow.train.steps.build_program` is the sharded version of the same thing used by `moegrow.main`.)"""),
     ("code", """\
 DENSE_STEPS, MOE_STEPS = 40, 30
 schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, warmup_steps=5,
@@ -125,7 +128,7 @@ The report records exactly what happened to every target leaf."""),
 moments = optim.adam_moments(opt_state)  # {'mu', 'nu', 'count'}
 state = {"params": params, "mu": moments["mu"], "nu": moments["nu"]}
 ops = [{"op": "upcycle", "layers": "all", "num_experts": 4, "top_k": 2}]
-grown, moe_cfg, reports = grow.apply_ops(state, cfg, ops, jax.random.key(1))
+grown, moe_cfg, reports = surgery.apply_ops(state, cfg, ops, jax.random.key(1), shapes=tf.abstract_params)
 
 old, new = tree_shapes(params), tree_shapes(grown["params"])
 print("changed leaves (before -> after):")
@@ -145,8 +148,8 @@ for target, m in report["map"].items():
     print(f"  {', '.join(m['from']) or '(new)':20s} -> {target:27s} [{m['action']}]")
 
 # The Adam moments were grown like the params: every expert carries the dense MLP's mu.
-mu_dense = moments["mu"]["blocks"]["0"]["mlp"]["wi_DF"]
-mu_experts = grown["mu"]["blocks"]["0"]["mlp"]["wi_EDF"]
+mu_dense = moments["mu"]["blocks"]["0"]["mlp"]["wact_DF"]
+mu_experts = grown["mu"]["blocks"]["0"]["mlp"]["wact_EDF"]
 print("each expert's mu == dense mu:", all(np.array_equal(mu_experts[e], mu_dense) for e in range(4)))"""),
     ("md", """\
 ## 4. The growth certificate
@@ -192,7 +195,7 @@ for layer in loads[0]:
   mean = np.mean([l[layer] for l in loads], axis=0)
   print(f"  layer {layer}: " + "  ".join(f"e{e} {x:.3f}" for e, x in enumerate(mean)))"""),
     ("md", """\
-Next: `add_experts` (4 -> 8), `insert_blocks`, `widen_mlp`, ... are all in `moegrow.grow.OPS` and
+Next: `add_experts` (4 -> 8), `insert_blocks`, `widen_mlp`, ... are all in `moegrow.surgery.apply.OPS` and
 chain in one `apply_ops` call; `moegrow.main` runs the same growth at checkpoint boundaries
 (`stages` in the config) and writes each certificate to `<workdir>/growth/`."""),
 ]

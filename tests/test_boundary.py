@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moegrow import boundary, checkpoint, data, grow, optim, sharding, train
-from moegrow import transformer as tf
-from configs import grow as grow_config
+from moegrow import checkpoint, data, sharding
+from moegrow.surgery import apply as surgery
+from moegrow.train import optim, stages, steps
+from moegrow.model import transformer as tf
+from moegrow.configs import grow as grow_config
 from test_grow import EXACT, KEY, random_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,9 +60,9 @@ def test_exact_ops_on_8_device_mesh_with_experts_sharded(name, data_dir):
   tokens = jnp.asarray(real_batch(data_dir, n=4, t=32)["inputs"])
   before = np.asarray(jax.jit(lambda p, t: tf.apply(cfg, p, t)[0])(state["params"], tokens))
   mesh = sharding.make_mesh({"data": 2, "expert": 4})
-  new_cfg = boundary.grown_config(cfg, ops)
+  new_cfg = surgery.grown_config(cfg, ops)
   p_sh = sharding.tree_shardings(tf.logical_axes(new_cfg), mesh, tf.abstract_params(new_cfg))
-  grown = jax.jit(lambda s, k: grow.apply_ops(s, cfg, ops, k)[0]["params"], out_shardings=p_sh)(state, KEY)
+  grown = jax.jit(lambda s, k: surgery.apply_ops(s, cfg, ops, k, shapes=tf.abstract_params)[0]["params"], out_shardings=p_sh)(state, KEY)
 
   def fwd(p, t):
     with sharding.use_mesh(mesh):
@@ -68,7 +70,7 @@ def test_exact_ops_on_8_device_mesh_with_experts_sharded(name, data_dir):
   after = np.asarray(jax.jit(fwd)(grown, tokens))
   np.testing.assert_allclose(after, before, atol=1e-5, rtol=0)
   for i in new_cfg.moe_layer_ids:  # experts really are split over the 4-way expert axis
-    w = grown["blocks"][str(i)]["mlp"]["wi_EDF"]
+    w = grown["blocks"][str(i)]["mlp"]["wact_EDF"]
     e = new_cfg.experts_in_layer(i)
     want = e // 4 if e % 4 == 0 else e
     assert w.addressable_shards[0].data.shape[0] == want, (i, e, w.sharding)
@@ -76,59 +78,60 @@ def test_exact_ops_on_8_device_mesh_with_experts_sharded(name, data_dir):
 
 def test_upcycle_through_trainer_carries_moments_and_next_step_loss(data_dir):
   c = staged(data_dir)
-  dense_cfg = train.model_config(c)
+  dense_cfg = stages.model_config(c)
   mesh = sharding.make_mesh({"data": 1})
-  dense = train.build_program(dense_cfg, c.train, mesh)
-  it = train.train_iter(c)
+  dense = steps.build_program(dense_cfg, c.train, mesh)
+  it = stages.train_iter(c)
   state = dense.init(jax.random.key(0))
   for _ in range(3):
-    state, _ = dense.train_step(state, train.to_global(dense, next(it)))
+    state, _ = dense.train_step(state, steps.to_global(dense, next(it)))
   ops = [dict(op="upcycle", layers="every_other", num_experts=4, top_k=2)]
-  moe_cfg = boundary.grown_config(dense_cfg, ops)
-  moe = train.build_program(moe_cfg, c.train, mesh)
+  moe_cfg = surgery.grown_config(dense_cfg, ops)
+  moe = steps.build_program(moe_cfg, c.train, mesh)
   m = optim.adam_moments(state["opt_state"])
-  grown, _, _ = grow.apply_ops({"params": state["params"], "mu": m["mu"], "nu": m["nu"]}, dense_cfg, ops, KEY)
+  grown, _, _ = surgery.apply_ops({"params": state["params"], "mu": m["mu"], "nu": m["nu"]}, dense_cfg, ops, KEY,
+                                 shapes=tf.abstract_params)
   opt = optim.with_adam_moments(moe.tx.init(grown["params"]), grown["mu"], grown["nu"], m["count"])
-  moe_state = boundary.own_buffers({"params": grown["params"], "opt_state": opt, "step": state["step"]})
+  moe_state = stages.own_buffers({"params": grown["params"], "opt_state": opt, "step": state["step"]})
   m2 = optim.adam_moments(opt)
   assert int(m2["count"]) == int(m["count"]) == 3
   for kind in ("mu", "nu"):
-    dense_w = np.asarray(m[kind]["blocks"]["1"]["mlp"]["wi_DF"])
+    dense_w = np.asarray(m[kind]["blocks"]["1"]["mlp"]["wact_DF"])
     assert np.abs(dense_w).sum() > 0
     for e in range(4):
-      np.testing.assert_array_equal(np.asarray(m2[kind]["blocks"]["1"]["mlp"]["wi_EDF"][e]), dense_w)
+      np.testing.assert_array_equal(np.asarray(m2[kind]["blocks"]["1"]["mlp"]["wact_EDF"][e]), dense_w)
       np.testing.assert_array_equal(np.asarray(m2[kind]["blocks"]["1"]["mlp"]["wo_EFD"][e]),
                                     np.asarray(m[kind]["blocks"]["1"]["mlp"]["wo_FD"]))
   batch = next(it)
-  _, md = dense.train_step(jax.tree_util.tree_map(jnp.copy, state), train.to_global(dense, batch))
-  _, mm = moe.train_step(moe_state, train.to_global(moe, batch))
+  _, md = dense.train_step(jax.tree_util.tree_map(jnp.copy, state), steps.to_global(dense, batch))
+  _, mm = moe.train_step(moe_state, steps.to_global(moe, batch))
   assert abs(float(md["ce"]) - float(mm["ce"])) <= 1e-5
   assert float(md["lr"]) == float(mm["lr"])  # the schedule continues: count was kept
 
 
 def _final_params(workdir, config):
-  stages = boundary.resolve_stages(config, train.model_config(config))
-  idx, step = boundary.latest(workdir, stages, config.train)
-  prog = train.build_program(stages[idx].cfg, config.train, train.make_mesh(config))
-  mngr = boundary.manager(workdir, idx, config.train, read_only=True)
+  plan = stages.resolve_stages(config, stages.model_config(config))
+  idx, step = stages.latest(workdir, plan, config.train)
+  prog = steps.build_program(plan[idx].cfg, config.train, stages.make_mesh(config))
+  mngr = stages.manager(workdir, idx, config.train, read_only=True)
   state, meta, _ = checkpoint.restore(mngr, step, prog.abstract_state)
   return idx, step, jax.device_get(state), meta
 
 
 def test_staged_run_killed_after_growth_resumes_without_regrowing(tmp_path, data_dir):
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  r = train.train_and_evaluate(staged(data_dir), a)
+  r = stages.train_and_evaluate(staged(data_dir), a)
   assert r["stage"] == 1 and r["step"] == 12 and len(r["certificates"]) == 1
   cert = r["certificates"][0]
   assert all(abs(v) < 1e-5 for v in cert["loss_change"].values())
   assert json.load(open(os.path.join(a, "growth", "6.json")))["loss_after"] == cert["loss_after"]
   # Stop right after the growth (0 steps left in this invocation's budget), then resume.
-  r1 = train.train_and_evaluate(staged(data_dir, stop_after_steps=6), b)
+  r1 = stages.train_and_evaluate(staged(data_dir, stop_after_steps=6), b)
   assert r1["stopped_early"] and r1["step"] == 6 and len(r1["certificates"]) == 1
   assert os.path.isdir(os.path.join(b, "checkpoints", "stage1_6"))
   cert_file = os.path.join(b, "growth", "6.json")
   stamp = os.stat(cert_file).st_mtime_ns
-  r2 = train.train_and_evaluate(staged(data_dir), b)
+  r2 = stages.train_and_evaluate(staged(data_dir), b)
   assert "certificates" not in r2  # resumed stage 1: no second growth
   assert os.stat(cert_file).st_mtime_ns == stamp
   ia, sa, state_a, meta_a = _final_params(a, staged(data_dir))
@@ -143,33 +146,33 @@ def test_staged_run_killed_after_growth_resumes_without_regrowing(tmp_path, data
 def test_offline_grow_across_meshes(tmp_path, data_dir, src_mesh, dst_mesh):
   src_cfg = staged(data_dir, mesh=src_mesh)
   src = str(tmp_path / "src")
-  train.train_and_evaluate(staged(data_dir, mesh=src_mesh, stop_after_steps=6, steps=(6, 6)), src)
+  stages.train_and_evaluate(staged(data_dir, mesh=src_mesh, stop_after_steps=6, steps=(6, 6)), src)
   # The source run is stopped at the end of stage 0 *and grew*; remove its grown checkpoint so
   # `src` holds only the dense one, as a run trained without stages would.
   import shutil
   shutil.rmtree(os.path.join(src, "checkpoints", "stage1_6"))
   digest = tree_digest(os.path.join(src, "checkpoints"))
   dst = str(tmp_path / "dst")
-  cert = boundary.grow_offline(staged(data_dir, mesh=dst_mesh), src, dst)
+  cert = stages.grow_offline(staged(data_dir, mesh=dst_mesh), src, dst)
   assert tree_digest(os.path.join(src, "checkpoints")) == digest  # source untouched
   assert all(abs(v) < 1e-5 for v in cert["loss_change"].values())
   dst_cfg = staged(data_dir, mesh=dst_mesh)
   idx, step, state, meta = _final_params(dst, dst_cfg)
   assert (idx, step) == (1, 6)
-  assert state["params"]["blocks"]["1"]["mlp"]["wi_EDF"].shape[0] == 8
+  assert state["params"]["blocks"]["1"]["mlp"]["wact_EDF"].shape[0] == 8
   # Logits of the grown checkpoint equal the dense checkpoint's on a real batch.
-  dense_cfg = train.model_config(src_cfg)
+  dense_cfg = stages.model_config(src_cfg)
   mngr = checkpoint.manager(os.path.join(src, "checkpoints"), read_only=True)
-  dense_state, _, _ = checkpoint.restore(mngr, 6, train.build_program(dense_cfg, src_cfg.train, sharding.make_mesh({"data": 1})).abstract_state)
+  dense_state, _, _ = checkpoint.restore(mngr, 6, steps.build_program(dense_cfg, src_cfg.train, sharding.make_mesh({"data": 1})).abstract_state)
   toks = jnp.asarray(real_batch(data_dir)["inputs"])
   before = tf.apply(dense_cfg, dense_state["params"], toks)[0]
-  after = tf.apply(boundary.resolve_stages(dst_cfg, dense_cfg)[1].cfg, state["params"], toks)[0]
+  after = tf.apply(stages.resolve_stages(dst_cfg, dense_cfg)[1].cfg, state["params"], toks)[0]
   assert float(jnp.max(jnp.abs(before - after))) <= 1e-5
 
 
 def test_offline_grow_cli_and_errors(tmp_path, data_dir):
   src = str(tmp_path / "src")
-  train.train_and_evaluate(staged(data_dir, stop_after_steps=6), src)
+  stages.train_and_evaluate(staged(data_dir, stop_after_steps=6), src)
   dense_step = os.path.join(src, "checkpoints", "6")
   digest = tree_digest(os.path.join(src, "checkpoints"))
   cmd = [sys.executable, "-m", "moegrow.grow", f"--from={dense_step}", "--config=configs/grow.py:tiny",
@@ -184,14 +187,14 @@ def test_offline_grow_cli_and_errors(tmp_path, data_dir):
   assert bad.returncode != 0 and "nope does not exist" in bad.stderr
   # A checkpoint of a different model family (a MoE checkpoint where a dense one is expected).
   with pytest.raises(ValueError, match="matches no stage of the config"):
-    boundary.grow_offline(staged(data_dir), os.path.join(src, "checkpoints", "stage1_6"), str(tmp_path / "y"))
+    stages.grow_offline(staged(data_dir), os.path.join(src, "checkpoints", "stage1_6"), str(tmp_path / "y"))
   # Shrinking E and ops on layers that do not exist fail before anything is written.
   with pytest.raises(ValueError, match=r"layer 1 has 8 experts; cannot shrink to 4"):
-    boundary.resolve_stages(staged(data_dir, ops=(dict(op="upcycle", layers=[1], num_experts=8),
-                                                  dict(op="add_experts", num_experts=4))), train.model_config(staged(data_dir)))
+    stages.resolve_stages(staged(data_dir, ops=(dict(op="upcycle", layers=[1], num_experts=8),
+                                                  dict(op="add_experts", num_experts=4))), stages.model_config(staged(data_dir)))
   with pytest.raises(ValueError, match=r"layer\(s\) \[7\] do not exist"):
-    boundary.resolve_stages(staged(data_dir, ops=(dict(op="upcycle", layers=[7], num_experts=8),)),
-                            train.model_config(staged(data_dir)))
+    stages.resolve_stages(staged(data_dir, ops=(dict(op="upcycle", layers=[7], num_experts=8),)),
+                            stages.model_config(staged(data_dir)))
   # A corrupt checkpoint (a copy with its array data removed) names its path.
   import shutil
   corrupt = tmp_path / "corrupt" / "checkpoints"
@@ -201,7 +204,7 @@ def test_offline_grow_cli_and_errors(tmp_path, data_dir):
       if f != "_METADATA" and "metadata" not in f.lower() and not f.startswith("_"):
         os.remove(os.path.join(root, f))
   with pytest.raises(ValueError, match=str(corrupt / "6")):
-    boundary.grow_offline(staged(data_dir), str(corrupt / "6"), str(tmp_path / "z"))
+    stages.grow_offline(staged(data_dir), str(corrupt / "6"), str(tmp_path / "z"))
   assert tree_digest(os.path.join(src, "checkpoints")) == digest  # the source never changed
 
 
@@ -211,7 +214,7 @@ def test_three_stages_add_most_loaded_experts_measured_at_the_boundary(tmp_path,
               dict(name="moe2", steps=4, ops=(dict(op="upcycle", layers="every_other", num_experts=2, top_k=1),)),
               dict(name="moe4", steps=4, ops=(dict(op="add_experts", num_experts=4, source="most_loaded"),)))
   c.train.steps = 12
-  r = train.train_and_evaluate(c, str(tmp_path / "run"))
+  r = stages.train_and_evaluate(c, str(tmp_path / "run"))
   assert r["stage"] == 2 and r["step"] == 12 and len(r["certificates"]) == 2
   for cert in r["certificates"]:
     assert all(abs(v) < 1e-5 for v in cert["loss_change"].values()), cert["loss_change"]

@@ -1,4 +1,5 @@
-"""The experiment scripts in experiments/ run end to end in their --quick mode on the real corpora."""
+"""The experiment harness (experiments/harness.py) and the figures built on it, run end to end in
+their --quick mode on the real corpora."""
 import csv
 import math
 import os
@@ -8,36 +9,40 @@ import sys
 
 import pytest
 
+from experiments import harness
+from experiments.upcycling import figure as upcycling
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-UPCYCLING_VARIANTS = {"dense", "upcycled", "moe_scratch"}
+UPCYCLING_ARMS = {"dense", "upcycled", "moe_scratch"}
+SEEDS = (0, 1)
 
 
-def run_module(module, *args, timeout=300):
+def run_module(module, *args, timeout=600, ok=True):
   p = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
                      timeout=timeout)
-  assert p.returncode == 0, f"{module} {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-  return p.stdout
+  if ok:
+    assert p.returncode == 0, f"{module} {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+  return p
 
 
-def check_upcycling_csv(path):
-  """All three variants, finite losses, >= 2 points per (variant, domain), strictly increasing extra_flops."""
+def check_results_csv(path, arms, seeds):
+  """Every arm and seed, finite losses, >= 2 points per (arm, seed, domain), strictly increasing x."""
   with open(path) as f:
     rows = list(csv.DictReader(f))
   assert rows, f"{path} has no rows"
-  variants = {r["variant"] for r in rows}
-  assert variants == UPCYCLING_VARIANTS, f"variants {sorted(variants)} != {sorted(UPCYCLING_VARIANTS)}"
+  assert {r["arm"] for r in rows} == set(arms), f"arms {sorted({r['arm'] for r in rows})}"
+  assert {int(r["seed"]) for r in rows} == set(seeds)
   bad = [r for r in rows if not math.isfinite(float(r["loss"]))]
   assert not bad, f"non-finite losses: {bad[:3]}"
   domains = {r["domain"] for r in rows}
   assert {"mean", "shakespeare_plays", "python_stdlib"} <= domains, f"domains {sorted(domains)}"
-  for v in UPCYCLING_VARIANTS:
-    for d in domains:
-      xs = [float(r["extra_flops"]) for r in rows if r["variant"] == v and r["domain"] == d]
-      assert len(xs) >= 2, f"{v}/{d}: {len(xs)} points"
-      assert all(b > a for a, b in zip(xs, xs[1:])), f"{v}/{d}: extra_flops not increasing: {xs}"
-  for v in ("dense", "upcycled"):  # both continuations start at the dense checkpoint
-    assert min(float(r["extra_flops"]) for r in rows if r["variant"] == v) == 0.0, v
+  for a in arms:
+    for s in seeds:
+      for d in domains:
+        xs = [float(r["x"]) for r in rows if r["arm"] == a and int(r["seed"]) == s and r["domain"] == d]
+        assert len(xs) >= 2, f"{a}/{s}/{d}: {len(xs)} points"
+        assert all(b > x for x, b in zip(xs, xs[1:])), f"{a}/{s}/{d}: x not increasing: {xs}"
   return rows
 
 
@@ -54,42 +59,130 @@ def check_png(path):
 @pytest.fixture(scope="module")
 def upcycling_quick(tmp_path_factory, data_dir):
   workdir = str(tmp_path_factory.mktemp("upcycling"))
-  out = run_module("experiments.upcycling.run", "--quick", f"--workdir={workdir}", f"--data_dir={data_dir}")
-  return workdir, out
+  p = run_module("experiments.upcycling.run", "--quick", f"--workdir={workdir}", f"--data_dir={data_dir}",
+                 "--seeds=" + ",".join(map(str, SEEDS)))
+  return workdir, p.stdout
 
 
-def test_upcycling_quick_writes_csv_and_png(upcycling_quick):
+# ---------------------------------------------------------------- the harness, by hand
+
+def test_compute_matching_follows_the_formula():
+  """Quick plan's step counts from a hand computation of 6 N + 12 L T H A per token."""
+  d, layers, heads, hd, f, v, t, b = 64, 2, 2, 32, 256, 259, 64, 8  # configs/lm.py:tiny
+  attn = 4 * d * heads * hd
+  n_dense = d * v + layers * (attn + 3 * d * f)
+  n_moe = d * v + layers * attn + 3 * d * f + (3 * d * 2 * f + d * 8)  # layer 1: E=8, top-2
+  per_step = lambda n: (6 * n + 12 * layers * t * heads * hd) * t * b
+  f_dense, f_moe = per_step(n_dense), per_step(n_moe)
+  p = upcycling.plan("quick")
+  assert p["flops_per_step"] == {"dense": f_dense, "moe": f_moe}
+  n, m = p["dense_steps"], p["moe_steps"]
+  assert p["dense_extra_steps"] == round(m * f_moe / f_dense)
+  assert p["scratch_steps"] == round((n * f_dense + m * f_moe) / f_moe)
+  assert p["end_step"] == {"dense_base": n, "dense": n + round(m * f_moe / f_dense), "upcycled": n + m,
+                           "moe_scratch": round((n * f_dense + m * f_moe) / f_moe)}
+
+
+def test_summary_standard_error_is_the_hand_computation(tmp_path):
+  rows = []
+  finals = {"a": [1.0, 1.1, 1.3], "b": [1.1, 1.3, 1.6], "c": [1.05, 1.1, 1.25]}  # per seed, at the last step
+  for arm, losses in finals.items():
+    for seed, loss in enumerate(losses):
+      for step, value in ((0, 9.0), (5, loss)):  # an early eval must not count
+        rows.append({"arm": arm, "seed": seed, "step": step, "flops": step * 10.0, "x": step * 10.0,
+                     "domain": "mean", "loss": value})
+  path = str(tmp_path / "fixed.csv")
+  harness.write_csv(path, rows, ["arm", "seed", "step", "flops", "x", "domain", "loss"])
+  claims = (harness.Claim("a beats b", "a", "b"), harness.Claim("a beats c", "a", "c"))
+  arm_rows, claim_rows = harness.summarize(harness.read_csv(path), claims)
+  by_arm = {r["arm"]: r for r in arm_rows}
+  # arm a: mean 1.1333, sample std of (1.0, 1.1, 1.3) = 0.152753, SE = 0.152753 / sqrt(3) = 0.088192
+  assert by_arm["a"]["n"] == 3
+  assert by_arm["a"]["mean"] == pytest.approx(3.4 / 3, abs=1e-12)
+  assert by_arm["a"]["se"] == pytest.approx(0.0881917104, abs=1e-9)
+  # a vs b: differences 0.1, 0.2, 0.3 -> effect 0.2, SE 0.1 / sqrt(3) = 0.057735: separated
+  ab, ac = claim_rows
+  assert ab["effect"] == pytest.approx(0.2, abs=1e-12) and ab["se"] == pytest.approx(0.0577350269, abs=1e-9)
+  assert ab["separated"] is True
+  # a vs c: differences 0.05, 0.0, -0.05 -> effect 0, SE 0.05 / sqrt(3): not separated
+  assert ac["effect"] == pytest.approx(0.0, abs=1e-12) and ac["se"] == pytest.approx(0.0288675135, abs=1e-9)
+  assert ac["separated"] is False
+  one = harness.summarize([r for r in rows if r["seed"] == 0], claims)[1][0]
+  assert one["n"] == 1 and math.isnan(one["se"]) and one["separated"] is False  # one seed separates nothing
+
+
+# ---------------------------------------------------------------- the upcycling figure
+
+def test_upcycling_quick_writes_csv_png_and_summary(upcycling_quick):
   workdir, out = upcycling_quick
-  check_upcycling_csv(os.path.join(workdir, "upcycling.csv"))
+  check_results_csv(os.path.join(workdir, "upcycling.csv"), UPCYCLING_ARMS, SEEDS)
   check_png(os.path.join(workdir, "upcycling.png"))
-  assert "growth certificate" in out  # the upcycled run grew the shared dense checkpoint
+  assert "growth certificate" in out  # the upcycled runs grew the shared dense checkpoint
   # The shared dense checkpoint is copied, never modified: dense_base still ends at its own step.
-  assert sorted(os.listdir(os.path.join(workdir, "dense_base", "checkpoints"))) == ["6"]
+  for s in SEEDS:
+    assert sorted(os.listdir(os.path.join(workdir, "dense_base", f"seed{s}", "checkpoints"))) == ["6"]
+  with open(os.path.join(workdir, "summary.md")) as f:
+    summary = f.read()
+  assert summary.count("| upcycling beats") == 2 and " ± " in summary
+  # The summary's numbers are the CSV's: recompute one claim from the written table.
+  rows = harness.read_csv(os.path.join(workdir, "upcycling.csv"))
+  _, claims = harness.summarize(rows, upcycling.figure(quick=True).claims)
+  with open(os.path.join(workdir, "summary.csv")) as f:
+    written = [r for r in csv.DictReader(f) if r["kind"] == "claim"]
+  assert [float(r["effect"]) for r in written] == pytest.approx([c["effect"] for c in claims], abs=1e-12)
 
 
 def test_upcycling_rerun_skips_finished_runs(upcycling_quick, data_dir):
   workdir, _ = upcycling_quick
-  sizes = {v: os.path.getsize(os.path.join(workdir, v, "metrics.jsonl")) for v in UPCYCLING_VARIANTS}
-  out = run_module("experiments.upcycling.run", "--quick", f"--workdir={workdir}", f"--data_dir={data_dir}")
-  assert out.count("skipping") == 4, out
-  assert sizes == {v: os.path.getsize(os.path.join(workdir, v, "metrics.jsonl")) for v in UPCYCLING_VARIANTS}
-  check_upcycling_csv(os.path.join(workdir, "upcycling.csv"))
+  runs = [os.path.join(workdir, a, f"seed{s}", "metrics.jsonl") for a in UPCYCLING_ARMS for s in SEEDS]
+  sizes = {r: os.path.getsize(r) for r in runs}
+  out = run_module("experiments.upcycling.run", "--quick", f"--workdir={workdir}", f"--data_dir={data_dir}",
+                   "--seeds=" + ",".join(map(str, SEEDS))).stdout
+  assert out.count("finished earlier; skipping") == 4 * len(SEEDS), out
+  assert sizes == {r: os.path.getsize(r) for r in runs}
 
 
-@pytest.mark.parametrize("corruption", ["drop_variant", "nan_loss", "flops_not_increasing", "empty"])
-def test_upcycling_csv_check_rejects_bad_tables(upcycling_quick, tmp_path, corruption):
+def test_interrupted_sweep_resumes_without_redoing_finished_runs(tmp_path, data_dir):
+  workdir = str(tmp_path / "sweep")
+  first = run_module("experiments.upcycling.run", "--quick", f"--workdir={workdir}", f"--data_dir={data_dir}",
+                     "--seeds=0", "--stop_after_steps=4", ok=False)
+  assert first.returncode == 1 and "stopped before its end" in first.stdout, first.stdout[-2000:]
+  assert not os.path.exists(os.path.join(workdir, "dense_base", "seed0", "done.json"))
+  second = run_module("experiments.upcycling.run", "--quick", f"--workdir={workdir}", f"--data_dir={data_dir}",
+                      "--seeds=0").stdout
+  assert "resumed from" in second and "at step 4" in second, second[-2000:]
+  done = os.path.join(workdir, "dense_base", "seed0", "done.json")
+  mtime = os.path.getmtime(done)
+  third = run_module("experiments.upcycling.run", "--quick", f"--workdir={workdir}", f"--data_dir={data_dir}",
+                     "--seeds=0").stdout
+  assert third.count("finished earlier; skipping") == 4 and os.path.getmtime(done) == mtime
+  check_results_csv(os.path.join(workdir, "upcycling.csv"), UPCYCLING_ARMS, (0,))
+
+
+def test_a_different_plan_is_refused(upcycling_quick, data_dir, tmp_path):
+  workdir, _ = upcycling_quick
+  other = str(tmp_path / "other")
+  shutil.copytree(workdir, other)
+  with open(os.path.join(other, "plan.json"), "w") as f:
+    f.write('{"size": "small"}')
+  p = run_module("experiments.upcycling.run", "--quick", f"--workdir={other}", f"--data_dir={data_dir}", ok=False)
+  assert p.returncode != 0 and "different plan" in p.stderr
+
+
+@pytest.mark.parametrize("corruption", ["drop_arm", "nan_loss", "x_not_increasing", "empty"])
+def test_results_csv_check_rejects_bad_tables(upcycling_quick, tmp_path, corruption):
   """The CSV check above can fail: it rejects each kind of broken table."""
   workdir, _ = upcycling_quick
   with open(os.path.join(workdir, "upcycling.csv")) as f:
     rows = list(csv.DictReader(f))
   fields = list(rows[0])
-  if corruption == "drop_variant":
-    rows = [r for r in rows if r["variant"] != "moe_scratch"]
+  if corruption == "drop_arm":
+    rows = [r for r in rows if r["arm"] != "moe_scratch"]
   elif corruption == "nan_loss":
     rows[-1]["loss"] = "nan"
-  elif corruption == "flops_not_increasing":
-    i = max(i for i, r in enumerate(rows) if r["variant"] == "upcycled" and r["domain"] == "mean")
-    rows[i]["extra_flops"] = "0"
+  elif corruption == "x_not_increasing":
+    i = max(i for i, r in enumerate(rows) if r["arm"] == "upcycled" and r["domain"] == "mean")
+    rows[i]["x"] = "0"
   else:
     rows = []
   bad = tmp_path / "bad.csv"
@@ -98,7 +191,7 @@ def test_upcycling_csv_check_rejects_bad_tables(upcycling_quick, tmp_path, corru
     w.writeheader()
     w.writerows(rows)
   with pytest.raises(AssertionError):
-    check_upcycling_csv(bad)
+    check_results_csv(bad, UPCYCLING_ARMS, SEEDS)
 
 
 def test_png_check_rejects_non_png(upcycling_quick, tmp_path):

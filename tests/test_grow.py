@@ -1,4 +1,4 @@
-"""Growth ops (moegrow.grow) and the rules engine (moegrow.tree): exactness on real text,
+"""Growth ops (moegrow.surgery) through the rules engine: exactness on real text,
 optimizer-state rules, what non-exact ops change, errors, jit."""
 import inspect
 import json
@@ -10,13 +10,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moegrow import grow
-from moegrow import transformer as tf
-from moegrow import tree as T
+from moegrow import trees
 from moegrow.config import ModelConfig
+from moegrow.model import transformer as tf
+from moegrow.surgery import apply as surgery
+from moegrow.surgery import rules as T
 
 KEY = jax.random.PRNGKey(7)
 _apply = jax.jit(tf.apply, static_argnums=0)
+
+
+def apply_ops(state, cfg, ops, key=None, **kw):
+  return surgery.apply_ops(state, cfg, ops, key, shapes=tf.abstract_params, **kw)
+
+
+def run(op, state, cfg, key, **args):
+  """One op -> (state, cfg, report)."""
+  new, cfg2, (rep,) = apply_ops(state, cfg, [dict(op=op, **args)], key)
+  return new, cfg2, rep
 
 
 def _tokens():
@@ -52,12 +63,12 @@ def random_state(cfg, seed=0):
 
 
 def at(tree, path):
-  return np.asarray(T.flatten(tree)[path])
+  return np.asarray(trees.flatten(tree)[path])
 
 
 def assert_matches_abstract(params, cfg):
-  got = {p: (tuple(x.shape), jnp.dtype(x.dtype)) for p, x in T.flatten(params).items()}
-  want = {p: (tuple(x.shape), jnp.dtype(x.dtype)) for p, x in T.flatten(tf.abstract_params(cfg)).items()}
+  got = {p: (tuple(x.shape), jnp.dtype(x.dtype)) for p, x in trees.flatten(params).items()}
+  want = {p: (tuple(x.shape), jnp.dtype(x.dtype)) for p, x in trees.flatten(tf.abstract_params(cfg)).items()}
   assert got == want
 
 
@@ -96,7 +107,7 @@ def test_exact_ops_preserve_logits(name):
   cfg = make()
   state = random_state(cfg)
   before = logits(cfg, state["params"])
-  new, cfg2, reports = grow.apply_ops(state, cfg, ops, KEY)
+  new, cfg2, reports = apply_ops(state, cfg, ops, KEY)
   assert_matches_abstract(new["params"], cfg2)
   for kind in ("mu", "nu"):
     assert jax.tree.map(jnp.shape, new[kind]) == jax.tree.map(jnp.shape, new["params"])
@@ -110,10 +121,10 @@ def test_exact_ops_preserve_logits(name):
 
 def test_upcycle_config_and_report():
   cfg = dense4()
-  _, cfg2, (rep,) = grow.apply_ops({"params": tf.init_params(cfg)}, cfg,
+  _, cfg2, (rep,) = apply_ops({"params": tf.init_params(cfg)}, cfg,
                                    [{"op": "upcycle", "layers": [1, 3], "num_experts": [4, 8]}], KEY)
   assert [cfg2.experts_in_layer(i) for i in range(4)] == [0, 4, 0, 8]
-  assert rep["map"]["blocks/1/mlp/wi_EDF"]["from"] == ["blocks/1/mlp/wi_DF"]
+  assert rep["map"]["blocks/1/mlp/wact_EDF"]["from"] == ["blocks/1/mlp/wact_DF"]
   assert rep["map"]["blocks/1/mlp/router_DE"]["from"] == []
   assert rep["map"]["blocks/0/attn/wq_DHA"] == {"action": "copy", "from": ["blocks/0/attn/wq_DHA"]}
 
@@ -121,7 +132,7 @@ def test_upcycle_config_and_report():
 def test_softmax_topk_scale_folds_per_layer_factor_into_wo():
   cfg = dense4()
   p = tf.init_params(cfg)
-  new, cfg2, _ = grow.upcycle({"params": p}, cfg, KEY, layers=[1, 3], num_experts=[4, 8], gating="softmax_topk",
+  new, cfg2, _ = run("upcycle", {"params": p}, cfg, KEY, layers=[1, 3], num_experts=[4, 8], gating="softmax_topk",
                               router_std=0.0)
   assert cfg2.expert_output_scale == 2.0  # E/k of the first layer
   np.testing.assert_array_equal(at(new["params"], "blocks/1/mlp/wo_EFD")[2], at(p, "blocks/1/mlp/wo_FD"))
@@ -131,7 +142,7 @@ def test_softmax_topk_scale_folds_per_layer_factor_into_wo():
 def test_softmax_topk_with_random_router_is_not_exact():
   cfg = dense4()
   state = {"params": tf.init_params(cfg)}
-  new, cfg2, (rep,) = grow.apply_ops(state, cfg, [{"op": "upcycle", "num_experts": 4, "gating": "softmax_topk",
+  new, cfg2, (rep,) = apply_ops(state, cfg, [{"op": "upcycle", "num_experts": 4, "gating": "softmax_topk",
                                                    "router_std": 1.0}], KEY)
   assert not rep["exact"]
   assert np.max(np.abs(logits(cfg2, new["params"]) - logits(cfg, state["params"]))) > 1e-3
@@ -140,12 +151,12 @@ def test_softmax_topk_with_random_router_is_not_exact():
 def test_granular_expert_slices():
   cfg = dense4()
   p = tf.init_params(cfg)
-  new, cfg2, _ = grow.granular_upcycle({"params": p}, cfg, KEY, granularity=4, num_experts=8, top_k=4, layers=[0])
+  new, cfg2, _ = run("granular_upcycle", {"params": p}, cfg, KEY, granularity=4, num_experts=8, top_k=4, layers=[0])
   assert cfg2.expert_d_ff == 8 and cfg2.expert_output_scale == 4.0
-  wi, wo = at(new["params"], "blocks/0/mlp/wi_EDF"), at(new["params"], "blocks/0/mlp/wo_EFD")
+  wact, wo = at(new["params"], "blocks/0/mlp/wact_EDF"), at(new["params"], "blocks/0/mlp/wo_EFD")
   for e in range(8):
     s = slice(8 * (e % 4), 8 * (e % 4) + 8)
-    np.testing.assert_array_equal(wi[e], at(p, "blocks/0/mlp/wi_DF")[:, s])
+    np.testing.assert_array_equal(wact[e], at(p, "blocks/0/mlp/wact_DF")[:, s])
     np.testing.assert_array_equal(wo[e], at(p, "blocks/0/mlp/wo_FD")[s])
   r = at(new["params"], "blocks/0/mlp/router_DE")
   np.testing.assert_array_equal(r[:, 0::4], r[:, 3::4])  # virtual groups: equal columns
@@ -155,7 +166,7 @@ def test_granular_expert_slices():
 def test_add_experts_split_preserves_router_mass():
   cfg = moe2()
   p = tf.init_params(cfg)
-  new, _, rep = grow.add_experts({"params": p}, cfg, KEY, num_experts=7, mode="split")
+  new, _, rep = run("add_experts", {"params": p}, cfg, KEY, num_experts=7, mode="split")
   src = np.asarray(rep["sources"]["1"])
   x = np.asarray(jax.random.normal(KEY, (50, 16)))
   old = jax.nn.softmax(x @ at(p, "blocks/1/mlp/router_DE") + at(p, "blocks/1/mlp/router_bias_E"))
@@ -174,10 +185,10 @@ def test_upcycle_moments_carry_and_reset():
   cfg = dense4()
   state = random_state(cfg)
   for mode in ("carry", "reset"):
-    new, _, _ = grow.upcycle(state, cfg, KEY, layers=[1, 3], num_experts=[4, 8], opt_state=mode)
+    new, _, _ = run("upcycle", state, cfg, KEY, layers=[1, 3], num_experts=[4, 8], opt_state=mode)
     for kind in ("mu", "nu"):
       for i, e in ((1, 4), (3, 8)):
-        for nm in ("wi", "wg", "wo"):
+        for nm in ("wact", "wlin", "wo"):
           got = at(new[kind], f"blocks/{i}/mlp/{nm}_E{'FD' if nm == 'wo' else 'DF'}")
           dense = at(state[kind], f"blocks/{i}/mlp/{nm}_{'FD' if nm == 'wo' else 'DF'}")
           assert got.shape[0] == e
@@ -185,41 +196,41 @@ def test_upcycle_moments_carry_and_reset():
             np.testing.assert_array_equal(x, dense if mode == "carry" else 0 * dense)
         assert not at(new[kind], f"blocks/{i}/mlp/router_DE").any()
       np.testing.assert_array_equal(at(new[kind], "blocks/1/attn/wq_DHA"), at(state[kind], "blocks/1/attn/wq_DHA"))
-      np.testing.assert_array_equal(at(new[kind], "blocks/0/mlp/wi_DF"), at(state[kind], "blocks/0/mlp/wi_DF"))
+      np.testing.assert_array_equal(at(new[kind], "blocks/0/mlp/wact_DF"), at(state[kind], "blocks/0/mlp/wact_DF"))
 
 
 def test_widen_mlp_moments_net2wider():
   cfg = dense4()
   state = random_state(cfg)
-  new, _, _ = grow.widen_mlp(state, cfg, KEY, d_ff=48, method="round_robin")
+  new, _, _ = run("widen_mlp", state, cfg, KEY, d_ff=48, method="round_robin")
   idx = np.r_[np.arange(32), np.arange(16)]
   n = np.r_[np.full(16, 2.0), np.ones(16), np.full(16, 2.0)]
   for kind, power in (("mu", 1), ("nu", 2)):
     old_wo = at(state[kind], "blocks/2/mlp/wo_FD")
     np.testing.assert_allclose(at(new[kind], "blocks/2/mlp/wo_FD"), old_wo[idx] / n[:, None] ** power, rtol=1e-6)
-    np.testing.assert_array_equal(at(new[kind], "blocks/2/mlp/wi_DF"), at(state[kind], "blocks/2/mlp/wi_DF")[:, idx])
+    np.testing.assert_array_equal(at(new[kind], "blocks/2/mlp/wact_DF"), at(state[kind], "blocks/2/mlp/wact_DF")[:, idx])
   np.testing.assert_allclose(at(new["params"], "blocks/2/mlp/wo_FD"), at(state["params"], "blocks/2/mlp/wo_FD")[idx]
                              / n[:, None], rtol=1e-6)
-  reset, _, _ = grow.widen_mlp(state, cfg, KEY, d_ff=48, opt_state="reset")
-  assert not at(reset["mu"], "blocks/2/mlp/wo_FD").any() and not at(reset["nu"], "blocks/2/mlp/wg_DF").any()
+  reset, _, _ = run("widen_mlp", state, cfg, KEY, d_ff=48, opt_state="reset")
+  assert not at(reset["mu"], "blocks/2/mlp/wo_FD").any() and not at(reset["nu"], "blocks/2/mlp/wlin_DF").any()
   np.testing.assert_array_equal(at(reset["mu"], "embed_VD"), at(state["mu"], "embed_VD"))
 
 
 def test_new_slices_get_zero_moments():
   cfg = moe2()
   state = random_state(cfg)
-  new, _, _ = grow.add_heads(state, cfg, KEY, num_heads=3)
+  new, _, _ = run("add_heads", state, cfg, KEY, num_heads=3)
   mu = at(new["mu"], "blocks/0/attn/wq_DHA")
   np.testing.assert_array_equal(mu[:, :2], at(state["mu"], "blocks/0/attn/wq_DHA"))
   assert not mu[:, 2].any() and not at(new["nu"], "blocks/1/attn/wo_HAD")[2].any()
-  new, _, _ = grow.widen_model(state, cfg, KEY, d_model=24)
+  new, _, _ = run("widen_model", state, cfg, KEY, d_model=24)
   c = math.sqrt(16 / 24)
   np.testing.assert_allclose(at(new["nu"], "blocks/0/attn_norm/scale_D")[:16],
                              c * c * at(state["nu"], "blocks/0/attn_norm/scale_D"), rtol=1e-6)
   assert not at(new["mu"], "embed_VD")[:, 16:].any()
-  new, _, _ = grow.add_experts(state, cfg, KEY, num_experts=6)  # exact: new bias entries are new
+  new, _, _ = run("add_experts", state, cfg, KEY, num_experts=6)  # exact: new bias entries are new
   assert not at(new["mu"], "blocks/1/mlp/router_bias_E")[4:].any()
-  np.testing.assert_array_equal(at(new["mu"], "blocks/1/mlp/wi_EDF")[4:], at(state["mu"], "blocks/1/mlp/wi_EDF")[:2])
+  np.testing.assert_array_equal(at(new["mu"], "blocks/1/mlp/wact_EDF")[4:], at(state["mu"], "blocks/1/mlp/wact_EDF")[:2])
 
 
 # ---------------------------------------------------------------- 3. non-exact ops
@@ -227,34 +238,34 @@ def test_new_slices_get_zero_moments():
 def test_drop_upcycle_reinitialises_fraction_per_expert():
   cfg = dense4()
   state = random_state(cfg)
-  new, _, rep = grow.drop_upcycle(state, cfg, KEY, ratio=0.5, num_experts=4, layers=[2])
+  new, _, rep = run("drop_upcycle", state, cfg, KEY, ratio=0.5, num_experts=4, layers=[2])
   assert not rep["exact"]
-  wi, wg = at(state["params"], "blocks/2/mlp/wi_DF"), at(state["params"], "blocks/2/mlp/wg_DF")
+  wact, wlin = at(state["params"], "blocks/2/mlp/wact_DF"), at(state["params"], "blocks/2/mlp/wlin_DF")
   wo = at(state["params"], "blocks/2/mlp/wo_FD")
   masks = []
   for e in range(4):
-    cols = np.any(at(new["params"], "blocks/2/mlp/wi_EDF")[e] != wi, axis=0)
+    cols = np.any(at(new["params"], "blocks/2/mlp/wact_EDF")[e] != wact, axis=0)
     assert cols.sum() == 16
-    np.testing.assert_array_equal(cols, np.any(at(new["params"], "blocks/2/mlp/wg_EDF")[e] != wg, axis=0))
+    np.testing.assert_array_equal(cols, np.any(at(new["params"], "blocks/2/mlp/wlin_EDF")[e] != wlin, axis=0))
     np.testing.assert_array_equal(cols, np.any(at(new["params"], "blocks/2/mlp/wo_EFD")[e] != wo, axis=1))
-    np.testing.assert_array_equal(at(new["params"], "blocks/2/mlp/wi_EDF")[e][:, ~cols], wi[:, ~cols])
+    np.testing.assert_array_equal(at(new["params"], "blocks/2/mlp/wact_EDF")[e][:, ~cols], wact[:, ~cols])
     np.testing.assert_array_equal(at(new["params"], "blocks/2/mlp/wo_EFD")[e][~cols], wo[~cols])
-    mu = at(new["mu"], "blocks/2/mlp/wi_EDF")[e]
+    mu = at(new["mu"], "blocks/2/mlp/wact_EDF")[e]
     assert not mu[:, cols].any()
-    np.testing.assert_array_equal(mu[:, ~cols], at(state["mu"], "blocks/2/mlp/wi_DF")[:, ~cols])
+    np.testing.assert_array_equal(mu[:, ~cols], at(state["mu"], "blocks/2/mlp/wact_DF")[:, ~cols])
     masks.append(cols)
   assert len({m.tobytes() for m in masks}) > 1  # different experts, different subsets
-  fresh = at(new["params"], "blocks/2/mlp/wi_EDF")[0][:, masks[0]]
-  assert abs(fresh.std() - wi.std()) < 0.3 * wi.std()
+  fresh = at(new["params"], "blocks/2/mlp/wact_EDF")[0][:, masks[0]]
+  assert abs(fresh.std() - wact.std()) < 0.3 * wact.std()
 
 
 def test_add_experts_copy_noise_keeps_old_experts():
   cfg = moe2()
   p = tf.init_params(cfg)
-  new, cfg2, rep = grow.add_experts({"params": p}, cfg, KEY, num_experts=6, mode="copy_noise", source="most_loaded",
+  new, cfg2, rep = run("add_experts", {"params": p}, cfg, KEY, num_experts=6, mode="copy_noise", source="most_loaded",
                                     loads={1: np.array([0.1, 0.4, 0.2, 0.3])})
   assert rep["sources"] == {"1": [1, 3]} and cfg2.experts_in_layer(1) == 6
-  for nm in ("wi_EDF", "wg_EDF", "wo_EFD"):
+  for nm in ("wact_EDF", "wlin_EDF", "wo_EFD"):
     old, grown = at(p, f"blocks/1/mlp/{nm}"), at(new["params"], f"blocks/1/mlp/{nm}")
     np.testing.assert_array_equal(grown[:4], old)
     assert not np.array_equal(grown[4], old[1])
@@ -266,23 +277,23 @@ def test_add_experts_copy_noise_keeps_old_experts():
 def test_stack_copies_layers_in_order():
   cfg = moe2(num_shared_experts=0)
   state = random_state(cfg)
-  new, cfg2, rep = grow.stack(state, cfg, KEY, times=2)
+  new, cfg2, rep = run("stack", state, cfg, KEY, times=2)
   assert cfg2.num_layers == 4 and cfg2.moe_layer_ids == (1, 3) and not rep["exact"]
   for j in range(4):
-    for path, x in T.flatten(new["params"]["blocks"][str(j)]).items():
+    for path, x in trees.flatten(new["params"]["blocks"][str(j)]).items():
       np.testing.assert_array_equal(x, at(state["params"], f"blocks/{j % 2}/{path}"))
-  reset, _, _ = grow.stack(state, cfg, KEY, times=2, opt_state="reset")
-  np.testing.assert_array_equal(at(reset["mu"], "blocks/1/mlp/wi_EDF"), at(state["mu"], "blocks/1/mlp/wi_EDF"))
-  assert not at(reset["mu"], "blocks/3/mlp/wi_EDF").any()
+  reset, _, _ = run("stack", state, cfg, KEY, times=2, opt_state="reset")
+  np.testing.assert_array_equal(at(reset["mu"], "blocks/1/mlp/wact_EDF"), at(state["mu"], "blocks/1/mlp/wact_EDF"))
+  assert not at(reset["mu"], "blocks/3/mlp/wact_EDF").any()
 
 
 def test_insert_blocks_shifts_moe_mapping():
   cfg = moe2()
   state = random_state(cfg)
-  new, cfg2, rep = grow.insert_blocks(state, cfg, KEY, positions=[1])
+  new, cfg2, rep = run("insert_blocks", state, cfg, KEY, positions=[1])
   assert cfg2.num_layers == 3 and cfg2.moe_layer_ids == (2,) and cfg2.experts_in_layer(2) == 4
-  np.testing.assert_array_equal(at(new["params"], "blocks/2/mlp/wi_EDF"), at(state["params"], "blocks/1/mlp/wi_EDF"))
-  np.testing.assert_array_equal(at(new["mu"], "blocks/2/mlp/wi_EDF"), at(state["mu"], "blocks/1/mlp/wi_EDF"))
+  np.testing.assert_array_equal(at(new["params"], "blocks/2/mlp/wact_EDF"), at(state["params"], "blocks/1/mlp/wact_EDF"))
+  np.testing.assert_array_equal(at(new["mu"], "blocks/2/mlp/wact_EDF"), at(state["mu"], "blocks/1/mlp/wact_EDF"))
   assert not at(new["params"], "blocks/1/attn/wo_HAD").any() and not at(new["params"], "blocks/1/mlp/wo_FD").any()
   assert not at(new["mu"], "blocks/1/attn/wq_DHA").any()
   assert rep["map"]["blocks/2/attn/wq_DHA"]["from"] == ["blocks/1/attn/wq_DHA"]
@@ -307,7 +318,7 @@ def test_insert_blocks_shifts_moe_mapping():
 def test_errors(cfg_fn, ops, match):
   cfg = cfg_fn()
   with pytest.raises(ValueError, match=match):
-    grow.apply_ops({"params": tf.init_params(cfg)}, cfg, ops, KEY)
+    apply_ops({"params": tf.init_params(cfg)}, cfg, ops, KEY)
 
 
 def test_rules_engine_lists_offending_paths():
@@ -316,13 +327,13 @@ def test_rules_engine_lists_offending_paths():
   src, target = tf.abstract_params(cfg), tf.abstract_params(cfg2)
   with pytest.raises(ValueError) as err:  # router never produced, dense wo never used
     jax.eval_shape(lambda s: T.apply_rules(s, target, [
-        (r"blocks/0/mlp/(wi|wg|wo)_E(DF|FD)", T.stack(r"blocks/0/mlp/\1_DF", 2)),
+        (r"blocks/0/mlp/(wact|wlin|wo)_E(DF|FD)", T.stack(r"blocks/0/mlp/\1_DF", 2)),
         ("blocks/0/mlp/router_bias_E", T.init("zeros")), (".*", T.copy())])[0], src)
   msg = str(err.value)
   assert "blocks/0/mlp/router_DE" in msg and "blocks/0/mlp/wo_FD" in msg
   assert "blocks/0/mlp/wo_DF" in msg  # the stack rule reads a source that does not exist
-  assert "blocks/0/mlp/wi_DF" not in msg.split("neither used")[-1]
-  good = [(r"blocks/0/mlp/(wi|wg)_EDF", T.stack(r"blocks/0/mlp/\1_DF", 2)),
+  assert "blocks/0/mlp/wact_DF" not in msg.split("neither used")[-1]
+  good = [(r"blocks/0/mlp/(wact|wlin)_EDF", T.stack(r"blocks/0/mlp/\1_DF", 2)),
           ("blocks/0/mlp/wo_EFD", T.stack("blocks/0/mlp/wo_FD", 2)),
           ("blocks/0/mlp/router_DE", T.init("normal", std=0.1)), ("blocks/0/mlp/router_bias_E", T.init("zeros")),
           (".*", T.copy())]
@@ -340,8 +351,8 @@ def test_rules_engine_drop_and_flatten():
     T.apply_rules(src, target, [("a/b", T.tile("a/b", 2)), (".*", T.copy())])
   out, plan = T.apply_rules(src, target, [("a/b", T.tile("a/b", 2)), ("a/old", T.drop()), (".*", T.copy())])
   assert out["a"]["b"].shape == (4,) and plan["c"][1] == ["c"]
-  assert T.unflatten(T.flatten(src)).keys() == src.keys()
-  assert sorted(["blocks/10", "blocks/2"], key=T.natural_key) == ["blocks/2", "blocks/10"]
+  assert trees.unflatten(trees.flatten(src)).keys() == src.keys()
+  assert sorted(["blocks/10", "blocks/2"], key=trees.natural_key) == ["blocks/2", "blocks/10"]
 
 
 # ---------------------------------------------------------------- 5. jit
@@ -355,8 +366,8 @@ def test_rules_engine_drop_and_flatten():
 def test_jit_matches_eager(ops):
   cfg = dense4()
   state = random_state(cfg)
-  eager, cfg_e, rep_e = grow.apply_ops(state, cfg, ops, KEY)
-  jitted, cfg_j, rep_j = grow.apply_ops(state, cfg, ops, KEY, jit=True)
+  eager, cfg_e, rep_e = apply_ops(state, cfg, ops, KEY)
+  jitted, cfg_j, rep_j = apply_ops(state, cfg, ops, KEY, jit=True)
   assert cfg_e == cfg_j and rep_e == rep_j
   for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moegrow import transformer as tf
+from moegrow.model import transformer as tf
 from moegrow.config import ModelConfig
-from moegrow.grouped_ffn import expert_ffn
-from moegrow.layers import Mlp, activation
-from moegrow.moe import MoeMlp, router_losses
+from moegrow.model.grouped_ffn import expert_ffn
+from moegrow.model.layers import Mlp, activation
+from moegrow.model.moe import MoeMlp, router_losses
+from moegrow.trees import to_plain
 
 D, F, E, K = 16, 24, 4, 2
 
@@ -23,7 +24,7 @@ def moe_cfg(**kw):
 
 
 def params_np(layer):
-  return {k: np.asarray(v, np.float64) for k, v in tf._str_keys(nnx.to_pure_dict(nnx.state(layer))).items()
+  return {k: np.asarray(v, np.float64) for k, v in to_plain(nnx.to_pure_dict(nnx.state(layer))).items()
           if not isinstance(v, dict)}
 
 
@@ -64,12 +65,12 @@ def naive_moe(layer, cfg, x_BTD, capacity=None):
     for j, (e, g) in enumerate(ch):
       if (bi, ti, j) not in kept:
         continue
-      h = silu(x[bi, ti] @ p["wi_EDF"][e]) * (x[bi, ti] @ p["wg_EDF"][e])
+      h = silu(x[bi, ti] @ p["wact_EDF"][e]) * (x[bi, ti] @ p["wlin_EDF"][e])
       y[bi, ti] += g * (h @ p["wo_EFD"][e])
   y *= cfg.expert_output_scale
   if layer.shared is not None:
     s = {k: np.asarray(v[...], np.float64) for k, v in vars(layer.shared).items() if isinstance(v, nnx.Param)}
-    y += (silu(x @ s["wi_DF"]) * (x @ s["wg_DF"])) @ s["wo_FD"]
+    y += (silu(x @ s["wact_DF"]) * (x @ s["wlin_DF"])) @ s["wo_FD"]
   return y, dropped / (b * t * cfg.top_k), kept
 
 
@@ -117,34 +118,34 @@ def test_grouped_ffn_values_and_gradients(act, dtype):
   start_E = jnp.cumsum(size_E) - size_E
   ks = jax.random.split(jax.random.key(0), 5)
   x_PD = jnp.concatenate([jax.random.normal(ks[0], (m, D)), jnp.zeros((max(sizes), D))])
-  wi, wg, wo = (jax.random.normal(ks[1], (e, D, F)) / 4, jax.random.normal(ks[2], (e, D, F)) / 4,
+  wact, wlin, wo = (jax.random.normal(ks[1], (e, D, F)) / 4, jax.random.normal(ks[2], (e, D, F)) / 4,
                 jax.random.normal(ks[3], (e, F, D)) / 5)
-  wg = wg if act == "swiglu" else None
+  wlin = wlin if act == "swiglu" else None
   dy = jax.random.normal(ks[4], (m, D))
   f = activation(act)
   tol = 1e-5 if dtype == jnp.float32 else 3e-2
-  x_PD, wi, wo, dy = (a.astype(dtype) for a in (x_PD, wi, wo, dy))
-  wg = None if wg is None else wg.astype(dtype)
+  x_PD, wact, wo, dy = (a.astype(dtype) for a in (x_PD, wact, wo, dy))
+  wlin = None if wlin is None else wlin.astype(dtype)
   expert_M = jnp.repeat(jnp.arange(e), size_E, total_repeat_length=m)
 
-  def ref(x, wi, wg, wo):  # float32 math, whatever the inputs
-    x, wi, wo = (a.astype(jnp.float32) for a in (x, wi, wo))
-    wg = None if wg is None else wg.astype(jnp.float32)
-    h = f(jnp.einsum("MD,MDF->MF", x[:m], wi[expert_M]))
-    if wg is not None:
-      h = h * jnp.einsum("MD,MDF->MF", x[:m], wg[expert_M])
+  def ref(x, wact, wlin, wo):  # float32 math, whatever the inputs
+    x, wact, wo = (a.astype(jnp.float32) for a in (x, wact, wo))
+    wlin = None if wlin is None else wlin.astype(jnp.float32)
+    h = f(jnp.einsum("MD,MDF->MF", x[:m], wact[expert_M]))
+    if wlin is not None:
+      h = h * jnp.einsum("MD,MDF->MF", x[:m], wlin[expert_M])
     return jnp.einsum("MF,MFD->MD", h, wo[expert_M])
 
-  def fused(x, wi, wg, wo):
-    return expert_ffn(x, wi, wg, wo, start_E, size_E, f, sizes)[:m]
+  def fused(x, wact, wlin, wo):
+    return expert_ffn(x, wact, wlin, wo, start_E, size_E, f, sizes)[:m]
   loss = lambda fn: lambda *w: jnp.sum(fn(*w).astype(jnp.float32) * dy.astype(jnp.float32))
-  y, y_ref = jax.jit(fused)(x_PD, wi, wg, wo), ref(x_PD, wi, wg, wo)
+  y, y_ref = jax.jit(fused)(x_PD, wact, wlin, wo), ref(x_PD, wact, wlin, wo)
   assert y.dtype == dtype
   np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref), atol=tol, rtol=tol)
-  args = (x_PD, wi, wg, wo)
+  args = (x_PD, wact, wlin, wo)
   grads = jax.jit(jax.grad(loss(fused), argnums=(0, 1, 2, 3)))(*args)
   grads_ref = jax.grad(loss(ref), argnums=(0, 1, 2, 3))(*args)
-  for name, g, g_ref in zip(["x", "wi", "wg", "wo"], grads, grads_ref):
+  for name, g, g_ref in zip(["x", "wact", "wlin", "wo"], grads, grads_ref):
     if g_ref is None:
       assert g is None
       continue
@@ -204,7 +205,7 @@ def test_upcycling_invariant(mode):
   x = random_x()
   for seed in range(3):
     layer = make_layer(cfg, seed=seed, router_std=3.0)
-    for name in ("wi", "wg", "wo"):
+    for name in ("wact", "wlin", "wo"):
       dense_w = getattr(dense, f"{name}_DF" if name != "wo" else "wo_FD")[...]
       getattr(layer, f"{name}_EDF" if name != "wo" else "wo_EFD")[...] = jnp.broadcast_to(dense_w, (E,) + dense_w.shape)
     y, _ = layer(x)
@@ -261,20 +262,20 @@ def test_jit_matches_eager_and_params_roundtrip():
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, again)
   assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(tf.abstract_params(cfg))
   axes = tf.logical_axes(cfg)
-  assert axes["blocks"]["1"]["mlp"]["wi_EDF"] == ("expert", "embed", "mlp")
-  assert params["blocks"]["1"]["mlp"]["wi_EDF"].shape == (4, 32, 64)
-  assert params["blocks"]["0"]["mlp"]["wi_DF"].shape == (32, 64)
+  assert axes["blocks"]["1"]["mlp"]["wact_EDF"] == ("expert", "embed", "mlp")
+  assert params["blocks"]["1"]["mlp"]["wact_EDF"].shape == (4, 32, 64)
+  assert params["blocks"]["0"]["mlp"]["wact_DF"].shape == (32, 64)
 
 
 def test_model_from_params_rejects_wrong_shapes_and_keys():
   cfg = ModelConfig(**SMALL)
   params = tf.init_params(cfg, 0)
   bad = jax.tree_util.tree_map(lambda x: x, params)
-  bad["blocks"]["0"]["mlp"]["wi_DF"] = jnp.zeros((32, 65))
-  with pytest.raises(ValueError, match=r"blocks/0/mlp/wi_DF.*\(32, 65\)"):
+  bad["blocks"]["0"]["mlp"]["wact_DF"] = jnp.zeros((32, 65))
+  with pytest.raises(ValueError, match=r"blocks/0/mlp/wact_DF.*\(32, 65\)"):
     tf.model_from_params(cfg, bad)
   del bad["blocks"]["1"]
-  with pytest.raises(ValueError, match=r"missing \['1'\]"):
+  with pytest.raises(ValueError, match=r"missing leaves: \['blocks/1/"):
     tf.model_from_params(cfg, bad)
 
 
@@ -306,6 +307,6 @@ def test_expert_choice_is_flagged_and_runs(caplog):
   for b in range(2):
     for e in range(E):
       for t in np.argsort(-np.asarray(probs[b, :, e]), kind="stable")[:c]:
-        h = silu(xn[b, t] @ p["wi_EDF"][e]) * (xn[b, t] @ p["wg_EDF"][e])
+        h = silu(xn[b, t] @ p["wact_EDF"][e]) * (xn[b, t] @ p["wlin_EDF"][e])
         ref[b, t] += float(probs[b, t, e]) * (h @ p["wo_EFD"][e])
   np.testing.assert_allclose(np.asarray(y), ref, atol=1e-5)

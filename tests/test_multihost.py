@@ -15,9 +15,10 @@ import jax
 import numpy as np
 import pytest
 
-from moegrow import boundary, checkpoint, train
-from moegrow.corpora import _file_lock
-from configs import grow as grow_config, lm
+from moegrow import checkpoint
+from moegrow.train import stages, steps
+from moegrow.data.corpora import _file_lock
+from moegrow.configs import grow as grow_config, lm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, STOP = 12, 6  # first invocation stops after STOP steps, the second resumes to STEPS
@@ -90,7 +91,7 @@ def restore(workdir, config, step, prefix=None):
   """(state, data state) of a checkpoint, on this process's mesh of `config`."""
   mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), read_only=True, step_prefix=prefix)
   cfg = checkpoint.model_config(checkpoint.read_meta(mngr, step))
-  program = train.build_program(cfg, config.train, train.make_mesh(config))
+  program = steps.build_program(cfg, config.train, stages.make_mesh(config))
   state, meta, data_state = checkpoint.restore(mngr, step, program.abstract_state)
   mngr.close()
   return jax.device_get(state), data_state
@@ -114,8 +115,8 @@ def runs(tmp_path_factory, data_dir, worker_id):
       first = two_processes(two, data_dir, f"--config.train.steps={STEPS}", f"--config.train.stop_after_steps={STOP}",
                             *TRAIN)
       second = two_processes(two, data_dir, f"--config.train.steps={STEPS}", *TRAIN)
-      r1 = train.train_and_evaluate(tiny(data_dir, stop_after_steps=STOP), one)
-      r2 = train.train_and_evaluate(tiny(data_dir), one)
+      r1 = stages.train_and_evaluate(tiny(data_dir, stop_after_steps=STOP), one)
+      r2 = stages.train_and_evaluate(tiny(data_dir), one)
       assert (r1["step"], r2["step"]) == (STOP, STEPS)
       single = {k: v for k, v in r2.items() if isinstance(v, float) and k != "tokens_per_s"}
       with open(done, "w") as f:
@@ -162,17 +163,17 @@ def test_growth_across_topologies(runs, data_dir, tmp_path):
   # 2 processes -> 1: the two-process checkpoint grows (dense -> E=8, grow.py:tiny's upcycle stage)
   # onto this process's 8 devices, experts sharded 4 ways.
   c = grow_tiny(data_dir, data=2, expert=4)
-  cert = boundary.grow_offline(c, os.path.join(runs["two"], "checkpoints", str(STEPS)), str(tmp_path / "g1"))
+  cert = stages.grow_offline(c, os.path.join(runs["two"], "checkpoints", str(STEPS)), str(tmp_path / "g1"))
   assert cert["step"] == STEPS and [o["op"] for o in cert["ops"]] == ["upcycle"]
   assert all(abs(v) < 1e-5 for v in cert["loss_change"].values()), cert["loss_change"]
   grown, _ = restore(str(tmp_path / "g1"), c, STEPS, prefix="stage1")
-  assert grown["params"]["blocks"]["1"]["mlp"]["wi_EDF"].shape[0] == 8
+  assert grown["params"]["blocks"]["1"]["mlp"]["wact_EDF"].shape[0] == 8
   # 1 process -> 2: the single-process checkpoint, in a two-process job whose config grows at
   # that step (the same upcycle stage), then trains the grown model 2 steps on the next batches.
   wd = str(tmp_path / "g2")
   shutil.copytree(os.path.join(runs["one"], "checkpoints"), os.path.join(wd, "checkpoints"))
-  stages = ({"name": "dense", "steps": STEPS}, dict(grow_config.get_config("tiny").stages[1], steps=2))
-  outs = two_processes(wd, data_dir, f"--config.stages={stages!r}", f"--config.train.steps={STEPS + 2}",
+  stage_specs = ({"name": "dense", "steps": STEPS}, dict(grow_config.get_config("tiny").stages[1], steps=2))
+  outs = two_processes(wd, data_dir, f"--config.stages={stage_specs!r}", f"--config.train.steps={STEPS + 2}",
                        "--config.train.log_every=1", "--config.train.eval_every=0", "--config.mesh.expert=4",
                        config="configs/grow.py:tiny")
   assert f"growth certificate @ step {STEPS}" in outs[0]

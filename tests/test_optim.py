@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from moegrow import optim
+from moegrow.train import optim
 
 
 def train_cfg(**kw):
@@ -29,13 +29,13 @@ def test_schedules():
 
 
 def test_frozen_params_do_not_move_and_others_do():
-  params = {"blocks": {"0": {"mlp": {"wi_EDF": jnp.ones((2, 3, 4))}, "attn": {"wq_DHA": jnp.ones((3, 1, 2))}}}}
-  tx = optim.make_optimizer(train_cfg(frozen=("mlp/wi_EDF",), warmup_steps=0), params)
+  params = {"blocks": {"0": {"mlp": {"wact_EDF": jnp.ones((2, 3, 4))}, "attn": {"wq_DHA": jnp.ones((3, 1, 2))}}}}
+  tx = optim.make_optimizer(train_cfg(frozen=("mlp/wact_EDF",), warmup_steps=0), params)
   state = tx.init(params)
   grads = jax.tree_util.tree_map(jnp.ones_like, params)
   updates, _ = tx.update(grads, state, params)
   new = optax.apply_updates(params, updates)
-  np.testing.assert_array_equal(new["blocks"]["0"]["mlp"]["wi_EDF"], params["blocks"]["0"]["mlp"]["wi_EDF"])
+  np.testing.assert_array_equal(new["blocks"]["0"]["mlp"]["wact_EDF"], params["blocks"]["0"]["mlp"]["wact_EDF"])
   assert float(jnp.max(jnp.abs(new["blocks"]["0"]["attn"]["wq_DHA"] - 1.0))) > 0
 
 

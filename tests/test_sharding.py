@@ -4,9 +4,10 @@ import numpy as np
 import optax
 import pytest
 
-from moegrow import sharding, train
-from moegrow import transformer as tf
-from configs import lm
+from moegrow import sharding
+from moegrow.train import stages, steps
+from moegrow.model import transformer as tf
+from moegrow.configs import lm
 
 MESHES = {
     "data=8": {"data": 8},
@@ -15,11 +16,11 @@ MESHES = {
 }
 # Hand-written per-device shard shapes of a few leaves (d=64, H=2, A=32, F=128, E=4, V=259).
 EXPECTED = {
-    "data=8": {"blocks/1/mlp/wi_EDF": (4, 64, 128), "blocks/0/attn/wq_DHA": (64, 2, 32)},
-    "fsdp=2,expert=4": {"blocks/1/mlp/wi_EDF": (1, 32, 128), "blocks/1/mlp/wo_EFD": (1, 128, 32),
-                        "blocks/0/mlp/wi_DF": (32, 128), "blocks/0/attn/wq_DHA": (32, 2, 32),
+    "data=8": {"blocks/1/mlp/wact_EDF": (4, 64, 128), "blocks/0/attn/wq_DHA": (64, 2, 32)},
+    "fsdp=2,expert=4": {"blocks/1/mlp/wact_EDF": (1, 32, 128), "blocks/1/mlp/wo_EFD": (1, 128, 32),
+                        "blocks/0/mlp/wact_DF": (32, 128), "blocks/0/attn/wq_DHA": (32, 2, 32),
                         "embed_VD": (259, 32)},
-    "data=2,expert=2,tensor=2": {"blocks/1/mlp/wi_EDF": (2, 64, 64), "blocks/0/mlp/wo_FD": (64, 64),
+    "data=2,expert=2,tensor=2": {"blocks/1/mlp/wact_EDF": (2, 64, 64), "blocks/0/mlp/wo_FD": (64, 64),
                                  "blocks/0/attn/wq_DHA": (64, 1, 32), "embed_VD": (259, 64)},
 }
 
@@ -52,10 +53,10 @@ def one_device_results(data_dir):
   out = {}
   for dispatch in ("dropless", "capacity"):
     c = config(data_dir, dispatch)
-    cfg = train.model_config(c)
-    batch = next(train.train_iter(c))
-    prog = train.build_program(cfg, c.train, sharding.make_mesh({"data": 1}))
-    state, m = prog.train_step(prog.init(jax.random.key(0)), train.to_global(prog, batch))
+    cfg = stages.model_config(c)
+    batch = next(stages.train_iter(c))
+    prog = steps.build_program(cfg, c.train, sharding.make_mesh({"data": 1}))
+    state, m = prog.train_step(prog.init(jax.random.key(0)), steps.to_global(prog, batch))
     out[dispatch] = (batch, float(m["loss"]), jax.device_get(state["params"]), float(m["moe"]["1"]["dropped"]))
   return out
 
@@ -64,12 +65,12 @@ def one_device_results(data_dir):
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_train_step_matches_one_device_and_shards_as_declared(mesh_name, dispatch, data_dir, one_device_results):
   c = config(data_dir, dispatch)
-  cfg = train.model_config(c)
+  cfg = stages.model_config(c)
   batch, loss1, params1, dropped1 = one_device_results[dispatch]
   mesh = sharding.make_mesh(MESHES[mesh_name])
   assert mesh.size == 8
-  prog = train.build_program(cfg, c.train, mesh)
-  state, m = prog.train_step(prog.init(jax.random.key(0)), train.to_global(prog, batch))
+  prog = steps.build_program(cfg, c.train, mesh)
+  state, m = prog.train_step(prog.init(jax.random.key(0)), steps.to_global(prog, batch))
   assert abs(float(m["loss"]) - loss1) <= 1e-5 * abs(loss1)
   assert abs(float(m["moe"]["1"]["dropped"]) - dropped1) <= 1e-6
   if dispatch == "capacity":

@@ -1,6 +1,5 @@
 """The training system end to end on the real corpora (issue: the training system)."""
 import glob
-import json
 import os
 import signal
 import subprocess
@@ -11,18 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from moegrow import checkpoint, data, sharding, train
-from configs import lm
+from moegrow import checkpoint, data, sharding
+from moegrow.train import stages, steps
+from _tiny import read_metrics as metrics, train_config as tiny
+from moegrow.configs import lm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny(data_dir, **train_kw):
-  c = lm.get_config("tiny")
-  c.data.data_dir = data_dir
-  c.mesh.data = 1  # one of the 8 simulated devices
-  c.train.update(**train_kw)
-  return c
 
 
 def cli(workdir, data_dir, *overrides, wait=True, config="configs/lm.py:tiny"):
@@ -36,17 +29,12 @@ def cli(workdir, data_dir, *overrides, wait=True, config="configs/lm.py:tiny"):
 
 
 def latest_state(workdir, config):
-  cfg = train.model_config(config)
-  program = train.build_program(cfg, config.train, train.make_mesh(config))
+  cfg = stages.model_config(config)
+  program = steps.build_program(cfg, config.train, stages.make_mesh(config))
   mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), read_only=True)
   step = mngr.latest_step()
   state, meta, data_state = checkpoint.restore(mngr, step, program.abstract_state)
   return step, jax.device_get(state), data_state
-
-
-def metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(l) for l in f]
 
 
 def assert_trees_equal(a, b):
@@ -59,9 +47,9 @@ def assert_trees_equal(a, b):
 def test_exact_resume_in_a_fresh_process(tmp_path, data_dir):
   n = 20
   straight = tiny(data_dir, steps=2 * n, checkpoint_every=100, eval_every=0, log_every=5)
-  train.train_and_evaluate(straight, str(tmp_path / "a"))
+  stages.train_and_evaluate(straight, str(tmp_path / "a"))
   first = tiny(data_dir, steps=2 * n, checkpoint_every=100, eval_every=0, log_every=5, stop_after_steps=n)
-  r = train.train_and_evaluate(first, str(tmp_path / "b"))
+  r = stages.train_and_evaluate(first, str(tmp_path / "b"))
   assert r["step"] == n and r["stopped_early"]
   code, out = cli(tmp_path / "b", data_dir, "--config.mesh.data=1", f"--config.train.steps={2 * n}",
                   "--config.train.eval_every=0", "--config.train.log_every=5", "--config.train.checkpoint_every=100")
@@ -104,14 +92,14 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path, data_dir):
 def test_data_parallel_step_matches_one_device(data_dir):
   assert len(jax.devices()) == 8
   config = tiny(data_dir)
-  cfg = train.model_config(config).replace(moe_layers="every_other", num_experts=4)
-  batch = next(train.train_iter(config))
+  cfg = stages.model_config(config).replace(moe_layers="every_other", num_experts=4)
+  batch = next(stages.train_iter(config))
   results = []
   for n in (1, 8):
     mesh = sharding.make_mesh({"data": n})
-    program = train.build_program(cfg, config.train, mesh)
+    program = steps.build_program(cfg, config.train, mesh)
     state = program.init(jax.random.key(0))
-    state, m = program.train_step(state, train.to_global(program, batch))
+    state, m = program.train_step(state, steps.to_global(program, batch))
     if n == 8:  # parameters and batch really are spread over 8 devices (replicated params here)
       assert len(state["params"]["embed_VD"].sharding.device_set) == 8
     results.append((float(m["loss"]), jax.device_get(state["params"])))
@@ -123,13 +111,13 @@ def test_data_parallel_step_matches_one_device(data_dir):
 
 @pytest.mark.parametrize("variant", ["tiny", "small", "small,moe", "pod"])
 def test_config_files_load_and_build(variant):
-  from moegrow import transformer as tf
+  from moegrow.model import transformer as tf
   c = lm.get_config(variant)
-  cfg = train.model_config(c)
+  cfg = stages.model_config(c)
   shapes = jax.eval_shape(lambda: tf.init_params(cfg, 0))
   assert shapes["embed_VD"].shape == (cfg.vocab_size, cfg.d_model)
   if "moe" in variant or variant == "pod":
-    assert shapes["blocks"]["1"]["mlp"]["wi_EDF"].shape == (8, cfg.d_model, cfg.expert_d_ff)
+    assert shapes["blocks"]["1"]["mlp"]["wact_EDF"].shape == (8, cfg.d_model, cfg.expert_d_ff)
 
 
 def test_cli_runs_tiny_writes_outputs_and_learns(tmp_path, data_dir):
@@ -169,4 +157,4 @@ def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path, data_dir):
   config = tiny(data_dir, steps=40, lr=1e30, warmup_steps=0, grad_clip=0.0, checkpoint_every=1, log_every=1,
                 eval_every=0)
   with pytest.raises(FloatingPointError, match=r"loss is nan at step \d+.*Last good checkpoint: .*checkpoints/\d+"):
-    train.train_and_evaluate(config, str(tmp_path / "nan"))
+    stages.train_and_evaluate(config, str(tmp_path / "nan"))

@@ -1,10 +1,10 @@
 """Dropless grouped expert FFN for backends without a grouped matmul (XLA:CPU).
 
-Letter legend: P rows (token-expert assignments sorted by expert, plus slack), D model width,
-F expert hidden, E experts, R rows per chunk.
+Shape letters (docs/letters.md): P rows (token-expert assignments sorted by expert, plus slack),
+D model width, F expert hidden, E experts, R rows of one chunk.
 
 Rows of expert e are the contiguous range [start_E[e], start_E[e] + size_E[e]) of x_PD. One
-custom-VJP op runs the whole expert MLP, y = W_out (act(W_in x) * W_gate x), as two nested loops:
+custom-VJP op runs the whole expert MLP, y = W_o (act(W_act x) * W_lin x), as two nested loops:
 experts outside (each expert's weights are sliced once), chunks of that expert's rows inside,
 with a dynamic trip count, so no padding rows are computed beyond the last chunk's tail. Chunks
 are big first (512 rows), then the remainder is split in halves down to a tail size, so matmuls
@@ -70,20 +70,20 @@ def _expert(w, e):
   return None if w is None else jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
 
 
-def _forward(x_PD, wi_EDF, wg_EDF, wo_EFD, start_E, size_E, act, sizes, save: bool):
-  p, f = x_PD.shape[0], wi_EDF.shape[2]
+def _forward(x_PD, wact_EDF, wlin_EDF, wo_EFD, start_E, size_E, act, sizes, save: bool):
+  p, f = x_PD.shape[0], wact_EDF.shape[2]
 
   def expert(e, c):
-    wi_DF, wg_DF, wo_FD = _expert(wi_EDF, e), _expert(wg_EDF, e), _expert(wo_EFD, e)
+    wact_DF, wlin_DF, wo_FD = _expert(wact_EDF, e), _expert(wlin_EDF, e), _expert(wo_EFD, e)
     s = start_E[e]
 
     def chunk(off, r, c):
       x_RD = _rows(x_PD, s + off, r)
-      a_RF = x_RD @ wi_DF
+      a_RF = x_RD @ wact_DF
       h_RF = act(a_RF)
       out = dict(c)
-      if wg_DF is not None:
-        b_RF = x_RD @ wg_DF
+      if wlin_DF is not None:
+        b_RF = x_RD @ wlin_DF
         h_RF = h_RF * b_RF
         if save:
           out["b"] = _put(c["b"], b_RF, s + off)
@@ -96,30 +96,30 @@ def _forward(x_PD, wi_EDF, wg_EDF, wo_EFD, start_E, size_E, act, sizes, save: bo
   c = {"y": jnp.zeros_like(x_PD)}
   if save:  # pre-activations: the backward's only residuals besides x and the weights
     c["a"] = jnp.zeros((p, f), x_PD.dtype)
-    if wg_EDF is not None:
+    if wlin_EDF is not None:
       c["b"] = jnp.zeros((p, f), x_PD.dtype)
-  return jax.lax.fori_loop(0, wi_EDF.shape[0], expert, c)
+  return jax.lax.fori_loop(0, wact_EDF.shape[0], expert, c)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def expert_ffn(x_PD, wi_EDF, wg_EDF, wo_EFD, start_E, size_E, act, sizes):
-  """y_PD = W_out_e (act(x W_in_e) * x W_gate_e) for each row of expert e's range (wg_EDF may be
-  None: y = W_out_e act(x W_in_e)). Rows past sum(size_E) are unspecified; `sizes` come from
+def expert_ffn(x_PD, wact_EDF, wlin_EDF, wo_EFD, start_E, size_E, act, sizes):
+  """y_PD = W_o_e (act(x W_act_e) * x W_lin_e) for each row of expert e's range (wlin_EDF may be
+  None: y = W_o_e act(x W_act_e)). Rows past sum(size_E) are unspecified; `sizes` come from
   `chunk_sizes` and x_PD needs max(sizes) rows of slack after the last group."""
-  return _forward(x_PD, wi_EDF, wg_EDF, wo_EFD, start_E, size_E, act, sizes, False)["y"]
+  return _forward(x_PD, wact_EDF, wlin_EDF, wo_EFD, start_E, size_E, act, sizes, False)["y"]
 
 
-def _ffn_fwd(x_PD, wi_EDF, wg_EDF, wo_EFD, start_E, size_E, act, sizes):
-  c = _forward(x_PD, wi_EDF, wg_EDF, wo_EFD, start_E, size_E, act, sizes, True)
-  return c["y"], (x_PD, wi_EDF, wg_EDF, wo_EFD, start_E, size_E, c["a"], c.get("b"))
+def _ffn_fwd(x_PD, wact_EDF, wlin_EDF, wo_EFD, start_E, size_E, act, sizes):
+  c = _forward(x_PD, wact_EDF, wlin_EDF, wo_EFD, start_E, size_E, act, sizes, True)
+  return c["y"], (x_PD, wact_EDF, wlin_EDF, wo_EFD, start_E, size_E, c["a"], c.get("b"))
 
 
 def _ffn_bwd(act, sizes, res, dy_PD):
-  x_PD, wi_EDF, wg_EDF, wo_EFD, start_E, size_E, a_PF, b_PF = res
-  gated = wg_EDF is not None
+  x_PD, wact_EDF, wlin_EDF, wo_EFD, start_E, size_E, a_PF, b_PF = res
+  gated = wlin_EDF is not None
 
   def expert(e, c):
-    wi_DF, wg_DF, wo_FD = _expert(wi_EDF, e), _expert(wg_EDF, e), _expert(wo_EFD, e)
+    wact_DF, wlin_DF, wo_FD = _expert(wact_EDF, e), _expert(wlin_EDF, e), _expert(wo_EFD, e)
     s, n = start_E[e], size_E[e]
 
     def chunk(off, r, cc):
@@ -135,25 +135,25 @@ def _ffn_bwd(act, sizes, res, dy_PD):
       acc = dict(cc["acc"])
       acc["wo"] = acc["wo"] + _f32_dot(h_RF.T, dy_RD)
       da_RF = act_vjp(dh_RF * b_RF if gated else dh_RF)[0]
-      acc["wi"] = acc["wi"] + _f32_dot(x_RD.T, da_RF)
-      dx_RD = da_RF @ wi_DF.T
+      acc["wact"] = acc["wact"] + _f32_dot(x_RD.T, da_RF)
+      dx_RD = da_RF @ wact_DF.T
       if gated:
         db_RF = dh_RF * g_RF
-        acc["wg"] = acc["wg"] + _f32_dot(x_RD.T, db_RF)
-        dx_RD = dx_RD + db_RF @ wg_DF.T
+        acc["wlin"] = acc["wlin"] + _f32_dot(x_RD.T, db_RF)
+        dx_RD = dx_RD + db_RF @ wlin_DF.T
       return {"acc": acc, "dx": _put(cc["dx"], dx_RD, s + off)}
 
     # dW sums over chunks in float32 (as one big matmul would), rounded once per expert.
-    acc = {k: jnp.zeros(v.shape, jnp.float32) for k, v in (("wi", wi_DF), ("wg", wg_DF), ("wo", wo_FD))
+    acc = {k: jnp.zeros(v.shape, jnp.float32) for k, v in (("wact", wact_DF), ("wlin", wlin_DF), ("wo", wo_FD))
            if v is not None}
     r = _chunks(n, sizes, chunk, {"acc": acc, "dx": c["dx"]})
     dw = {k: jax.lax.dynamic_update_index_in_dim(c["dw"][k], r["acc"][k].astype(c["dw"][k].dtype), e, 0)
           for k in acc}
     return {"dx": r["dx"], "dw": dw}
 
-  dw = {k: jnp.zeros_like(v) for k, v in (("wi", wi_EDF), ("wg", wg_EDF), ("wo", wo_EFD)) if v is not None}
-  c = jax.lax.fori_loop(0, wi_EDF.shape[0], expert, {"dx": jnp.zeros_like(x_PD), "dw": dw})
-  return c["dx"], c["dw"]["wi"], c["dw"].get("wg"), c["dw"]["wo"], None, None
+  dw = {k: jnp.zeros_like(v) for k, v in (("wact", wact_EDF), ("wlin", wlin_EDF), ("wo", wo_EFD)) if v is not None}
+  c = jax.lax.fori_loop(0, wact_EDF.shape[0], expert, {"dx": jnp.zeros_like(x_PD), "dw": dw})
+  return c["dx"], c["dw"]["wact"], c["dw"].get("wlin"), c["dw"]["wo"], None, None
 
 
 expert_ffn.defvjp(_ffn_fwd, _ffn_bwd)

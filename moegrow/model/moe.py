@@ -1,8 +1,9 @@
 """Mixture-of-experts MLP: float32 router, top-k token choice, stacked experts.
 
-Letter legend: B batch, T length, D model width, F expert hidden, E experts, K experts per
-token, C capacity per expert per sequence, N = B*T tokens, M = N*K token-expert assignments,
-P rows of a dispatch buffer (sorted or capacity-slotted assignments, plus padding).
+Shape letters (docs/letters.md): B batch, T length, D model width, F expert hidden, E experts,
+K experts per token, C capacity per expert per sequence, Q = B*C capacity slots of one expert,
+N = B*T tokens, M = N*K token-expert assignments, J = K*T assignments of one sequence, P rows of
+a dispatch buffer (sorted or capacity-slotted assignments, plus padding).
 
 Routing (Shazeer et al. 2017; Fedus et al. 2022; Zoph et al. 2022):
   softmax_topk:  g = top_k(softmax(z))            (weights not renormalised; Switch/GShard)
@@ -30,8 +31,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moegrow.config import ModelConfig
-from moegrow.grouped_ffn import chunk_sizes, expert_ffn
-from moegrow.layers import Mlp, activation, fan_in_std, param
+from moegrow.config import fan_in_std
+from moegrow.model.grouped_ffn import chunk_sizes, expert_ffn
+from moegrow.model.layers import Mlp, activation, param
 from moegrow import sharding
 from moegrow.sharding import constrain
 
@@ -73,21 +75,21 @@ def _pad_row(x_ND):
   return jnp.concatenate([x_ND, jnp.zeros((1, x_ND.shape[1]), x_ND.dtype)])
 
 
-def _expert_ffn(w, x_ERD, act: str, impl: str):
+def _expert_ffn(w, x_EQD, act: str, impl: str):
   """Expert MLPs on a capacity buffer: row block e goes through expert e. "blocks" (CPU) runs the
   fused grouped FFN on the E equal groups (1.39x -> 1.25x a dense MLP on the benchmark layer);
   otherwise one batched einsum per weight."""
   if impl == "blocks":
-    e, r, d = x_ERD.shape
-    sizes = chunk_sizes(e * r, e)
-    x_PD = jnp.concatenate([x_ERD.reshape(e * r, d), jnp.zeros((max(sizes), d), x_ERD.dtype)])
-    y_PD = expert_ffn(x_PD, w["wi_EDF"], w.get("wg_EDF"), w["wo_EFD"], jnp.arange(e, dtype=jnp.int32) * r,
-                      jnp.full((e,), r, jnp.int32), activation(act), sizes)
-    return y_PD[:e * r].reshape(e, r, d)
-  h_ERF = activation(act)(jnp.einsum("ERD,EDF->ERF", x_ERD, w["wi_EDF"]))
-  if w.get("wg_EDF") is not None:
-    h_ERF = h_ERF * jnp.einsum("ERD,EDF->ERF", x_ERD, w["wg_EDF"])
-  return jnp.einsum("ERF,EFD->ERD", h_ERF, w["wo_EFD"])
+    e, q, d = x_EQD.shape
+    sizes = chunk_sizes(e * q, e)
+    x_PD = jnp.concatenate([x_EQD.reshape(e * q, d), jnp.zeros((max(sizes), d), x_EQD.dtype)])
+    y_PD = expert_ffn(x_PD, w["wact_EDF"], w.get("wlin_EDF"), w["wo_EFD"], jnp.arange(e, dtype=jnp.int32) * q,
+                      jnp.full((e,), q, jnp.int32), activation(act), sizes)
+    return y_PD[:e * q].reshape(e, q, d)
+  h_EQF = activation(act)(jnp.einsum("EQD,EDF->EQF", x_EQD, w["wact_EDF"]))
+  if w.get("wlin_EDF") is not None:
+    h_EQF = h_EQF * jnp.einsum("EQD,EDF->EQF", x_EQD, w["wlin_EDF"])
+  return jnp.einsum("EQF,EFD->EQD", h_EQF, w["wo_EFD"])
 
 
 def _sort_by_expert(idx_NK, e: int):
@@ -153,20 +155,20 @@ unpermute.defvjp(_unpermute_fwd, _unpermute_bwd)
 
 def dropless_blocks(w, x_ND, gates_NK, idx_NK, act: str):
   """Sort assignments by expert, then the fused grouped expert FFN (moegrow.grouped_ffn)."""
-  e = w["wi_EDF"].shape[0]
+  e = w["wact_EDF"].shape[0]
   sizes = chunk_sizes(idx_NK.size, e)
   order_M, start_E, size_E, dest_NK = _sort_by_expert(idx_NK, e)
   x_PD = permute(x_ND, order_M, dest_NK, max(sizes))  # slack rows keep every chunk in bounds
-  y_PD = expert_ffn(x_PD, w["wi_EDF"], w.get("wg_EDF"), w["wo_EFD"], start_E, size_E, activation(act), sizes)
+  y_PD = expert_ffn(x_PD, w["wact_EDF"], w.get("wlin_EDF"), w["wo_EFD"], start_E, size_E, activation(act), sizes)
   return unpermute(y_PD, gates_NK, order_M, dest_NK)
 
 
 def dropless_ragged(w, x_ND, gates_NK, idx_NK, act: str):
-  order_M, _, g_E, dest_NK = _sort_by_expert(idx_NK, w["wi_EDF"].shape[0])
+  order_M, _, g_E, dest_NK = _sort_by_expert(idx_NK, w["wact_EDF"].shape[0])
   xs_MD = permute(x_ND, order_M, dest_NK, 0)
-  h_MF = activation(act)(jax.lax.ragged_dot(xs_MD, w["wi_EDF"], g_E))
-  if w.get("wg_EDF") is not None:
-    h_MF = h_MF * jax.lax.ragged_dot(xs_MD, w["wg_EDF"], g_E)
+  h_MF = activation(act)(jax.lax.ragged_dot(xs_MD, w["wact_EDF"], g_E))
+  if w.get("wlin_EDF") is not None:
+    h_MF = h_MF * jax.lax.ragged_dot(xs_MD, w["wlin_EDF"], g_E)
   out_MD = jax.lax.ragged_dot(h_MF, w["wo_EFD"], g_E)
   return unpermute(out_MD, gates_NK, order_M, dest_NK)
 
@@ -178,23 +180,23 @@ def capacity_dispatch(w, x_ND, gates_NK, idx_NK, b: int, t: int, e: int, cf: flo
   k = idx_NK.shape[1]
   c = max(1, math.ceil(k * t / e * cf))
   # Per sequence, assignments in priority order: all top-1 choices, then all top-2, ...
-  idx_BM = idx_NK.reshape(b, t, k).transpose(0, 2, 1).reshape(b, k * t)
-  onehot_BME = jax.nn.one_hot(idx_BM, e, dtype=jnp.int32)
-  pos_BM = jnp.take_along_axis(jnp.cumsum(onehot_BME, axis=1) - 1, idx_BM[..., None], axis=2)[..., 0]
-  keep_BM = pos_BM < c
+  idx_BJ = idx_NK.reshape(b, t, k).transpose(0, 2, 1).reshape(b, k * t)
+  onehot_BJE = jax.nn.one_hot(idx_BJ, e, dtype=jnp.int32)
+  pos_BJ = jnp.take_along_axis(jnp.cumsum(onehot_BJE, axis=1) - 1, idx_BJ[..., None], axis=2)[..., 0]
+  keep_BJ = pos_BJ < c
   rows = e * b * c
-  row_BM = jnp.where(keep_BM, idx_BM * (b * c) + jnp.arange(b)[:, None] * c + pos_BM, rows)
-  tok_BM = jnp.arange(b)[:, None] * t + jnp.tile(jnp.arange(t), k)[None, :]
-  row_token = jnp.full((rows,), b * t, jnp.int32).at[row_BM.reshape(-1)].set(tok_BM.reshape(-1), mode="drop")
-  x_ERD = _pad_row(x_ND)[row_token].reshape(e, b * c, -1)
-  if expert_axis is not None:  # [E, R, D] -> [E/ne, ne*R, D]: my experts, everyone's tokens
-    x_ERD = jax.lax.all_to_all(x_ERD, expert_axis, 0, 1, tiled=True)
-  out_ERD = _expert_ffn(w, x_ERD, act, impl)
+  row_BJ = jnp.where(keep_BJ, idx_BJ * (b * c) + jnp.arange(b)[:, None] * c + pos_BJ, rows)
+  tok_BJ = jnp.arange(b)[:, None] * t + jnp.tile(jnp.arange(t), k)[None, :]
+  row_token = jnp.full((rows,), b * t, jnp.int32).at[row_BJ.reshape(-1)].set(tok_BJ.reshape(-1), mode="drop")
+  x_EQD = _pad_row(x_ND)[row_token].reshape(e, b * c, -1)
+  if expert_axis is not None:  # [E, Q, D] -> [E/ne, ne*Q, D]: my experts, everyone's tokens
+    x_EQD = jax.lax.all_to_all(x_EQD, expert_axis, 0, 1, tiled=True)
+  out_EQD = _expert_ffn(w, x_EQD, act, impl)
   if expert_axis is not None:
-    out_ERD = jax.lax.all_to_all(out_ERD, expert_axis, 1, 0, tiled=True)
-  rows_NK = row_BM.reshape(b, k, t).transpose(0, 2, 1).reshape(b * t, k)
-  dropped = 1.0 - jnp.mean(keep_BM.astype(jnp.float32))
-  return _combine(out_ERD.reshape(rows, -1), rows_NK, gates_NK), dropped
+    out_EQD = jax.lax.all_to_all(out_EQD, expert_axis, 1, 0, tiled=True)
+  rows_NK = row_BJ.reshape(b, k, t).transpose(0, 2, 1).reshape(b * t, k)
+  dropped = 1.0 - jnp.mean(keep_BJ.astype(jnp.float32))
+  return _combine(out_EQD.reshape(rows, -1), rows_NK, gates_NK), dropped
 
 
 def expert_choice(w, x_ND, logits_NE, b: int, t: int, k: int, cf: float, act: str, impl: str):
@@ -204,8 +206,8 @@ def expert_choice(w, x_ND, logits_NE, b: int, t: int, k: int, cf: float, act: st
   probs_NE = jax.nn.softmax(logits_NE, axis=-1)
   gates_BEC, tok_BEC = jax.lax.top_k(probs_NE.reshape(b, t, e).transpose(0, 2, 1), c)
   tok_BEC = tok_BEC + (jnp.arange(b) * t)[:, None, None]
-  x_ERD = x_ND[tok_BEC.transpose(1, 0, 2).reshape(e, b * c)]
-  out_BECD = _expert_ffn(w, x_ERD, act, impl).reshape(e, b, c, -1).transpose(1, 0, 2, 3)
+  x_EQD = x_ND[tok_BEC.transpose(1, 0, 2).reshape(e, b * c)]
+  out_BECD = _expert_ffn(w, x_EQD, act, impl).reshape(e, b, c, -1).transpose(1, 0, 2, 3)
   y_ND = jnp.zeros_like(x_ND, dtype=out_BECD.dtype).at[tok_BEC.reshape(-1)].add(
       (out_BECD * gates_BEC[..., None].astype(out_BECD.dtype)).reshape(-1, x_ND.shape[1]))
   served = jnp.zeros((b * t,), jnp.float32).at[tok_BEC.reshape(-1)].set(1.0)
@@ -252,8 +254,8 @@ class MoeMlp(nnx.Module):
     self.router_DE = param(rngs, (d, e), ("embed", None), std=cfg.router_init_std)
     # Per-expert logit bias: zeros at init; growth uses it to add experts exactly.
     self.router_bias_E = param(None, (e,), (None,), init=lambda s: jnp.zeros(s, jnp.float32))
-    self.wi_EDF = param(rngs, (e, d, f), ("expert", "embed", "mlp"), fan_in_std(d))
-    self.wg_EDF = param(rngs, (e, d, f), ("expert", "embed", "mlp"), fan_in_std(d)) if cfg.mlp_act == "swiglu" else None
+    self.wact_EDF = param(rngs, (e, d, f), ("expert", "embed", "mlp"), fan_in_std(d))
+    self.wlin_EDF = param(rngs, (e, d, f), ("expert", "embed", "mlp"), fan_in_std(d)) if cfg.mlp_act == "swiglu" else None
     self.wo_EFD = param(rngs, (e, f, d), ("expert", "mlp", "embed"), fan_in_std(f))
     self.shared = (Mlp(d, cfg.num_shared_experts * cfg.shared_d_ff, cfg.mlp_act, jnp.dtype(cfg.dtype), rngs)
                    if cfg.num_shared_experts else None)
@@ -266,8 +268,8 @@ class MoeMlp(nnx.Module):
     cfg, e = self.cfg, self.num_experts
     dt = jnp.dtype(cfg.dtype)
     w = {"router_DE": self.router_DE[...], "router_bias_E": self.router_bias_E[...],
-         "wi_EDF": self.wi_EDF[...].astype(dt), "wo_EFD": self.wo_EFD[...].astype(dt),
-         "wg_EDF": None if self.wg_EDF is None else self.wg_EDF[...].astype(dt)}
+         "wact_EDF": self.wact_EDF[...].astype(dt), "wo_EFD": self.wo_EFD[...].astype(dt),
+         "wlin_EDF": None if self.wlin_EDF is None else self.wlin_EDF[...].astype(dt)}
     mesh = sharding.current_mesh()
     data_axes = sharding.batch_axes(mesh, x_BTD.shape[0]) if mesh is not None else ()
     jitter_BTD = None

@@ -1,6 +1,6 @@
 """Loss curves of a run: `<workdir>/loss.png` and `loss.csv` from metrics.jsonl (+ growth steps).
 
-  python -m moegrow.plot <workdir>
+  python -m moegrow.train.plot <workdir>
 """
 from __future__ import annotations
 

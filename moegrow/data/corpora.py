@@ -130,7 +130,7 @@ _BUILDERS = {'shakespeare_plays': ShakespearePlays,
 LOCAL_DATASETS = tuple(_BUILDERS)
 
 
-def _own_name(name: str) -> str | None:
+def own_name(name: str) -> str | None:
   base = name.split(':')[0]
   return base if base in _BUILDERS else None
 
@@ -154,7 +154,7 @@ def get_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   preparation runs under a file lock in ``data_dir`` so only one process
   builds and the others wait and reuse the result.
   """
-  own = _own_name(name)
+  own = own_name(name)
   if own is None:
     raise ValueError(f'{name!r} is not one of the local builders '
                      f'{sorted(_BUILDERS)}.')
@@ -175,9 +175,9 @@ def build(name: str, data_dir: str) -> None:
   get_builder(name, data_dir)
 
 
-def _data_source(name: str, split: str, data_dir: str):
+def data_source(name: str, split: str, data_dir: str):
   """Random-access source of split ``split`` of dataset ``name``."""
-  if _own_name(name):
+  if own_name(name):
     return get_builder(name, data_dir).as_data_source(split=split)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -192,7 +192,7 @@ def _data_source(name: str, split: str, data_dir: str):
                           download=False)
 
 
-def _text_of(example: Mapping[str, Any], key: str) -> bytes:
+def text_of(example: Mapping[str, Any], key: str) -> bytes:
   text = example[key]
   if isinstance(text, np.ndarray):
     text = text.item()

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import optax
 
 
-
 def make_schedule(lr: float, steps: int, warmup_steps: int = 0, schedule: str = "cosine",
                   min_lr_ratio: float = 0.1) -> optax.Schedule:
   """Linear warm-up to `lr`, then: cosine decay to `min_lr_ratio * lr` at `steps`; constant; or
@@ -48,11 +47,18 @@ def frozen_mask(params: dict, patterns: Sequence[str]) -> dict:
   return jax.tree_util.tree_map_with_path(frozen, params)
 
 
-def make_optimizer(train_cfg: Any, params: dict | None = None) -> optax.GradientTransformation:
+def schedule_from(train_cfg: Any) -> optax.Schedule:
+  """`make_schedule` from a train config (lr, steps, warmup_steps, schedule, min_lr_ratio)."""
+  return make_schedule(train_cfg.lr, train_cfg.steps, train_cfg.warmup_steps, train_cfg.schedule,
+                       train_cfg.get("min_lr_ratio", 0.1))
+
+
+def make_optimizer(train_cfg: Any, params: dict | None = None,
+                   schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
   """AdamW chain from a config with lr, steps, warmup_steps, schedule, min_lr_ratio, b1, b2,
-  weight_decay, grad_clip and optional `frozen` (regexes over param paths, no updates)."""
-  sched = make_schedule(train_cfg.lr, train_cfg.steps, train_cfg.warmup_steps, train_cfg.schedule,
-                        train_cfg.get("min_lr_ratio", 0.1))
+  weight_decay, grad_clip and optional `frozen` (regexes over param paths, no updates).
+  `schedule` defaults to `schedule_from(train_cfg)`."""
+  sched = schedule_from(train_cfg) if schedule is None else schedule
   tx = optax.chain(
       optax.clip_by_global_norm(train_cfg.grad_clip) if train_cfg.grad_clip else optax.identity(),
       optax.adamw(sched, b1=train_cfg.b1, b2=train_cfg.b2, eps=1e-8,

@@ -1,16 +1,16 @@
-"""Pure-dict tree helpers and a small declarative rules engine for checkpoint surgery.
+"""A small declarative rules engine for checkpoint surgery on plain nested dicts.
 
-Trees are nested dicts with string keys; a leaf's path is its keys joined by '/'
-(`blocks/1/mlp/wi_EDF`). A rule set maps every TARGET leaf to how it is made:
+A leaf's path is its keys joined by '/' (`blocks/1/mlp/wact_EDF`, see `moegrow.trees`).
+A rule set maps every TARGET leaf to how it is made:
 
-  rules = [(r"blocks/(\\d+)/mlp/wi_EDF", stack(r"blocks/\\1/mlp/wi_DF", n=8)),
+  rules = [(r"blocks/(\\d+)/mlp/wact_EDF", stack(r"blocks/\\1/mlp/wact_DF", n=8)),
            (r"blocks/\\d+/mlp/router_DE", init("normal", std=0.02)),
-           (r"blocks/\\d+/mlp/wi_DF", drop()),          # a SOURCE path, explicitly unused
+           (r"blocks/\\d+/mlp/wact_DF", drop()),          # a SOURCE path, explicitly unused
            (r".*", copy())]                             # everything else: same path
 
 Patterns are `re.fullmatch`ed; the first matching non-drop rule produces a target leaf, and
 source templates are expanded with that match (`\\1`, `\\g<0>`). `drop()` rules match SOURCE
-paths. `apply_rules` is strict (DESIGN.md, "fail loudly"): every target leaf is produced at its
+paths. `apply_rules` is strict: every target leaf is produced at its
 exact shape and dtype, and every source leaf is used or dropped; otherwise one ValueError lists
 every offending path.
 
@@ -24,77 +24,14 @@ from __future__ import annotations
 import dataclasses
 import re
 import zlib
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
-SEP = "/"
+from moegrow.trees import flatten, natural_key, unflatten
 KINDS = ("params", "mu", "nu")
 DISTS = ("normal", "zeros", "ones", "constant")
-
-
-# ---------------------------------------------------------------- flatten / unflatten
-
-def flatten(tree: Mapping, sep: str = SEP) -> dict[str, Any]:
-  """{'a': {'b': x}} -> {'a/b': x}. Keys must be strings without `sep`; None leaves are kept."""
-  out: dict[str, Any] = {}
-
-  def walk(node, prefix):
-    for k, v in node.items():
-      if not isinstance(k, str) or sep in k or not k:
-        raise ValueError(f"flatten: key {k!r} under '{prefix}' must be a non-empty str without {sep!r}")
-      path = f"{prefix}{sep}{k}" if prefix else k
-      if isinstance(v, Mapping):
-        walk(v, path)
-      else:
-        out[path] = v
-
-  walk(tree, "")
-  return out
-
-
-def unflatten(flat: Mapping[str, Any], sep: str = SEP) -> dict:
-  """Inverse of `flatten`."""
-  out: dict = {}
-  for path, v in flat.items():
-    *parents, last = path.split(sep)
-    node = out
-    for p in parents:
-      node = node.setdefault(p, {})
-      if not isinstance(node, dict):
-        raise ValueError(f"unflatten: '{path}' is below a leaf")
-    if last in node:
-      raise ValueError(f"unflatten: '{path}' given twice or is a prefix of another path")
-    node[last] = v
-  return out
-
-
-def natural_key(path: str):
-  """Sort key with numbers compared as numbers: blocks/2 < blocks/10."""
-  return [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in re.split(r"(\d+)", path)]
-
-
-def shape_dtype(tree: Mapping) -> dict[str, jax.ShapeDtypeStruct]:
-  return {k: jax.ShapeDtypeStruct(tuple(v.shape), jnp.dtype(v.dtype)) for k, v in flatten(tree).items()}
-
-
-def check_tree(tree: Mapping, abstract: Mapping, what: str = "tree", check_dtype: bool = True) -> None:
-  """ValueError listing missing, unexpected and mis-shaped (or mis-typed) leaves of `tree`."""
-  have, want = flatten(tree), flatten(abstract)
-  problems = []
-  missing = sorted(set(want) - set(have), key=natural_key)
-  extra = sorted(set(have) - set(want), key=natural_key)
-  if missing:
-    problems.append(f"missing leaves: {missing}")
-  if extra:
-    problems.append(f"unexpected leaves: {extra}")
-  for p in sorted(set(want) & set(have), key=natural_key):
-    h, w = have[p], want[p]
-    if tuple(h.shape) != tuple(w.shape) or (check_dtype and jnp.dtype(h.dtype) != jnp.dtype(w.dtype)):
-      problems.append(f"{p}: got {tuple(h.shape)} {jnp.dtype(h.dtype)}, want {tuple(w.shape)} {jnp.dtype(w.dtype)}")
-  if problems:
-    raise ValueError(f"{what} does not match its config:\n  " + "\n  ".join(problems))
 
 
 # ---------------------------------------------------------------- actions
@@ -111,7 +48,7 @@ class Action:
   drop: bool = False
 
 
-def _scaled(x, kind, scale):
+def scaled(x, kind, scale):
   if scale is None:
     return x
   return x * (scale ** 2 if kind == "nu" else scale)
@@ -144,7 +81,7 @@ def init(dist: str = "normal", std: float = 1.0, mean: float = 0.0, value: float
 def copy(src: str = r"\g<0>", scale: float | None = None) -> Action:
   """Copy one source leaf (default: the same path), optionally times `scale`."""
   return Action("copy" if scale is None else "scale", (src,),
-                lambda kind, key, s, want: _scaled(s[0], kind, scale), preserves=scale is None)
+                lambda kind, key, s, want: scaled(s[0], kind, scale), preserves=scale is None)
 
 
 def stack(src: str, n: int, axis: int = 0) -> Action:
@@ -157,20 +94,6 @@ def tile(src: str, reps: int, axis: int = 0) -> Action:
   return Action("tile", (src,), lambda kind, key, s, want: jnp.concatenate([s[0]] * reps, axis=axis))
 
 
-def repeat(src: str, reps: int, axis: int = 0) -> Action:
-  """Each entry repeated along an axis: [a, b] -> [a, a, b, b]."""
-  return Action("repeat", (src,), lambda kind, key, s, want: jnp.repeat(s[0], reps, axis=axis))
-
-
-def split(src: str, num: int, index: int, axis: int = 0) -> Action:
-  """Piece `index` of `num` equal pieces along an axis."""
-  return Action("split", (src,), lambda kind, key, s, want: jnp.split(s[0], num, axis=axis)[index])
-
-
-def concat(srcs: Sequence[str], axis: int = 0) -> Action:
-  return Action("concat", tuple(srcs), lambda kind, key, s, want: jnp.concatenate(s, axis=axis))
-
-
 def pad(src: str, dist: str = "zeros", std: float = 1.0, value: float = 0.0, scale: float | None = None) -> Action:
   """Source (times `scale`) in the leading corner of the bigger target; the rest `init(dist)`
   (moments: carried corner, zero rest)."""
@@ -180,7 +103,7 @@ def pad(src: str, dist: str = "zeros", std: float = 1.0, value: float = 0.0, sca
       raise ValueError(f"pad: source {tuple(x.shape)} does not fit in target {tuple(want.shape)}")
     base = (jnp.zeros(want.shape, want.dtype) if kind != "params"
             else _sample(dist, key, want.shape, want.dtype, std, 0.0, value))
-    return base.at[tuple(slice(0, n) for n in x.shape)].set(_scaled(x, kind, scale).astype(want.dtype))
+    return base.at[tuple(slice(0, n) for n in x.shape)].set(scaled(x, kind, scale).astype(want.dtype))
   return Action("pad", (src,), fn)
 
 
@@ -198,13 +121,6 @@ Rule = tuple  # (pattern, Action)
 
 
 # ---------------------------------------------------------------- engine
-
-def _as_flat(tree: Mapping) -> dict[str, Any]:
-  """Nested tree -> flat; an already flat {path: leaf} dict is returned as is."""
-  if all(not isinstance(v, Mapping) for v in tree.values()):
-    return dict(tree)
-  return flatten(tree)
-
 
 def leaf_key(key, path: str):
   return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
@@ -255,7 +171,7 @@ def apply_rules(source: Mapping, target: Mapping, rules: Sequence[Rule], key=Non
   """
   if kind not in KINDS:
     raise ValueError(f"apply_rules: kind={kind!r} not in {KINDS}")
-  src, want = _as_flat(source), _as_flat(target)
+  src, want = flatten(source), flatten(target)
   plan = plan_rules(list(src), list(want), rules)
   key = jax.random.PRNGKey(0) if key is None else key
   out, bad = {}, []

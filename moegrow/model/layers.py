@@ -1,7 +1,7 @@
 """Transformer layers in Flax NNX: RMSNorm, causal rotary attention, dense MLP.
 
-Letter legend: B batch, T query length, S key length, D model width, F MLP hidden,
-H heads, A head dim, V vocab, N = B*T tokens. Parameters carry their shape in their name (`wq_DHA`) and
+Shape letters: see docs/letters.md (B batch, T query length, S key length, D model width,
+F MLP hidden, H heads, A head dim, N = B*T tokens). Parameters carry their shape in their name (`wq_DHA`) and
 declare logical axes in the `logical_axes` metadata (see `moegrow.sharding`).
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moegrow.config import fan_in_std
 from moegrow.sharding import constrain
 
 
@@ -23,10 +24,6 @@ def param(rngs: nnx.Rngs | None, shape, axes, std: float | None = None, init=Non
     std = 1.0 / math.sqrt(shape[-2] if len(shape) >= 2 else shape[0]) if std is None else std
     value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
   return nnx.Param(value, logical_axes=tuple(axes))
-
-
-def fan_in_std(*dims: int) -> float:
-  return 1.0 / math.sqrt(math.prod(dims))
 
 
 class RMSNorm(nnx.Module):
@@ -93,19 +90,19 @@ def activation(name: str):
 
 
 class Mlp(nnx.Module):
-  """Dense MLP: y = W_out (act(W_in x) * W_gate x) for SwiGLU, W_out act(W_in x) for GELU."""
+  """Dense MLP: y = W_o (act(W_act x) * W_lin x) for SwiGLU, W_o act(W_act x) for GELU."""
 
   def __init__(self, d: int, f: int, act: str, dtype, rngs: nnx.Rngs):
-    self.wi_DF = param(rngs, (d, f), ("embed", "mlp"), fan_in_std(d))
-    self.wg_DF = param(rngs, (d, f), ("embed", "mlp"), fan_in_std(d)) if act == "swiglu" else None
+    self.wact_DF = param(rngs, (d, f), ("embed", "mlp"), fan_in_std(d))
+    self.wlin_DF = param(rngs, (d, f), ("embed", "mlp"), fan_in_std(d)) if act == "swiglu" else None
     self.wo_FD = param(rngs, (f, d), ("mlp", "embed"), fan_in_std(f))
     self.act, self.dtype = act, dtype
 
   def __call__(self, x_BTD):
     w = lambda p: p[...].astype(self.dtype)
     x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])  # 2-D matmuls (see Attention)
-    h_NF = activation(self.act)(x_ND @ w(self.wi_DF))
-    if self.wg_DF is not None:
-      h_NF = h_NF * (x_ND @ w(self.wg_DF))
+    h_NF = activation(self.act)(x_ND @ w(self.wact_DF))
+    if self.wlin_DF is not None:
+      h_NF = h_NF * (x_ND @ w(self.wlin_DF))
     h_NF = constrain(h_NF, ("batch", "mlp"))
     return (h_NF @ w(self.wo_FD)).reshape(x_BTD.shape)

@@ -1,25 +1,24 @@
 """Decoder-only transformer LM and its pure-dict functional interface.
 
-Letter legend: B batch, T length, D model width, V vocab, L layers.
+Shape letters: docs/letters.md (B batch, T length, D model width, V vocab).
 
 Everything outside this module (checkpoints, growth, training) sees parameters as plain
-nested dicts with string keys, e.g. `params["blocks"]["3"]["mlp"]["wi_EDF"]`:
+nested dicts with string keys, e.g. `params["blocks"]["3"]["mlp"]["wact_EDF"]`:
   init_params(cfg, seed) -> params      apply(cfg, params, tokens_BT) -> (logits_BTV, aux)
   logical_axes(cfg) -> same tree of logical-axis tuples;   abstract_params(cfg) -> ShapeDtypeStructs
 """
 from __future__ import annotations
 
 import functools
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from moegrow.config import ModelConfig
-from moegrow.layers import Attention, Mlp, RMSNorm, param
-from moegrow.moe import MoeMlp
+from moegrow.model.layers import Attention, Mlp, RMSNorm, param
+from moegrow.model.moe import MoeMlp
 from moegrow.sharding import constrain
+from moegrow.trees import check_tree, to_plain
 
 
 class Block(nnx.Module):
@@ -80,12 +79,6 @@ class TransformerLM(nnx.Module):
 
 # ---------------------------------------------------------------- pure-dict interface
 
-def _str_keys(tree):
-  if isinstance(tree, dict):
-    return {str(k): _str_keys(v) for k, v in tree.items()}
-  return tree
-
-
 @functools.lru_cache(maxsize=64)
 def _graph(cfg: ModelConfig):
   """GraphDef and abstract nnx.State of `cfg` (no FLOPs, no memory)."""
@@ -96,21 +89,14 @@ def _graph(cfg: ModelConfig):
 def _state_from(cfg: ModelConfig, params: dict):
   graphdef, state = _graph(cfg)
   state = jax.tree_util.tree_map(lambda x: x, state)  # private copy
-  pure = nnx.to_pure_dict(state)
+  check_tree(params, abstract_params(cfg), "params", check_dtype=False)
 
-  def fill(template, given, path):
+  def keyed(template, given):  # the model's own key types (ints under nnx.List)
     if isinstance(template, dict):
-      if not isinstance(given, dict):
-        raise ValueError(f"params at '{path}': expected a dict, got {type(given).__name__}")
-      want, have = {str(k) for k in template}, set(given)
-      if want != have:
-        raise ValueError(f"params at '{path or '/'}': missing {sorted(want - have)}, unexpected {sorted(have - want)}")
-      return {k: fill(v, given[str(k)], f"{path}/{k}") for k, v in template.items()}
-    if tuple(given.shape) != tuple(template.shape):
-      raise ValueError(f"params at '{path}': shape {tuple(given.shape)} != expected {tuple(template.shape)}")
+      return {k: keyed(v, given[str(k)]) for k, v in template.items()}
     return given
 
-  nnx.replace_by_pure_dict(state, fill(pure, params, ""))
+  nnx.replace_by_pure_dict(state, keyed(nnx.to_pure_dict(state), params))
   return graphdef, state
 
 
@@ -120,7 +106,7 @@ def model_from_params(cfg: ModelConfig, params: dict) -> TransformerLM:
 
 
 def params_of(model: TransformerLM) -> dict:
-  return _str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  return to_plain(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 def init_params(cfg: ModelConfig, seed: int | jax.Array = 0) -> dict:
@@ -134,7 +120,7 @@ def apply(cfg: ModelConfig, params: dict, tokens_BT, rng: jax.Array | None = Non
 
 
 def abstract_params(cfg: ModelConfig) -> dict:
-  return _str_keys(nnx.to_pure_dict(_graph(cfg)[1]))
+  return to_plain(nnx.to_pure_dict(_graph(cfg)[1]))
 
 
 def logical_axes(cfg: ModelConfig) -> dict:
@@ -142,10 +128,4 @@ def logical_axes(cfg: ModelConfig) -> dict:
   state = _graph(cfg)[1]
   axes = jax.tree_util.tree_map(lambda v: v.get_metadata()["logical_axes"], state,
                                 is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return _str_keys(_to_plain(axes))
-
-
-def _to_plain(state) -> Any:
-  if hasattr(state, "items"):
-    return {k: _to_plain(v) for k, v in state.items()}
-  return state
+  return to_plain(axes, sequences=False)

@@ -1,7 +1,7 @@
 """Byte-level tokens and a resumable grain input pipeline over the corpora.
 
 Tokenizer: byte level. Ids 0..255 are raw bytes, then PAD/BOS/EOS.
-Datasets: the local TFDS builders in ``moegrow.corpora`` (``shakespeare_plays``,
+Datasets: the local TFDS builders in ``moegrow.data.corpora`` (``shakespeare_plays``,
 ``python_stdlib``) or any TFDS dataset prepared as ArrayRecord in ``data_dir``.
 
 Pipeline (per dataset, per host): source[process_index::process_count] ->
@@ -21,6 +21,8 @@ from typing import Any, Mapping
 
 import grain
 import numpy as np
+
+from moegrow.data.corpora import data_source, own_name, text_of
 
 # ----------------------------------------------------------------- tokenizer
 PAD_ID = 256
@@ -48,11 +50,6 @@ def decode(ids) -> str:
 def domain_name(name: str) -> str:
   """Short metric name: ``'c4/en:3.0.1' -> 'c4'``, ``'lm1b' -> 'lm1b'``."""
   return name.split(':')[0].split('/')[0]
-
-
-from moegrow.corpora import (LOCAL_DATASETS, SHAKESPEARE_VALIDATION, STDLIB_VALIDATION_MOD,  # noqa: F401
-                             PythonStdlib, ShakespearePlays, _data_source, _own_name, _text_of, build,
-                             get_builder)
 
 
 # ------------------------------------------------------------------- packing
@@ -155,7 +152,7 @@ def make_train_iter(mixture: Mapping[str, float], *, seq_len: int,
 
   Returns:
     grain iterator with ``__next__``, ``get_state()`` (JSON-serialisable dict)
-    and ``set_state(state)``, yielding ``{'inputs', 'targets': int32[B, L],
+    and ``set_state(state)``, yielding ``{'inputs', 'targets': int32[B, T],
     'domain': int32[B]}`` with ``B = global_batch // process_count``.
   """
   if seq_len < 1 or global_batch < 1:
@@ -169,19 +166,19 @@ def make_train_iter(mixture: Mapping[str, float], *, seq_len: int,
                      f'process_count={process_count}.')
   local_batch = global_batch // process_count
   weights = _check_mixture(mixture)
-  sources = {name: _data_source(name, split, data_dir) for name in weights}
+  sources = {name: data_source(name, split, data_dir) for name in weights}
 
   parts, part_weights = [], []
   for index, (name, weight) in enumerate(weights.items()):
     if weight == 0:
       continue
-    key = 'text' if _own_name(name) else text_key
+    key = 'text' if own_name(name) else text_key
     ds = grain.MapDataset.source(sources[name])[process_index::process_count]
     if len(ds) == 0:  # pylint: disable=g-explicit-length-test
       raise ValueError(f'Dataset {name!r} split {split!r} has no documents '
                        f'for process {process_index}/{process_count}.')
     ds = ds.shuffle(seed=_seed_for(seed, index)).repeat(None)
-    ds = ds.map(lambda ex, key=key: encode(_text_of(ex, key)))
+    ds = ds.map(lambda ex, key=key: encode(text_of(ex, key)))
     packed = _PackIterDataset(ds.to_iter_dataset(_READ_OPTIONS), seq_len + 1)
     domain = np.int32(index)
     parts.append(packed.map(lambda w, d=domain: {'tokens': w, 'domain': d}))
@@ -275,15 +272,15 @@ def eval_batches(name: str, *, seq_len: int, batch_size: int,
   if min(seq_len, batch_size, num_batches) < 1:
     raise ValueError(f'Need positive seq_len/batch_size/num_batches, got '
                      f'{seq_len}/{batch_size}/{num_batches}.')
-  source = _data_source(name, split, data_dir)
+  source = data_source(name, split, data_dir)
   if len(source) == 0:  # pylint: disable=g-explicit-length-test
     raise ValueError(f'Split {split!r} of {name!r} is empty.')
-  key = 'text' if _own_name(name) else text_key
+  key = 'text' if own_name(name) else text_key
   window = seq_len + 1
   need = num_batches * batch_size * window
   chunks, total = [], 0
   for i in range(len(source)):
-    chunks.append(encode(_text_of(source[i], key)))
+    chunks.append(encode(text_of(source[i], key)))
     total += chunks[-1].size
     if total >= need:
       break

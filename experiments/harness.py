@@ -1,0 +1,372 @@
+"""One experiment harness for every figure: arms x seeds, compute matching, resume, mean ± SE.
+
+A figure is declarative (see experiments/upcycling/figure.py):
+
+    Figure(name, title, arms=(Arm(name, config=lambda seed: <ConfigDict>, start_from=..., ...), ...),
+           claims=(Claim(text, better="upcycled", worse="dense", domain="mean"), ...), plan={...})
+
+`run(figure, argv)` is the whole command line (`--quick`, `--seeds 0,1,2`, `--workdir`,
+`--data_dir`, `--stop_after_steps`):
+  * every (arm, seed) is an ordinary moegrow workdir `<workdir>/<arm>/seed<k>`, trained by
+    `moegrow.train.stages.train_and_evaluate` (growth stages included). A run that finished writes
+    `done.json` and is never redone; an interrupted one resumes from its newest checkpoint. An arm
+    with `start_from` begins from a copy of that arm's checkpoint (same seed) at `start_step`.
+  * `plan.json` pins the figure's plan: a workdir written by another plan is refused.
+  * every evaluation of every run goes into one CSV `<name>.csv` (arm, seed, step, flops, x,
+    domain, loss); `<name>.png` plots mean ± standard error over seeds against FLOPs;
+    `summary.csv` / `summary.md` (also printed) hold each arm's final loss (mean ± SE) and, per
+    claim, the effect `loss(worse) - loss(better)` paired by seed, its standard error
+    `std(differences, ddof=1) / sqrt(n)`, and whether it is separated (|effect| > 2 SE).
+FLOPs come from the one formula in `moegrow.flops` (`matched_steps` does compute matching).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from typing import Any, Callable, Sequence
+
+import ml_collections
+import numpy as np
+
+from moegrow import checkpoint
+from moegrow.config import ModelConfig
+from moegrow.flops import train_flops_per_token
+from moegrow.train import stages
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """One curve of a figure. `config(seed)` is the complete run config (stages included);
+  `start_from`: the arm whose run with the same seed provides the checkpoint at `start_step`
+  this run starts from; `end_step`: the step at which the run counts as finished (default the
+  config's last step; smaller for a run that stops partway through its own schedule)."""
+  name: str
+  config: Callable[[int], ml_collections.ConfigDict]
+  label: str = ""
+  start_from: str | None = None
+  start_step: int = 0
+  end_step: int | None = None
+  plotted: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+  """A paper's claim as a comparison: `better` should end with a lower loss than `worse` on
+  `domain` ('mean' = mean over domains)."""
+  text: str
+  better: str
+  worse: str
+  domain: str = "mean"
+
+
+@dataclasses.dataclass(frozen=True)
+class Figure:
+  name: str
+  title: str
+  arms: tuple[Arm, ...]
+  claims: tuple[Claim, ...]
+  plan: dict  # JSON facts of the figure (steps, FLOPs); pinned in plan.json
+  x_origin: float = 0.0  # FLOPs subtracted on the x axis (e.g. a shared checkpoint's sunk FLOPs)
+  x_label: str = "training FLOPs"
+
+
+# ---------------------------------------------------------------- FLOPs
+
+def flops_per_step(cfg: ModelConfig, config) -> float:
+  """Training FLOPs of one step of `config`'s batch for model `cfg` (moegrow.flops.FORMULA)."""
+  seq = int(config.data.seq_len)
+  return train_flops_per_token(cfg, seq) * seq * int(config.train.batch_size)
+
+
+def matched_steps(flops: float, cfg: ModelConfig, config) -> int:
+  """Steps of model `cfg` that spend `flops` training FLOPs (rounded to the nearest step)."""
+  return int(round(flops / flops_per_step(cfg, config)))
+
+
+def flops_at(config, step: int) -> float:
+  """Training FLOPs a run of `config` has spent at global `step`, summed over its stages."""
+  total = 0.0
+  for st in stages.resolve_stages(config, stages.model_config(config)):
+    total += max(0, min(step, st.end) - st.start) * flops_per_step(st.cfg, config)
+  return total
+
+
+# ---------------------------------------------------------------- runs
+
+def run_dir(root: str, arm: str, seed: int) -> str:
+  return os.path.join(root, arm, f"seed{seed}")
+
+
+def arm_config(fig: Figure, arm: Arm, seed: int, data_dir: str) -> ml_collections.ConfigDict:
+  c = arm.config(seed)
+  c.train.seed = int(seed)
+  c.data.data_dir = data_dir
+  return c
+
+
+def end_step(arm: Arm, config) -> int:
+  return arm.end_step if arm.end_step is not None else int(config.train.steps)
+
+
+def _seed_checkpoint(src_run: str, workdir: str, step: int) -> None:
+  """Copy the source run's stage-0 checkpoint `step` into a fresh workdir (whole step directory,
+  then one rename: a crash leaves no half-seeded workdir)."""
+  if os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return  # seeded earlier (and maybe trained on): the run resumes from its newest checkpoint
+  src = os.path.join(src_run, "checkpoints", checkpoint.step_name(0, step))
+  if not os.path.isdir(src):
+    raise FileNotFoundError(f"checkpoint {src} is missing; cannot start {workdir}")
+  tmp = os.path.join(workdir, ".seeding")
+  shutil.rmtree(tmp, ignore_errors=True)
+  shutil.copytree(src, os.path.join(tmp, checkpoint.step_name(0, step)))
+  os.replace(tmp, os.path.join(workdir, "checkpoints"))
+
+
+def run_one(fig: Figure, arm: Arm, seed: int, root: str, data_dir: str, stop_after_steps: int = 0) -> bool:
+  """Train one (arm, seed) to its end (or `stop_after_steps` more steps). True if finished."""
+  wd = run_dir(root, arm.name, seed)
+  if os.path.exists(os.path.join(wd, "done.json")):
+    print(f"[{arm.name} seed {seed}] finished earlier; skipping", flush=True)
+    return True
+  config = arm_config(fig, arm, seed, data_dir)
+  end = end_step(arm, config)
+  if arm.start_from:
+    _seed_checkpoint(run_dir(root, arm.start_from, seed), wd, arm.start_step)
+  config.train.stop_at_step = end
+  config.train.stop_after_steps = int(stop_after_steps)
+  print(f"[{arm.name} seed {seed}] training in {wd} (to step {end})", flush=True)
+  t0 = time.perf_counter()
+  result = stages.train_and_evaluate(config, wd)
+  finished = int(result["step"]) >= end and not result.get("preempted")
+  if finished:
+    checkpoint.write_json(os.path.join(wd, "done.json"), {
+        "step": int(result["step"]), "seconds": time.perf_counter() - t0,
+        "final": {k: v for k, v in result.items() if k.startswith("eval/")}})
+  return finished
+
+
+def _check_plan(root: str, fig: Figure) -> None:
+  path = os.path.join(root, "plan.json")
+  plan = json.loads(json.dumps(fig.plan))
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    if old != plan:
+      raise ValueError(f"{path} was written by a different plan than this one "
+                       f"(first difference in keys {sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))}); "
+                       f"use another --workdir")
+  else:
+    checkpoint.write_json(path, plan)
+
+
+# ---------------------------------------------------------------- results
+
+def read_evals(workdir: str) -> dict[int, dict[str, float]]:
+  """step -> {domain: loss} from a run's metrics.jsonl (a resumed step's last row wins)."""
+  out: dict[int, dict[str, float]] = {}
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return out
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # a torn last line of a killed run
+      for k, v in row.items():
+        parts = k.split("/")
+        if len(parts) == 3 and parts[0] == "eval" and parts[2] == "loss":
+          out.setdefault(int(row["step"]), {})[parts[1]] = float(v)
+  return out
+
+
+def collect(fig: Figure, root: str, seeds: Sequence[int], data_dir: str = "") -> list[dict]:
+  """Every evaluation of every plotted run: rows (arm, seed, step, flops, x, domain, loss),
+  domain 'mean' = the mean over domains. A run started from another arm's checkpoint gets that
+  run's evaluation at the start step as its first point."""
+  arms = {a.name: a for a in fig.arms}
+  rows = []
+  for arm in fig.arms:
+    if not arm.plotted:
+      continue
+    for seed in seeds:
+      config = arm_config(fig, arm, seed, data_dir)
+      end = end_step(arm, config)
+      ev = {s: e for s, e in read_evals(run_dir(root, arm.name, seed)).items() if s <= end}
+      if arm.start_from:
+        src = read_evals(run_dir(root, arms[arm.start_from].name, seed))
+        if arm.start_step in src:
+          ev = {arm.start_step: src[arm.start_step], **{s: e for s, e in ev.items() if s > arm.start_step}}
+      for step in sorted(ev):
+        flops = flops_at(config, step)
+        doms = dict(ev[step])
+        doms["mean"] = float(np.mean(list(doms.values())))
+        for dom, loss in doms.items():
+          rows.append({"arm": arm.name, "seed": int(seed), "step": int(step), "flops": flops,
+                       "x": flops - fig.x_origin, "domain": dom, "loss": loss})
+  return rows
+
+
+def write_csv(path: str, rows: list[dict], cols: Sequence[str] | None = None) -> None:
+  cols = list(cols or (rows[0].keys() if rows else []))
+  tmp = path + ".tmp"
+  with open(tmp, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=cols)
+    w.writeheader()
+    w.writerows({k: r.get(k, "") for k in cols} for r in rows)
+  os.replace(tmp, path)
+
+
+def read_csv(path: str) -> list[dict]:
+  """Rows of a results CSV with numbers parsed (seed, step: int; flops, x, loss: float)."""
+  with open(path) as f:
+    rows = list(csv.DictReader(f))
+  for r in rows:
+    r["seed"], r["step"] = int(r["seed"]), int(r["step"])
+    for k in ("flops", "x", "loss"):
+      r[k] = float(r[k])
+  return rows
+
+
+def final_losses(rows: list[dict]) -> dict[tuple[str, str], dict[int, float]]:
+  """(arm, domain) -> {seed: loss at that run's last evaluated step}."""
+  last: dict[tuple[str, int], int] = {}
+  for r in rows:
+    key = (r["arm"], r["seed"])
+    last[key] = max(last.get(key, r["step"]), r["step"])
+  out: dict[tuple[str, str], dict[int, float]] = {}
+  for r in rows:
+    if r["step"] == last[(r["arm"], r["seed"])]:
+      out.setdefault((r["arm"], r["domain"]), {})[r["seed"]] = r["loss"]
+  return out
+
+
+def mean_se(xs: Sequence[float]) -> tuple[float, float]:
+  """Mean and standard error of the mean, std(ddof=1)/sqrt(n) (nan for one value)."""
+  a = np.asarray(list(xs), np.float64)
+  if a.size == 0:
+    return math.nan, math.nan
+  return float(a.mean()), float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else math.nan
+
+
+def summarize(rows: list[dict], claims: Sequence[Claim]) -> tuple[list[dict], list[dict]]:
+  """(per-arm rows: arm, domain, n, mean, se) and (per-claim rows: claim, better, worse, domain,
+  n, effect, se, separated). The effect is loss(worse) - loss(better), paired by seed over the
+  seeds both arms have; positive supports the claim; separated when |effect| > 2 SE."""
+  finals = final_losses(rows)
+  arms = []
+  for (arm, dom), by_seed in finals.items():
+    m, se = mean_se(by_seed.values())
+    arms.append({"arm": arm, "domain": dom, "n": len(by_seed), "mean": m, "se": se})
+  out = []
+  for c in claims:
+    a, b = finals.get((c.better, c.domain), {}), finals.get((c.worse, c.domain), {})
+    seeds = sorted(set(a) & set(b))
+    effect, se = mean_se([b[s] - a[s] for s in seeds])
+    out.append({"claim": c.text, "better": c.better, "worse": c.worse, "domain": c.domain, "n": len(seeds),
+                "effect": effect, "se": se, "separated": bool(se == se and abs(effect) > 2 * se)})
+  return arms, out
+
+
+def summary_text(fig: Figure, arm_rows: list[dict], claim_rows: list[dict]) -> str:
+  lines = [f"# {fig.title}", "", "Final validation loss (nats/token), mean ± standard error over seeds:", "",
+           "| arm | domain | seeds | loss |", "|---|---|---|---|"]
+  for r in arm_rows:
+    lines.append(f"| {r['arm']} | {r['domain']} | {r['n']} | {r['mean']:.4f} ± {r['se']:.4f} |")
+  lines += ["", "Claims (effect = loss(worse) - loss(better), paired by seed; > 0 supports the claim):", "",
+            "| claim | better | worse | domain | seeds | effect ± SE | separated (|effect| > 2 SE) |",
+            "|---|---|---|---|---|---|---|"]
+  for r in claim_rows:
+    lines.append(f"| {r['claim']} | {r['better']} | {r['worse']} | {r['domain']} | {r['n']} | "
+                 f"{r['effect']:+.4f} ± {r['se']:.4f} | {'yes' if r['separated'] else 'no'} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(path: str, fig: Figure, rows: list[dict]) -> None:
+  """One panel per domain ('mean' first): mean over seeds vs x, shaded ± standard error."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  domains = ["mean"] + sorted({r["domain"] for r in rows} - {"mean"})
+  labels = {a.name: a.label or a.name for a in fig.arms}
+  xmax = max((abs(r["x"]) for r in rows), default=1.0) or 1.0
+  scale = 10 ** math.floor(math.log10(xmax))
+  f, axes = plt.subplots(1, len(domains), figsize=(5.2 * len(domains), 4.3), squeeze=False)
+  for ax, dom in zip(axes[0], domains):
+    for i, arm in enumerate(dict.fromkeys(r["arm"] for r in rows)):
+      pts: dict[int, list[tuple[float, float]]] = {}
+      for r in rows:
+        if r["arm"] == arm and r["domain"] == dom:
+          pts.setdefault(r["step"], []).append((r["x"], r["loss"]))
+      nseeds = max(len(v) for v in pts.values())
+      steps = [s for s in sorted(pts) if len(pts[s]) == nseeds]  # steps every seed reached
+      x = np.array([pts[s][0][0] for s in steps]) / scale
+      stats = [mean_se([p[1] for p in pts[s]]) for s in steps]
+      m = np.array([s[0] for s in stats])
+      se = np.nan_to_num(np.array([s[1] for s in stats]))
+      color = f"C{i}"
+      ax.plot(x, m, color=color, marker="o", ms=3, lw=1.6, label=f"{labels[arm]} (n={nseeds})")
+      ax.fill_between(x, m - se, m + se, color=color, alpha=0.2, lw=0)
+    ax.set_title("mean over domains" if dom == "mean" else dom)
+    ax.set_xlabel(f"{fig.x_label} (x 1e{int(math.log10(scale))})")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.grid(alpha=0.3)
+  axes[0][0].legend(fontsize=8, loc="best")
+  f.suptitle(f"{fig.title}: mean ± standard error over seeds", fontsize=10)
+  f.tight_layout()
+  f.savefig(path, dpi=110)
+  plt.close(f)
+
+
+def report(fig: Figure, root: str, seeds: Sequence[int], data_dir: str = "") -> tuple[list[dict], list[dict]]:
+  """Write <name>.csv, <name>.png, summary.csv and summary.md from the runs; print the summary."""
+  rows = collect(fig, root, seeds, data_dir)
+  write_csv(os.path.join(root, f"{fig.name}.csv"), rows, ["arm", "seed", "step", "flops", "x", "domain", "loss"])
+  plot(os.path.join(root, f"{fig.name}.png"), fig, rows)
+  arm_rows, claim_rows = summarize(rows, fig.claims)
+  write_csv(os.path.join(root, "summary.csv"),
+            [{"kind": "arm", **r} for r in arm_rows] + [{"kind": "claim", **r} for r in claim_rows],
+            ["kind", "arm", "claim", "better", "worse", "domain", "n", "mean", "se", "effect", "separated"])
+  text = summary_text(fig, arm_rows, claim_rows)
+  with open(os.path.join(root, "summary.md"), "w") as f:
+    f.write(text)
+  print(text, flush=True)
+  print(f"wrote {os.path.join(root, fig.name + '.csv')}, {os.path.join(root, fig.name + '.png')}, "
+        f"{os.path.join(root, 'summary.md')}", flush=True)
+  return arm_rows, claim_rows
+
+
+# ---------------------------------------------------------------- command line
+
+def run(make_figure: Callable[[bool], Figure], argv: Sequence[str] | None = None, default_seeds: str = "0,1,2") -> int:
+  """The command line of a figure: trains every missing (arm, seed), then reports."""
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--quick", action="store_true", help="tiny models, a few steps per run (tests)")
+  ap.add_argument("--seeds", default=None, help=f"comma-separated seeds (default {default_seeds}; quick: 0,1)")
+  ap.add_argument("--workdir", default=None, help="default runs/<figure name>[_quick]")
+  ap.add_argument("--data_dir", default=os.environ.get("MOEGROW_DATA_DIR", ""),
+                  help="TFDS data dir (default: $MOEGROW_DATA_DIR, else ~/tensorflow_datasets)")
+  ap.add_argument("--stop_after_steps", type=int, default=0,
+                  help="stop every run after this many steps this invocation (rerun to resume)")
+  args = ap.parse_args(argv)
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+  fig = make_figure(args.quick)
+  seeds = [int(s) for s in (args.seeds or ("0,1" if args.quick else default_seeds)).split(",") if s.strip()]
+  root = args.workdir or os.path.join("runs", fig.name + ("_quick" if args.quick else ""))
+  os.makedirs(root, exist_ok=True)
+  _check_plan(root, fig)
+  print(f"{fig.title}: arms {[a.name for a in fig.arms]}, seeds {seeds}, in {root}", flush=True)
+  for arm in fig.arms:
+    for seed in seeds:
+      if not run_one(fig, arm, seed, root, args.data_dir, args.stop_after_steps):
+        print(f"[{arm.name} seed {seed}] stopped before its end; run the same command to resume", flush=True)
+        return 1
+  report(fig, root, seeds, args.data_dir)
+  return 0

@@ -1,0 +1,131 @@
+"""Run growth ops on plain state dicts: params AND Adam moments, through each op's rules.
+
+    state = {'params': P, 'mu': P-shaped tree or None, 'nu': P-shaped tree or None[, 'count']}
+    grown_config(cfg, ops) -> new cfg                       (no arrays, no tracing)
+    apply_ops(state, cfg, ops, key, shapes=...) -> (state, cfg, [report, ...])
+
+`ops` is a list of {'op': name, **args, 'opt_state': 'carry' | 'reset'}. Surgery knows nothing
+of the model: `shapes(cfg)` must return the abstract param tree of a config (for moegrow's
+transformer, `moegrow.model.transformer.abstract_params`); every target leaf is built at exactly
+those shapes. Moments: with 'carry' (default) each action decides (copies carry their source's
+moments, scaled copies scale mu by c and nu by c^2, new slices are zeros); with 'reset' every
+leaf that is not an unmodified copy gets zero moments. 'count' (the Adam step) passes through.
+Reports are JSON-serialisable: op, args, opt_state, exact, note, old/new config and `map`
+{target path: {'action', 'from': [source paths]}}.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from moegrow.config import ModelConfig
+from moegrow.surgery import rules as R
+from moegrow.surgery.moe_ops import add_experts, drop_upcycle, granular_upcycle, upcycle
+from moegrow.surgery.op import Plan
+from moegrow.surgery.shape_ops import add_heads, insert_blocks, stack, widen_mlp, widen_model
+from moegrow.trees import check_tree, flatten, json_leaf, to_plain, unflatten
+
+OPS = {f.__name__: f for f in (upcycle, granular_upcycle, drop_upcycle, add_experts, insert_blocks, stack,
+                               widen_mlp, add_heads, widen_model)}
+STATE_KEYS = ("params", "mu", "nu", "count")
+MOMENTS = ("mu", "nu")
+OPT_STATES = ("carry", "reset")
+Shapes = Callable[[ModelConfig], Mapping]
+
+
+def parse_op(spec: Any, n: int = 0) -> tuple[str, dict, str]:
+  """{'op': name, **args[, 'opt_state']} -> (name, args, opt_state), with errors naming op #n."""
+  if not isinstance(spec, Mapping) or "op" not in spec:
+    raise ValueError(f"growth op #{n} must be a dict with an 'op' key, got {spec!r}")
+  name = spec["op"]
+  if name not in OPS:
+    raise ValueError(f"growth op #{n}: unknown growth op {name!r}; known: {sorted(OPS)}")
+  args = {k: v for k, v in spec.items() if k not in ("op", "opt_state")}
+  opt_state = spec.get("opt_state", "carry")
+  if opt_state not in OPT_STATES:
+    raise ValueError(f"growth op #{n} ({name}): argument opt_state={opt_state!r} must be one of {OPT_STATES}")
+  return name, args, opt_state
+
+
+def plans(cfg: ModelConfig, ops: Sequence[Mapping[str, Any]]) -> list[tuple[str, dict, str, Plan]]:
+  """Each op's (name, args, opt_state, Plan), planned in order on the config it will see."""
+  out = []
+  for n, spec in enumerate(ops):
+    name, args, opt_state = parse_op(spec, n)
+    plan = OPS[name](cfg, **args)
+    out.append((name, args, opt_state, plan))
+    cfg = plan.new_cfg
+  return out
+
+
+def grown_config(cfg: ModelConfig, ops: Sequence[Mapping[str, Any]]) -> ModelConfig:
+  """The config `ops` produce from `cfg`: pure config arithmetic, no arrays."""
+  for *_, plan in plans(cfg, ops):
+    cfg = plan.new_cfg
+  return cfg
+
+
+def run_plan(state: Mapping, cfg: ModelConfig, plan: Plan, target: Mapping, key, *, op: str = "", args=None,
+             opt_state: str = "carry") -> tuple[dict, dict]:
+  """Params and (if present) Adam moments through one plan's rules -> (new state, report)."""
+  extra = sorted(set(state) - set(STATE_KEYS))
+  if "params" not in state or extra:
+    raise ValueError(f"{op}: state must be a dict with 'params' (and optional {list(STATE_KEYS[1:])}); "
+                     f"got keys {sorted(state)}")
+  rules = plan.rules(key)
+  params, actions = R.apply_rules(state["params"], target, rules, key, "params")
+  new = dict(state)
+  new["params"] = params
+  for kind in MOMENTS:
+    m = state.get(kind)
+    if m is None:
+      continue
+    dts = {jnp.dtype(x.dtype) for x in flatten(m).values()}
+    dt = dts.pop() if len(dts) == 1 else None
+    want = {p: jax.ShapeDtypeStruct(s.shape, dt or s.dtype) for p, s in flatten(target).items()}
+    out, _ = R.apply_rules(m, want, rules, key, kind, check_dtype=dt is not None)
+    if opt_state == "reset":
+      flat = flatten(out)
+      out = unflatten({p: x if actions[p][0].preserves else jnp.zeros_like(x) for p, x in flat.items()})
+    new[kind] = out
+  report = {"op": op, "args": to_plain(args or {}, json_leaf), "opt_state": opt_state, "exact": bool(plan.exact),
+            "note": plan.note, "old_config": cfg.to_dict(), "new_config": plan.new_cfg.to_dict(),
+            "map": R.describe_plan(actions), **to_plain(plan.extra, json_leaf)}
+  return new, report
+
+
+def validate_state(state: Mapping, cfg: ModelConfig, shapes: Shapes, what: str = "state") -> None:
+  """ValueError unless params (and mu/nu, shapes only) match `shapes(cfg)` exactly."""
+  want = shapes(cfg)
+  check_tree(state["params"], want, f"{what} params")
+  for kind in MOMENTS:
+    if state.get(kind) is not None:
+      check_tree(state[kind], want, f"{what} {kind}", check_dtype=False)
+
+
+def apply_ops(state: Mapping, cfg: ModelConfig, ops: Sequence[Mapping[str, Any]], key=None, *, shapes: Shapes,
+              jit: bool = False):
+  """Apply growth ops in order; op n gets fold_in(key, n). With jit=True each op runs under
+  jax.jit (arguments static, arrays traced). Every result is checked against shapes(new cfg).
+  Returns (state, cfg, [report, ...])."""
+  key = jax.random.PRNGKey(0) if key is None else key
+  reports = []
+  for n, (name, args, opt_state, plan) in enumerate(plans(cfg, ops)):
+    target, k = shapes(plan.new_cfg), jax.random.fold_in(key, n)
+    run = lambda s, kk: run_plan(s, cfg, plan, target, kk, op=name, args=args, opt_state=opt_state)
+    if jit:
+      box = {}
+
+      def traced(s, kk):
+        out, box["report"] = run(s, kk)
+        return out
+      state, report = jax.jit(traced)(state, k), None
+      report = box["report"]
+    else:
+      state, report = run(state, k)
+    validate_state(state, plan.new_cfg, shapes, f"after op #{n} ({name})")
+    cfg = plan.new_cfg
+    reports.append(report)
+  return state, cfg, reports

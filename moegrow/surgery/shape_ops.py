@@ -1,0 +1,193 @@
+"""Depth and width growth ops: insert blocks, stack (G_stack), widen the MLP (Net2WiderNet),
+add attention heads, widen the residual stream (MSG). Each maps (cfg, static args) to a `Plan`
+(see `moegrow.surgery.op`); maths and exactness in each docstring and in docs/growth.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from moegrow.config import ModelConfig, fan_in_std
+from moegrow.surgery import rules as R
+from moegrow.surgery.op import Plan, expert_counts, growth_op, mlp_names, moe_fields
+
+
+# ---------------------------------------------------------------- depth
+
+def _new_block_rules(cfg: ModelConfig, j: int):
+  """A fresh block whose residual contributions are 0: output projections zero, rest at init."""
+  p, d = f"blocks/{j}/", cfg.d_model
+  return [(p + "(attn_norm|mlp_norm)/scale_D", R.init("ones")),
+          (p + "attn/w[qkv]_DHA", R.init("normal", std=fan_in_std(d))),
+          (p + "attn/wo_HAD", R.init("zeros")),
+          (p + "mlp/(shared/)?w(act|lin)_DF", R.init("normal", std=fan_in_std(d))),
+          (p + "mlp/(shared/)?wo_FD", R.init("zeros")),
+          (p + "mlp/w(act|lin)_EDF", R.init("normal", std=fan_in_std(d))),
+          (p + "mlp/wo_EFD", R.init("zeros")),
+          (p + "mlp/router_DE", R.init("normal", std=cfg.router_init_std)),
+          (p + "mlp/router_bias_E", R.init("zeros"))]
+
+
+@growth_op
+def insert_blocks(cfg, *, positions: int | Sequence[int], num_experts: int = 0) -> Plan:
+  """Insert fresh blocks; `positions` are their indices in the NEW stack (e.g. [1] in a 2-layer
+  model: old 0 -> 0, new block at 1, old 1 -> 2). Output projections (attn wo_HAD, MLP wo_FD /
+  wo_EFD, shared wo) are zero, so each new pre-norm block is the identity: exact. Other weights
+  at the model's init scale, norms 1. New blocks are dense, or MoE with `num_experts` experts.
+  Old MoE layers keep their expert counts at their shifted indices. New leaves: zero moments."""
+  pos = sorted({int(positions)} if isinstance(positions, int) else {int(i) for i in positions})
+  n = cfg.num_layers + len(pos)
+  bad = [i for i in pos if not 0 <= i < n]
+  if bad or (not isinstance(positions, int) and len(pos) != len(positions)):
+    raise ValueError(f"insert_blocks: positions {list(positions) if not isinstance(positions, int) else positions} "
+                     f"must be distinct indices in the new stack 0..{n - 1}")
+  if num_experts < 0 or (num_experts and num_experts < cfg.top_k):
+    raise ValueError(f"insert_blocks: num_experts={num_experts} must be 0 (dense) or >= top_k={cfg.top_k}")
+  old_of = [i for i in range(n) if i not in pos]  # new index of old layer o: old_of[o]
+  counts = {old_of[o]: e for o, e in expert_counts(cfg).items()}
+  counts.update({j: num_experts for j in pos if num_experts})
+  new_cfg = cfg.replace(num_layers=n, **moe_fields(counts, n))
+  rules = []
+  for j in range(n):
+    rules += _new_block_rules(cfg, j) if j in pos else [(f"blocks/{j}/(.*)", R.copy(f"blocks/{old_of.index(j)}/\\1"))]
+  rules.append((".*", R.copy()))
+  return Plan(new_cfg, lambda key: rules, exact=True)
+
+
+@growth_op
+def stack(cfg, *, times: int = 2) -> Plan:
+  """G_stack (Du et al. 2024): repeat the layer stack, L -> times*L, new layer j = old j mod L
+  (0,1 -> 0,1,0,1), MoE layers and expert counts included. Not function-preserving.
+  Moments: every copy carries its source's; with 'reset' the duplicates (j >= L) get zeros."""
+  if times < 1:
+    raise ValueError(f"stack: times={times} must be >= 1")
+  L = cfg.num_layers
+  n = L * times
+  counts = {j: cfg.experts_in_layer(j % L) for j in range(n)}
+  new_cfg = cfg.replace(num_layers=n, **moe_fields(counts, n))
+  rules = []
+  for j in range(n):
+    act = R.copy(f"blocks/{j % L}/\\1")
+    if j >= L:
+      act = dataclasses.replace(act, name="duplicate", preserves=False)
+    rules.append((f"blocks/{j}/(.*)", act))
+  rules.append((".*", R.copy()))
+  return Plan(new_cfg, lambda key: rules, exact=times == 1)
+
+
+# ---------------------------------------------------------------- width
+
+def _net2wider(idx, f_old, axis, out_proj, noise_std, noise_key):
+  """Gather hidden units idx along `axis`; outgoing rows divided by their replication count."""
+  count = jnp.zeros((f_old,), jnp.float32).at[idx].add(1.0)[idx]
+
+  def fn(kind, kk, w):
+    x = jnp.take(w, idx, axis=axis)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    if out_proj:
+      n = count.reshape(shape)
+      return x / (n * n if kind == "nu" else n)
+    if kind == "params" and noise_std > 0:  # optional symmetry breaking on the extra units
+      extra = (jnp.arange(idx.shape[0]) >= f_old).astype(x.dtype).reshape(shape)
+      x = x + extra * noise_std * jnp.std(w) * jax.random.normal(noise_key, x.shape, x.dtype)
+    return x
+  return fn
+
+
+@growth_op
+def widen_mlp(cfg, *, d_ff: int | None = None, expert_d_ff: int | None = None,
+              shared_d_ff: int | None = None, method: Literal["random", "round_robin"] = "random",
+              noise_std: float = 0.0) -> Plan:
+  """Net2WiderNet on MLP hidden widths: dense d_ff, experts' expert_d_ff, shared_d_ff (each
+  optional; all layers of that kind). Index map per layer (shared by a layer's experts): units
+  0..f-1 are kept, each extra unit copies unit (j - f) mod f ('round_robin') or a uniformly
+  random one ('random'); the outgoing rows (wo) of every unit are divided by its replication
+  count n. Exact without noise (noise_std > 0 adds noise of that relative std to the extra units'
+  input columns). Moments: input columns carry; divided rows scale mu by 1/n, nu by 1/n^2."""
+  sizes = {"d_ff": (cfg.d_ff, d_ff), "expert_d_ff": (cfg.expert_d_ff, expert_d_ff),
+           "shared_d_ff": (cfg.shared_d_ff, shared_d_ff)}
+  shrink = {n: v for n, v in sizes.items() if v[1] is not None and v[1] < v[0]}
+  if shrink:
+    raise ValueError("widen_mlp: cannot shrink " + ", ".join(f"{n} {a} -> {b}" for n, (a, b) in shrink.items()))
+  if all(v[1] is None for v in sizes.values()):
+    raise ValueError("widen_mlp: give at least one of d_ff, expert_d_ff, shared_d_ff")
+  new = {n: (v[1] if v[1] is not None else v[0]) for n, v in sizes.items()}
+  return Plan(cfg.replace(**new), lambda key: _widen_mlp_rules(cfg, new, method, noise_std, key),
+              exact=noise_std == 0)
+
+
+def _widen_mlp_rules(cfg, new, method, noise_std, key):
+  s = cfg.num_shared_experts
+  rules = []
+  names = mlp_names(cfg)
+  for i in range(cfg.num_layers):
+    moe = cfg.experts_in_layer(i) > 0
+    parts = [("", "DF", "FD", cfg.d_ff, new["d_ff"])] if not moe else [("", "EDF", "EFD", cfg.expert_d_ff,
+                                                                         new["expert_d_ff"])]
+    if moe and s:
+      parts.append(("shared/", "DF", "FD", s * cfg.shared_d_ff, s * new["shared_d_ff"]))
+    for n_part, (sub, ins, outs, f, f2) in enumerate(parts):
+      if f2 == f:
+        continue
+      k = jax.random.fold_in(jax.random.fold_in(key, i), n_part)
+      extra = (jnp.arange(f2 - f) % f if method == "round_robin"
+               else jax.random.randint(k, (f2 - f,), 0, f))
+      idx = jnp.concatenate([jnp.arange(f), extra]).astype(jnp.int32)
+      p = f"blocks/{i}/mlp/{sub}"
+      for j, nm in enumerate(names):
+        fn = _net2wider(idx, f, len(ins) - 1, False, noise_std, jax.random.fold_in(k, 10 + j))
+        rules.append((p + f"{nm}_{ins}", R.compute([p + f"{nm}_{ins}"], fn, "net2wider_in")))
+      fn = _net2wider(idx, f, len(outs) - 2, True, 0.0, None)
+      rules.append((p + f"wo_{outs}", R.compute([p + f"wo_{outs}"], fn, "net2wider_out")))
+  rules.append((".*", R.copy()))
+  return rules
+
+
+@growth_op
+def add_heads(cfg, *, num_heads: int) -> Plan:
+  """H -> H' heads of the same head_dim in every layer: new q/k/v heads at init scale, new
+  output-projection heads zero, so they add nothing: exact. New slices: zero moments."""
+  if num_heads < cfg.num_heads:
+    raise ValueError(f"add_heads: cannot shrink num_heads {cfg.num_heads} -> {num_heads}")
+  new_cfg = cfg.replace(num_heads=num_heads, head_dim=cfg.head_dim)
+  rules = [(r"blocks/\d+/attn/w[qkv]_DHA", R.pad(r"\g<0>", "normal", std=fan_in_std(cfg.d_model))),
+           (r"blocks/\d+/attn/wo_HAD", R.pad(r"\g<0>", "zeros")),
+           (".*", R.copy())]
+  return Plan(new_cfg, lambda key: rules, exact=True)
+
+
+@growth_op
+def widen_model(cfg, *, d_model: int) -> Plan:
+  """d -> d' (MSG, Yao et al. 2024), exact. The residual stream is zero-padded: new embedding
+  columns and every new output-projection column (attn wo_HAD, MLP/expert/shared wo) are zero,
+  new input-projection rows (q/k/v, wact/wlin, router, untied head) random: they read zeros.
+  RMS over d' of a zero-padded vector is sqrt(d/d') times the RMS over d, so norm_eps becomes
+  eps*d/d' (then exactly so) and RMSNorm gains are multiplied by c = sqrt(d/d') (new entries c).
+  Tied logits divide by sqrt(d_model): the final-norm gain is left as is (its c and the
+  divisor's sqrt(d'/d) cancel), new entries 1. Scaled gains scale mu by c and nu by c^2."""
+  d, d2 = cfg.d_model, d_model
+  if d2 < d:
+    raise ValueError(f"widen_model: cannot shrink d_model {d} -> {d2}")
+  c = math.sqrt(d / d2)
+  new_cfg = cfg.replace(d_model=d2, head_dim=cfg.head_dim, norm_eps=cfg.norm_eps * d / d2)
+  g = r"\g<0>"
+  final = (R.pad(g, "constant", value=1.0) if cfg.tie_embeddings
+           else R.pad(g, "constant", value=c, scale=c))
+  rules = [("embed_VD", R.pad(g, "zeros")),
+           ("head_DV", R.pad(g, "normal", std=fan_in_std(d2))),
+           ("final_norm/scale_D", final),
+           (r"blocks/\d+/(attn_norm|mlp_norm)/scale_D", R.pad(g, "constant", value=c, scale=c)),
+           (r"blocks/\d+/attn/w[qkv]_DHA", R.pad(g, "normal", std=fan_in_std(d2))),
+           (r"blocks/\d+/attn/wo_HAD", R.pad(g, "zeros")),
+           (r"blocks/\d+/mlp/(shared/)?w(act|lin)_DF", R.pad(g, "normal", std=fan_in_std(d2))),
+           (r"blocks/\d+/mlp/w(act|lin)_EDF", R.pad(g, "normal", std=fan_in_std(d2))),
+           (r"blocks/\d+/mlp/router_DE", R.pad(g, "normal", std=cfg.router_init_std)),
+           (r"blocks/\d+/mlp/(shared/)?wo_FD", R.pad(g, "zeros")),
+           (r"blocks/\d+/mlp/wo_EFD", R.pad(g, "zeros")),
+           (".*", R.copy())]
+  return Plan(new_cfg, lambda key: rules, exact=True)

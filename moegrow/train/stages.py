@@ -1,0 +1,337 @@
+"""Stages: a run is a list of stages; growth happens at their boundaries (the orchestrator).
+
+A config may hold `stages`: stage 0 trains; each later stage names growth `ops` (see
+`moegrow.surgery.apply.OPS`), its `steps`, and optionally a new data `mixture`. Stage i's
+checkpoints live in `<workdir>/checkpoints/` under `checkpoint.step_name(i, step)`, so the final
+checkpoint of a stage and the first (grown) checkpoint of the next share a step number without
+sharing a directory. At a boundary (docs/growth.md):
+  1. the finished stage's final checkpoint is on disk;
+  2. it is restored at its OWN shapes (from its stored model config) on the current mesh;
+  3. the ops run under `jax.jit(..., out_shardings=<new shardings>)` on params and Adam moments;
+  4. the result is checked against the new stage's abstract tree, the held-out loss per domain is
+     measured before and after (the growth certificate, `<workdir>/growth/<step>.json`), and the
+     grown state is saved as the new stage's first checkpoint (lineage in its metadata).
+The source checkpoint is never written to; a crash before step 4 completes leaves the source
+as the latest checkpoint, so a restart simply grows again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from moegrow import checkpoint, data, sharding
+from moegrow.config import ModelConfig
+from moegrow.model import transformer as tf
+from moegrow.surgery import apply as surgery
+from moegrow.train import loop, optim, probes
+from moegrow.train.logbook import Logbook
+from moegrow.train.steps import build_program
+from moegrow.trees import to_plain
+
+STAGE_KEYS = ("name", "steps", "ops", "mixture")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  index: int
+  name: str
+  start: int  # global step at which the stage begins
+  end: int  # global step at which it ends
+  ops: tuple  # growth ops applied at `start` (empty for stage 0)
+  mixture: dict | None  # None: the config's data.mixture
+  cfg: ModelConfig  # the model trained in this stage
+
+
+def resolve_stages(config, base_cfg: ModelConfig) -> list[Stage]:
+  """Stages from `config.stages` (or one stage of `config.train.steps` if there are none).
+  Each stage's model config comes from its ops' declared config changes (no arrays)."""
+  specs = list(config.get("stages", None) or ())
+  if not specs:
+    return [Stage(0, "train", 0, int(config.train.steps), (), None, base_cfg)]
+  stages, start, cfg = [], 0, base_cfg
+  for i, spec in enumerate(specs):
+    spec = to_plain(spec)
+    unknown = sorted(set(spec) - set(STAGE_KEYS))
+    if unknown:
+      raise ValueError(f"stages[{i}]: unknown keys {unknown} (expected {', '.join(STAGE_KEYS)})")
+    ops = tuple(spec.get("ops", ()) or ())
+    if i == 0 and ops:
+      raise ValueError("stages[0] trains the initial model and cannot have growth ops")
+    if i > 0 and not ops:
+      raise ValueError(f"stages[{i}] ({spec.get('name')}) has no growth ops")
+    cfg = surgery.grown_config(cfg, ops)
+    steps = int(spec["steps"])
+    mixture = spec["mixture"] if spec.get("mixture") else None
+    stages.append(Stage(i, str(spec.get("name", f"stage{i}")), start, start + steps, ops, mixture, cfg))
+    start += steps
+  return stages
+
+
+def checkpoint_meta(stage: Stage, lineage: list, step: int, ops=()) -> dict:
+  """Checkpoint metadata: the model config, the stage, and the lineage (every stage and op
+  that produced the checkpoint) extended by this stage's entry."""
+  entry = {"stage": stage.index, "name": stage.name, "step": int(step), "ops": to_plain(list(ops))}
+  return {"model": stage.cfg.to_dict(), "stage": stage.index, "lineage": list(lineage) + [entry]}
+
+
+def growth_key(seed: int, stage: int):
+  """The random key of the growth into `stage` (new weights' init): fixed by seed and stage."""
+  return jax.random.fold_in(jax.random.key(seed), 1000 + stage)
+
+
+def manager(workdir: str, stage: int, tr, read_only: bool = False):
+  return checkpoint.manager(os.path.join(workdir, "checkpoints"), keep=tr.keep_checkpoints,
+                            async_save=tr.async_checkpoint, read_only=read_only,
+                            step_prefix=checkpoint.stage_prefix(stage))
+
+
+def latest(workdir: str, stages: list[Stage], tr) -> tuple[int, int | None]:
+  """(stage index, step) of the newest checkpoint in `workdir`, or (-1, None)."""
+  for st in reversed(stages):
+    m = manager(workdir, st.index, tr, read_only=True)
+    step = m.latest_step() if os.path.isdir(m.directory) else None
+    m.close()
+    if step is not None:
+      return st.index, step
+  return -1, None
+
+
+# ---------------------------------------------------------------- from a config
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  return ModelConfig.from_dict(config.model.to_dict())
+
+
+def make_mesh(config) -> Mesh:
+  return sharding.make_mesh(dict(config.mesh))
+
+
+def data_dir(config) -> str:
+  return os.path.expanduser(config.data.data_dir or os.path.join("~", "tensorflow_datasets"))
+
+
+def eval_sets(config, names=None) -> dict[str, list[dict]]:
+  dd, tr = data_dir(config), config.train
+  names = names or [n for n, w in config.data.mixture.items() if w > 0]
+  return {data.domain_name(n): data.eval_batches(n, seq_len=config.data.seq_len, batch_size=tr.eval_batch_size,
+                                                 num_batches=tr.eval_batches, data_dir=dd,
+                                                 text_key=config.data.text_key) for n in names}
+
+
+def train_iter(config, mixture=None) -> data.ShardedIterator:
+  """This process's rows of the global batches: its own `data.shards` (0: one per process)."""
+  dd = data_dir(config)  # local corpora are built there on first use
+  return data.make_sharded_train_iter(dict(mixture or config.data.mixture), seq_len=config.data.seq_len,
+                                      global_batch=config.train.batch_size,
+                                      seed=config.train.seed, data_dir=dd,
+                                      num_shards=config.data.get("shards", 0), process_index=jax.process_index(),
+                                      process_count=jax.process_count(), text_key=config.data.text_key)
+
+
+
+# ---------------------------------------------------------------- growth at a boundary
+
+def own_buffers(state):
+  """`state` with one buffer per leaf: leaves sharing a buffer with an earlier leaf are copied.
+  Growth may return one array for several leaves (e.g. identical zero moments); the train step
+  donates its state and XLA cannot donate a buffer twice."""
+  seen: set = set()
+
+  def own(x):
+    ptrs = tuple(s.data.unsafe_buffer_pointer() for s in x.addressable_shards)
+    if ptrs in seen:
+      return jnp.array(x, copy=True)
+    seen.add(ptrs)
+    return x
+  return jax.tree_util.tree_map(own, state)
+
+
+def _certificate_rows(held: dict, mesh) -> dict:
+  """The certificate needs only a few sequences per domain: keep max(4, batch shards) rows."""
+  shards = int(np.prod([mesh.shape[a] for a in sharding.batch_axes(mesh)] or [1]))
+  rows = max(4, shards)
+  return {d: [{k: v[:rows] for k, v in b.items() if isinstance(v, np.ndarray)} for b in bs]
+          for d, bs in held.items()}
+
+
+def _with_loads(ops: list[dict], measure) -> list[dict]:
+  """Ops with the data they need measured: add_experts(source='most_loaded') gets `loads`."""
+  out = [dict(o) for o in ops]
+  if any(o.get("op") == "add_experts" and o.get("source") == "most_loaded" and not o.get("loads") for o in out):
+    loads = measure()
+    for o in out:
+      if o.get("op") == "add_experts" and o.get("source") == "most_loaded" and not o.get("loads"):
+        o["loads"] = loads
+  return out
+
+
+def grow_checkpoint(src_mngr, src_step: int, stage: Stage, tr, mesh, held: dict, dst_mngr, workdir: str,
+                    key) -> tuple[dict, Any, dict]:
+  """Restore `src_step` at its own shapes, apply `stage.ops`, save as `stage`'s first checkpoint.
+
+  `held`: {domain: [batch]} for the certificate. Returns (grown state, data iterator state of
+  the source, growth certificate). Memory: the old state is released before the save, and the
+  new optimizer state is built in the same jit as its moments (no throw-away zero state)."""
+  held = _certificate_rows(held, mesh)
+  meta = checkpoint.read_meta(src_mngr, src_step)
+  old_cfg = checkpoint.model_config(meta)
+  old = build_program(old_cfg, tr, mesh)
+  state, meta, data_state = checkpoint.restore(src_mngr, src_step, old.abstract_state)
+  before = {d: m["loss"] for d, m in probes.domain_losses(old, state["params"], held).items()}
+  params_before = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(state["params"])))
+  old_params = state["params"]
+  ops = _with_loads(list(stage.ops), lambda: probes.expert_loads(
+      old_cfg, old_params, [b for bs in held.values() for b in bs], mesh))
+  grown_cfg = surgery.grown_config(old_cfg, ops)
+  if grown_cfg != stage.cfg:
+    raise ValueError(f"stage {stage.index} ({stage.name}): growing the checkpoint at step {src_step} gives "
+                     f"{config_diff(grown_cfg, stage.cfg)}; the checkpoint's model differs from the config's")
+  moments = optim.adam_moments(state["opt_state"])
+  new = build_program(stage.cfg, tr, mesh)
+  box: dict[str, Any] = {}
+
+  def run(params, mu, nu, count, step, k):
+    out, _, box["reports"] = surgery.apply_ops({"params": params, "mu": mu, "nu": nu}, old_cfg, ops, k,
+                                               shapes=tf.abstract_params)
+    opt = optim.with_adam_moments(new.tx.init(out["params"]), out["mu"], out["nu"], count)
+    return {"params": out["params"], "opt_state": opt, "step": step}
+  new_state = jax.jit(run, out_shardings=new.state_sharding)(
+      state["params"], moments["mu"], moments["nu"], moments["count"], state["step"], key)
+  del state, moments  # the old state is no longer needed: free it before the save
+  new_state = own_buffers(new_state)
+  after = {d: m["loss"] for d, m in probes.domain_losses(new, new_state["params"], held).items()}
+  new_meta = checkpoint_meta(stage, meta.get("lineage", []), src_step, ops)
+  cert = {"step": int(src_step), "stage": stage.index, "name": stage.name,
+          "source": checkpoint.step_dir(src_mngr, src_step), "ops": to_plain(ops),
+          "loss_before": before, "loss_after": after, "loss_change": {d: after[d] - before[d] for d in before},
+          "params_before": params_before,
+          "params_after": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(new_state["params"]))),
+          "reports": box["reports"]}
+  if jax.process_index() == 0:
+    checkpoint.write_json(os.path.join(workdir, "growth", f"{int(src_step)}.json"), cert)
+  checkpoint.save(dst_mngr, src_step, new_state, new_meta, data_state)
+  dst_mngr.wait_until_finished()
+  return new_state, data_state, cert
+
+
+def config_diff(a: ModelConfig, b: ModelConfig) -> str:
+  """The fields where `a` differs from `b` (the config's), for error messages."""
+  da, db = a.to_dict(), b.to_dict()
+  return ", ".join(f"{k}={da[k]!r} (config: {db[k]!r})" for k in da if da[k] != db[k]) or "no difference"
+
+
+def certificate_text(cert: dict) -> str:
+  lines = [f"growth certificate @ step {cert['step']} -> stage {cert['stage']} ({cert['name']}): "
+           f"{', '.join(o['op'] for o in cert['ops'])}; params {cert['params_before']:,} -> {cert['params_after']:,}"]
+  for d in cert["loss_before"]:
+    lines.append(f"  {d:<20} held-out loss {cert['loss_before'][d]:.5f} -> {cert['loss_after'][d]:.5f} "
+                 f"(change {cert['loss_change'][d]:+.2e})")
+  return "\n".join(lines)
+
+
+def grow_offline(config, source: str, workdir: str, stage: int | None = None) -> dict:
+  """Grow the checkpoint at `source` into stage `stage` of `config` (default: the stage whose
+  predecessor's model is the checkpoint's), writing it as that stage's first checkpoint in
+  `workdir`; `moegrow.main` with the same config and workdir then trains on from it."""
+  src_dir, prefix, step = checkpoint.locate(source)
+  src = checkpoint.manager(src_dir, read_only=True, step_prefix=prefix)
+  src_cfg = checkpoint.model_config(checkpoint.read_meta(src, step))
+  stages = resolve_stages(config, model_config(config))
+  if stage is None:
+    fits = [s.index for s in stages[1:] if stages[s.index - 1].cfg == src_cfg]
+    if not fits:
+      raise ValueError(f"checkpoint {checkpoint.step_dir(src, step)}: its model matches no stage of the config "
+                       f"(vs stage 0: {config_diff(src_cfg, stages[0].cfg)})")
+    stage = fits[0]
+  if not 1 <= stage < len(stages):
+    raise ValueError(f"--stage={stage}: the config's growth stages are 1..{len(stages) - 1}")
+  if stages[stage - 1].cfg != src_cfg:
+    raise ValueError(f"checkpoint {checkpoint.step_dir(src, step)} is not the model stage {stage} grows from: "
+                     f"{config_diff(src_cfg, stages[stage - 1].cfg)}")
+  tr = config.train
+  dst = manager(workdir, stage, tr)
+  if dst.latest_step() is not None:
+    raise ValueError(f"{workdir} already holds stage {stage} checkpoints; use a new --workdir")
+  evals = eval_sets(config, [n for n, w in dict(stages[stage].mixture or config.data.mixture).items() if w > 0])
+  held = {d: b[:1] for d, b in evals.items()}
+  try:
+    _, _, cert = grow_checkpoint(src, step, stages[stage], tr, make_mesh(config), held, dst, workdir,
+                                 growth_key(tr.seed, stage))
+  finally:
+    dst.close()
+    src.close()
+  return cert
+
+
+# ---------------------------------------------------------------- the whole run
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Run every stage of `config` (growing at stage boundaries), resuming from `workdir`.
+
+  Load order, in one place: this run's newest checkpoint (whatever its stage) > grow the previous
+  stage's final checkpoint (if the newest one ends a stage) > scratch. Returns the final metrics.
+  """
+  mesh = make_mesh(config)
+  stages = resolve_stages(config, model_config(config))
+  tr = ml_collections.ConfigDict(config.train.to_dict())
+  tr.steps = stages[-1].end  # one schedule over all stages; the Adam count carries through growth
+  book = Logbook(workdir, tr.steps)
+  mixtures = [dict(st.mixture or config.data.mixture) for st in stages]
+  domains = list(dict.fromkeys(n for m in mixtures for n, w in m.items() if w > 0))
+  evals = eval_sets(config, domains)
+  held = {d: b[:1] for d, b in evals.items()}
+  at_stage, at_step = latest(workdir, stages, tr)
+  budget = tr.get("stop_after_steps", 0) or None  # steps this invocation may train
+  stop_at = tr.get("stop_at_step", 0) or None  # global step at which this invocation ends
+  result: dict[str, Any] = {}
+  for st in stages:
+    if st.index < at_stage or (st.index == at_stage and at_step >= st.end and st.index < len(stages) - 1):
+      continue  # finished earlier (a finished stage's successor grows from its checkpoint below)
+    program = build_program(st.cfg, tr, mesh)
+    mngr = manager(workdir, st.index, tr)
+    it = train_iter(config, mixtures[st.index])
+    try:
+      if st.index == at_stage:
+        state, meta, data_state = checkpoint.restore(mngr, at_step, program.abstract_state)
+        if checkpoint.model_config(meta) != st.cfg:
+          raise ValueError(f"checkpoint {checkpoint.step_dir(mngr, at_step)} holds a different model than stage "
+                           f"{st.index} of the config: {config_diff(checkpoint.model_config(meta), st.cfg)}")
+        book.say(f"resumed from {checkpoint.step_dir(mngr, at_step)} at step {at_step} (stage {st.index}: {st.name})")
+      elif st.index == 0:
+        state, data_state = program.init(jax.random.key(tr.seed)), None
+        meta = checkpoint_meta(st, [], step=0)
+      else:
+        src = manager(workdir, st.index - 1, tr, read_only=True)
+        state, data_state, cert = grow_checkpoint(src, src.latest_step(), st, tr, mesh, held, mngr, workdir,
+                                                  growth_key(tr.seed, st.index))
+        src.close()
+        book.say(certificate_text(cert))
+        meta = checkpoint.read_meta(mngr, int(state["step"]))
+        result.setdefault("certificates", []).append(cert)
+        if mixtures[st.index] != mixtures[st.index - 1]:
+          data_state = None  # a new mixture starts its own stream
+      if data_state is not None:
+        it.set_state(data_state)
+      begin = int(state["step"])
+      stop = min(st.end, begin + budget if budget is not None else st.end, stop_at or st.end)
+      out = loop.run_loop(program, state, it, mngr, book, evals, meta, tr, end=stop, stage_name=st.name)
+    finally:  # also on errors: finish in-flight async saves so the last good checkpoint is whole
+      mngr.wait_until_finished()
+      mngr.close()
+    result.update({k: v for k, v in out.items() if k != "certificates"}, stage=st.index)
+    if budget is not None:
+      budget -= out["step"] - begin
+    if out["preempted"] or out["step"] < st.end:
+      result["stopped_early"] = not out["preempted"]
+      break
+  book.close()
+  result.setdefault("stopped_early", False)
+  return result
+

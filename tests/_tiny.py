@@ -1,0 +1,38 @@
+"""Tiny configs shared by test files (import as `from _tiny import ...`).
+
+`model(**kw)`: a 2-layer dense ModelConfig (d=16, 2 heads, d_ff=32) small enough for any unit
+test; `moe(**kw)`: the same with layer 1 a 4-expert top-2 MoE with one shared expert;
+`train_config(data_dir, **train_kw)`: the `tiny` training config of configs/lm.py on one device;
+`read_metrics(workdir)`: the rows of a run's metrics.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from moegrow.config import ModelConfig
+
+TINY = dict(vocab_size=259, d_model=16, num_layers=2, num_heads=2, d_ff=32)
+TINY_MOE = dict(moe_layers=(1,), num_experts=4, top_k=2, expert_d_ff=24, num_shared_experts=1, shared_d_ff=8)
+
+
+def model(**kw) -> ModelConfig:
+  return ModelConfig(**{**TINY, **kw})
+
+
+def moe(**kw) -> ModelConfig:
+  return ModelConfig(**{**TINY, **TINY_MOE, **kw})
+
+
+def train_config(data_dir: str, **train_kw):
+  from moegrow.configs import lm
+  c = lm.get_config("tiny")
+  c.data.data_dir = data_dir
+  c.mesh.data = 1  # one device, whatever the test session simulates
+  c.train.update(**train_kw)
+  return c
+
+
+def read_metrics(workdir) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
