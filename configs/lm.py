@@ -38,7 +38,8 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
       checkpoint_every=200, keep_checkpoints=2, async_checkpoint=True,
       stop_after_steps=0,  # >0: end this invocation (with a checkpoint) after that many steps
       stop_at_step=0))  # >0: end this invocation (with a checkpoint) at that global step
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+  # Mesh axes (-1: the rest); their product must be the devices used: all, or mesh.num_devices.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1, num_devices=0))
   # Multi-host start-up (moegrow.main): enabled with no address = jax.distributed.initialize() discovers
   # the cluster (TPU/GPU pods); with an address, e.g. two CPU processes on loopback:
   # --config.distributed.coordinator_address=127.0.0.1:1234 --config.distributed.num_processes=2

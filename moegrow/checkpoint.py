@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from typing import Any
 
@@ -60,12 +61,36 @@ def manager(directory: str, keep: int = 3, async_save: bool = True, save_interva
     logging.set_verbosity(level)
 
 
+def free_bytes(path: str) -> int:
+  """Free space on the file system holding `path` (its nearest existing parent)."""
+  while not os.path.exists(path):
+    path = os.path.dirname(path) or "."
+  return shutil.disk_usage(path).free
+
+
+def _gib(n: float) -> str:
+  return f"{n / 2**30:.2f} GiB"
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: dict, meta: dict, data_state: Any = None,
          force: bool = True) -> bool:
-  """Save (asynchronously if the manager is async). `meta` must be JSON-serialisable."""
+  """Save (asynchronously if the manager is async). `meta` must be JSON-serialisable. A disk
+  without room for the state, or any failed write, is an OSError naming the path and the free
+  space, raised here at the first save that cannot succeed."""
+  where = step_dir(mngr, step)
+  need = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state) if hasattr(x, "dtype"))
+  need //= max(jax.process_count(), 1)  # each process writes its own shards
+  free = free_bytes(str(mngr.directory))
+  if free < need * 1.05 + 2**20:
+    raise OSError(f"cannot write checkpoint {where}: it needs about {_gib(need)}, {_gib(free)} free on "
+                  f"{mngr.directory}; free some space and rerun (the run resumes from its newest checkpoint)")
   args = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta),
           DATA: ocp.args.JsonSave({"iterator": data_state})}
-  return mngr.save(int(step), args=ocp.args.Composite(**args), force=force)
+  try:
+    return mngr.save(int(step), args=ocp.args.Composite(**args), force=force)
+  except Exception as e:  # noqa: BLE001 - re-raised with the path and the free space
+    raise OSError(f"cannot write checkpoint {where} ({type(e).__name__}: {str(e)[:300]}); "
+                  f"{_gib(free_bytes(str(mngr.directory)))} free on {mngr.directory}") from e
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
@@ -74,9 +99,38 @@ def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
   except Exception as e:  # noqa: BLE001 - re-raised with the path
     raise ValueError(f"checkpoint {step_dir(mngr, step)}: cannot read its metadata ({type(e).__name__}: {e})") from e
   meta = out[META]
+  where = step_dir(mngr, step)
   if not isinstance(meta, dict) or "model" not in meta:
-    raise ValueError(f"checkpoint {step_dir(mngr, step)}: metadata has no model config; not a moegrow checkpoint")
+    raise ValueError(f"checkpoint {where}: metadata has no model config; not a moegrow checkpoint")
+  check_meta(meta, where, _stored_shapes(mngr, step))
   return meta
+
+
+def check_meta(meta: dict, where: str, stored=None) -> ModelConfig:
+  """Validate checkpoint metadata before anything is built from it: types and ranges (through
+  ModelConfig) and, when the stored arrays' shapes are known, the sizes they actually hold."""
+  if not isinstance(meta.get("model"), dict):
+    raise ValueError(f"checkpoint {where}: metadata field 'model' must be a dict, got {type(meta.get('model')).__name__}")
+  if not isinstance(meta.get("stage", 0), int) or meta.get("stage", 0) < 0:
+    raise ValueError(f"checkpoint {where}: metadata field 'stage'={meta.get('stage')!r} must be an integer >= 0")
+  if not isinstance(meta.get("lineage", []), list):
+    raise ValueError(f"checkpoint {where}: metadata field 'lineage' must be a list")
+  try:
+    cfg = ModelConfig.from_dict(meta["model"])
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"checkpoint {where}: metadata field 'model' is invalid: {e}") from e
+  if stored is not None:
+    shapes = {k: tuple(v.shape) for k, v in _by_path(stored).items()}
+    blocks = {k.split("/")[2] for k in shapes if k.startswith("params/blocks/")}
+    embed = shapes.get("params/embed_VD")
+    problems = []
+    if len(blocks) != cfg.num_layers:
+      problems.append(f"num_layers={cfg.num_layers} but the checkpoint holds {len(blocks)} blocks")
+    if embed is not None and embed != (cfg.vocab_size, cfg.d_model):
+      problems.append(f"vocab_size={cfg.vocab_size}, d_model={cfg.d_model} but embed_VD is {embed}")
+    if problems:
+      raise ValueError(f"checkpoint {where}: metadata does not match the stored arrays: {'; '.join(problems)}")
+  return cfg
 
 
 def model_config(meta: dict) -> ModelConfig:

@@ -6,6 +6,7 @@
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from moegrow.cli import run_command
 from moegrow.distributed import init_distributed
 from moegrow.train import stages
 
@@ -21,9 +22,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  run_command(grow)
+
+
+def grow() -> None:
   init_distributed(FLAGS.config)  # multi-host: every process runs this command
   cert = stages.grow_offline(FLAGS.config, FLAGS["from"].value, FLAGS.workdir, FLAGS.stage)
   print(stages.certificate_text(cert), flush=True)
+  if cert.get("preempted"):
+    print("SIGTERM during growth: the grown checkpoint is saved; exiting", flush=True)
 
 
 if __name__ == "__main__":

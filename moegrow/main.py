@@ -16,6 +16,7 @@ from ml_collections import config_flags
 
 import jax
 
+from moegrow.cli import run_command
 from moegrow.distributed import init_distributed
 from moegrow.train import plot, stages
 
@@ -29,7 +30,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-  config, workdir = FLAGS.config, FLAGS.workdir
+  run_command(lambda: train(FLAGS.config, FLAGS.workdir))
+
+
+def train(config, workdir: str) -> None:
   init_distributed(config)  # before anything touches a jax backend
   result = stages.train_and_evaluate(config, workdir)
   final = {k: v for k, v in result.items() if isinstance(v, (int, float))}

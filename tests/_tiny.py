@@ -28,7 +28,7 @@ def train_config(data_dir: str, **train_kw):
   from moegrow.configs import lm
   c = lm.get_config("tiny")
   c.data.data_dir = data_dir
-  c.mesh.data = 1  # one device, whatever the test session simulates
+  c.mesh.update(data=1, num_devices=1)  # one device, whatever the test session simulates
   c.train.update(**train_kw)
   return c
 

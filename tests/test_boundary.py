@@ -25,6 +25,7 @@ def staged(data_dir, steps=(6, 6), ops=None, mesh=None, **train_kw):
   c = grow_config.get_config("tiny")
   c.data.data_dir = data_dir
   c.mesh.update(mesh or {"data": 1})
+  c.mesh.num_devices = int(np.prod([c.mesh[a] for a in sharding.MESH_AXES]))
   c.train.update(dict(dict(log_every=2, eval_every=0, checkpoint_every=100), **train_kw))
   ops = ops or (dict(op="upcycle", layers="every_other", num_experts=8, top_k=2),)
   c.stages = (dict(name="dense", steps=steps[0]), dict(name="moe", steps=steps[1], ops=ops))
@@ -176,7 +177,7 @@ def test_offline_grow_cli_and_errors(tmp_path, data_dir):
   dense_step = os.path.join(src, "checkpoints", "6")
   digest = tree_digest(os.path.join(src, "checkpoints"))
   cmd = [sys.executable, "-m", "moegrow.grow", f"--from={dense_step}", "--config=configs/grow.py:tiny",
-         f"--config.data.data_dir={data_dir}", "--config.mesh.data=1"]
+         f"--config.data.data_dir={data_dir}", "--config.mesh.data=1", "--config.mesh.num_devices=1"]
   ok = subprocess.run(cmd + [f"--workdir={tmp_path / 'cli'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert ok.returncode == 0, ok.stderr[-3000:]
   assert "growth certificate @ step 6" in ok.stdout and "change" in ok.stdout

@@ -51,7 +51,7 @@ def test_exact_resume_in_a_fresh_process(tmp_path, data_dir):
   first = tiny(data_dir, steps=2 * n, checkpoint_every=100, eval_every=0, log_every=5, stop_after_steps=n)
   r = stages.train_and_evaluate(first, str(tmp_path / "b"))
   assert r["step"] == n and r["stopped_early"]
-  code, out = cli(tmp_path / "b", data_dir, "--config.mesh.data=1", f"--config.train.steps={2 * n}",
+  code, out = cli(tmp_path / "b", data_dir, "--config.mesh.data=1", "--config.mesh.num_devices=1", f"--config.train.steps={2 * n}",
                   "--config.train.eval_every=0", "--config.train.log_every=5", "--config.train.checkpoint_every=100")
   assert code == 0, out
   assert "resumed from" in out and f"at step {n}" in out
@@ -156,5 +156,5 @@ def test_config_errors_name_the_key(tmp_path, data_dir):
 def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path, data_dir):
   config = tiny(data_dir, steps=40, lr=1e30, warmup_steps=0, grad_clip=0.0, checkpoint_every=1, log_every=1,
                 eval_every=0)
-  with pytest.raises(FloatingPointError, match=r"loss is nan at step \d+.*Last good checkpoint: .*checkpoints/\d+"):
+  with pytest.raises(FloatingPointError, match=r"loss is nan at step \d+.*Newest checkpoint \(finite parameters\): .*checkpoints/\d+"):
     stages.train_and_evaluate(config, str(tmp_path / "nan"))

@@ -164,10 +164,24 @@ def get_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     with _file_lock(os.path.join(data_dir, f'.{own}.lock')):
       builder = _BUILDERS[own](data_dir=data_dir)
       if not builder.is_prepared():
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig())
+        try:
+          builder.download_and_prepare(
+              download_config=tfds.download.DownloadConfig())
+        except Exception as e:  # noqa: BLE001 - re-raised naming the folder
+          raise ValueError(
+              f'Dataset {own!r}: cannot build it in {_folder(data_dir, own)} '
+              f'({type(e).__name__}: {str(e)[:300]}). {_rebuild(data_dir, own)}') from e
         builder = _BUILDERS[own](data_dir=data_dir)
   return builder
+
+
+def _folder(data_dir: str, own: str) -> str:
+  return os.path.join(data_dir, own)
+
+
+def _rebuild(data_dir: str, own: str) -> str:
+  return (f'Delete the folder {_folder(data_dir, own)} and it is rebuilt from '
+          f'the local sources on the next run.')
 
 
 def build(name: str, data_dir: str) -> None:
@@ -177,8 +191,19 @@ def build(name: str, data_dir: str) -> None:
 
 def data_source(name: str, split: str, data_dir: str):
   """Random-access source of split ``split`` of dataset ``name``."""
-  if own_name(name):
-    return get_builder(name, data_dir).as_data_source(split=split)
+  own = own_name(name)
+  if own:
+    try:
+      source = get_builder(name, data_dir).as_data_source(split=split)
+      if len(source):  # read the first and last records: truncated files fail here
+        text_of(source[0], 'text'), text_of(source[len(source) - 1], 'text')
+    except Exception as e:  # noqa: BLE001 - re-raised naming the dataset and folder
+      if isinstance(e, ValueError) and 'Delete the folder' in str(e):
+        raise
+      raise ValueError(f'Dataset {own!r} split {split!r} in {_folder(data_dir, own)} '
+                       f'is unreadable ({type(e).__name__}: {str(e)[:300]}). '
+                       f'{_rebuild(data_dir, own)}') from e
+    return source
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # DatasetNotFoundError and friends.

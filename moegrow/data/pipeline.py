@@ -89,6 +89,9 @@ class _PackIterator(grain.DatasetIterator):
     self._doc = np.zeros((0,), np.int32)
     if self._pos:  # Mid-document: reload the document the offset refers to.
       self._doc = next(self._parent)
+      if self._pos > self._doc.size:
+        raise ValueError(f'Data state: offset pos={self._pos} is past the end of its document '
+                         f'({self._doc.size} tokens); the iterator state is corrupt.')
 
 
 class _PackIterDataset(grain.IterDataset):
@@ -189,6 +192,31 @@ def make_train_iter(mixture: Mapping[str, float], *, seq_len: int,
   return batched.__iter__()
 
 
+_MAX_INDEX = 2**53  # record indices and offsets of any real dataset are far below this
+
+
+def check_state(state: Any, path: str = 'data state') -> None:
+  """A data-iterator state read from a checkpoint is plain JSON data: dicts with string keys and
+  lists of them, leaves booleans or integers in [0, 2**53). ValueError naming the first bad
+  entry otherwise (a crafted position must not make resume allocate without bound)."""
+  if isinstance(state, Mapping):
+    for k, v in state.items():
+      if not isinstance(k, str):
+        raise ValueError(f'{path}: key {k!r} is not a string')
+      check_state(v, f'{path}.{k}')
+  elif isinstance(state, list):
+    for i, v in enumerate(state):
+      check_state(v, f'{path}[{i}]')
+  elif isinstance(state, bool):
+    pass
+  elif isinstance(state, int):
+    if not 0 <= state < _MAX_INDEX:
+      raise ValueError(f'{path}={state} is out of range [0, 2**53): the iterator state is corrupt')
+  else:
+    raise ValueError(f'{path}={state!r} ({type(state).__name__}) is not an integer or a boolean: '
+                     f'the iterator state is corrupt')
+
+
 class ShardedIterator:
   """The rows of this process's data shards, concatenated in shard order.
 
@@ -219,6 +247,7 @@ class ShardedIterator:
             'shards': {str(s): it.get_state() for s, it in self._iters.items()}}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
+    check_state(state)
     if 'shards' not in state:  # a plain single-stream state
       if self.num_shards != 1:
         raise ValueError(f'Data state of one stream cannot resume '

@@ -46,10 +46,40 @@ class Logbook:
     self._tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
+      self._repair()
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
     self._t0 = time.perf_counter()
     self._steps0 = None
+
+  def _repair(self) -> None:
+    """A torn last line (a process killed mid-write) is cut off, with a message; never fatal."""
+    if not os.path.exists(self.path):
+      return
+    with open(self.path, "rb") as f:
+      blob = f.read()
+    if blob and not blob.endswith(b"\n"):
+      keep = blob[:blob.rfind(b"\n") + 1]
+      _rewrite(self.path, keep)
+      print(f"{self.path}: removed a torn last line ({len(blob) - len(keep)} bytes)", flush=True)
+
+  def truncate_after(self, step: int) -> None:
+    """Drop rows after `step` (a resume from the checkpoint at `step` replays them): each step
+    appears once in metrics.jsonl."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path, "rb") as f:
+      lines = f.read().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+      try:
+        row_step = int(json.loads(line)["step"])
+      except (ValueError, KeyError, TypeError):
+        continue  # an unreadable row: not worth keeping
+      if row_step <= step:
+        keep.append(line)
+    if len(keep) != len(lines):
+      _rewrite(self.path, b"".join(keep))
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.enabled:
@@ -81,6 +111,13 @@ class Logbook:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def _rewrite(path: str, blob: bytes) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "wb") as f:
+    f.write(blob)
+  os.replace(tmp, path)
 
 
 def _hms(s: float) -> str:

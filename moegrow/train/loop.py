@@ -3,7 +3,6 @@ checkpoints every `checkpoint_every`, at the end and on SIGTERM."""
 from __future__ import annotations
 
 import json
-import math
 import signal
 import time
 from typing import Any
@@ -18,7 +17,7 @@ from moegrow.train.probes import evaluate
 from moegrow.train.steps import to_global
 
 
-class _Preempted:
+class Preempted:
   """SIGTERM: the loop saves a checkpoint and returns cleanly. One process: a handler sets a flag.
   Many: jax's preemption service (it catches SIGTERM itself; any process may get it) names the
   step at which every process stops, so all of them save the same step together."""
@@ -68,46 +67,50 @@ def global_data_state(it: ShardedIterator) -> dict:
   return state
 
 
-def run_loop(program, state, it, mngr, book, evals, meta, tr, end: int, stage_name: str = "") -> dict[str, Any]:
+def run_loop(program, state, it, mngr, book, evals, meta, tr, end: int, pre: "Preempted",
+             stage_name: str = "") -> dict[str, Any]:
   """Train from `state['step']` to global step `end`: checkpoints every `checkpoint_every`, at
-  `end` and on SIGTERM; evaluates every `eval_every` and at `end`."""
+  `end` and on SIGTERM (`pre`); evaluates every `eval_every` and at `end`. A state is saved only
+  if its loss, gradient norm and parameters are finite."""
   start = int(state["step"])
   last_saved = mngr.latest_step()
   step, prev, t_log, tok = start, None, time.perf_counter(), 0
   result: dict[str, Any] = {"step": start, "preempted": False}
   stop = end
-  with _Preempted() as pre:
-    while step < stop:
-      local = next(it)
-      batch = to_global(program, local)
-      state, metrics = program.train_step(state, batch)
-      tok += batch["inputs"].size
-      if prev is not None:  # check the previous step's loss: keeps dispatch one step ahead
-        _check_finite(prev, step, mngr, last_saved)
-      step, prev = step + 1, (metrics["loss"], step + 1)
-      if step % tr.log_every == 0 or step == tr.steps:
-        loss = float(metrics["loss"])
-        _check_finite((metrics["loss"], step), step, mngr, last_saved)
-        dt = time.perf_counter() - t_log
-        row = flatten_metrics(jax.device_get(metrics))
-        row["tokens_per_s"] = tok / dt
-        book.write(step, row)
-        book.progress(step, loss, tok / dt, start, stage_name)
-        t_log, tok = time.perf_counter(), 0
-        result.update(loss=loss, tokens_per_s=row["tokens_per_s"])
-      if tr.eval_every and (step % tr.eval_every == 0 or step == stop):
-        ev = evaluate(program, state["params"], evals)
-        book.write(step, ev)
-        result.update(ev)
-      preempted = pre.reached(step)
-      if preempted or step % tr.checkpoint_every == 0 or step == stop:
-        checkpoint.save(mngr, step, state, meta, global_data_state(it))
-        last_saved = step
-      if preempted:
-        mngr.wait_until_finished()
-        book.say(f"SIGTERM: saved checkpoint {checkpoint.step_dir(mngr, step)} at step {step}; exiting")
-        result["preempted"] = True
-        break
+  while step < stop:
+    local = next(it)
+    batch = to_global(program, local)
+    state, metrics = program.train_step(state, batch)
+    tok += batch["inputs"].size
+    if prev is not None:  # check the previous step's loss: keeps dispatch one step ahead
+      _check_finite({"loss": prev[0]}, prev[1], mngr, last_saved)
+    step, prev = step + 1, (metrics["loss"], step + 1)
+    if step % tr.log_every == 0 or step == tr.steps:
+      loss = float(metrics["loss"])
+      _check_finite({"loss": metrics["loss"]}, step, mngr, last_saved)
+      dt = time.perf_counter() - t_log
+      row = flatten_metrics(jax.device_get(metrics))
+      row["tokens_per_s"] = tok / dt
+      book.write(step, row)
+      book.progress(step, loss, tok / dt, start, stage_name)
+      t_log, tok = time.perf_counter(), 0
+      result.update(loss=loss, tokens_per_s=row["tokens_per_s"])
+    if tr.eval_every and (step % tr.eval_every == 0 or step == stop):
+      ev = evaluate(program, state["params"], evals)
+      book.write(step, ev)
+      result.update(ev)
+    preempted = pre.reached(step)
+    if preempted or step % tr.checkpoint_every == 0 or step == stop:
+      # Never save a poisoned state: loss, gradient norm and parameters must be finite.
+      _check_finite({"loss": metrics["loss"], "gradient norm": metrics["grad_norm"],
+                     "parameters": program.all_finite(state["params"])}, step, mngr, last_saved)
+      checkpoint.save(mngr, step, state, meta, global_data_state(it))
+      last_saved = step
+    if preempted:
+      mngr.wait_until_finished()
+      book.say(f"SIGTERM: saved checkpoint {checkpoint.step_dir(mngr, step)} at step {step}; exiting")
+      result["preempted"] = True
+      break
   mngr.wait_until_finished()
   result["step"], result["state"] = step, state
   if not result["preempted"] and any(k.startswith("eval/") for k in result):
@@ -118,10 +121,14 @@ def run_loop(program, state, it, mngr, book, evals, meta, tr, end: int, stage_na
   return result
 
 
-def _check_finite(loss_and_step, step, mngr, last_saved):
-  loss, at = loss_and_step
-  v = float(loss)
-  if not math.isfinite(v):
-    where = checkpoint.step_dir(mngr, last_saved) if last_saved is not None else "none (no checkpoint yet)"
-    raise FloatingPointError(f"loss is {v} at step {at}; stopping. Last good checkpoint: {where}")
-
+def _check_finite(values: dict, at: int, mngr, last_saved) -> None:
+  """FloatingPointError naming the first non-finite value (booleans: False = not all finite),
+  the step, and the newest checkpoint (whose state was checked finite when it was saved)."""
+  for what, v in values.items():
+    x = np.asarray(v)
+    ok = bool(x) if x.dtype == bool else bool(np.all(np.isfinite(x)))
+    if not ok:
+      where = checkpoint.step_dir(mngr, last_saved) if last_saved is not None else "none in this stage yet"
+      shown = "not all finite" if x.dtype == bool else f"{float(x)}"
+      raise FloatingPointError(f"{what} is {shown} at step {at}; stopping without saving it. Newest checkpoint "
+                               f"(finite parameters): {where}")

@@ -13,7 +13,13 @@ import sys
 
 def read_metrics(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    rows = []
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except ValueError:
+        continue  # a torn line of a killed run (the next run repairs the file)
+    return rows
 
 
 def plot_run(workdir: str) -> str:

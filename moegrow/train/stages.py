@@ -33,7 +33,9 @@ from moegrow.surgery import apply as surgery
 from moegrow.train import loop, optim, probes
 from moegrow.train.logbook import Logbook
 from moegrow.train.steps import build_program
+from moegrow.train.validate import validate_config
 from moegrow.trees import to_plain
+from moegrow.workdir_lock import WorkdirLock
 
 STAGE_KEYS = ("name", "steps", "ops", "mixture")
 
@@ -110,7 +112,9 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
 
 
 def make_mesh(config) -> Mesh:
-  return sharding.make_mesh(dict(config.mesh))
+  """The config's mesh over all devices, or the first `mesh.num_devices` of them."""
+  n = int(config.mesh.get("num_devices", 0) or 0)
+  return sharding.make_mesh(dict(config.mesh), devices=jax.devices()[:n] if n else None)
 
 
 def data_dir(config) -> str:
@@ -256,28 +260,59 @@ def grow_offline(config, source: str, workdir: str, stage: int | None = None) ->
     raise ValueError(f"checkpoint {checkpoint.step_dir(src, step)} is not the model stage {stage} grows from: "
                      f"{config_diff(src_cfg, stages[stage - 1].cfg)}")
   tr = config.train
-  dst = manager(workdir, stage, tr)
-  if dst.latest_step() is not None:
-    raise ValueError(f"{workdir} already holds stage {stage} checkpoints; use a new --workdir")
-  evals = eval_sets(config, [n for n, w in dict(stages[stage].mixture or config.data.mixture).items() if w > 0])
-  held = {d: b[:1] for d, b in evals.items()}
-  try:
-    _, _, cert = grow_checkpoint(src, step, stages[stage], tr, make_mesh(config), held, dst, workdir,
-                                 growth_key(tr.seed, stage))
-  finally:
-    dst.close()
-    src.close()
+  prepare(config, workdir)
+  with WorkdirLock(workdir, enabled=jax.process_index() == 0), loop.Preempted() as pre:
+    dst = manager(workdir, stage, tr)
+    if dst.latest_step() is not None:
+      raise ValueError(f"{workdir} already holds stage {stage} checkpoints; use a new --workdir")
+    evals = eval_sets(config, [n for n, w in dict(stages[stage].mixture or config.data.mixture).items() if w > 0])
+    held = {d: b[:1] for d, b in evals.items()}
+    try:
+      _, _, cert = grow_checkpoint(src, step, stages[stage], tr, make_mesh(config), held, dst, workdir,
+                                   growth_key(tr.seed, stage))
+    finally:
+      dst.close()
+      src.close()
+    cert["preempted"] = pre.flag  # SIGTERM during growth: it finished and saved first
   return cert
 
 
 # ---------------------------------------------------------------- the whole run
+
+def check_workdir(workdir: str) -> None:
+  """The workdir can be created and written: OSError naming the path and the free space if not."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(f"workdir {os.path.abspath(workdir)} is not writable ({e.strerror or e}); "
+                  f"{checkpoint.free_bytes(workdir) / 2**30:.2f} GiB free there") from e
+
+
+def prepare(config, workdir: str) -> None:
+  """Everything checked before anything is built: the config, the workdir."""
+  validate_config(config, jax.device_count(), jax.process_count())
+  if jax.process_index() == 0:
+    check_workdir(workdir)
+
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Run every stage of `config` (growing at stage boundaries), resuming from `workdir`.
 
   Load order, in one place: this run's newest checkpoint (whatever its stage) > grow the previous
   stage's final checkpoint (if the newest one ends a stage) > scratch. Returns the final metrics.
+  The config is validated first; one process at a time may run in a workdir (a lock file); SIGTERM
+  at any point leaves a resumable state (`result['preempted']`).
   """
+  prepare(config, workdir)
+  with WorkdirLock(workdir, enabled=jax.process_index() == 0), loop.Preempted() as pre:
+    return _run_stages(config, workdir, pre)
+
+
+def _run_stages(config, workdir: str, pre: loop.Preempted) -> dict[str, Any]:
   mesh = make_mesh(config)
   stages = resolve_stages(config, model_config(config))
   tr = ml_collections.ConfigDict(config.train.to_dict())
@@ -288,40 +323,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   evals = eval_sets(config, domains)
   held = {d: b[:1] for d, b in evals.items()}
   at_stage, at_step = latest(workdir, stages, tr)
+  book.truncate_after(at_step or 0)  # rows past the restored step are replayed: each step once
   budget = tr.get("stop_after_steps", 0) or None  # steps this invocation may train
   stop_at = tr.get("stop_at_step", 0) or None  # global step at which this invocation ends
-  result: dict[str, Any] = {}
+  result: dict[str, Any] = {"preempted": False}
   for st in stages:
     if st.index < at_stage or (st.index == at_stage and at_step >= st.end and st.index < len(stages) - 1):
       continue  # finished earlier (a finished stage's successor grows from its checkpoint below)
-    program = build_program(st.cfg, tr, mesh)
+    if pre.flag:  # SIGTERM before this stage started: what is on disk is resumable as it is
+      book.say(f"SIGTERM: stopping before stage {st.index}; run the same command to resume")
+      result["preempted"] = True
+      break
     mngr = manager(workdir, st.index, tr)
-    it = train_iter(config, mixtures[st.index])
     try:
       if st.index == at_stage:
+        where = checkpoint.step_dir(mngr, at_step)
+        stored_cfg = checkpoint.model_config(checkpoint.read_meta(mngr, at_step))  # validated metadata
+        if stored_cfg != st.cfg:
+          raise ValueError(f"checkpoint {where} holds a different model than stage {st.index} of the config: "
+                           f"{config_diff(stored_cfg, st.cfg)}")
+        program = build_program(st.cfg, tr, mesh)
         state, meta, data_state = checkpoint.restore(mngr, at_step, program.abstract_state)
-        if checkpoint.model_config(meta) != st.cfg:
-          raise ValueError(f"checkpoint {checkpoint.step_dir(mngr, at_step)} holds a different model than stage "
-                           f"{st.index} of the config: {config_diff(checkpoint.model_config(meta), st.cfg)}")
-        book.say(f"resumed from {checkpoint.step_dir(mngr, at_step)} at step {at_step} (stage {st.index}: {st.name})")
+        book.say(f"resumed from {where} at step {at_step} (stage {st.index}: {st.name})")
       elif st.index == 0:
-        state, data_state = program.init(jax.random.key(tr.seed)), None
+        program = build_program(st.cfg, tr, mesh)
+        state, data_state, where = program.init(jax.random.key(tr.seed)), None, "init"
         meta = checkpoint_meta(st, [], step=0)
       else:
         src = manager(workdir, st.index - 1, tr, read_only=True)
+        book.say(f"growing {checkpoint.step_dir(src, src.latest_step())} into stage {st.index} ({st.name}): "
+                 f"{', '.join(o['op'] for o in st.ops)}")
         state, data_state, cert = grow_checkpoint(src, src.latest_step(), st, tr, mesh, held, mngr, workdir,
                                                   growth_key(tr.seed, st.index))
         src.close()
         book.say(certificate_text(cert))
+        program = build_program(st.cfg, tr, mesh)
+        where = checkpoint.step_dir(mngr, int(state["step"]))
         meta = checkpoint.read_meta(mngr, int(state["step"]))
         result.setdefault("certificates", []).append(cert)
         if mixtures[st.index] != mixtures[st.index - 1]:
           data_state = None  # a new mixture starts its own stream
+        if pre.flag:  # SIGTERM during growth: the grown checkpoint is saved; stop here
+          book.say(f"SIGTERM during growth: the grown checkpoint {where} is saved; exiting. Run the same command "
+                   "to resume")
+          result.update(preempted=True, step=int(state["step"]), stage=st.index)
+          break
+      it = train_iter(config, mixtures[st.index])
       if data_state is not None:
-        it.set_state(data_state)
+        try:
+          it.set_state(data_state)
+        except (ValueError, KeyError, TypeError) as e:
+          raise ValueError(f"checkpoint {where}: data iterator state refused: {e}") from e
       begin = int(state["step"])
       stop = min(st.end, begin + budget if budget is not None else st.end, stop_at or st.end)
-      out = loop.run_loop(program, state, it, mngr, book, evals, meta, tr, end=stop, stage_name=st.name)
+      out = loop.run_loop(program, state, it, mngr, book, evals, meta, tr, end=stop, pre=pre, stage_name=st.name)
     finally:  # also on errors: finish in-flight async saves so the last good checkpoint is whole
       mngr.wait_until_finished()
       mngr.close()
@@ -334,4 +389,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   book.close()
   result.setdefault("stopped_early", False)
   return result
-

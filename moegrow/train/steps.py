@@ -41,6 +41,7 @@ class Program:
   init: Callable  # key -> state
   train_step: Callable  # (state, batch) -> (state, metrics)
   eval_step: Callable  # (params, batch) -> (sum_nll, count)
+  all_finite: Callable  # params -> bool scalar: every parameter finite
 
 
 def state_shardings(cfg: ModelConfig, tx, mesh: Mesh):
@@ -93,7 +94,13 @@ def build_program(cfg: ModelConfig, train_cfg, mesh: Mesh) -> Program:
       init=jax.jit(init, out_shardings=sh),
       train_step=jax.jit(train_step, in_shardings=(sh, batch_tree), out_shardings=(sh, replicated),
                          donate_argnums=0),
-      eval_step=jax.jit(eval_step, in_shardings=(sh["params"], batch_tree), out_shardings=replicated))
+      eval_step=jax.jit(eval_step, in_shardings=(sh["params"], batch_tree), out_shardings=replicated),
+      all_finite=jax.jit(all_finite, in_shardings=(sh["params"],), out_shardings=replicated))
+
+
+def all_finite(tree) -> jax.Array:
+  """True when every leaf of `tree` is finite (one fused reduction, cheap next to a step)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
 def to_global(program: Program, local: dict) -> dict:

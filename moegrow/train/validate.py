@@ -1,0 +1,186 @@
+"""One validation pass over a run config before anything is built or trained.
+
+`validate_config(config, num_devices)` checks every field's type and range (model, data, train,
+mesh, stages, growth ops, frozen patterns) and raises `ConfigError` naming the key, the value and
+what is allowed. Checkpoint metadata and data-iterator state are checked where they are read
+(`moegrow.checkpoint`, `moegrow.data.pipeline`).
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import numpy as np
+
+from moegrow.config import ModelConfig
+from moegrow.model import transformer as tf
+from moegrow.sharding import MESH_AXES
+from moegrow.surgery import apply as surgery
+from moegrow.trees import flatten, to_plain
+
+SCHEDULES = ("cosine", "constant", "rsqrt")
+
+
+class ConfigError(ValueError):
+  """A config field with a bad value: the message names the key, the value and what is allowed."""
+
+  def __init__(self, key: str, value: Any, allowed: str):
+    self.key = key
+    super().__init__(f"config: {key}={value!r} is not allowed: {allowed}")
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(tree, key: str, lo: int | None = None, hi: int | None = None, what: str = "") -> int:
+  v = _get(tree, key)
+  ok = _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi)
+  if not ok:
+    rng = what or ("an integer" + (f" >= {lo}" if lo is not None else "") + (f" <= {hi}" if hi is not None else ""))
+    raise ConfigError(key, v, rng)
+  return int(v)
+
+
+def _num(tree, key: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+         hi_open: bool = False) -> float:
+  v = _get(tree, key)
+  ok = _is_num(v) and (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi))
+  if not ok:
+    lo_s = "" if lo is None else f" {'>' if lo_open else '>='} {lo}"
+    hi_s = "" if hi is None else f" {'<' if hi_open else '<='} {hi}"
+    raise ConfigError(key, v, f"a finite number{lo_s}{hi_s}")
+  return float(v)
+
+
+def _get(tree, key: str):
+  node = tree
+  for part in key.split("."):
+    if not hasattr(node, "get") or part not in node:
+      raise ConfigError(key, None, "this key is required")
+    node = node[part]
+  return node
+
+
+def model_config(config) -> ModelConfig:
+  """The config's ModelConfig, with its errors named as `model.<field>`."""
+  try:
+    return ModelConfig.from_dict(to_plain(config.model, sequences=False))
+  except (TypeError, ValueError) as e:
+    fields = ModelConfig.defaults()
+    named = [w for w in re.findall(r"[a-z_]+", str(e)) if w in fields]  # the first field the error names
+    key = f"model.{named[0]}" if named else "model"
+    raise ConfigError(key, config.model.get(named[0]) if named else None, str(e)) from e
+
+
+def _mixture(tree, key: str) -> dict[str, float]:
+  mix = _get(tree, key)
+  if not hasattr(mix, "items") or not len(mix):
+    raise ConfigError(key, mix, "a non-empty {dataset name: weight} dict")
+  for name, w in mix.items():
+    if not _is_num(w) or w < 0:
+      raise ConfigError(f"{key}.{name}", w, "a finite weight >= 0")
+  if sum(float(w) for w in mix.values()) <= 0:
+    raise ConfigError(key, dict(mix), "weights summing to more than 0")
+  return {str(k): float(v) for k, v in mix.items()}
+
+
+def validate_config(config, num_devices: int, process_count: int = 1) -> list[ModelConfig]:
+  """Check the whole run config; return the model config of every stage. Raises ConfigError."""
+  cfg = model_config(config)
+  # data
+  _int(config, "data.seq_len", 1)
+  _int(config, "data.shards", 0)
+  _mixture(config, "data.mixture")
+  # train
+  tr = "train"
+  for k in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size", "eval_batches"):
+    _int(config, f"{tr}.{k}", 1)
+  for k in ("warmup_steps", "eval_every", "stop_after_steps", "stop_at_step"):
+    if k in config.train:
+      _int(config, f"{tr}.{k}", 0)
+  _int(config, f"{tr}.seed")
+  _num(config, f"{tr}.lr", 0, lo_open=True)
+  _num(config, f"{tr}.min_lr_ratio", 0, 1)
+  _num(config, f"{tr}.b1", 0, 1, hi_open=True)
+  _num(config, f"{tr}.b2", 0, 1, hi_open=True)
+  _num(config, f"{tr}.weight_decay", 0)
+  _num(config, f"{tr}.grad_clip", 0)
+  if config.train.schedule not in SCHEDULES:
+    raise ConfigError("train.schedule", config.train.schedule, f"one of {SCHEDULES}")
+  # mesh: every axis an int, at most one -1, the product equal to the devices used
+  sizes = {}
+  for a in MESH_AXES:
+    v = _get(config, f"mesh.{a}")
+    if not _is_int(v) or (v < 1 and v != -1):
+      raise ConfigError(f"mesh.{a}", v, "an integer >= 1, or -1 (the rest of the devices)")
+    sizes[a] = int(v)
+  devices = int(config.mesh.get("num_devices", 0) or num_devices)
+  if not 1 <= devices <= num_devices:
+    raise ConfigError("mesh.num_devices", config.mesh.get("num_devices"), f"0 (all) or 1..{num_devices}")
+  if list(sizes.values()).count(-1) > 1:
+    raise ConfigError("mesh", sizes, "at most one axis of -1")
+  known = math.prod(s for s in sizes.values() if s != -1)
+  if -1 in sizes.values():
+    if devices % known:
+      raise ConfigError("mesh", sizes, f"axis sizes whose product divides the {devices} devices")
+    sizes = {a: (devices // known if s == -1 else s) for a, s in sizes.items()}
+  if math.prod(sizes.values()) != devices:
+    raise ConfigError("mesh", sizes, f"axis sizes whose product is the {devices} devices used "
+                      f"(set mesh.num_devices to use fewer than the {num_devices} present)")
+  data_parallel = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+  for k in ("batch_size", "eval_batch_size"):
+    b = int(config.train[k])
+    if b % data_parallel or b % process_count:
+      raise ConfigError(f"train.{k}", b, f"a multiple of the data-parallel size {data_parallel} "
+                        f"(mesh data x fsdp x expert) and of the {process_count} processes")
+  # stages: lengths, mixtures, ops (their declared config changes)
+  specs = list(config.get("stages", None) or ())
+  if not specs:
+    _int(config, f"{tr}.steps", 1)
+    cfgs = [cfg]
+  else:
+    cfgs, total = [], 0
+    for i, spec in enumerate(specs):
+      spec = to_plain(spec)
+      key = f"stages[{i}]"
+      unknown = sorted(set(spec) - {"name", "steps", "ops", "mixture"})
+      if unknown:
+        raise ConfigError(key, sorted(spec), f"keys among name, steps, ops, mixture (unknown: {unknown})")
+      if not (_is_int(spec.get("steps")) and spec["steps"] >= 1):
+        raise ConfigError(f"{key}.steps", spec.get("steps"), "an integer >= 1")
+      total += int(spec["steps"])
+      if spec.get("mixture"):
+        _mixture({key: spec}, f"{key}.mixture")
+      ops = spec.get("ops") or []
+      if (i == 0) == bool(ops):
+        raise ConfigError(f"{key}.ops", ops, "none in stage 0 (it trains the initial model), at least one later")
+      try:
+        cfg = surgery.grown_config(cfg, ops)
+      except (TypeError, ValueError) as e:
+        raise ConfigError(f"{key}.ops", ops, str(e)) from e
+      cfgs.append(cfg)
+    steps = config.train.get("steps")
+    if steps not in (None, 0, total):
+      raise ConfigError("train.steps", steps, f"the stages' total {total} (with stages the length comes from "
+                        "them; set train.steps to that total or to 0)")
+  # frozen patterns: valid regexes, each matching at least one parameter of some stage
+  frozen = list(config.train.get("frozen", ()) or ())
+  if frozen:
+    paths = set()
+    for c in cfgs:
+      paths |= set(flatten(tf.abstract_params(c)))
+    for i, pat in enumerate(frozen):
+      try:
+        rx = re.compile(pat)
+      except (re.error, TypeError) as e:
+        raise ConfigError(f"train.frozen[{i}]", pat, f"a regular expression ({e})") from e
+      if not any(rx.search(p) for p in paths):
+        raise ConfigError(f"train.frozen[{i}]", pat, "a regex matching at least one parameter path, e.g. "
+                          f"{sorted(paths)[:3]}")
+  return cfgs
