@@ -184,6 +184,9 @@ def locate(path: str) -> tuple[str, str | None, int]:
   """A run's workdir, its checkpoints directory, or one step's directory -> (checkpoints
   directory, step prefix or None, step). Without a step directory: the newest checkpoint."""
   path = os.path.abspath(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"checkpoint path {path} is a file; give a run's workdir, its checkpoints directory or "
+                     f"one step's directory")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"checkpoint path {path} does not exist")
   parsed = parse_step_dir(os.path.basename(path.rstrip("/")))

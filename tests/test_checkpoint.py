@@ -33,9 +33,13 @@ def leaves_by_path(tree):
 
 
 def save_simple(directory, step=5, meta=None, step_prefix=None, state=None):
-  """A small non-model state saved synchronously; returns the (closed-over) manager."""
+  """A small state saved synchronously; returns the (closed-over) manager. Its arrays agree with
+  the metadata's model as far as `read_meta` checks (the stored blocks and the embedding)."""
   mngr = checkpoint.manager(str(directory), async_save=False, step_prefix=step_prefix)
-  state = state or {"params": {"w": jnp.arange(6.0).reshape(2, 3)}, "step": jnp.asarray(step, jnp.int32)}
+  cfg = moe()
+  state = state or {"params": {"embed_VD": jnp.zeros((cfg.vocab_size, cfg.d_model)),
+                               "blocks": {str(i): {"w": jnp.arange(6.0).reshape(2, 3)} for i in range(cfg.num_layers)}},
+                    "step": jnp.asarray(step, jnp.int32)}
   checkpoint.save(mngr, step, state, meta if meta is not None else meta_of(moe()), DATA_STATE)
   mngr.wait_until_finished()
   return mngr
@@ -102,7 +106,8 @@ def test_save_without_data_state_restores_none(tmp_path):
 
 
 def test_restore_with_mismatched_tree_names_the_paths(tmp_path):
-  mngr = save_simple(tmp_path / "ckpts", step=5)
+  mngr = save_simple(tmp_path / "ckpts", step=5,
+                     state={"params": {"w": jnp.arange(6.0).reshape(2, 3)}, "step": jnp.asarray(5, jnp.int32)})
   where = str(tmp_path / "ckpts" / "5")
   good = abstract_of({"params": {"w": jnp.zeros((2, 3))}, "step": jnp.zeros((), jnp.int32)})
   got, _, _ = checkpoint.restore(mngr, 5, good)
@@ -208,6 +213,10 @@ def test_locate_errors_name_the_path(tmp_path):
   missing = tmp_path / "nowhere"
   with pytest.raises(FileNotFoundError, match=rf"checkpoint path {missing} does not exist"):
     checkpoint.locate(str(missing))
+  a_file = tmp_path / "metrics.jsonl"
+  a_file.write_text("{}")
+  with pytest.raises(ValueError, match=rf"checkpoint path {a_file} is a file"):  # not "does not exist"
+    checkpoint.locate(str(a_file))
   empty = tmp_path / "empty"
   _fake_step_dirs(empty / "checkpoints", ["notastep"])
   with pytest.raises(FileNotFoundError, match=rf"no checkpoint in {empty / 'checkpoints'}"):

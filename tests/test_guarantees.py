@@ -73,6 +73,8 @@ BAD = [  # (key named in the message, how to break the tiny config)
     ("train.warmup_steps", lambda c: c.train.update(warmup_steps=-1)),
     ("train.frozen[0]", lambda c: c.train.update(frozen=("no_such_param",))),
     ("train.frozen[0]", lambda c: c.train.update(frozen=("blocks/(",))),
+    ("train.frozen[0]", lambda c: c.train.update(frozen=({"path": "embed_VD", "axis": 0, "start": 0, "stop": 999},))),
+    ("train.frozen[0].lr_scale", lambda c: c.train.update(frozen=({"path": "embed_VD", "lr_scale": -1.0},))),
     ("model.top_k", lambda c: c.model.update(top_k=0)),
     ("model.top_k", lambda c: c.model.update(moe_layers="all", num_experts=2, top_k=3)),
     ("model.capacity_factor", lambda c: c.model.update(moe_layers="all", capacity_factor=0.0)),
@@ -103,6 +105,8 @@ STAGED_BAD = [
     ("stages[1].ops", second_stage(ops=())),
     ("stages[1].ops", second_stage(ops=(dict(op="grow_taller"),))),
     ("stages[1].mixture.c4", second_stage(mixture={"c4": -2.0})),
+    ("stages[1].freeze_old_experts", second_stage(freeze_old_experts=True, ops=(dict(op="stack", times=2),))),
+    ("stages[1]", second_stage(lora_rank=4)),  # an unknown stage key
 ]
 CASES = [(k, f, lambda: lm.get_config("tiny")) for k, f in BAD] + [(k, f, staged_tiny) for k, f in STAGED_BAD]
 

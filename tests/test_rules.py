@@ -265,10 +265,12 @@ def test_plan_rules_maps_targets_to_actions_and_sources():
 
 
 def test_apply_rules_rejects_unknown_kind_and_accepts_flat_trees():
-  with pytest.raises(ValueError, match=r"kind='adam' not in \('params', 'mu', 'nu'\)"):
+  with pytest.raises(ValueError, match=r"kind='adam' not in \('params', 'mu', 'nu', 'fisher'\)"):
     T.apply_rules({"w": A}, {"w": sds(2, 3)}, [(".*", T.copy())], kind="adam")
   out, _ = T.apply_rules({"a/b": A}, {"a/b": sds(2, 3)}, [(".*", T.copy(scale=2.0))], kind="nu")
   np.testing.assert_array_equal(np.asarray(out["a"]["b"]), 4 * A)  # flat in, nested out
+  out, _ = T.apply_rules({"a/b": A}, {"a/b": sds(2, 3)}, [(".*", T.copy(scale=2.0))], kind="fisher")
+  np.testing.assert_array_equal(np.asarray(out["a"]["b"]), 4 * A)  # a Fisher scales like nu
 
 
 def test_actions_jit_like_eager():

@@ -156,5 +156,5 @@ def test_config_errors_name_the_key(tmp_path, data_dir):
 def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path, data_dir):
   config = tiny(data_dir, steps=40, lr=1e30, warmup_steps=0, grad_clip=0.0, checkpoint_every=1, log_every=1,
                 eval_every=0)
-  with pytest.raises(FloatingPointError, match=r"loss is nan at step \d+.*Newest checkpoint \(finite parameters\): .*checkpoints/\d+"):
+  with pytest.raises(FloatingPointError, match=r"(loss|gradient norm) is nan at step \d+.*Newest checkpoint \(finite parameters\): .*checkpoints/\d+"):
     stages.train_and_evaluate(config, str(tmp_path / "nan"))

@@ -129,3 +129,20 @@ def apply_ops(state: Mapping, cfg: ModelConfig, ops: Sequence[Mapping[str, Any]]
     cfg = plan.new_cfg
     reports.append(report)
   return state, cfg, reports
+
+
+def remap(tree: Mapping, cfg: ModelConfig, ops: Sequence[Mapping[str, Any]], key=None, *, shapes: Shapes,
+          kind: str = "params"):
+  """Carry any params-shaped tree through `ops` with the ops' own rules: kind 'params' (e.g. an
+  EWC anchor), 'mu' / 'nu' (new slices 0; scaled copies times c or c^2) or 'fisher' (a diagonal
+  Fisher: like 'nu', and new experts get 0 even where they copy old ones). The same key as
+  `apply_ops` gives the same new weights."""
+  key = jax.random.PRNGKey(0) if key is None else key
+  for n, (name, _, _, plan) in enumerate(plans(cfg, ops)):
+    k = jax.random.fold_in(key, n)
+    dts = {jnp.dtype(x.dtype) for x in flatten(tree).values()}
+    dt = dts.pop() if len(dts) == 1 else None
+    want = {p: jax.ShapeDtypeStruct(s.shape, dt or s.dtype) for p, s in flatten(shapes(plan.new_cfg)).items()}
+    tree, _ = R.apply_rules(tree, want, plan.rules(k), k, kind, check_dtype=dt is not None)
+    cfg = plan.new_cfg
+  return tree

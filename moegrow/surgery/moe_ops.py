@@ -234,6 +234,8 @@ def _add_expert_rules(cfg, i: int, src, mode: str, sigma: float, new_bias: float
 
   def grow(kind, kk, w, axis):
     new = jnp.take(w, src, axis=axis)
+    if kind == "fisher":  # a new expert is new capacity: no importance yet, whatever it copies
+      return jnp.concatenate([w, jnp.zeros_like(new)], axis=axis)
     if kind == "params" and sigma > 0:
       red = tuple(a for a in range(w.ndim) if a != axis)
       noise = jax.random.normal(jax.random.fold_in(kk, 1), new.shape, new.dtype)
@@ -241,6 +243,8 @@ def _add_expert_rules(cfg, i: int, src, mode: str, sigma: float, new_bias: float
     return jnp.concatenate([w, new], axis=axis)
 
   def bias(kind, kk, b):
+    if kind == "fisher":
+      return jnp.concatenate([b, jnp.zeros((len(src),), b.dtype)])
     if mode == "exact":
       fill = new_bias if kind == "params" else 0.0
       return jnp.concatenate([b, jnp.full((len(src),), fill, b.dtype)])

@@ -14,9 +14,11 @@ paths. `apply_rules` is strict: every target leaf is produced at its
 exact shape and dtype, and every source leaf is used or dropped; otherwise one ValueError lists
 every offending path.
 
-An action is evaluated once per tree kind: `"params"`, or the Adam moments `"mu"` / `"nu"`.
-Copies treat all kinds alike; `init` gives zeros for moments (a new slice has no history);
-a `scale` c multiplies params and mu by c and nu by c**2. Actions are jittable: only arrays
+An action is evaluated once per tree kind: `"params"`, the Adam moments `"mu"` / `"nu"`, or
+`"fisher"` (a diagonal Fisher, EWC's importance: like `"nu"`, except that ops adding new capacity
+out of copies, e.g. add_experts, give the copies zero importance). Copies treat all kinds alike;
+`init` gives zeros for every kind but params (a new slice has no history); a `scale` c
+multiplies params and mu by c, nu and fisher by c**2. Actions are jittable: only arrays
 are traced, patterns and shapes are static.
 """
 from __future__ import annotations
@@ -30,7 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from moegrow.trees import flatten, natural_key, unflatten
-KINDS = ("params", "mu", "nu")
+KINDS = ("params", "mu", "nu", "fisher")
+SQUARED = ("nu", "fisher")  # kinds that scale like a squared gradient: a scale c gives c**2
 DISTS = ("normal", "zeros", "ones", "constant")
 
 
@@ -51,7 +54,7 @@ class Action:
 def scaled(x, kind, scale):
   if scale is None:
     return x
-  return x * (scale ** 2 if kind == "nu" else scale)
+  return x * (scale ** 2 if kind in SQUARED else scale)
 
 
 def _sample(dist, key, shape, dtype, std=1.0, mean=0.0, value=0.0):

@@ -91,7 +91,7 @@ def _net2wider(idx, f_old, axis, out_proj, noise_std, noise_key):
     shape[axis] = -1
     if out_proj:
       n = count.reshape(shape)
-      return x / (n * n if kind == "nu" else n)
+      return x / (n * n if kind in R.SQUARED else n)
     if kind == "params" and noise_std > 0:  # optional symmetry breaking on the extra units
       extra = (jnp.arange(idx.shape[0]) >= f_old).astype(x.dtype).reshape(shape)
       x = x + extra * noise_std * jnp.std(w) * jax.random.normal(noise_key, x.shape, x.dtype)

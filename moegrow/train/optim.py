@@ -7,11 +7,15 @@ state of the new shapes (every other piece of state, e.g. schedule counts, is ca
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from moegrow.config import ModelConfig
+from moegrow.trees import flatten, to_plain, unflatten
 
 
 def make_schedule(lr: float, steps: int, warmup_steps: int = 0, schedule: str = "cosine",
@@ -47,6 +51,66 @@ def frozen_mask(params: dict, patterns: Sequence[str]) -> dict:
   return jax.tree_util.tree_map_with_path(frozen, params)
 
 
+def slice_scales(params: dict, entries: Sequence[Mapping]) -> dict[str, list[tuple[int, np.ndarray]]]:
+  """{param path: [(axis, scale vector along that axis), ...]} for slice entries
+  {'path': regex, 'axis': int, 'start': int, 'stop': int, 'lr_scale': float (0 = frozen)}.
+  Unmatched leaves are absent. ValueError naming the entry if its axis or range does not fit."""
+  flat = flatten(params)
+  out: dict[str, list[tuple[int, np.ndarray]]] = {}
+  for n, e in enumerate(entries):
+    rx = re.compile(e["path"])
+    for path, x in flat.items():
+      if not rx.search(path):
+        continue
+      axis = int(e.get("axis", 0))
+      if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"train.frozen[{n}]: axis {axis} does not exist in {path} of shape {tuple(x.shape)}")
+      axis %= x.ndim
+      size = x.shape[axis]
+      start, stop = int(e.get("start", 0)), int(e.get("stop", size))
+      if not 0 <= start < stop <= size:
+        raise ValueError(f"train.frozen[{n}]: range [{start}, {stop}) does not fit axis {axis} of {path} "
+                         f"(size {size})")
+      vec = np.ones((size,), np.float32)
+      vec[start:stop] = float(e.get("lr_scale", 0.0))
+      out.setdefault(path, []).append((axis, vec))
+  return out
+
+
+def scale_updates(scales: dict[str, list[tuple[int, np.ndarray]]]) -> optax.GradientTransformation:
+  """Multiply the optimizer's FINAL updates by per-slice factors (a factor 0 gives an exact zero
+  update, so a frozen slice stays bit-identical through weight decay and stale momentum, which
+  masking the gradients would not guarantee). Stateless."""
+  def update(updates, state, params=None):
+    flat = flatten(updates)
+    for path, pieces in scales.items():
+      u = flat[path]
+      for axis, vec in pieces:
+        shape = [1] * u.ndim
+        shape[axis] = -1
+        s = jnp.asarray(vec, u.dtype).reshape(shape)
+        u = jnp.where(s == 0, jnp.zeros_like(u), u * s)
+      flat[path] = u
+    return unflatten(flat), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def old_expert_slices(prev: ModelConfig, ops) -> tuple[dict, ...]:
+  """Frozen-slice entries for every expert that existed before `ops`, with its router column and
+  bias (Lifelong-MoE, Chen et al. 2023): the grown model trains only its new experts' slices
+  (and every other parameter). Ops that move layers (insert_blocks, stack) are refused."""
+  moved = [o["op"] for o in ops if o.get("op") in ("insert_blocks", "stack")]
+  if moved:
+    raise ValueError(f"freeze_old_experts: ops {moved} move layers; freeze slices explicitly with `frozen`")
+  out = []
+  for i in prev.moe_layer_ids:
+    e = prev.experts_in_layer(i)
+    out += [{"path": rf"^blocks/{i}/mlp/(wact|wlin|wo)_E[A-Z]*$", "axis": 0, "start": 0, "stop": e},
+            {"path": rf"^blocks/{i}/mlp/router_DE$", "axis": 1, "start": 0, "stop": e},
+            {"path": rf"^blocks/{i}/mlp/router_bias_E$", "axis": 0, "start": 0, "stop": e}]
+  return tuple(out)
+
+
 def schedule_from(train_cfg: Any) -> optax.Schedule:
   """`make_schedule` from a train config (lr, steps, warmup_steps, schedule, min_lr_ratio)."""
   return make_schedule(train_cfg.lr, train_cfg.steps, train_cfg.warmup_steps, train_cfg.schedule,
@@ -56,15 +120,22 @@ def schedule_from(train_cfg: Any) -> optax.Schedule:
 def make_optimizer(train_cfg: Any, params: dict | None = None,
                    schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
   """AdamW chain from a config with lr, steps, warmup_steps, schedule, min_lr_ratio, b1, b2,
-  weight_decay, grad_clip and optional `frozen` (regexes over param paths, no updates).
+  weight_decay, grad_clip and optional `frozen`: regexes over param paths (whole leaves: no
+  updates and no optimizer state) and slice entries {'path', 'axis', 'start', 'stop',
+  'lr_scale' (default 0: frozen)} whose final updates are scaled (see `scale_updates`).
   `schedule` defaults to `schedule_from(train_cfg)`."""
   sched = schedule_from(train_cfg) if schedule is None else schedule
+  entries = tuple(train_cfg.get("frozen", ()) or ())
+  slices = [to_plain(e) for e in entries if hasattr(e, "items")]
+  frozen = tuple(e for e in entries if isinstance(e, str))
+  if (slices or frozen) and params is None:
+    raise ValueError("make_optimizer: `params` are needed to build the frozen mask")
   tx = optax.chain(
       optax.clip_by_global_norm(train_cfg.grad_clip) if train_cfg.grad_clip else optax.identity(),
       optax.adamw(sched, b1=train_cfg.b1, b2=train_cfg.b2, eps=1e-8,
                   weight_decay=train_cfg.weight_decay, mask=decay_mask),
+      scale_updates(slice_scales(params, slices)) if slices else optax.identity(),
   )
-  frozen = tuple(train_cfg.get("frozen", ()) or ())
   if frozen:
     if params is None:
       raise ValueError("make_optimizer: `params` are needed to build the frozen mask")

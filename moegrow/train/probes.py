@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from moegrow import sharding
 from moegrow.model import transformer as tf
@@ -41,3 +43,35 @@ def expert_loads(cfg, params, batches: list[dict], mesh) -> dict[str, list[float
   loads = jax.jit(lambda p, t: {i: m["load"] for i, m in tf.apply(cfg, p, t)[1]["layers"].items()},
                   out_shardings=replicated)(params, tokens)
   return {i: np.asarray(v).tolist() for i, v in loads.items()}
+
+
+def fisher_diagonal(cfg, params, batches: list[dict], *, labels: str = "data", key=None) -> dict:
+  """Diagonal Fisher information of `params` (EWC, Kirkpatrick et al. 2017, eq. 3's F_i): the mean
+  over examples (sequences) of the squared gradient of the example's mean token NLL. Labels:
+  'data' (the batch's targets: the empirical Fisher) or 'model' (sampled from the model's own
+  predictive distribution with `key`: the true Fisher). Returns a params-shaped float32 tree."""
+  if labels not in ("data", "model"):
+    raise ValueError(f"fisher_diagonal: labels={labels!r} must be 'data' or 'model'")
+  if labels == "model" and key is None:
+    raise ValueError("fisher_diagonal: labels='model' samples labels and needs a `key`")
+
+  def nll(p, x_T, y_T):
+    logits_TV = tf.apply(cfg, p, x_T[None])[0][0]
+    return optax.softmax_cross_entropy_with_integer_labels(logits_TV, y_T).mean()
+
+  @jax.jit
+  def squared_grads(p, x_NT, y_NT):
+    g = jax.vmap(jax.grad(nll), in_axes=(None, 0, 0))(p, x_NT, y_NT)  # per-example gradients
+    return jax.tree_util.tree_map(lambda a: jnp.sum(jnp.square(a.astype(jnp.float32)), axis=0), g)
+
+  sample = jax.jit(lambda p, x, k: jax.random.categorical(k, tf.apply(cfg, p, x)[0], axis=-1))
+  total, n = None, 0
+  for i, b in enumerate(batches):
+    x = jnp.asarray(b["inputs"])
+    y = sample(params, x, jax.random.fold_in(key, i)) if labels == "model" else jnp.asarray(b["targets"])
+    sq = squared_grads(params, x, y)
+    total = sq if total is None else jax.tree_util.tree_map(jnp.add, total, sq)
+    n += x.shape[0]
+  if not n:
+    raise ValueError("fisher_diagonal: no examples")
+  return jax.tree_util.tree_map(lambda t: t / n, total)

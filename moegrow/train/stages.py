@@ -37,7 +37,7 @@ from moegrow.train.validate import validate_config
 from moegrow.trees import to_plain
 from moegrow.workdir_lock import WorkdirLock
 
-STAGE_KEYS = ("name", "steps", "ops", "mixture")
+STAGE_KEYS = ("name", "steps", "ops", "mixture", "frozen", "freeze_old_experts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +49,16 @@ class Stage:
   ops: tuple  # growth ops applied at `start` (empty for stage 0)
   mixture: dict | None  # None: the config's data.mixture
   cfg: ModelConfig  # the model trained in this stage
+  frozen: tuple = ()  # entries added to train.frozen in this stage (see optim.make_optimizer)
+
+
+def stage_train(tr, stage: Stage):
+  """The train config of `stage`: `tr` with the stage's frozen entries appended."""
+  if not stage.frozen:
+    return tr
+  out = ml_collections.ConfigDict(tr.to_dict())
+  out.frozen = tuple(tr.get("frozen", ()) or ()) + tuple(stage.frozen)
+  return out
 
 
 def resolve_stages(config, base_cfg: ModelConfig) -> list[Stage]:
@@ -59,6 +69,7 @@ def resolve_stages(config, base_cfg: ModelConfig) -> list[Stage]:
     return [Stage(0, "train", 0, int(config.train.steps), (), None, base_cfg)]
   stages, start, cfg = [], 0, base_cfg
   for i, spec in enumerate(specs):
+    prev = cfg
     spec = to_plain(spec)
     unknown = sorted(set(spec) - set(STAGE_KEYS))
     if unknown:
@@ -71,7 +82,10 @@ def resolve_stages(config, base_cfg: ModelConfig) -> list[Stage]:
     cfg = surgery.grown_config(cfg, ops)
     steps = int(spec["steps"])
     mixture = spec["mixture"] if spec.get("mixture") else None
-    stages.append(Stage(i, str(spec.get("name", f"stage{i}")), start, start + steps, ops, mixture, cfg))
+    frozen = tuple(spec.get("frozen", ()) or ())
+    if spec.get("freeze_old_experts"):
+      frozen += optim.old_expert_slices(prev, ops)
+    stages.append(Stage(i, str(spec.get("name", f"stage{i}")), start, start + steps, ops, mixture, cfg, frozen))
     start += steps
   return stages
 
@@ -177,7 +191,7 @@ def _with_loads(ops: list[dict], measure) -> list[dict]:
 
 
 def grow_checkpoint(src_mngr, src_step: int, stage: Stage, tr, mesh, held: dict, dst_mngr, workdir: str,
-                    key) -> tuple[dict, Any, dict]:
+                    key, src_tr=None) -> tuple[dict, Any, dict]:
   """Restore `src_step` at its own shapes, apply `stage.ops`, save as `stage`'s first checkpoint.
 
   `held`: {domain: [batch]} for the certificate. Returns (grown state, data iterator state of
@@ -186,7 +200,7 @@ def grow_checkpoint(src_mngr, src_step: int, stage: Stage, tr, mesh, held: dict,
   held = _certificate_rows(held, mesh)
   meta = checkpoint.read_meta(src_mngr, src_step)
   old_cfg = checkpoint.model_config(meta)
-  old = build_program(old_cfg, tr, mesh)
+  old = build_program(old_cfg, tr if src_tr is None else src_tr, mesh)  # the source stage's optimizer
   state, meta, data_state = checkpoint.restore(src_mngr, src_step, old.abstract_state)
   before = {d: m["loss"] for d, m in probes.domain_losses(old, state["params"], held).items()}
   params_before = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(state["params"])))
@@ -198,7 +212,7 @@ def grow_checkpoint(src_mngr, src_step: int, stage: Stage, tr, mesh, held: dict,
     raise ValueError(f"stage {stage.index} ({stage.name}): growing the checkpoint at step {src_step} gives "
                      f"{config_diff(grown_cfg, stage.cfg)}; the checkpoint's model differs from the config's")
   moments = optim.adam_moments(state["opt_state"])
-  new = build_program(stage.cfg, tr, mesh)
+  new = build_program(stage.cfg, stage_train(tr, stage), mesh)
   box: dict[str, Any] = {}
 
   def run(params, mu, nu, count, step, k):
@@ -269,7 +283,7 @@ def grow_offline(config, source: str, workdir: str, stage: int | None = None) ->
     held = {d: b[:1] for d, b in evals.items()}
     try:
       _, _, cert = grow_checkpoint(src, step, stages[stage], tr, make_mesh(config), held, dst, workdir,
-                                   growth_key(tr.seed, stage))
+                                   growth_key(tr.seed, stage), src_tr=stage_train(tr, stages[stage - 1]))
     finally:
       dst.close()
       src.close()
@@ -342,11 +356,11 @@ def _run_stages(config, workdir: str, pre: loop.Preempted) -> dict[str, Any]:
         if stored_cfg != st.cfg:
           raise ValueError(f"checkpoint {where} holds a different model than stage {st.index} of the config: "
                            f"{config_diff(stored_cfg, st.cfg)}")
-        program = build_program(st.cfg, tr, mesh)
+        program = build_program(st.cfg, stage_train(tr, st), mesh)
         state, meta, data_state = checkpoint.restore(mngr, at_step, program.abstract_state)
         book.say(f"resumed from {where} at step {at_step} (stage {st.index}: {st.name})")
       elif st.index == 0:
-        program = build_program(st.cfg, tr, mesh)
+        program = build_program(st.cfg, stage_train(tr, st), mesh)
         state, data_state, where = program.init(jax.random.key(tr.seed)), None, "init"
         meta = checkpoint_meta(st, [], step=0)
       else:
@@ -354,10 +368,11 @@ def _run_stages(config, workdir: str, pre: loop.Preempted) -> dict[str, Any]:
         book.say(f"growing {checkpoint.step_dir(src, src.latest_step())} into stage {st.index} ({st.name}): "
                  f"{', '.join(o['op'] for o in st.ops)}")
         state, data_state, cert = grow_checkpoint(src, src.latest_step(), st, tr, mesh, held, mngr, workdir,
-                                                  growth_key(tr.seed, st.index))
+                                                  growth_key(tr.seed, st.index),
+                                                  src_tr=stage_train(tr, stages[st.index - 1]))
         src.close()
         book.say(certificate_text(cert))
-        program = build_program(st.cfg, tr, mesh)
+        program = build_program(st.cfg, stage_train(tr, st), mesh)
         where = checkpoint.step_dir(mngr, int(state["step"]))
         meta = checkpoint.read_meta(mngr, int(state["step"]))
         result.setdefault("certificates", []).append(cert)

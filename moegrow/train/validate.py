@@ -17,6 +17,7 @@ from moegrow.config import ModelConfig
 from moegrow.model import transformer as tf
 from moegrow.sharding import MESH_AXES
 from moegrow.surgery import apply as surgery
+from moegrow.train import optim
 from moegrow.trees import flatten, to_plain
 
 SCHEDULES = ("cosine", "constant", "rsqrt")
@@ -149,9 +150,10 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> list[Mo
     for i, spec in enumerate(specs):
       spec = to_plain(spec)
       key = f"stages[{i}]"
-      unknown = sorted(set(spec) - {"name", "steps", "ops", "mixture"})
+      allowed = ("name", "steps", "ops", "mixture", "frozen", "freeze_old_experts")
+      unknown = sorted(set(spec) - set(allowed))
       if unknown:
-        raise ConfigError(key, sorted(spec), f"keys among name, steps, ops, mixture (unknown: {unknown})")
+        raise ConfigError(key, sorted(spec), f"keys among {', '.join(allowed)} (unknown: {unknown})")
       if not (_is_int(spec.get("steps")) and spec["steps"] >= 1):
         raise ConfigError(f"{key}.steps", spec.get("steps"), "an integer >= 1")
       total += int(spec["steps"])
@@ -169,18 +171,54 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> list[Mo
     if steps not in (None, 0, total):
       raise ConfigError("train.steps", steps, f"the stages' total {total} (with stages the length comes from "
                         "them; set train.steps to that total or to 0)")
-  # frozen patterns: valid regexes, each matching at least one parameter of some stage
-  frozen = list(config.train.get("frozen", ()) or ())
-  if frozen:
-    paths = set()
-    for c in cfgs:
-      paths |= set(flatten(tf.abstract_params(c)))
-    for i, pat in enumerate(frozen):
+  # frozen entries (train.frozen and each stage's): valid, each matching at least one parameter
+  _check_frozen(list(config.train.get("frozen", ()) or ()), "train.frozen", cfgs)
+  for i, spec in enumerate(specs):
+    spec = to_plain(spec)
+    entries = list(spec.get("frozen", ()) or ())
+    if spec.get("freeze_old_experts"):
+      if i == 0:
+        raise ConfigError(f"stages[{i}].freeze_old_experts", True, "only in a growth stage (i >= 1)")
       try:
-        rx = re.compile(pat)
-      except (re.error, TypeError) as e:
-        raise ConfigError(f"train.frozen[{i}]", pat, f"a regular expression ({e})") from e
-      if not any(rx.search(p) for p in paths):
-        raise ConfigError(f"train.frozen[{i}]", pat, "a regex matching at least one parameter path, e.g. "
-                          f"{sorted(paths)[:3]}")
+        entries += list(optim.old_expert_slices(cfgs[i - 1], spec.get("ops") or []))
+      except ValueError as e:
+        raise ConfigError(f"stages[{i}].freeze_old_experts", True, str(e)) from e
+    _check_frozen(entries, f"stages[{i}].frozen", cfgs[i:i + 1])
   return cfgs
+
+
+def _check_frozen(entries: list, key: str, cfgs: list[ModelConfig]) -> None:
+  """Whole-leaf regexes and slice entries {path, axis, start, stop, lr_scale}: each must be valid
+  and match at least one parameter of the given stage configs (a typo freezes nothing)."""
+  if not entries:
+    return
+  params = [tf.abstract_params(c) for c in cfgs]
+  paths = sorted(set().union(*(flatten(p) for p in params)))
+  for n, e in enumerate(entries):
+    k = f"{key}[{n}]"
+    pat = e if isinstance(e, str) else (to_plain(e).get("path") if hasattr(e, "items") else None)
+    if not isinstance(pat, str):
+      raise ConfigError(k, e, "a regex over parameter paths, or {'path': regex, 'axis', 'start', 'stop', "
+                        "'lr_scale'}")
+    try:
+      rx = re.compile(pat)
+    except re.error as err:
+      raise ConfigError(k, pat, f"a regular expression ({err})") from err
+    if not any(rx.search(p) for p in paths):
+      raise ConfigError(k, pat, f"a regex matching at least one parameter path, e.g. {paths[:3]}")
+    if isinstance(e, str):
+      continue
+    e = to_plain(e)
+    unknown = sorted(set(e) - {"path", "axis", "start", "stop", "lr_scale"})
+    if unknown:
+      raise ConfigError(k, e, f"keys among path, axis, start, stop, lr_scale (unknown: {unknown})")
+    for f in ("axis", "start", "stop"):
+      if f in e and not _is_int(e[f]):
+        raise ConfigError(f"{k}.{f}", e[f], "an integer")
+    if not _is_num(e.get("lr_scale", 0.0)) or e.get("lr_scale", 0.0) < 0:
+      raise ConfigError(f"{k}.lr_scale", e.get("lr_scale"), "a finite number >= 0 (0 = frozen)")
+    for p in params:
+      try:
+        optim.slice_scales(p, [e])
+      except ValueError as err:
+        raise ConfigError(k, e, str(err).split(": ", 1)[-1]) from err

@@ -1,0 +1,28 @@
+"""Regularisers against forgetting in continual pre-training.
+
+EWC (Kirkpatrick et al. 2017): a quadratic penalty pulling each parameter towards its value at the
+end of an earlier stage, weighted by its diagonal Fisher information (measured by
+`moegrow.train.probes.fisher_diagonal`); online EWC (Schwarz et al. 2018) keeps one running
+Fisher across stages. Fisher and anchor are params-shaped trees; through growth they are remapped
+by the op's own rules (`moegrow.surgery.apply.remap`: the Fisher like a second moment, so new
+slices get 0 and copies carry their source's values; the anchor like the params).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def ewc_penalty(params, fisher, anchor, lam: float) -> jax.Array:
+  """lam/2 * sum_i F_i (theta_i - theta*_i)^2 (Kirkpatrick et al. 2017, eq. 3), in float32."""
+  terms = jax.tree_util.tree_map(
+      lambda p, f, a: jnp.sum(f.astype(jnp.float32) * jnp.square(p.astype(jnp.float32) - a.astype(jnp.float32))),
+      params, fisher, anchor)
+  return 0.5 * lam * sum(jax.tree_util.tree_leaves(terms), jnp.zeros((), jnp.float32))
+
+
+def online_fisher(old, new, gamma: float):
+  """F <- gamma * F_old + F_new (online EWC, Schwarz et al. 2018, section 3); `old` may be None."""
+  if old is None:
+    return new
+  return jax.tree_util.tree_map(lambda o, n: gamma * o + n, old, new)
