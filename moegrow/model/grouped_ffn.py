@@ -15,7 +15,7 @@ A chunk may run past its expert's rows into the next expert's (or into the slack
 visited in order, so those rows are overwritten by their owner later; in the backward the rows
 past the group are masked before they reach dW. x_PD carries max(sizes) slack rows after the
 last group, which keeps every chunk in bounds. Measured on a 2-core CPU: forward + backward
-within 2-7% of a dense SwiGLU MLP with the same FLOPs (benchmarks/README.md); a per-block scan
+within 2-9% of a dense SwiGLU MLP with the same FLOPs (benchmarks/README.md); a per-block scan
 that re-sliced expert weights for every block of rows was ~1.4x.
 """
 from __future__ import annotations
