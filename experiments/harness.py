@@ -29,7 +29,7 @@ import math
 import os
 import shutil
 import time
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import ml_collections
 import numpy as np
@@ -89,10 +89,11 @@ def matched_steps(flops: float, cfg: ModelConfig, config) -> int:
   return int(round(flops / flops_per_step(cfg, config)))
 
 
-def flops_at(config, step: int) -> float:
-  """Training FLOPs a run of `config` has spent at global `step`, summed over its stages."""
+def flops_at(config, step: int, plan: Sequence[stages.Stage] | None = None) -> float:
+  """Training FLOPs a run of `config` has spent at global `step`, summed over its stages
+  (`plan`: the config's resolved stages, if already at hand)."""
   total = 0.0
-  for st in stages.resolve_stages(config, stages.model_config(config)):
+  for st in plan or stages.resolve_stages(config, stages.model_config(config)):
     total += max(0, min(step, st.end) - st.start) * flops_per_step(st.cfg, config)
   return total
 
@@ -197,6 +198,7 @@ def collect(fig: Figure, root: str, seeds: Sequence[int], data_dir: str = "") ->
       continue
     for seed in seeds:
       config = arm_config(fig, arm, seed, data_dir)
+      plan = stages.resolve_stages(config, stages.model_config(config))
       end = end_step(arm, config)
       ev = {s: e for s, e in read_evals(run_dir(root, arm.name, seed)).items() if s <= end}
       if arm.start_from:
@@ -204,7 +206,7 @@ def collect(fig: Figure, root: str, seeds: Sequence[int], data_dir: str = "") ->
         if arm.start_step in src:
           ev = {arm.start_step: src[arm.start_step], **{s: e for s, e in ev.items() if s > arm.start_step}}
       for step in sorted(ev):
-        flops = flops_at(config, step)
+        flops = flops_at(config, step, plan)
         doms = dict(ev[step])
         doms["mean"] = float(np.mean(list(doms.values())))
         for dom, loss in doms.items():

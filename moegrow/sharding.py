@@ -98,9 +98,9 @@ def _axis_size(mesh: Mesh, entry) -> int:
   return math.prod(mesh.shape[a] for a in names)
 
 
-def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> Mesh:
-  """Mesh over axes (data, fsdp, expert, tensor); one size may be -1 ("the rest")."""
-  devices = np.asarray(devices if devices is not None else jax.devices())
+def mesh_sizes(shape: dict[str, int] | Sequence[int], num_devices: int) -> list[int]:
+  """Axis sizes of (data, fsdp, expert, tensor) with the one -1 ("the rest") resolved for
+  `num_devices`; ValueError if there are several -1 or the others do not divide the devices."""
   sizes = [int(shape.get(a, 1)) for a in MESH_AXES] if isinstance(shape, dict) else [int(s) for s in shape]
   if len(sizes) != len(MESH_AXES):
     raise ValueError(f"mesh shape {sizes} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
@@ -108,9 +108,16 @@ def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> Mesh:
     raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
-    if devices.size % known:
-      raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes))} does not divide {devices.size} devices")
-    sizes[sizes.index(-1)] = devices.size // known
+    if num_devices % known:
+      raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices")
+    sizes[sizes.index(-1)] = num_devices // known
+  return sizes
+
+
+def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> Mesh:
+  """Mesh over axes (data, fsdp, expert, tensor); one size may be -1 ("the rest")."""
+  devices = np.asarray(devices if devices is not None else jax.devices())
+  sizes = mesh_sizes(shape, devices.size)
   if math.prod(sizes) < devices.size and jax.process_count() == 1:
     devices = devices.reshape(-1)[: math.prod(sizes)]  # explicit sizes may use a subset (one host)
   if math.prod(sizes) != devices.size:

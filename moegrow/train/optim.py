@@ -18,6 +18,9 @@ from moegrow.config import ModelConfig
 from moegrow.trees import flatten, to_plain, unflatten
 
 
+SCHEDULES = ("cosine", "constant", "rsqrt")
+
+
 def make_schedule(lr: float, steps: int, warmup_steps: int = 0, schedule: str = "cosine",
                   min_lr_ratio: float = 0.1) -> optax.Schedule:
   """Linear warm-up to `lr`, then: cosine decay to `min_lr_ratio * lr` at `steps`; constant; or
@@ -32,7 +35,7 @@ def make_schedule(lr: float, steps: int, warmup_steps: int = 0, schedule: str = 
     w = max(warmup_steps, 1)
     after = lambda count: lr * jax.lax.rsqrt((count + w) / w)  # join_schedules passes step - warmup
   else:
-    raise ValueError(f"train.schedule={schedule!r}: expected 'cosine', 'constant' or 'rsqrt'")
+    raise ValueError(f"train.schedule={schedule!r}: expected one of {SCHEDULES}")
   if warmup_steps == 0:
     return after
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), after], [warmup_steps])

@@ -33,11 +33,10 @@ from moegrow.surgery import apply as surgery
 from moegrow.train import loop, optim, probes
 from moegrow.train.logbook import Logbook
 from moegrow.train.steps import build_program
-from moegrow.train.validate import validate_config
+from moegrow.train.validate import STAGE_KEYS, validate_config
 from moegrow.trees import to_plain
 from moegrow.workdir_lock import WorkdirLock
 
-STAGE_KEYS = ("name", "steps", "ops", "mixture", "frozen", "freeze_old_experts")
 
 
 @dataclasses.dataclass(frozen=True)

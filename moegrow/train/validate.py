@@ -15,12 +15,12 @@ import numpy as np
 
 from moegrow.config import ModelConfig
 from moegrow.model import transformer as tf
-from moegrow.sharding import MESH_AXES
+from moegrow.sharding import MESH_AXES, mesh_sizes
 from moegrow.surgery import apply as surgery
 from moegrow.train import optim
 from moegrow.trees import flatten, to_plain
 
-SCHEDULES = ("cosine", "constant", "rsqrt")
+STAGE_KEYS = ("name", "steps", "ops", "mixture", "frozen", "freeze_old_experts")
 
 
 class ConfigError(ValueError):
@@ -112,8 +112,8 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> list[Mo
   _num(config, f"{tr}.b2", 0, 1, hi_open=True)
   _num(config, f"{tr}.weight_decay", 0)
   _num(config, f"{tr}.grad_clip", 0)
-  if config.train.schedule not in SCHEDULES:
-    raise ConfigError("train.schedule", config.train.schedule, f"one of {SCHEDULES}")
+  if config.train.schedule not in optim.SCHEDULES:
+    raise ConfigError("train.schedule", config.train.schedule, f"one of {optim.SCHEDULES}")
   # mesh: every axis an int, at most one -1, the product equal to the devices used
   sizes = {}
   for a in MESH_AXES:
@@ -124,13 +124,10 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> list[Mo
   devices = int(config.mesh.get("num_devices", 0) or num_devices)
   if not 1 <= devices <= num_devices:
     raise ConfigError("mesh.num_devices", config.mesh.get("num_devices"), f"0 (all) or 1..{num_devices}")
-  if list(sizes.values()).count(-1) > 1:
-    raise ConfigError("mesh", sizes, "at most one axis of -1")
-  known = math.prod(s for s in sizes.values() if s != -1)
-  if -1 in sizes.values():
-    if devices % known:
-      raise ConfigError("mesh", sizes, f"axis sizes whose product divides the {devices} devices")
-    sizes = {a: (devices // known if s == -1 else s) for a, s in sizes.items()}
+  try:
+    sizes = dict(zip(MESH_AXES, mesh_sizes(sizes, devices)))
+  except ValueError as e:
+    raise ConfigError("mesh", sizes, f"at most one -1 and axis sizes dividing the {devices} devices ({e})") from e
   if math.prod(sizes.values()) != devices:
     raise ConfigError("mesh", sizes, f"axis sizes whose product is the {devices} devices used "
                       f"(set mesh.num_devices to use fewer than the {num_devices} present)")
@@ -150,10 +147,9 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> list[Mo
     for i, spec in enumerate(specs):
       spec = to_plain(spec)
       key = f"stages[{i}]"
-      allowed = ("name", "steps", "ops", "mixture", "frozen", "freeze_old_experts")
-      unknown = sorted(set(spec) - set(allowed))
+      unknown = sorted(set(spec) - set(STAGE_KEYS))
       if unknown:
-        raise ConfigError(key, sorted(spec), f"keys among {', '.join(allowed)} (unknown: {unknown})")
+        raise ConfigError(key, sorted(spec), f"keys among {', '.join(STAGE_KEYS)} (unknown: {unknown})")
       if not (_is_int(spec.get("steps")) and spec["steps"] >= 1):
         raise ConfigError(f"{key}.steps", spec.get("steps"), "an integer >= 1")
       total += int(spec["steps"])
