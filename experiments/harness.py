@@ -74,6 +74,7 @@ class Figure:
   plan: dict  # JSON facts of the figure (steps, FLOPs); pinned in plan.json
   x_origin: float = 0.0  # FLOPs subtracted on the x axis (e.g. a shared checkpoint's sunk FLOPs)
   x_label: str = "training FLOPs"
+  extra_report: Callable | None = None  # (figure, root, seeds) -> anything: a figure's own tables/plots
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -371,4 +372,6 @@ def run(make_figure: Callable[[bool], Figure], argv: Sequence[str] | None = None
         print(f"[{arm.name} seed {seed}] stopped before its end; run the same command to resume", flush=True)
         return 1
   report(fig, root, seeds, args.data_dir)
+  if fig.extra_report is not None:
+    fig.extra_report(fig, root, seeds)
   return 0

@@ -1,5 +1,6 @@
 """Orbax checkpoints: params (plain dicts) + optimizer state + step, data iterator state and
-metadata (model config, stage, lineage) as JSON, under `<workdir>/checkpoints/<step>/`.
+metadata (model config, stage, lineage) as JSON, under `<workdir>/checkpoints/<step>/`; a stage
+with EWC adds the item `ewc` ({'fisher', 'anchor'}, params-shaped) to each of its checkpoints.
 
 Restores always name the shapes they expect: `abstract_state` carries shapes, dtypes and the
 shardings of the CURRENT mesh, so a checkpoint written on 1 device restores onto 8 and back.
@@ -22,7 +23,7 @@ from absl import logging
 from moegrow.config import ModelConfig
 from moegrow.trees import check_tree
 
-STATE, META, DATA = "state", "meta", "data"
+STATE, META, DATA, EWC = "state", "meta", "data", "ewc"
 _STEP_DIR = re.compile(r"(?:stage(\d+)_)?(\d+)")
 
 
@@ -47,7 +48,7 @@ def manager(directory: str, keep: int = 3, async_save: bool = True, save_interva
             read_only: bool = False, step_prefix: str | None = None) -> ocp.CheckpointManager:
   """Checkpoints `<directory>/<step>` (or `<directory>/<step_prefix>_<step>`)."""
   handlers = {STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler(),
-              DATA: ocp.JsonCheckpointHandler()}
+              DATA: ocp.JsonCheckpointHandler(), EWC: ocp.StandardCheckpointHandler()}
   level = logging.get_verbosity()
   if read_only:  # Orbax warns that a read-only manager is read-only
     logging.set_verbosity(logging.ERROR)
@@ -73,12 +74,13 @@ def _gib(n: float) -> str:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: dict, meta: dict, data_state: Any = None,
-         force: bool = True) -> bool:
-  """Save (asynchronously if the manager is async). `meta` must be JSON-serialisable. A disk
-  without room for the state, or any failed write, is an OSError naming the path and the free
-  space, raised here at the first save that cannot succeed."""
+         force: bool = True, ewc: dict | None = None) -> bool:
+  """Save (asynchronously if the manager is async). `meta` must be JSON-serialisable; `ewc`
+  (optional) is saved as its own item. A disk without room for the state, or any failed write,
+  is an OSError naming the path and the free space, raised here at the first save that cannot
+  succeed."""
   where = step_dir(mngr, step)
-  need = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state) if hasattr(x, "dtype"))
+  need = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves((state, ewc)) if hasattr(x, "dtype"))
   need //= max(jax.process_count(), 1)  # each process writes its own shards
   free = free_bytes(str(mngr.directory))
   if free < need * 1.05 + 2**20:
@@ -86,6 +88,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict, meta: dict, data_s
                   f"{mngr.directory}; free some space and rerun (the run resumes from its newest checkpoint)")
   args = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta),
           DATA: ocp.args.JsonSave({"iterator": data_state})}
+  if ewc is not None:
+    args[EWC] = ocp.args.StandardSave(ewc)
   try:
     return mngr.save(int(step), args=ocp.args.Composite(**args), force=force)
   except Exception as e:  # noqa: BLE001 - re-raised with the path and the free space
@@ -151,6 +155,28 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict) -> tup
   except Exception as e:  # noqa: BLE001 - re-raised with the path
     raise ValueError(f"checkpoint {where}: restore failed ({type(e).__name__}: {e})") from e
   return out[STATE], out[META], (out[DATA] or {}).get("iterator")
+
+
+def has_item(mngr: ocp.CheckpointManager, step: int, item: str) -> bool:
+  return os.path.isdir(os.path.join(step_dir(mngr, step), item))
+
+
+def restore_item(mngr: ocp.CheckpointManager, step: int, item: str, abstract: Any) -> Any:
+  """One array item (e.g. `ewc`) at the shapes/shardings of `abstract`; ValueError naming the
+  checkpoint and the item when it is missing or does not match."""
+  where = step_dir(mngr, step)
+  if not has_item(mngr, step, item):
+    raise ValueError(f"checkpoint {where} has no '{item}' item")
+  try:
+    stored = mngr.item_metadata(int(step))[item]
+  except Exception:  # noqa: BLE001 - metadata is advisory; restore reports real errors
+    stored = None
+  if stored is not None:
+    check_tree(_by_path(stored), _by_path(abstract), f"checkpoint {where} item '{item}'", check_dtype=False)
+  try:
+    return mngr.restore(int(step), args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}))[item]
+  except Exception as e:  # noqa: BLE001 - re-raised with the path
+    raise ValueError(f"checkpoint {where}: restoring item '{item}' failed ({type(e).__name__}: {e})") from e
 
 
 def _stored_shapes(mngr, step):

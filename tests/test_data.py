@@ -87,7 +87,8 @@ def test_tokenizer_roundtrip_and_shift(data_dir):
   for b in _take(it, 3):
     assert b['inputs'].shape == b['targets'].shape == (8, 64)
     assert b['domain'].shape == (8,)
-    assert all(b[k].dtype == np.int32 for k in b)
+    assert all(b[k].dtype == np.int32 for k in ('inputs', 'targets', 'domain'))
+    assert b['replay'].dtype == np.float32 and not b['replay'].any()  # no replay configured
     np.testing.assert_array_equal(b['targets'][:, :-1], b['inputs'][:, 1:])
     assert b['inputs'].min() >= 0 and b['targets'].max() < data.VOCAB_SIZE
 

@@ -17,6 +17,7 @@ shard count gives the same global batches on any number of processes.
 from __future__ import annotations
 
 import copy
+import zlib
 from typing import Any, Mapping
 
 import grain
@@ -110,14 +111,86 @@ class _PackIterDataset(grain.IterDataset):
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
 
 
-def _seed_for(seed: int, index: int) -> int:
-  return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+def _seed_for(seed: int, name: str) -> int:
+  """A domain's shuffling seed: fixed by the run's seed and the domain's NAME (not its position
+  in the mixture), so a stage may add, drop or reorder domains and every stream stays the same."""
+  return int(np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(1)[0])
 
 
-def _split_batch(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+class Replay:
+  """Replay of earlier data within a stage: a `fraction` of the rows comes from `mixture` (the
+  old domains), ramped linearly from 0 over the stage's first `ramp_steps` steps (0: at once).
+  Row weights at step s: (1 - r_s) * new + r_s * old, r_s = fraction * min(1, s / ramp_steps)."""
+
+  def __init__(self, mixture: Mapping[str, float], fraction: float, ramp_steps: int = 0):
+    if not 0 <= fraction <= 1:
+      raise ValueError(f'replay fraction={fraction} must be in [0, 1]')
+    if ramp_steps < 0:
+      raise ValueError(f'replay ramp_steps={ramp_steps} must be >= 0')
+    self.mixture = _check_mixture(mixture)
+    self.fraction, self.ramp_steps = float(fraction), int(ramp_steps)
+
+  def at(self, step: int) -> float:
+    if self.ramp_steps and step < self.ramp_steps:
+      return self.fraction * step / self.ramp_steps
+    return self.fraction
+
+
+class _MixIterator(grain.DatasetIterator):
+  """Rows drawn from named component streams with step-dependent weights.
+
+  Row n picks its domain with a uniform number seeded by (seed, n), so the choice depends only on
+  the row count since the stage began. State: {'rows': n, 'parts': {name: component state}};
+  components are restored BY NAME: a state from another mixture resumes every domain both share,
+  starts new ones fresh, and keeps the states of dropped ones for a later stage.
+  """
+
+  def __init__(self, parts: dict[str, grain.DatasetIterator], weights_at, rows_per_step: int, seed: int):
+    super().__init__(list(parts.values()))
+    self._parts, self._names = parts, list(parts)
+    self._weights_at, self._rows_per_step, self._seed = weights_at, rows_per_step, seed
+    self._rows, self._kept = 0, {}
+
+  def __next__(self):
+    w = self._weights_at(self._rows // self._rows_per_step)
+    u = np.random.default_rng([self._seed, self._rows]).random()
+    i = min(int(np.searchsorted(np.cumsum(w), u * w.sum(), side='right')), len(w) - 1)
+    self._rows += 1
+    return next(self._parts[self._names[i]])
+
+  def get_state(self) -> dict[str, Any]:
+    parts = dict(self._kept)
+    parts.update({n: it.get_state() for n, it in self._parts.items()})
+    return {'rows': self._rows, 'parts': parts}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    if not isinstance(state, Mapping) or 'parts' not in state or 'rows' not in state:
+      raise ValueError("data state has no 'rows' and 'parts' (per-domain states by name): it was "
+                       'written by another version of the pipeline')
+    self._rows = int(state['rows'])
+    for name, part in state['parts'].items():
+      if name in self._parts:
+        self._parts[name].set_state(copy.deepcopy(part))
+    self._kept = {n: copy.deepcopy(p) for n, p in state['parts'].items() if n not in self._parts}
+
+
+class _MixDataset(grain.IterDataset):
+
+  def __init__(self, parts: dict[str, grain.IterDataset], weights_at, rows_per_step: int, seed: int):
+    super().__init__(list(parts.values()))
+    self._named = parts
+    self._weights_at, self._rows_per_step, self._seed = weights_at, rows_per_step, seed
+
+  def __iter__(self) -> _MixIterator:
+    return _MixIterator({n: p.__iter__() for n, p in self._named.items()}, self._weights_at,
+                        self._rows_per_step, self._seed)
+
+
+def _split_batch(batch: Mapping[str, np.ndarray], replayed=()) -> dict[str, np.ndarray]:
   tokens = batch['tokens']
-  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
-          'domain': np.asarray(batch['domain'], np.int32)}
+  domain = np.asarray(batch['domain'], np.int32)
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'domain': domain,
+          'replay': np.isin(domain, replayed).astype(np.float32)}
 
 
 def _check_mixture(mixture: Mapping[str, float]) -> dict[str, float]:
@@ -137,12 +210,14 @@ def make_train_iter(mixture: Mapping[str, float], *, seq_len: int,
                     global_batch: int, seed: int, data_dir: str,
                     process_index: int = 0, process_count: int = 1,
                     split: str = 'train',
-                    text_key: str = 'text') -> grain.DatasetIterator:
+                    text_key: str = 'text',
+                    replay: Replay | None = None) -> grain.DatasetIterator:
   """Infinite, exactly resumable iterator of packed training batches.
 
   Args:
     mixture: dataset name -> weight (>= 0, normalised; 0 drops the dataset
-      but keeps its domain index). Dict order defines the domain indices.
+      but keeps its domain index). Dict order defines the domain indices
+      (``domain_order``: then replayed names not in it).
     seq_len: tokens per row; windows of ``seq_len + 1`` tokens are cut from
       the concatenated documents.
     global_batch: rows per step over all processes.
@@ -152,11 +227,14 @@ def make_train_iter(mixture: Mapping[str, float], *, seq_len: int,
       ``[process_index::process_count]`` of every dataset.
     split: split to read.
     text_key: text feature of non-local TFDS datasets (ours use 'text').
+    replay: optional replay of old domains (see ``Replay``).
 
   Returns:
-    grain iterator with ``__next__``, ``get_state()`` (JSON-serialisable dict)
-    and ``set_state(state)``, yielding ``{'inputs', 'targets': int32[B, T],
-    'domain': int32[B]}`` with ``B = global_batch // process_count``.
+    grain iterator with ``__next__``, ``get_state()`` (JSON-serialisable dict
+    ``{'rows', 'parts': {name: state}}``: resumable by domain name) and
+    ``set_state(state)``, yielding ``{'inputs', 'targets': int32[B, T],
+    'domain': int32[B], 'replay': float32[B]}`` ('replay' is 1 on rows of
+    replayed domains, those only in ``replay.mixture``) with ``B = global_batch // process_count``.
   """
   if seq_len < 1 or global_batch < 1:
     raise ValueError(f'Need seq_len >= 1 and global_batch >= 1, got '
@@ -169,27 +247,41 @@ def make_train_iter(mixture: Mapping[str, float], *, seq_len: int,
                      f'process_count={process_count}.')
   local_batch = global_batch // process_count
   weights = _check_mixture(mixture)
-  sources = {name: data_source(name, split, data_dir) for name in weights}
+  domains = domain_order(mixture, replay)
+  old = dict.fromkeys(domains, 0.0)
+  if replay is not None:
+    old.update(replay.mixture)
+  new = np.array([weights.get(n, 0.0) for n in domains])
+  old = np.array([old[n] for n in domains])
 
-  parts, part_weights = [], []
-  for index, (name, weight) in enumerate(weights.items()):
-    if weight == 0:
-      continue
+  def weights_at(step: int) -> np.ndarray:
+    r = replay.at(step) if replay is not None else 0.0
+    return (1.0 - r) * new + r * old
+  live = [n for i, n in enumerate(domains) if new[i] > 0 or old[i] > 0]
+  parts = {}
+  for name in live:
     key = 'text' if own_name(name) else text_key
-    ds = grain.MapDataset.source(sources[name])[process_index::process_count]
+    ds = grain.MapDataset.source(data_source(name, split, data_dir))[process_index::process_count]
     if len(ds) == 0:  # pylint: disable=g-explicit-length-test
       raise ValueError(f'Dataset {name!r} split {split!r} has no documents '
                        f'for process {process_index}/{process_count}.')
-    ds = ds.shuffle(seed=_seed_for(seed, index)).repeat(None)
+    ds = ds.shuffle(seed=_seed_for(seed, name)).repeat(None)
     ds = ds.map(lambda ex, key=key: encode(text_of(ex, key)))
     packed = _PackIterDataset(ds.to_iter_dataset(_READ_OPTIONS), seq_len + 1)
-    domain = np.int32(index)
-    parts.append(packed.map(lambda w, d=domain: {'tokens': w, 'domain': d}))
-    part_weights.append(weight)
-  mixed = parts[0] if len(parts) == 1 else grain.IterDataset.mix(
-      parts, part_weights)
-  batched = mixed.batch(local_batch, drop_remainder=True).map(_split_batch)
-  return batched.__iter__()
+    domain = np.int32(domains.index(name))
+    parts[name] = packed.map(lambda w, d=domain: {'tokens': w, 'domain': d})
+  keep = np.array([n in live for n in domains])
+  mixed = _MixDataset(parts, lambda s: weights_at(s)[keep], local_batch, _seed_for(seed, '<mix>'))
+  replayed = np.array([i for i, n in enumerate(domains) if new[i] == 0 and old[i] > 0], np.int32)
+  batched = mixed.batch(local_batch, drop_remainder=True).map(lambda b: _split_batch(b, replayed))
+  return batched.__iter__()  # its state is the mixer's: {'rows', 'parts'}
+
+
+def domain_order(mixture: Mapping[str, float], replay: 'Replay | None' = None) -> list[str]:
+  """The domains a train iterator's rows are indexed by (its batches' 'domain' ids): the
+  mixture's names in order, then replayed names it lacks."""
+  names = list(mixture)
+  return names + [n for n in (replay.mixture if replay is not None else {}) if n not in mixture]
 
 
 _MAX_INDEX = 2**53  # record indices and offsets of any real dataset are far below this
@@ -262,6 +354,17 @@ class ShardedIterator:
       raise ValueError(f'Data state lacks shards {missing}.')
     for s, it in self._iters.items():
       it.set_state(copy.deepcopy(state['shards'][str(s)]))
+
+
+def stage_start(state: Mapping[str, Any]) -> dict[str, Any]:
+  """An iterator state that ended one stage, as the start of the next (maybe of another
+  mixture): every domain keeps its position, the row count (hence any replay ramp and the row
+  mixing sequence) starts again from 0."""
+  state = copy.deepcopy(dict(state))
+  for shard in (state['shards'].values() if 'shards' in state else [state]):
+    if isinstance(shard, dict) and 'rows' in shard:
+      shard['rows'] = 0
+  return state
 
 
 def make_sharded_train_iter(mixture: Mapping[str, float], *, num_shards: int = 0,

@@ -33,13 +33,14 @@ class Block(nnx.Module):
     self.mlp = MoeMlp(cfg, e, rngs) if e else Mlp(cfg.d_model, cfg.d_ff, cfg.mlp_act, dt, rngs)
 
   def __call__(self, x_BTD, positions_BT, rng=None):
+    """(block output, MoE metrics or None, the MLP's input h_BTD)."""
     x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT)
     h_BTD = self.mlp_norm(x_BTD)
     if isinstance(self.mlp, MoeMlp):
       y_BTD, metrics = self.mlp(h_BTD, rng)
     else:
       y_BTD, metrics = self.mlp(h_BTD), None
-    return constrain(x_BTD + y_BTD, ("batch", "length", "act_embed")), metrics
+    return constrain(x_BTD + y_BTD, ("batch", "length", "act_embed")), metrics, h_BTD
 
 
 class TransformerLM(nnx.Module):
@@ -50,16 +51,17 @@ class TransformerLM(nnx.Module):
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
     self.head_DV = None if cfg.tie_embeddings else param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
 
-  def __call__(self, tokens_BT, rng: jax.Array | None = None):
-    """Logits [B, T, V] and aux: weighted MoE `loss` to add to the LM loss, raw sums, per-layer metrics."""
+  def __call__(self, tokens_BT, rng: jax.Array | None = None, mlp_inputs: bool = False):
+    """Logits [B, T, V] and aux: weighted MoE `loss` to add to the LM loss, raw sums, per-layer
+    metrics, and with `mlp_inputs` each layer's MLP input {layer: h_BTD} (routing probes)."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(dt)
     x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
     positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
-    layers = {}
+    layers, inputs = {}, {}
     for i, block in enumerate(self.blocks):
       key = None if rng is None else jax.random.fold_in(rng, i)
-      x_BTD, metrics = block(x_BTD, positions_BT, key)
+      x_BTD, metrics, inputs[str(i)] = block(x_BTD, positions_BT, key)
       if metrics is not None:
         layers[str(i)] = metrics
     x_BTD = self.final_norm(x_BTD)
@@ -74,6 +76,8 @@ class TransformerLM(nnx.Module):
     z_sum = sum((m["z_loss"] for m in layers.values()), jnp.zeros((), jnp.float32))
     aux = {"loss": cfg.aux_loss_weight * aux_sum + cfg.z_loss_weight * z_sum,
            "aux_loss": aux_sum, "z_loss": z_sum, "layers": layers}
+    if mlp_inputs:
+      aux["mlp_inputs"] = inputs
     return logits_BTV, aux
 
 
@@ -114,9 +118,9 @@ def init_params(cfg: ModelConfig, seed: int | jax.Array = 0) -> dict:
   return params_of(TransformerLM(cfg, rngs))
 
 
-def apply(cfg: ModelConfig, params: dict, tokens_BT, rng: jax.Array | None = None):
+def apply(cfg: ModelConfig, params: dict, tokens_BT, rng: jax.Array | None = None, mlp_inputs: bool = False):
   """Pure forward: (logits_BTV float32, aux). Safe under jax.jit / grad."""
-  return model_from_params(cfg, params)(tokens_BT, rng)
+  return model_from_params(cfg, params)(tokens_BT, rng, mlp_inputs)
 
 
 def abstract_params(cfg: ModelConfig) -> dict:

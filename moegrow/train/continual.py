@@ -26,3 +26,12 @@ def online_fisher(old, new, gamma: float):
   if old is None:
     return new
   return jax.tree_util.tree_map(lambda o, n: gamma * o + n, old, new)
+
+
+def distill_kl(teacher_BTV, student_BTV, temperature: float = 1.0) -> jax.Array:
+  """Per-token KL(teacher_T || student_T) of temperature-softened distributions (Hinton et al.
+  2015): sum_v p_T (log p_T - log q_T), in float32. Zero where the two logits agree."""
+  t = jnp.float32(temperature)
+  logp_BTV = jax.nn.log_softmax(teacher_BTV.astype(jnp.float32) / t, axis=-1)
+  logq_BTV = jax.nn.log_softmax(student_BTV.astype(jnp.float32) / t, axis=-1)
+  return jnp.sum(jnp.exp(logp_BTV) * (logp_BTV - logq_BTV), axis=-1)

@@ -68,10 +68,11 @@ def global_data_state(it: ShardedIterator) -> dict:
 
 
 def run_loop(program, state, it, mngr, book, evals, meta, tr, end: int, pre: "Preempted",
-             stage_name: str = "") -> dict[str, Any]:
+             stage_name: str = "", ctx: dict | None = None) -> dict[str, Any]:
   """Train from `state['step']` to global step `end`: checkpoints every `checkpoint_every`, at
   `end` and on SIGTERM (`pre`); evaluates every `eval_every` and at `end`. A state is saved only
-  if its loss, gradient norm and parameters are finite."""
+  if its loss, gradient norm and parameters are finite. `ctx`: the train step's fixed inputs for
+  an objective (EWC's Fisher and anchor, saved with every checkpoint; a distillation teacher)."""
   start = int(state["step"])
   last_saved = mngr.latest_step()
   step, prev, t_log, tok = start, None, time.perf_counter(), 0
@@ -80,7 +81,7 @@ def run_loop(program, state, it, mngr, book, evals, meta, tr, end: int, pre: "Pr
   while step < stop:
     local = next(it)
     batch = to_global(program, local)
-    state, metrics = program.train_step(state, batch)
+    state, metrics = program.train_step(state, batch) if ctx is None else program.train_step(state, batch, ctx)
     tok += batch["inputs"].size
     if prev is not None:  # check the previous step's loss: keeps dispatch one step ahead
       _check_finite({"loss": prev[0]}, prev[1], mngr, last_saved)
@@ -104,7 +105,7 @@ def run_loop(program, state, it, mngr, book, evals, meta, tr, end: int, pre: "Pr
       # Never save a poisoned state: loss, gradient norm and parameters must be finite.
       _check_finite({"loss": metrics["loss"], "gradient norm": metrics["grad_norm"],
                      "parameters": program.all_finite(state["params"])}, step, mngr, last_saved)
-      checkpoint.save(mngr, step, state, meta, global_data_state(it))
+      checkpoint.save(mngr, step, state, meta, global_data_state(it), ewc=(ctx or {}).get("ewc"))
       last_saved = step
     if preempted:
       mngr.wait_until_finished()

@@ -62,3 +62,36 @@ def plot_run(workdir: str) -> str:
 
 if __name__ == "__main__":
   print(plot_run(sys.argv[1]))
+
+
+def plot_loads(path: str, routing: dict, title: str, first_new: dict | None = None) -> str:
+  """Heatmap of per-expert load (rows: domain x MoE layer, columns: experts); a line marks the
+  first new expert of each layer that grew. `routing` is `probes.routing_report`'s output."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  labels, rows = [], []
+  for d, layers in routing.items():
+    for i, m in layers.items():
+      labels.append(f"{d} / layer {i}")
+      rows.append(m["load"])
+  width = max(len(r) for r in rows)
+  grid = np.full((len(rows), width), np.nan)
+  for r, load in enumerate(rows):
+    grid[r, :len(load)] = load
+  fig, ax = plt.subplots(figsize=(1.2 + 0.5 * width, 0.8 + 0.35 * len(rows)))
+  im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
+  ax.set_xticks(range(width))
+  ax.set_yticks(range(len(rows)), labels, fontsize=7)
+  ax.set_xlabel("expert")
+  for e in sorted(set((first_new or {}).values())):
+    ax.axvline(e - 0.5, color="w", lw=1.5, ls="--")
+  fig.colorbar(im, ax=ax, label="fraction of assignments")
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

@@ -1,5 +1,6 @@
 """Probes: measurements of a model on fixed data, for logs, certificates and growth ops that
-need data (per-domain held-out loss; per-layer expert loads for add_experts' most_loaded)."""
+need data (per-domain held-out loss; per-layer expert loads for add_experts' most_loaded; the
+diagonal Fisher for EWC; routing choices per domain for routing drift after growth)."""
 from __future__ import annotations
 
 import math
@@ -75,3 +76,52 @@ def fisher_diagonal(cfg, params, batches: list[dict], *, labels: str = "data", k
   if not n:
     raise ValueError("fisher_diagonal: no examples")
   return jax.tree_util.tree_map(lambda t: t / n, total)
+
+
+def router_choices(cfg, params, batches: list[dict], mesh) -> dict[str, np.ndarray]:
+  """Per MoE layer, every token's top-k experts [N, K] on `batches` (in order): the router's
+  choices on the layer's MLP input, logits h W_router + b in float32 as in the model."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def choose(p, tokens_BT):
+    aux = tf.apply(cfg, p, tokens_BT, mlp_inputs=True)[1]
+    out = {}
+    for i in aux["layers"]:
+      r = p["blocks"][i]["mlp"]
+      h_ND = aux["mlp_inputs"][i].reshape(-1, cfg.d_model).astype(jnp.float32)
+      logits_NE = jnp.einsum("ND,DE->NE", h_ND, r["router_DE"]) + r["router_bias_E"]
+      out[i] = jax.lax.top_k(logits_NE, min(cfg.top_k, logits_NE.shape[-1]))[1]
+    return out
+  choose = jax.jit(choose, out_shardings=replicated)
+  parts: dict[str, list] = {}
+  for b in batches:
+    rows = np.asarray(b["inputs"])
+    tokens = jax.make_array_from_callback(rows.shape, replicated, lambda i, rows=rows: rows[i])
+    for i, idx in choose(params, tokens).items():
+      parts.setdefault(i, []).append(np.asarray(idx))
+  return {i: np.concatenate(v) for i, v in parts.items()}
+
+
+def routing_drift(choices_NK: np.ndarray, first_new: int) -> float:
+  """The fraction of tokens whose top-k includes a new expert (index >= first_new): how much of
+  an old domain's routing moved to experts added by growth."""
+  return float(np.mean(np.any(np.asarray(choices_NK) >= first_new, axis=-1)))
+
+
+def expert_load(choices_NK: np.ndarray, num_experts: int) -> list[float]:
+  """The fraction of token-expert assignments each expert receives."""
+  counts = np.bincount(np.asarray(choices_NK).reshape(-1), minlength=num_experts)
+  return (counts / max(counts.sum(), 1)).tolist()
+
+
+def routing_report(cfg, params, sets: dict[str, list[dict]], mesh, first_new: dict[str, int]) -> dict:
+  """{domain: {layer: {'load': [per-expert fraction], 'drift': fraction or None}}}; `first_new`
+  maps a layer to the index of its first expert added by the last growth (layers without old
+  experts, e.g. just upcycled from dense, have drift None)."""
+  out = {}
+  for domain, batches in sets.items():
+    choices = router_choices(cfg, params, batches, mesh)
+    out[domain] = {i: {"load": expert_load(c, cfg.experts_in_layer(int(i))),
+                       "drift": routing_drift(c, first_new[i]) if i in first_new else None}
+                   for i, c in choices.items()}
+  return out

@@ -2,6 +2,11 @@
 
 State is a plain dict `{'params', 'opt_state', 'step'}`; every jitted function names its in/out
 shardings, so the same code runs on 1 CPU device, 8 simulated ones or a TPU pod.
+
+A continual-learning `Objective` adds terms to the loss in the same jitted step: an EWC penalty
+(Fisher and anchor passed in `ctx['ewc']`) and distillation from a frozen teacher (its params in
+`ctx['teacher']`, sharded by the teacher's own model config). The step is then
+`train_step(state, batch, ctx)`; with no objective it is `train_step(state, batch)`.
 """
 from __future__ import annotations
 
@@ -18,14 +23,51 @@ from moegrow import sharding
 from moegrow.config import ModelConfig
 from moegrow.data import PAD_ID
 from moegrow.model import transformer as tf
-from moegrow.train import optim
+from moegrow.train import continual, optim
 
-def lm_loss(cfg: ModelConfig, params, batch, rng=None):
-  """Mean next-token cross-entropy + the model's weighted MoE losses."""
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """Loss terms against forgetting (all off by default; see moegrow.train.continual).
+
+  ewc_lambda: weight of the EWC penalty lam/2 sum F (theta - theta*)^2 (needs ctx['ewc']).
+  distill_alpha, temperature: loss (1 - a) CE + a T^2 KL(teacher_T || student_T) per token.
+  distill_replay_only: distil only on rows of replayed domains (the batch's 'replay' row mask).
+  teacher_cfg: the teacher's model config (the pre-growth model); needed when distill_alpha > 0.
+  """
+  ewc_lambda: float = 0.0
+  distill_alpha: float = 0.0
+  temperature: float = 1.0
+  distill_replay_only: bool = False
+  teacher_cfg: ModelConfig | None = None
+
+  @property
+  def active(self) -> bool:
+    return self.ewc_lambda > 0 or self.distill_alpha > 0
+
+
+def lm_loss(cfg: ModelConfig, params, batch, rng=None, objective: Objective | None = None, ctx=None):
+  """Mean next-token cross-entropy + the model's weighted MoE losses (+ the objective's terms)."""
   logits_BTV, aux = tf.apply(cfg, params, batch["inputs"], rng)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"]).mean()
+  ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
+  ce = ce_BT.mean()
   moe = {i: {k: m[k] for k in ("load", "dropped", "router_entropy")} for i, m in aux["layers"].items()}
-  return ce + aux["loss"], {"ce": ce, "aux_loss": aux["aux_loss"], "z_loss": aux["z_loss"], "moe": moe}
+  metrics = {"ce": ce, "aux_loss": aux["aux_loss"], "z_loss": aux["z_loss"], "moe": moe}
+  task = ce
+  if objective is not None and objective.distill_alpha > 0:
+    teacher_BTV, _ = tf.apply(objective.teacher_cfg, jax.lax.stop_gradient(ctx["teacher"]), batch["inputs"])
+    kl_BT = continual.distill_kl(teacher_BTV, logits_BTV, objective.temperature)
+    weight_BT = jnp.full(ce_BT.shape, objective.distill_alpha, jnp.float32)
+    if objective.distill_replay_only:
+      weight_BT = weight_BT * batch["replay"][:, None]
+    t2 = objective.temperature ** 2
+    task = jnp.mean((1.0 - weight_BT) * ce_BT + weight_BT * t2 * kl_BT)  # Hinton et al. 2015, sec. 2
+    metrics["distill_kl"] = jnp.sum(kl_BT * (weight_BT > 0)) / jnp.maximum(jnp.sum(weight_BT > 0), 1)
+  loss = task + aux["loss"]
+  if objective is not None and objective.ewc_lambda > 0:
+    metrics["ewc_penalty"] = continual.ewc_penalty(params, ctx["ewc"]["fisher"], ctx["ewc"]["anchor"],
+                                                   objective.ewc_lambda)
+    loss = loss + metrics["ewc_penalty"]
+  return loss, metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +84,9 @@ class Program:
   train_step: Callable  # (state, batch) -> (state, metrics)
   eval_step: Callable  # (params, batch) -> (sum_nll, count)
   all_finite: Callable  # params -> bool scalar: every parameter finite
+  objective: Objective | None = None
+  ctx_sharding: Any = None  # shardings of the train step's `ctx` (None: no ctx)
+  batch_keys: tuple = ("inputs", "targets")
 
 
 def state_shardings(cfg: ModelConfig, tx, mesh: Mesh):
@@ -58,21 +103,37 @@ def state_shardings(cfg: ModelConfig, tx, mesh: Mesh):
   return abstract, sh
 
 
-def build_program(cfg: ModelConfig, train_cfg, mesh: Mesh) -> Program:
+def params_sharding(cfg: ModelConfig, mesh: Mesh):
+  """The shardings of `cfg`'s params on `mesh` (as the train state holds them)."""
+  return sharding.tree_shardings(tf.logical_axes(cfg), mesh, tf.abstract_params(cfg))
+
+
+def build_program(cfg: ModelConfig, train_cfg, mesh: Mesh, objective: Objective | None = None) -> Program:
   schedule = optim.schedule_from(train_cfg)
   tx = optim.make_optimizer(train_cfg, tf.abstract_params(cfg), schedule)
   abstract, sh = state_shardings(cfg, tx, mesh)
   batch_sh = NamedSharding(mesh, sharding.logical_to_spec(("batch", None), mesh=mesh))
+  row_sh = NamedSharding(mesh, sharding.logical_to_spec(("batch",), mesh=mesh))
   seed = int(train_cfg.seed)
+  objective = objective if objective is not None and objective.active else None
+  ctx_sh = None
+  if objective is not None:
+    if objective.distill_alpha > 0 and objective.teacher_cfg is None:
+      raise ValueError("Objective: distill_alpha > 0 needs the teacher's model config (teacher_cfg)")
+    ctx_sh = {}
+    if objective.ewc_lambda > 0:
+      ctx_sh["ewc"] = {"fisher": sh["params"], "anchor": sh["params"]}
+    if objective.distill_alpha > 0:
+      ctx_sh["teacher"] = params_sharding(objective.teacher_cfg, mesh)
 
   def init(key):
     params = tf.init_params(cfg, key)
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-  def train_step(state, batch):
+  def train_step(state, batch, ctx=None):
     with sharding.use_mesh(mesh):
       rng = jax.random.fold_in(jax.random.key(seed + 1), state["step"])
-      grad_fn = jax.value_and_grad(lambda p: lm_loss(cfg, p, batch, rng), has_aux=True)
+      grad_fn = jax.value_and_grad(lambda p: lm_loss(cfg, p, batch, rng, objective, ctx), has_aux=True)
       (loss, aux), grads = grad_fn(state["params"])
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
@@ -87,14 +148,17 @@ def build_program(cfg: ModelConfig, train_cfg, mesh: Mesh) -> Program:
     return jnp.sum(nll * mask), jnp.sum(mask)
 
   batch_tree = {"inputs": batch_sh, "targets": batch_sh}
+  eval_tree = dict(batch_tree)
+  if objective is not None and objective.distill_replay_only:
+    batch_tree["replay"] = row_sh
   replicated = NamedSharding(mesh, P())  # metrics: readable on every process
+  in_sh = (sh, batch_tree) if ctx_sh is None else (sh, batch_tree, ctx_sh)
   return Program(
       cfg=cfg, mesh=mesh, tx=tx, schedule=schedule, abstract_state=abstract, state_sharding=sh,
-      batch_sharding=batch_sh,
+      batch_sharding=batch_sh, objective=objective, ctx_sharding=ctx_sh, batch_keys=tuple(batch_tree),
       init=jax.jit(init, out_shardings=sh),
-      train_step=jax.jit(train_step, in_shardings=(sh, batch_tree), out_shardings=(sh, replicated),
-                         donate_argnums=0),
-      eval_step=jax.jit(eval_step, in_shardings=(sh["params"], batch_tree), out_shardings=replicated),
+      train_step=jax.jit(train_step, in_shardings=in_sh, out_shardings=(sh, replicated), donate_argnums=0),
+      eval_step=jax.jit(eval_step, in_shardings=(sh["params"], eval_tree), out_shardings=replicated),
       all_finite=jax.jit(all_finite, in_shardings=(sh["params"],), out_shardings=replicated))
 
 
@@ -104,11 +168,16 @@ def all_finite(tree) -> jax.Array:
 
 
 def to_global(program: Program, local: dict) -> dict:
-  """Host-local numpy batch -> global jax arrays sharded over the batch axes."""
+  """Host-local numpy batch -> global jax arrays sharded over the batch axes (the keys the
+  program's train step takes: inputs, targets and, for replay-only distillation, 'replay')."""
   out = {}
-  for k in ("inputs", "targets"):
+  for k in program.batch_keys:
+    if k not in local:
+      raise KeyError(f"batch has no {k!r} (keys: {sorted(local)}); the train step needs it")
     x = np.asarray(local[k])
     shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
-    out[k] = jax.make_array_from_process_local_data(program.batch_sharding, x, shape)
+    sh = program.batch_sharding if x.ndim > 1 else NamedSharding(
+        program.mesh, sharding.logical_to_spec(("batch",), mesh=program.mesh))
+    out[k] = jax.make_array_from_process_local_data(sh, x, shape)
   return out
 

@@ -20,7 +20,17 @@ from moegrow.surgery import apply as surgery
 from moegrow.train import optim
 from moegrow.trees import flatten, to_plain
 
-STAGE_KEYS = ("name", "steps", "ops", "mixture", "frozen", "freeze_old_experts")
+STAGE_KEYS = ("name", "steps", "ops", "mixture", "frozen", "freeze_old_experts", "replay", "ewc", "distill")
+# Continual-learning stage options (growth stages only), with their defaults.
+CONTINUAL = {
+    # A fraction of rows replayed from the previous stage's mixture, ramped over ramp_steps.
+    "replay": {"fraction": 0.0, "ramp_steps": 0},
+    # EWC: Fisher on `batches` x `batch_size` rows of the previous stage's data at its end;
+    # gamma: online EWC's decay of the earlier Fisher (None: only the newest one).
+    "ewc": {"lam": 0.0, "batches": 4, "batch_size": 8, "labels": "data", "gamma": None},
+    # Distillation from the previous stage's final model (the teacher).
+    "distill": {"alpha": 0.5, "temperature": 1.0, "replay_only": False},
+}
 
 
 class ConfigError(ValueError):
@@ -100,8 +110,9 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> list[Mo
   _mixture(config, "data.mixture")
   # train
   tr = "train"
-  for k in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size", "eval_batches"):
+  for k in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size"):
     _int(config, f"{tr}.{k}", 1)
+  _int(config, f"{tr}.eval_batches", 0, what="an integer >= 1, or 0 (the whole validation split)")
   for k in ("warmup_steps", "eval_every", "stop_after_steps", "stop_at_step"):
     if k in config.train:
       _int(config, f"{tr}.{k}", 0)
@@ -156,8 +167,8 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> list[Mo
       if spec.get("mixture"):
         _mixture({key: spec}, f"{key}.mixture")
       ops = spec.get("ops") or []
-      if (i == 0) == bool(ops):
-        raise ConfigError(f"{key}.ops", ops, "none in stage 0 (it trains the initial model), at least one later")
+      if i == 0 and ops:
+        raise ConfigError(f"{key}.ops", ops, "none in stage 0 (it trains the initial model)")
       try:
         cfg = surgery.grown_config(cfg, ops)
       except (TypeError, ValueError) as e:
@@ -180,6 +191,7 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> list[Mo
       except ValueError as e:
         raise ConfigError(f"stages[{i}].freeze_old_experts", True, str(e)) from e
     _check_frozen(entries, f"stages[{i}].frozen", cfgs[i:i + 1])
+    continual_options(spec, i)
   return cfgs
 
 
@@ -218,3 +230,53 @@ def _check_frozen(entries: list, key: str, cfgs: list[ModelConfig]) -> None:
         optim.slice_scales(p, [e])
       except ValueError as err:
         raise ConfigError(k, e, str(err).split(": ", 1)[-1]) from err
+
+
+def continual_options(spec: dict, i: int) -> dict[str, dict | None]:
+  """A stage spec's replay / ewc / distill options, each filled with its defaults (None: off).
+  ConfigError naming `stages[i].<option>.<field>` for anything out of range."""
+  out = {}
+  for name, defaults in CONTINUAL.items():
+    given = spec.get(name)
+    key = f"stages[{i}].{name}"
+    if given is None or given is False:
+      out[name] = None
+      continue
+    if i == 0:
+      raise ConfigError(key, given, "only in a growth stage (i >= 1): stage 0 has no earlier model or data")
+    if name == "replay" and _is_num(given):
+      given = {"fraction": given}
+    if not hasattr(given, "items"):
+      raise ConfigError(key, given, f"a dict with keys among {sorted(defaults)}")
+    given = to_plain(given)
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+      raise ConfigError(key, given, f"keys among {sorted(defaults)} (unknown: {unknown})")
+    opt = dict(defaults, **given)
+    if name == "replay":
+      if not (_is_num(opt["fraction"]) and 0 <= opt["fraction"] <= 1):
+        raise ConfigError(f"{key}.fraction", opt["fraction"], "a number in [0, 1]")
+      if not (_is_int(opt["ramp_steps"]) and opt["ramp_steps"] >= 0):
+        raise ConfigError(f"{key}.ramp_steps", opt["ramp_steps"], "an integer >= 0")
+    elif name == "ewc":
+      if not (_is_num(opt["lam"]) and opt["lam"] > 0):
+        raise ConfigError(f"{key}.lam", opt["lam"], "a finite number > 0 (the penalty's weight)")
+      for f in ("batches", "batch_size"):
+        if not (_is_int(opt[f]) and opt[f] >= 1):
+          raise ConfigError(f"{key}.{f}", opt[f], "an integer >= 1")
+      if opt["labels"] not in ("data", "model"):
+        raise ConfigError(f"{key}.labels", opt["labels"], "'data' (empirical Fisher) or 'model' (sampled labels)")
+      if opt["gamma"] is not None and not (_is_num(opt["gamma"]) and 0 <= opt["gamma"] <= 1):
+        raise ConfigError(f"{key}.gamma", opt["gamma"], "None (offline EWC) or a number in [0, 1] (online EWC)")
+    else:
+      if not (_is_num(opt["alpha"]) and 0 < opt["alpha"] <= 1):
+        raise ConfigError(f"{key}.alpha", opt["alpha"], "a number in (0, 1]")
+      if not (_is_num(opt["temperature"]) and opt["temperature"] > 0):
+        raise ConfigError(f"{key}.temperature", opt["temperature"], "a finite number > 0")
+      if not isinstance(opt["replay_only"], bool):
+        raise ConfigError(f"{key}.replay_only", opt["replay_only"], "True or False")
+    out[name] = opt
+  if out["distill"] and out["distill"]["replay_only"] and not (out["replay"] and out["replay"]["fraction"] > 0):
+    raise ConfigError(f"stages[{i}].distill.replay_only", True, "a stage with replay.fraction > 0 (no row "
+                      "would be distilled)")
+  return out

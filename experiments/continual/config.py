@@ -1,0 +1,16 @@
+"""One arm of the continual figure as an ordinary moegrow config.
+
+  python -m moegrow.main --config=experiments/continual/config.py:small,grow_freeze_distill --workdir=runs/c
+(every arm but `joint` expects base's checkpoint N copied into its workdir first, or trains its
+own stage 0; `python -m experiments.continual.run` does all of it, for several seeds.)
+"""
+from experiments.continual import figure
+
+
+def get_config(arg: str = "small,plain"):
+  parts = (arg or "small,plain").split(",")
+  cfgs = figure.configs(parts[0]) if len(parts) == 2 else {}
+  if len(parts) != 2 or parts[1] not in cfgs:
+    raise ValueError(f"experiments/continual/config.py: expected '<size>,<arm>' with arm in {sorted(cfgs)}, "
+                     f"got {arg!r}")
+  return cfgs[parts[1]]

@@ -1,0 +1,201 @@
+"""The forgetting-vs-learning frontier of continual pre-training on the English -> Python shift.
+
+Stage 0 (shared, `base`): a small MoE (d=64, 2 layers, layer 1 E=2 top-1) trained on Shakespeare
+only for N steps. Stage 1: each arm continues base's checkpoint N for M steps on Python:
+  plain          fine-tune on Python;
+  replay_1/5/25  with 1%, 5%, 25% of the rows replayed from Shakespeare;
+  ewc_lo/mid/hi  EWC (Fisher of base on Shakespeare) at three lambdas;
+  grow_freeze    add_experts 2 -> 4 (copy_noise) + freeze the old experts and router columns
+                 (Lifelong-MoE, Chen et al. 2023);
+  grow_freeze_distill  the same + distillation from base (alpha 0.5, T 2) on every token;
+  grow_freeze_replay5  the same as grow_freeze + 5% replay;
+  joint          the reference: the same model trained on both domains from the start, N + M steps.
+Every arm has the same schedule (one cosine over N + M steps, warm-up 10) and the same data seed
+per seed. Learning = the final Python validation loss; forgetting = the final Shakespeare loss
+minus base's at step N (same seed); routing drift (grown arms) = the fraction of Shakespeare
+tokens whose top-1 is a new expert. `--quick`: a few steps and a subset of arms (tests).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+
+import ml_collections
+import numpy as np
+
+from experiments.harness import Arm, Claim, Figure, mean_se, read_evals, run_dir, write_csv
+from moegrow.configs import lm
+
+OLD, NEW = "shakespeare_plays", "python_stdlib"
+GROW = (dict(op="add_experts", num_experts=4, mode="copy_noise", noise_std=0.01),)
+EWC = {"ewc_lo": 1.0, "ewc_mid": 30.0, "ewc_hi": 1000.0}
+SIZES = {
+    "small": dict(base_steps=200, new_steps=100, eval_batches=64, log_every=20, eval_every=50),
+    "quick": dict(base_steps=4, new_steps=3, eval_batches=1, log_every=1, eval_every=3),
+}
+QUICK_ARMS = ("plain", "replay_25", "ewc_hi", "grow_freeze_distill", "joint")
+
+
+def stage1(name: str) -> dict:
+  """Stage 1 of arm `name` (its options on top of the Python mixture)."""
+  spec = dict(name="python", mixture={NEW: 1.0})
+  if name.startswith("replay_"):
+    spec["replay"] = dict(fraction=int(name.split("_")[1]) / 100)
+  elif name in EWC:
+    spec["ewc"] = dict(lam=EWC[name], batches=4, batch_size=16)
+  elif name.startswith("grow_freeze"):
+    spec.update(ops=GROW, freeze_old_experts=True)
+    if name.endswith("distill"):
+      spec["distill"] = dict(alpha=0.5, temperature=2.0)
+    if name.endswith("replay5"):
+      spec["replay"] = dict(fraction=0.05)
+  elif name != "plain":
+    raise ValueError(f"experiments/continual: unknown arm {name!r}")
+  return spec
+
+
+def base_config(size: str) -> ml_collections.ConfigDict:
+  if size not in SIZES:
+    raise ValueError(f"experiments/continual: unknown size {size!r}; use {sorted(SIZES)}")
+  s = SIZES[size]
+  c = lm.get_config("tiny")
+  c.model.update(moe_layers="every_other", num_experts=2, top_k=1)
+  c.train.update(steps=0, batch_size=16, warmup_steps=2 if size == "quick" else 10, log_every=s["log_every"],
+                 eval_every=s["eval_every"], eval_batches=s["eval_batches"], eval_batch_size=16,
+                 checkpoint_every=10_000, keep_checkpoints=2)
+  return c
+
+
+def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
+  """Each arm's config (seed 0; the harness sets the seed)."""
+  s = SIZES[size]
+  names = ["plain", "replay_1", "replay_5", "replay_25", *EWC, "grow_freeze", "grow_freeze_distill",
+           "grow_freeze_replay5"]
+  out = {}
+  for name in ["base"] + names:
+    c = base_config(size)
+    c.stages = (dict(name="shakespeare", steps=s["base_steps"], mixture={OLD: 1.0}),
+                stage1("plain" if name == "base" else name))
+    out[name] = c
+  joint = base_config(size)
+  joint.data.mixture = ml_collections.ConfigDict({OLD: 0.5, NEW: 0.5})
+  joint.train.steps = s["base_steps"] + s["new_steps"]
+  out["joint"] = joint
+  for name, c in out.items():
+    if name != "joint":
+      c.stages = (c.stages[0], dict(c.stages[1], steps=s["new_steps"]))
+  return out
+
+
+def figure(quick: bool = False) -> Figure:
+  size = "quick" if quick else "small"
+  s, cfgs = SIZES[size], configs(size)
+  n = s["base_steps"]
+  make = lambda name: (lambda seed: copy.deepcopy(cfgs[name]))
+  names = [k for k in cfgs if k not in ("base",) and (not quick or k in QUICK_ARMS)]
+  arms = [Arm("base", make("base"), end_step=n, plotted=False)]
+  for name in names:
+    if name == "joint":
+      arms.append(Arm(name, make(name), "joint training (reference)"))
+    else:
+      arms.append(Arm(name, make(name), name.replace("_", " "), start_from="base", start_step=n))
+  claims = [Claim("25% replay forgets less than plain fine-tuning", "replay_25", "plain", OLD),
+            Claim("EWC (high lambda) forgets less than plain fine-tuning", "ewc_hi", "plain", OLD),
+            Claim("plain fine-tuning learns Python better than EWC (high lambda)", "plain", "ewc_hi", NEW),
+            Claim("new experts + freezing + distillation forget less than plain", "grow_freeze_distill", "plain", OLD)]
+  if not quick:
+    claims += [Claim("5% replay forgets less than plain fine-tuning", "replay_5", "plain", OLD),
+               Claim("EWC: high lambda forgets less than low", "ewc_hi", "ewc_lo", OLD),
+               Claim("EWC: low lambda learns Python better than high", "ewc_lo", "ewc_hi", NEW),
+               Claim("new experts + freezing forget less than plain", "grow_freeze", "plain", OLD),
+               Claim("distillation reduces the remaining forgetting", "grow_freeze_distill", "grow_freeze", OLD)]
+  plan = {"size": size, "base_steps": n, "new_steps": s["new_steps"], "eval_batches": s["eval_batches"],
+          "arms": names, "ewc": EWC}
+  return Figure("continual", f"Continual pre-training, Shakespeare -> Python ({size})", tuple(arms), tuple(claims),
+                plan=plan, x_label="training FLOPs", extra_report=frontier)
+
+
+# ---------------------------------------------------------------- the frontier
+
+def _drift(workdir: str) -> float:
+  path = os.path.join(workdir, "continual", "stage1.json")
+  if not os.path.exists(path):
+    return math.nan
+  with open(path) as f:
+    return float(json.load(f).get("scalars", {}).get(f"drift/{OLD}", math.nan))
+
+
+def frontier_rows(fig: Figure, root: str, seeds) -> list[dict]:
+  """Per (arm, seed): Python loss, Shakespeare forgetting (vs base at step N), routing drift."""
+  n = fig.plan["base_steps"]
+  rows = []
+  for arm in fig.arms:
+    if not arm.plotted:
+      continue
+    for seed in seeds:
+      base = read_evals(run_dir(root, "base", seed)).get(n, {})
+      ev = read_evals(run_dir(root, arm.name, seed))
+      if not ev or OLD not in base:
+        continue
+      last = ev[max(ev)]
+      rows.append({"arm": arm.name, "seed": int(seed), "python_loss": last[NEW],
+                   "shakespeare_loss": last[OLD], "forgetting": last[OLD] - base[OLD],
+                   "drift": _drift(run_dir(root, arm.name, seed))})
+  return rows
+
+
+def frontier(fig: Figure, root: str, seeds) -> list[dict]:
+  """Write frontier.csv (per run), frontier_summary.md (mean ± SE per arm) and frontier.png."""
+  rows = frontier_rows(fig, root, seeds)
+  write_csv(os.path.join(root, "frontier.csv"), rows,
+            ["arm", "seed", "python_loss", "shakespeare_loss", "forgetting", "drift"])
+  summary = []
+  for arm in dict.fromkeys(r["arm"] for r in rows):
+    mine = [r for r in rows if r["arm"] == arm]
+    entry = {"arm": arm, "n": len(mine)}
+    for k in ("python_loss", "forgetting", "drift"):
+      entry[k], entry[k + "_se"] = mean_se([r[k] for r in mine])
+    summary.append(entry)
+  lines = [f"# {fig.title}: the frontier", "",
+           "Mean ± standard error over seeds. Forgetting = Shakespeare loss at the end minus base's at "
+           f"step {fig.plan['base_steps']}; drift = fraction of Shakespeare tokens routed to a new expert.", "",
+           "| arm | seeds | Python loss | Shakespeare forgetting | routing drift |", "|---|---|---|---|---|"]
+  fmt = lambda m, se: "n/a" if m != m else (f"{m:.4f}" if se != se else f"{m:.4f} ± {se:.4f}")
+  for e in summary:
+    lines.append(f"| {e['arm']} | {e['n']} | {fmt(e['python_loss'], e['python_loss_se'])} | "
+                 f"{fmt(e['forgetting'], e['forgetting_se'])} | {fmt(e['drift'], e['drift_se'])} |")
+  text = "\n".join(lines) + "\n"
+  with open(os.path.join(root, "frontier_summary.md"), "w") as f:
+    f.write(text)
+  print(text, flush=True)
+  _plot(os.path.join(root, "frontier.png"), fig, summary)
+  return summary
+
+
+def _plot(path: str, fig: Figure, summary: list[dict]) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  f, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+  for i, e in enumerate(summary):
+    ax.errorbar(e["python_loss"], e["forgetting"], xerr=np.nan_to_num(e["python_loss_se"]),
+                yerr=np.nan_to_num(e["forgetting_se"]), fmt="o", color=f"C{i % 10}", capsize=3,
+                label=f"{e['arm']} (n={e['n']})")
+  ax.axhline(0, color="k", lw=0.6)
+  ax.set_xlabel("Python validation loss (learning; lower is better)")
+  ax.set_ylabel("Shakespeare loss increase (forgetting; lower is better)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="best")
+  names = [e["arm"] for e in summary]
+  drift = [0.0 if e["drift"] != e["drift"] else e["drift"] for e in summary]
+  bx.barh(range(len(names)), drift, xerr=[np.nan_to_num(e["drift_se"]) for e in summary],
+          color=[f"C{i % 10}" for i in range(len(names))])
+  bx.set_yticks(range(len(names)), names, fontsize=7)
+  bx.set_xlabel("routing drift: Shakespeare tokens to new experts")
+  bx.grid(alpha=0.3, axis="x")
+  f.suptitle(f"{fig.title}: mean ± standard error over seeds", fontsize=10)
+  f.tight_layout()
+  f.savefig(path, dpi=110)
+  plt.close(f)

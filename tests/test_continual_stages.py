@@ -1,0 +1,278 @@
+"""Continual pre-training as stage options: distillation from the pre-growth model, EWC wired into
+stages, replay resumable by domain name, routing drift, and exact resume with all of it on; the
+same losses on the 8-device mesh."""
+import inspect
+import json
+import os
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moegrow import checkpoint, data, trees
+from moegrow.configs import lm
+from moegrow.model import transformer as tf
+from moegrow.surgery import apply as surgery
+from moegrow.train import continual, probes, stages, steps
+from moegrow.train.validate import ConfigError, validate_config
+from _tiny import moe, read_metrics
+
+OLD = {"shakespeare_plays": 1.0}
+NEW = {"python_stdlib": 1.0}
+
+
+def tokens(b=4, t=16):
+  text = inspect.getsource(textwrap).encode()[: b * (t + 1)]  # real text
+  ids = np.frombuffer(text, np.uint8).astype(np.int32).reshape(b, t + 1)
+  return {"inputs": jnp.asarray(ids[:, :-1]), "targets": jnp.asarray(ids[:, 1:])}
+
+
+# ------------------------------------------------------------------ distillation
+
+def test_distill_kl_is_its_formula():
+  rng = np.random.default_rng(0)
+  t_logits, s_logits = rng.normal(size=(2, 3, 5)), rng.normal(size=(2, 3, 5))
+  temp = 2.0
+  got = np.asarray(continual.distill_kl(jnp.asarray(t_logits), jnp.asarray(s_logits), temp))
+  for b in range(2):
+    for t in range(3):  # by hand: softmax, then sum p (log p - log q)
+      p = np.exp(t_logits[b, t] / temp) / np.exp(t_logits[b, t] / temp).sum()
+      q = np.exp(s_logits[b, t] / temp) / np.exp(s_logits[b, t] / temp).sum()
+      assert got[b, t] == pytest.approx(float(np.sum(p * (np.log(p) - np.log(q)))), rel=1e-5, abs=1e-7)
+
+
+def test_distill_after_exact_growth_has_zero_kl_and_the_teacher_matters():
+  old_cfg = moe(num_experts=2, top_k=1)
+  old = tf.init_params(old_cfg, 0)
+  ops = [{"op": "add_experts", "num_experts": 4, "mode": "exact"}]
+  grown, new_cfg, _ = surgery.apply_ops({"params": old}, old_cfg, ops, jax.random.key(1), shapes=tf.abstract_params)
+  obj = steps.Objective(distill_alpha=0.3, temperature=2.0, teacher_cfg=old_cfg)
+  batch = tokens()
+  loss, m = steps.lm_loss(new_cfg, grown["params"], batch, objective=obj, ctx={"teacher": old})
+  assert float(m["distill_kl"]) < 1e-6
+  # with KL = 0 the loss is (1 - alpha) CE + the MoE terms
+  aux = tf.apply(new_cfg, grown["params"], batch["inputs"])[1]["loss"]
+  assert float(loss) == pytest.approx(0.7 * float(m["ce"]) + float(aux), rel=1e-5)
+  other = tf.init_params(old_cfg, 5)  # another teacher: another loss
+  loss2, m2 = steps.lm_loss(new_cfg, grown["params"], batch, objective=obj, ctx={"teacher": other})
+  assert float(m2["distill_kl"]) > 1e-3 and float(loss2) > float(loss) + 1e-4
+
+
+def test_distill_replay_only_weights_only_replayed_rows():
+  cfg = moe(num_experts=2, top_k=1)
+  student, teacher = tf.init_params(cfg, 0), tf.init_params(cfg, 1)
+  batch = tokens()
+  obj = steps.Objective(distill_alpha=1.0, temperature=1.0, distill_replay_only=True, teacher_cfg=cfg)
+  none = dict(batch, replay=jnp.zeros((4,)))
+  loss0, m0 = steps.lm_loss(cfg, student, none, objective=obj, ctx={"teacher": teacher})
+  assert float(loss0) == pytest.approx(float(m0["ce"]) + float(tf.apply(cfg, student, batch["inputs"])[1]["loss"]),
+                                       rel=1e-6)  # no replayed row: plain CE
+  half = dict(batch, replay=jnp.array([1.0, 0.0, 1.0, 0.0]))
+  _, m1 = steps.lm_loss(cfg, student, half, objective=obj, ctx={"teacher": teacher})
+  kl = np.asarray(continual.distill_kl(tf.apply(cfg, teacher, batch["inputs"])[0],
+                                       tf.apply(cfg, student, batch["inputs"])[0]))
+  assert float(m1["distill_kl"]) == pytest.approx(kl[[0, 2]].mean(), rel=1e-5)
+
+
+# ------------------------------------------------------------------ replay and mixtures by name
+
+def _rows(batches, domain=None):
+  return [r.tobytes() for b in batches for r, d in zip(b["inputs"], b["domain"]) if domain is None or d == domain]
+
+
+def test_a_new_mixture_resumes_shared_domains_by_name_and_mid_stage_exactly(data_dir):
+  kw = dict(seq_len=64, global_batch=8, seed=3, data_dir=data_dir)
+  a = data.make_sharded_train_iter(OLD, **kw)
+  [next(a) for _ in range(5)]
+  boundary = json.loads(json.dumps(a.get_state()))
+  ref = [next(a) for _ in range(12)]  # stage 0's stream, had it gone on
+  replay = data.Replay(OLD, 0.5)
+  b = data.make_sharded_train_iter(NEW, replay=replay, **kw)
+  b.set_state(data.stage_start(boundary))
+  first = [next(b) for _ in range(4)]
+  old_id = data.domain_order(NEW, replay).index("shakespeare_plays")
+  got = _rows(first, old_id)
+  assert got and got == _rows(ref)[:len(got)]  # the replayed domain continues its own stream
+  assert all((bt["replay"] == (bt["domain"] == old_id)).all() for bt in first)
+  mid = json.loads(json.dumps(b.get_state()))
+  expected = [next(b) for _ in range(3)]
+  c = data.make_sharded_train_iter(NEW, replay=replay, **kw)
+  c.set_state(mid)
+  resumed = [next(c) for _ in range(3)]
+  for x, y in zip(expected, resumed):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+@pytest.mark.parametrize("fraction, ramp", [(0.25, 0), (0.25, 40)])
+def test_realised_replay_fraction_matches_the_config(data_dir, fraction, ramp):
+  steps_, batch = 60, 32
+  replay = data.Replay(OLD, fraction, ramp)
+  it = data.make_train_iter(NEW, seq_len=16, global_batch=batch, seed=0, data_dir=data_dir, replay=replay)
+  per_step = np.array([next(it)["replay"].mean() for _ in range(steps_)])
+  want = np.array([replay.at(s) for s in range(steps_)])
+  se = np.sqrt(np.sum(want * (1 - want) * batch)) / (steps_ * batch)
+  assert abs(per_step.mean() - want.mean()) < 4 * se
+  if ramp:  # ramping: the first third replays clearly less than the last third
+    assert per_step[:20].mean() < per_step[40:].mean() - 0.08
+
+
+# ------------------------------------------------------------------ routing drift
+
+def test_routing_drift_and_load_by_hand():
+  choices = np.array([[0, 1], [2, 0], [3, 3], [1, 0]])  # top-2 of 4 tokens
+  assert probes.routing_drift(choices, 2) == 0.5  # tokens 1 and 2 include expert 2 or 3
+  assert probes.routing_drift(choices, 4) == 0.0
+  assert probes.expert_load(choices, 4) == [3 / 8, 2 / 8, 1 / 8, 2 / 8]
+
+
+def test_router_choices_match_a_hand_computation_on_a_hand_built_router():
+  cfg = moe(num_experts=4, top_k=2, num_shared_experts=0)
+  params = tf.init_params(cfg, 0)
+  w = np.zeros((cfg.d_model, 4), np.float32)
+  w[0, 2], w[1, 3], w[2, 0] = 5.0, 4.0, 3.0  # experts 2, 3, 0 follow input features 0, 1, 2
+  params["blocks"]["1"]["mlp"]["router_DE"] = jnp.asarray(w)
+  params["blocks"]["1"]["mlp"]["router_bias_E"] = jnp.asarray([0.0, 0.5, 0.0, 0.0])
+  batch = {k: np.asarray(v) for k, v in tokens().items()}
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  got = probes.router_choices(cfg, params, [batch], mesh)["1"]
+  h = np.asarray(tf.apply(cfg, params, batch["inputs"], mlp_inputs=True)[1]["mlp_inputs"]["1"]).reshape(-1, cfg.d_model)
+  new_tokens = 0
+  for n, h_d in enumerate(h):
+    logits = [3 * h_d[2], 0.5, 5 * h_d[0], 4 * h_d[1]]  # the router above, written out
+    top = sorted(range(4), key=lambda e: -logits[e])[:2]
+    assert set(got[n].tolist()) == set(top), n
+    new_tokens += any(e >= 2 for e in top)
+  assert probes.routing_drift(got, 2) == pytest.approx(new_tokens / len(h))
+
+
+# ------------------------------------------------------------------ stages: EWC, distillation, replay, resume
+
+def staged(data_dir, mesh=None, **stage1):
+  c = lm.get_config("tiny")
+  c.data.data_dir = data_dir
+  c.mesh.update(mesh or dict(data=1, num_devices=1))
+  c.model.update(moe_layers="every_other", num_experts=2, top_k=1, d_model=32, d_ff=64, num_heads=2)
+  c.train.update(steps=0, batch_size=8, log_every=1, eval_every=6, eval_batches=1, checkpoint_every=3,
+                 keep_checkpoints=8, weight_decay=0.1)
+  spec = dict(name="python", steps=6, mixture=NEW, ops=(dict(op="add_experts", num_experts=4, mode="exact"),),
+              freeze_old_experts=True, replay=dict(fraction=0.25, ramp_steps=2),
+              ewc=dict(lam=100.0, batches=2, batch_size=4, gamma=0.5),
+              distill=dict(alpha=0.5, temperature=2.0))
+  spec.update(stage1)
+  c.stages = (dict(name="shakespeare", steps=6, mixture=OLD), spec)
+  return c
+
+
+def final_params(wd, c):
+  plan = stages.resolve_stages(c, stages.model_config(c))
+  prog = steps.build_program(plan[1].cfg, stages.stage_train(c.train, plan[1]), stages.make_mesh(c))
+  mngr = stages.manager(wd, 1, c.train, read_only=True)
+  state, _, _ = checkpoint.restore(mngr, 12, prog.abstract_state)
+  ewc = checkpoint.restore_item(mngr, 12, checkpoint.EWC, stages.ewc_abstract(plan[1].cfg, stages.make_mesh(c)))
+  mngr.close()
+  return trees.flatten(jax.device_get(state["params"])), trees.flatten(jax.device_get(ewc))
+
+
+@pytest.fixture(scope="module")
+def continual_run(tmp_path_factory, data_dir):
+  """One uninterrupted two-stage run with replay, EWC, distillation and frozen old experts."""
+  wd = str(tmp_path_factory.mktemp("continual") / "run")
+  c = staged(data_dir)
+  result = stages.train_and_evaluate(c, wd)
+  return wd, c, result
+
+
+def test_first_step_after_exact_growth_has_zero_kl_and_zero_ewc_penalty(continual_run):
+  wd, c, _ = continual_run
+  rows = {r["step"]: r for r in read_metrics(wd) if "ewc_penalty" in r}
+  assert sorted(rows) == list(range(7, 13))
+  # step 7 is the first step of stage 1: teacher = the pre-growth model (exact growth) and the
+  # params sit on the EWC anchor. Later the student moves away from both.
+  assert rows[7]["ewc_penalty"] == 0.0
+  assert rows[12]["ewc_penalty"] > 0
+  kl = [rows[s]["distill_kl"] for s in range(7, 13)]
+  assert abs(kl[0]) < 1e-6 and max(kl) > 1e-4
+
+
+def test_ewc_item_fisher_zero_on_new_experts_anchor_is_the_grown_model(continual_run):
+  wd, c, _ = continual_run
+  _, ewc = final_params(wd, c)
+  f = ewc["fisher/blocks/1/mlp/wact_EDF"]
+  assert np.all(f[2:] == 0) and f[:2].max() > 0
+  assert np.all(ewc["fisher/blocks/1/mlp/router_bias_E"][2:] == 0)
+  plan = stages.resolve_stages(c, stages.model_config(c))
+  prog = steps.build_program(plan[1].cfg, stages.stage_train(c.train, plan[1]), stages.make_mesh(c))
+  mngr = stages.manager(wd, 1, c.train, read_only=True)
+  grown, _, _ = checkpoint.restore(mngr, 6, prog.abstract_state)
+  mngr.close()
+  for k, v in trees.flatten(jax.device_get(grown["params"])).items():
+    np.testing.assert_array_equal(ewc[f"anchor/{k}"], np.asarray(v, np.float32), err_msg=k)
+
+
+def test_frozen_old_experts_stay_bit_identical_with_ewc_and_distillation(continual_run):
+  wd, c, _ = continual_run
+  params, ewc = final_params(wd, c)
+  for name in ("wact_EDF", "wlin_EDF", "wo_EFD"):
+    k = f"blocks/1/mlp/{name}"
+    np.testing.assert_array_equal(params[k][:2], ewc[f"anchor/{k}"][:2].astype(params[k].dtype))
+  k = "blocks/1/mlp/router_DE"
+  np.testing.assert_array_equal(params[k][:, :2], ewc[f"anchor/{k}"][:, :2])
+
+
+def test_forgetting_report_and_heatmap(continual_run):
+  wd, c, result = continual_run
+  report = json.load(open(os.path.join(wd, "continual", "stage1.json")))
+  cert = json.load(open(os.path.join(wd, "growth", "6.json")))
+  final = {r["step"]: r for r in read_metrics(wd) if "eval/shakespeare_plays/loss" in r}[12]
+  for d in ("shakespeare_plays", "python_stdlib"):
+    want = final[f"eval/{d}/loss"] - cert["eval_before"][d]
+    assert result["forgetting"][f"forgetting/{d}"] == pytest.approx(want, abs=1e-9)
+  assert report["first_new_expert"] == {"1": 2}
+  loads = report["routing"]["shakespeare_plays"]["1"]["load"]
+  assert len(loads) == 4 and sum(loads) == pytest.approx(1.0)
+  with open(os.path.join(wd, "continual", "stage1_loads.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_mid_stage_with_ewc_and_distillation_is_bit_identical(continual_run, tmp_path, data_dir):
+  wd, c, _ = continual_run
+  wd2 = str(tmp_path / "resumed")
+  c2 = staged(data_dir)
+  c2.train.stop_at_step = 8  # two steps into stage 1, then a fresh invocation
+  r = stages.train_and_evaluate(c2, wd2)
+  assert r["step"] == 8 and r["stopped_early"]
+  c2.train.stop_at_step = 0
+  stages.train_and_evaluate(c2, wd2)
+  a, ea = final_params(wd, c)
+  b, eb = final_params(wd2, c2)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  for k in ea:
+    np.testing.assert_array_equal(ea[k], eb[k], err_msg=k)
+
+
+def test_eight_device_mesh_gives_the_same_losses(continual_run, tmp_path, data_dir):
+  wd, _, _ = continual_run
+  c8 = staged(data_dir, mesh=dict(data=-1, fsdp=2, num_devices=8))
+  c8.train.stop_at_step = 8  # the same schedule; two steps into stage 1
+  wd8 = str(tmp_path / "mesh8")
+  stages.train_and_evaluate(c8, wd8)
+  one = {r["step"]: r for r in read_metrics(wd) if "loss" in r}
+  eight = {r["step"]: r for r in read_metrics(wd8) if "loss" in r}
+  for s in (1, 6, 7, 8):
+    for k in ("loss", "ce") + (("ewc_penalty", "distill_kl") if s > 6 else ()):
+      assert eight[s][k] == pytest.approx(one[s][k], rel=1e-5, abs=1e-7), (s, k)
+
+
+def test_continual_options_are_validated_by_name(data_dir):
+  for bad, key in [(dict(ewc=dict(lam=-1.0)), "stages[1].ewc.lam"),
+                   (dict(ewc=dict(lam=1.0, labels="gold")), "stages[1].ewc.labels"),
+                   (dict(replay=dict(fraction=1.5)), "stages[1].replay.fraction"),
+                   (dict(distill=dict(alpha=0.5, tau=2)), "stages[1].distill"),
+                   (dict(replay=None, distill=dict(replay_only=True)), "stages[1].distill.replay_only")]:
+    with pytest.raises(ConfigError) as e:
+      validate_config(staged(data_dir, **bad), 8)
+    assert e.value.key == key, (bad, e.value)
