@@ -113,7 +113,10 @@ def arm_config(fig: Figure, arm: Arm, seed: int, data_dir: str) -> ml_collection
 
 
 def end_step(arm: Arm, config) -> int:
-  return arm.end_step if arm.end_step is not None else int(config.train.steps)
+  """The arm's `end_step`, else the config's last step (its stages' end, or train.steps)."""
+  if arm.end_step is not None:
+    return arm.end_step
+  return stages.resolve_stages(config, stages.model_config(config))[-1].end
 
 
 def _seed_checkpoint(src_run: str, workdir: str, step: int) -> None:

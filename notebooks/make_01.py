@@ -9,7 +9,7 @@ tests/test_notebooks.py: keep their printed formats (`step N  loss X`, `domain  
 import os
 import sys
 
-import nbformat
+import nbmake
 
 PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "01_grow_a_model.ipynb")
 
@@ -201,33 +201,5 @@ chain in one `apply_ops` call; `moegrow.main` runs the same growth at checkpoint
 ]
 
 
-def build() -> nbformat.NotebookNode:
-  nb = nbformat.v4.new_notebook()
-  nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-                 "language_info": {"name": "python"}}
-  for i, cell in enumerate(CELLS):
-    kind, src, tags = cell[0], cell[1], (cell[2] if len(cell) > 2 else [])
-    c = nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
-    c.id = f"cell-{i:02d}"
-    if tags:
-      c.metadata["tags"] = list(tags)
-    nb.cells.append(c)
-  nbformat.validate(nb)
-  return nb
-
-
-def main(argv) -> int:
-  text = nbformat.writes(build()) + "\n"
-  if "--check" in argv:
-    with open(PATH) as f:
-      same = f.read() == text
-    print(f"{PATH}: {'up to date' if same else 'STALE: run python notebooks/make_01.py'}")
-    return 0 if same else 1
-  with open(PATH, "w") as f:
-    f.write(text)
-  print(f"wrote {os.path.relpath(PATH)}")
-  return 0
-
-
 if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))
+  sys.exit(nbmake.main(PATH, CELLS, sys.argv[1:]))

@@ -4,6 +4,7 @@ same losses on the 8-device mesh."""
 import inspect
 import json
 import os
+import shutil
 import textwrap
 
 import jax
@@ -21,6 +22,7 @@ from _tiny import moe, read_metrics
 
 OLD = {"shakespeare_plays": 1.0}
 NEW = {"python_stdlib": 1.0}
+START, END = 3, 7  # stage 0 trains steps 1..3, stage 1 (growth + continual options) steps 4..7
 
 
 def tokens(b=4, t=16):
@@ -47,16 +49,18 @@ def test_distill_after_exact_growth_has_zero_kl_and_the_teacher_matters():
   old_cfg = moe(num_experts=2, top_k=1)
   old = tf.init_params(old_cfg, 0)
   ops = [{"op": "add_experts", "num_experts": 4, "mode": "exact"}]
-  grown, new_cfg, _ = surgery.apply_ops({"params": old}, old_cfg, ops, jax.random.key(1), shapes=tf.abstract_params)
+  grown, new_cfg, _ = surgery.apply_ops({"params": old}, old_cfg, ops, jax.random.key(1), shapes=tf.abstract_params,
+                                        jit=True)
   obj = steps.Objective(distill_alpha=0.3, temperature=2.0, teacher_cfg=old_cfg)
   batch = tokens()
-  loss, m = steps.lm_loss(new_cfg, grown["params"], batch, objective=obj, ctx={"teacher": old})
+  loss_fn = jax.jit(lambda p, t: steps.lm_loss(new_cfg, p, batch, objective=obj, ctx={"teacher": t}))
+  loss, m = loss_fn(grown["params"], old)
   assert float(m["distill_kl"]) < 1e-6
   # with KL = 0 the loss is (1 - alpha) CE + the MoE terms
-  aux = tf.apply(new_cfg, grown["params"], batch["inputs"])[1]["loss"]
+  aux = jax.jit(lambda p: tf.apply(new_cfg, p, batch["inputs"])[1]["loss"])(grown["params"])
   assert float(loss) == pytest.approx(0.7 * float(m["ce"]) + float(aux), rel=1e-5)
   other = tf.init_params(old_cfg, 5)  # another teacher: another loss
-  loss2, m2 = steps.lm_loss(new_cfg, grown["params"], batch, objective=obj, ctx={"teacher": other})
+  loss2, m2 = loss_fn(grown["params"], other)
   assert float(m2["distill_kl"]) > 1e-3 and float(loss2) > float(loss) + 1e-4
 
 
@@ -155,23 +159,29 @@ def staged(data_dir, mesh=None, **stage1):
   c.data.data_dir = data_dir
   c.mesh.update(mesh or dict(data=1, num_devices=1))
   c.model.update(moe_layers="every_other", num_experts=2, top_k=1, d_model=32, d_ff=64, num_heads=2)
-  c.train.update(steps=0, batch_size=8, log_every=1, eval_every=6, eval_batches=1, checkpoint_every=3,
+  c.train.update(steps=0, batch_size=8, log_every=1, eval_every=START, eval_batches=1, checkpoint_every=START,
                  keep_checkpoints=8, weight_decay=0.1)
-  spec = dict(name="python", steps=6, mixture=NEW, ops=(dict(op="add_experts", num_experts=4, mode="exact"),),
+  spec = dict(name="python", steps=END - START, mixture=NEW, ops=(dict(op="add_experts", num_experts=4, mode="exact"),),
               freeze_old_experts=True, replay=dict(fraction=0.25, ramp_steps=2),
               ewc=dict(lam=100.0, batches=2, batch_size=4, gamma=0.5),
               distill=dict(alpha=0.5, temperature=2.0))
   spec.update(stage1)
-  c.stages = (dict(name="shakespeare", steps=6, mixture=OLD), spec)
+  c.stages = (dict(name="shakespeare", steps=START, mixture=OLD), spec)
   return c
+
+
+def seeded(src_wd, dst_wd):
+  """A fresh workdir holding only `src_wd`'s stage-0 final checkpoint (the run grows from it)."""
+  shutil.copytree(os.path.join(src_wd, "checkpoints", str(START)), os.path.join(dst_wd, "checkpoints", str(START)))
+  return dst_wd
 
 
 def final_params(wd, c):
   plan = stages.resolve_stages(c, stages.model_config(c))
   prog = steps.build_program(plan[1].cfg, stages.stage_train(c.train, plan[1]), stages.make_mesh(c))
   mngr = stages.manager(wd, 1, c.train, read_only=True)
-  state, _, _ = checkpoint.restore(mngr, 12, prog.abstract_state)
-  ewc = checkpoint.restore_item(mngr, 12, checkpoint.EWC, stages.ewc_abstract(plan[1].cfg, stages.make_mesh(c)))
+  state, _, _ = checkpoint.restore(mngr, END, prog.abstract_state)
+  ewc = checkpoint.restore_item(mngr, END, checkpoint.EWC, stages.ewc_abstract(plan[1].cfg, stages.make_mesh(c)))
   mngr.close()
   return trees.flatten(jax.device_get(state["params"])), trees.flatten(jax.device_get(ewc))
 
@@ -188,12 +198,12 @@ def continual_run(tmp_path_factory, data_dir):
 def test_first_step_after_exact_growth_has_zero_kl_and_zero_ewc_penalty(continual_run):
   wd, c, _ = continual_run
   rows = {r["step"]: r for r in read_metrics(wd) if "ewc_penalty" in r}
-  assert sorted(rows) == list(range(7, 13))
-  # step 7 is the first step of stage 1: teacher = the pre-growth model (exact growth) and the
-  # params sit on the EWC anchor. Later the student moves away from both.
-  assert rows[7]["ewc_penalty"] == 0.0
-  assert rows[12]["ewc_penalty"] > 0
-  kl = [rows[s]["distill_kl"] for s in range(7, 13)]
+  assert sorted(rows) == list(range(START + 1, END + 1))
+  # the first step of stage 1: teacher = the pre-growth model (exact growth) and the params sit
+  # on the EWC anchor. Later the student moves away from both.
+  assert rows[START + 1]["ewc_penalty"] == 0.0
+  assert rows[END]["ewc_penalty"] > 0
+  kl = [rows[s]["distill_kl"] for s in range(START + 1, END + 1)]
   assert abs(kl[0]) < 1e-6 and max(kl) > 1e-4
 
 
@@ -206,7 +216,7 @@ def test_ewc_item_fisher_zero_on_new_experts_anchor_is_the_grown_model(continual
   plan = stages.resolve_stages(c, stages.model_config(c))
   prog = steps.build_program(plan[1].cfg, stages.stage_train(c.train, plan[1]), stages.make_mesh(c))
   mngr = stages.manager(wd, 1, c.train, read_only=True)
-  grown, _, _ = checkpoint.restore(mngr, 6, prog.abstract_state)
+  grown, _, _ = checkpoint.restore(mngr, START, prog.abstract_state)
   mngr.close()
   for k, v in trees.flatten(jax.device_get(grown["params"])).items():
     np.testing.assert_array_equal(ewc[f"anchor/{k}"], np.asarray(v, np.float32), err_msg=k)
@@ -225,8 +235,8 @@ def test_frozen_old_experts_stay_bit_identical_with_ewc_and_distillation(continu
 def test_forgetting_report_and_heatmap(continual_run):
   wd, c, result = continual_run
   report = json.load(open(os.path.join(wd, "continual", "stage1.json")))
-  cert = json.load(open(os.path.join(wd, "growth", "6.json")))
-  final = {r["step"]: r for r in read_metrics(wd) if "eval/shakespeare_plays/loss" in r}[12]
+  cert = json.load(open(os.path.join(wd, "growth", f"{START}.json")))
+  final = {r["step"]: r for r in read_metrics(wd) if "eval/shakespeare_plays/loss" in r}[END]
   for d in ("shakespeare_plays", "python_stdlib"):
     want = final[f"eval/{d}/loss"] - cert["eval_before"][d]
     assert result["forgetting"][f"forgetting/{d}"] == pytest.approx(want, abs=1e-9)
@@ -239,11 +249,11 @@ def test_forgetting_report_and_heatmap(continual_run):
 
 def test_resume_mid_stage_with_ewc_and_distillation_is_bit_identical(continual_run, tmp_path, data_dir):
   wd, c, _ = continual_run
-  wd2 = str(tmp_path / "resumed")
+  wd2 = seeded(wd, str(tmp_path / "resumed"))
   c2 = staged(data_dir)
-  c2.train.stop_at_step = 8  # two steps into stage 1, then a fresh invocation
+  c2.train.stop_at_step = START + 2  # two steps into stage 1, then a fresh invocation
   r = stages.train_and_evaluate(c2, wd2)
-  assert r["step"] == 8 and r["stopped_early"]
+  assert r["step"] == START + 2 and r["stopped_early"]
   c2.train.stop_at_step = 0
   stages.train_and_evaluate(c2, wd2)
   a, ea = final_params(wd, c)
@@ -256,14 +266,17 @@ def test_resume_mid_stage_with_ewc_and_distillation_is_bit_identical(continual_r
 
 def test_eight_device_mesh_gives_the_same_losses(continual_run, tmp_path, data_dir):
   wd, _, _ = continual_run
+  """Stage 1 (growth, Fisher, teacher, EWC + distillation + replay + frozen slices) grown from the
+  same stage-0 checkpoint on 8 devices (data 4 x fsdp 2) logs the same losses as on 1."""
   c8 = staged(data_dir, mesh=dict(data=-1, fsdp=2, num_devices=8))
-  c8.train.stop_at_step = 8  # the same schedule; two steps into stage 1
-  wd8 = str(tmp_path / "mesh8")
+  c8.train.stop_at_step = START + 2  # the same schedule; two steps into stage 1
+  wd8 = seeded(wd, str(tmp_path / "mesh8"))
   stages.train_and_evaluate(c8, wd8)
   one = {r["step"]: r for r in read_metrics(wd) if "loss" in r}
   eight = {r["step"]: r for r in read_metrics(wd8) if "loss" in r}
-  for s in (1, 6, 7, 8):
-    for k in ("loss", "ce") + (("ewc_penalty", "distill_kl") if s > 6 else ()):
+  assert sorted(eight) == [START + 1, START + 2]
+  for s in eight:
+    for k in ("loss", "ce", "ewc_penalty", "distill_kl"):
       assert eight[s][k] == pytest.approx(one[s][k], rel=1e-5, abs=1e-7), (s, k)
 
 

@@ -64,7 +64,7 @@ BAD = [  # (key named in the message, how to break the tiny config)
     ("train.checkpoint_every", lambda c: c.train.update(checkpoint_every=0)),
     ("train.keep_checkpoints", lambda c: c.train.update(keep_checkpoints=0)),
     ("train.eval_every", lambda c: c.train.update(eval_every=-1)),
-    ("train.eval_batches", lambda c: c.train.update(eval_batches=0)),
+    ("train.eval_batches", lambda c: c.train.update(eval_batches=-1)),
     ("train.lr", lambda c: c.train.update(lr=0.0)),
     ("train.lr", lambda c: c.train.update(lr=float("nan"))),
     ("train.b2", lambda c: c.train.update(b2=1.0)),
@@ -102,7 +102,6 @@ def second_stage(**kw):
 STAGED_BAD = [
     ("stages[1].steps", second_stage(steps=-3)),
     ("train.steps", lambda c: c.train.update(steps=7)),  # ignored before: the stages decide
-    ("stages[1].ops", second_stage(ops=())),
     ("stages[1].ops", second_stage(ops=(dict(op="grow_taller"),))),
     ("stages[1].mixture.c4", second_stage(mixture={"c4": -2.0})),
     ("stages[1].freeze_old_experts", second_stage(freeze_old_experts=True, ops=(dict(op="stack", times=2),))),
@@ -253,7 +252,8 @@ def _json_item(step_dir, item):
 def test_crafted_iterator_state_is_refused_quickly_naming_the_path(tmp_path, data_dir):
   wd = _finished_run(tmp_path, data_dir, "iter")
   path, blob = _json_item(os.path.join(wd, "checkpoints", "2"), "data")
-  blob["iterator"]["shards"]["0"]["parents"][0]["pos"] = 10**12  # an absurd offset
+  part = next(iter(blob["iterator"]["shards"]["0"]["parts"].values()))  # one domain's stream, by name
+  part["pos"] = 10**12  # an absurd offset
   with open(path, "w") as f:
     json.dump(blob, f)
   t0 = time.time()

@@ -1,4 +1,4 @@
-"""Executes notebooks/01_grow_a_model.ipynb in a fresh kernel and checks what it printed."""
+"""Executes the notebooks in a fresh kernel and checks what they printed."""
 import os
 import re
 import sys
@@ -8,6 +8,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "01_grow_a_model.ipynb")
+NOTEBOOK_02 = os.path.join(REPO, "notebooks", "02_continual.ipynb")
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -101,5 +102,49 @@ def test_notebook_01_grow_a_model(data_dir, tmp_path):
   print(f"notebook executed in {time.perf_counter() - t0:.1f} s with {sys.executable}")
   check_dense_training(cell_text(nb, "dense-train"))
   check_certificate(cell_text(nb, "certificate"))
+  errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+  assert not errors
+
+
+FRONTIER_RE = re.compile(r"^(plain|protected)\s+([-+0-9.eE]+|nan|inf)\s+([-+0-9.eE]+|nan|inf)\s+([-+0-9.eE]+|nan|inf)\s*$",
+                         re.M)
+
+
+def check_frontier(text):
+  rows = {a: tuple(float(x) for x in v) for a, *v in FRONTIER_RE.findall(text)}
+  assert set(rows) == {"plain", "protected"}, f"frontier rows not found:\n{text}"
+  for arm, (python, forgetting, _) in rows.items():
+    assert 0 < python < 10 and abs(forgetting) < 10, (arm, python, forgetting)
+  drift = rows["protected"][2]
+  assert 0 <= drift <= 1, f"routing drift {drift} is not a fraction"
+
+
+def check_frozen(text):
+  assert "old experts bit-identical: True" in text, text
+  values = [float(v) for v in re.findall(r"\(\d+, ([-+0-9.eE]+)\)", text)]
+  assert values and all(v >= 0 for v in values) and max(values) > 0, f"EWC penalty not logged > 0:\n{text}"
+
+
+def test_checks_of_notebook_02_reject_bad_outputs():
+  good = "arm         python_loss  forgetting   drift\nplain            2.5000      0.4000     nan\nprotected        2.6000      0.1000   0.250\n"
+  check_frontier(good)
+  for bad in (good.replace("0.250", "1.250"), good.replace("2.5000", "nan"), good.splitlines()[0]):
+    with pytest.raises(AssertionError):
+      check_frontier(bad)
+  frozen = "old experts bit-identical: True\nEWC penalty (step, value): (61, 0.00e+00), (80, 3.10e-03)\n"
+  check_frozen(frozen)
+  for bad in (frozen.replace("True", "False"), frozen.replace("3.10e-03", "0.00e+00"), frozen.replace("3.10e-03", "-1")):
+    with pytest.raises(AssertionError):
+      check_frozen(bad)
+
+
+def test_notebook_02_continual(data_dir, tmp_path):
+  env = {"MOEGROW_DATA_DIR": data_dir,
+         "PYTHONPATH": os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+         "IPYTHONDIR": str(tmp_path / "ipython"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+         "MPLBACKEND": "Agg"}
+  nb = execute(NOTEBOOK_02, env)
+  check_frontier(cell_text(nb, "frontier"))
+  check_frozen(cell_text(nb, "frozen"))
   errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
   assert not errors

@@ -1,7 +1,7 @@
 """The forgetting-vs-learning frontier of continual pre-training on the English -> Python shift.
 
-Stage 0 (shared, `base`): a small MoE (d=64, 2 layers, layer 1 E=2 top-1) trained on Shakespeare
-only for N steps. Stage 1: each arm continues base's checkpoint N for M steps on Python:
+Stage 0 (shared, `base`): a small MoE (d=128, 2 layers, layer 1 E=2 top-1; d=64 in --quick)
+trained on Shakespeare only for N steps. Stage 1: each arm continues base's checkpoint N for M steps on Python:
   plain          fine-tune on Python;
   replay_1/5/25  with 1%, 5%, 25% of the rows replayed from Shakespeare;
   ewc_lo/mid/hi  EWC (Fisher of base on Shakespeare) at three lambdas;
@@ -30,12 +30,12 @@ from moegrow.configs import lm
 
 OLD, NEW = "shakespeare_plays", "python_stdlib"
 GROW = (dict(op="add_experts", num_experts=4, mode="copy_noise", noise_std=0.01),)
-EWC = {"ewc_lo": 1.0, "ewc_mid": 30.0, "ewc_hi": 1000.0}
+EWC = {"ewc_lo": 100.0, "ewc_mid": 3000.0, "ewc_hi": 100000.0}
 SIZES = {
     "small": dict(base_steps=200, new_steps=100, eval_batches=64, log_every=20, eval_every=50),
     "quick": dict(base_steps=4, new_steps=3, eval_batches=1, log_every=1, eval_every=3),
 }
-QUICK_ARMS = ("plain", "replay_25", "ewc_hi", "grow_freeze_distill", "joint")
+QUICK_ARMS = ("plain", "ewc_hi", "grow_freeze_distill")  # every code path but replay (unit-tested)
 
 
 def stage1(name: str) -> dict:
@@ -62,6 +62,8 @@ def base_config(size: str) -> ml_collections.ConfigDict:
   s = SIZES[size]
   c = lm.get_config("tiny")
   c.model.update(moe_layers="every_other", num_experts=2, top_k=1)
+  if size != "quick":
+    c.model.update(d_model=128, num_heads=4, d_ff=512)
   c.train.update(steps=0, batch_size=16, warmup_steps=2 if size == "quick" else 10, log_every=s["log_every"],
                  eval_every=s["eval_every"], eval_batches=s["eval_batches"], eval_batch_size=16,
                  checkpoint_every=10_000, keep_checkpoints=2)
@@ -101,12 +103,12 @@ def figure(quick: bool = False) -> Figure:
       arms.append(Arm(name, make(name), "joint training (reference)"))
     else:
       arms.append(Arm(name, make(name), name.replace("_", " "), start_from="base", start_step=n))
-  claims = [Claim("25% replay forgets less than plain fine-tuning", "replay_25", "plain", OLD),
-            Claim("EWC (high lambda) forgets less than plain fine-tuning", "ewc_hi", "plain", OLD),
+  claims = [Claim("EWC (high lambda) forgets less than plain fine-tuning", "ewc_hi", "plain", OLD),
             Claim("plain fine-tuning learns Python better than EWC (high lambda)", "plain", "ewc_hi", NEW),
             Claim("new experts + freezing + distillation forget less than plain", "grow_freeze_distill", "plain", OLD)]
   if not quick:
-    claims += [Claim("5% replay forgets less than plain fine-tuning", "replay_5", "plain", OLD),
+    claims += [Claim("25% replay forgets less than plain fine-tuning", "replay_25", "plain", OLD),
+               Claim("5% replay forgets less than plain fine-tuning", "replay_5", "plain", OLD),
                Claim("EWC: high lambda forgets less than low", "ewc_hi", "ewc_lo", OLD),
                Claim("EWC: low lambda learns Python better than high", "ewc_lo", "ewc_hi", NEW),
                Claim("new experts + freezing forget less than plain", "grow_freeze", "plain", OLD),

@@ -3,6 +3,7 @@ need data (per-domain held-out loss; per-layer expert loads for add_experts' mos
 diagonal Fisher for EWC; routing choices per domain for routing drift after growth)."""
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -46,6 +47,23 @@ def expert_loads(cfg, params, batches: list[dict], mesh) -> dict[str, list[float
   return {i: np.asarray(v).tolist() for i, v in loads.items()}
 
 
+def _example_nll(cfg, p, x_T, y_T):
+  logits_TV = tf.apply(cfg, p, x_T[None])[0][0]
+  return optax.softmax_cross_entropy_with_integer_labels(logits_TV, y_T).mean()
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _squared_grads(cfg, p, x_NT, y_NT):
+  """Sum over examples of squared per-example gradients (jax.vmap(jax.grad))."""
+  g = jax.vmap(jax.grad(_example_nll, argnums=1), in_axes=(None, None, 0, 0))(cfg, p, x_NT, y_NT)
+  return jax.tree_util.tree_map(lambda a: jnp.sum(jnp.square(a.astype(jnp.float32)), axis=0), g)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _sample(cfg, p, x, k):
+  return jax.random.categorical(k, tf.apply(cfg, p, x)[0], axis=-1)
+
+
 def fisher_diagonal(cfg, params, batches: list[dict], *, labels: str = "data", key=None) -> dict:
   """Diagonal Fisher information of `params` (EWC, Kirkpatrick et al. 2017, eq. 3's F_i): the mean
   over examples (sequences) of the squared gradient of the example's mean token NLL. Labels:
@@ -56,21 +74,11 @@ def fisher_diagonal(cfg, params, batches: list[dict], *, labels: str = "data", k
   if labels == "model" and key is None:
     raise ValueError("fisher_diagonal: labels='model' samples labels and needs a `key`")
 
-  def nll(p, x_T, y_T):
-    logits_TV = tf.apply(cfg, p, x_T[None])[0][0]
-    return optax.softmax_cross_entropy_with_integer_labels(logits_TV, y_T).mean()
-
-  @jax.jit
-  def squared_grads(p, x_NT, y_NT):
-    g = jax.vmap(jax.grad(nll), in_axes=(None, 0, 0))(p, x_NT, y_NT)  # per-example gradients
-    return jax.tree_util.tree_map(lambda a: jnp.sum(jnp.square(a.astype(jnp.float32)), axis=0), g)
-
-  sample = jax.jit(lambda p, x, k: jax.random.categorical(k, tf.apply(cfg, p, x)[0], axis=-1))
   total, n = None, 0
   for i, b in enumerate(batches):
     x = jnp.asarray(b["inputs"])
-    y = sample(params, x, jax.random.fold_in(key, i)) if labels == "model" else jnp.asarray(b["targets"])
-    sq = squared_grads(params, x, y)
+    y = _sample(cfg, params, x, jax.random.fold_in(key, i)) if labels == "model" else jnp.asarray(b["targets"])
+    sq = _squared_grads(cfg, params, x, y)
     total = sq if total is None else jax.tree_util.tree_map(jnp.add, total, sq)
     n += x.shape[0]
   if not n:
@@ -78,26 +86,28 @@ def fisher_diagonal(cfg, params, batches: list[dict], *, labels: str = "data", k
   return jax.tree_util.tree_map(lambda t: t / n, total)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _choices(cfg, mesh, p, tokens_BT):
+  aux = tf.apply(cfg, p, tokens_BT, mlp_inputs=True)[1]
+  out = {}
+  for i in aux["layers"]:
+    r = p["blocks"][i]["mlp"]
+    h_ND = aux["mlp_inputs"][i].reshape(-1, cfg.d_model).astype(jnp.float32)
+    logits_NE = jnp.einsum("ND,DE->NE", h_ND, r["router_DE"]) + r["router_bias_E"]
+    idx_NK = jax.lax.top_k(logits_NE, min(cfg.top_k, logits_NE.shape[-1]))[1]
+    out[i] = jax.lax.with_sharding_constraint(idx_NK, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  return out  # replicated: readable on every process
+
+
 def router_choices(cfg, params, batches: list[dict], mesh) -> dict[str, np.ndarray]:
   """Per MoE layer, every token's top-k experts [N, K] on `batches` (in order): the router's
   choices on the layer's MLP input, logits h W_router + b in float32 as in the model."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-  def choose(p, tokens_BT):
-    aux = tf.apply(cfg, p, tokens_BT, mlp_inputs=True)[1]
-    out = {}
-    for i in aux["layers"]:
-      r = p["blocks"][i]["mlp"]
-      h_ND = aux["mlp_inputs"][i].reshape(-1, cfg.d_model).astype(jnp.float32)
-      logits_NE = jnp.einsum("ND,DE->NE", h_ND, r["router_DE"]) + r["router_bias_E"]
-      out[i] = jax.lax.top_k(logits_NE, min(cfg.top_k, logits_NE.shape[-1]))[1]
-    return out
-  choose = jax.jit(choose, out_shardings=replicated)
   parts: dict[str, list] = {}
   for b in batches:
     rows = np.asarray(b["inputs"])
     tokens = jax.make_array_from_callback(rows.shape, replicated, lambda i, rows=rows: rows[i])
-    for i, idx in choose(params, tokens).items():
+    for i, idx in _choices(cfg, mesh, params, tokens).items():
       parts.setdefault(i, []).append(np.asarray(idx))
   return {i: np.concatenate(v) for i, v in parts.items()}
 

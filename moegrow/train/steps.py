@@ -10,7 +10,9 @@ A continual-learning `Objective` adds terms to the loss in the same jitted step:
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import json
 from typing import Any, Callable
 
 import jax
@@ -108,7 +110,28 @@ def params_sharding(cfg: ModelConfig, mesh: Mesh):
   return sharding.tree_shardings(tf.logical_axes(cfg), mesh, tf.abstract_params(cfg))
 
 
+_PROGRAMS: "collections.OrderedDict[Any, Program]" = collections.OrderedDict()
+_MAX_PROGRAMS = 8
+
+
 def build_program(cfg: ModelConfig, train_cfg, mesh: Mesh, objective: Objective | None = None) -> Program:
+  """The `Program` of (model, train config, mesh, objective). Programs are immutable; the last
+  few built are kept, so a stage boundary that needs the previous stage's program again (growth,
+  a teacher) or a resumed stage reuses its compiled steps instead of compiling them again."""
+  train = json.dumps(train_cfg.to_dict() if hasattr(train_cfg, "to_dict") else dict(train_cfg), sort_keys=True,
+                     default=str)
+  key = (cfg, train, mesh, objective if objective is not None and objective.active else None)
+  if key in _PROGRAMS:
+    _PROGRAMS.move_to_end(key)
+    return _PROGRAMS[key]
+  program = _build_program(cfg, train_cfg, mesh, objective)
+  _PROGRAMS[key] = program
+  while len(_PROGRAMS) > _MAX_PROGRAMS:
+    _PROGRAMS.popitem(last=False)
+  return program
+
+
+def _build_program(cfg: ModelConfig, train_cfg, mesh: Mesh, objective: Objective | None = None) -> Program:
   schedule = optim.schedule_from(train_cfg)
   tx = optim.make_optimizer(train_cfg, tf.abstract_params(cfg), schedule)
   abstract, sh = state_shardings(cfg, tx, mesh)
