@@ -62,7 +62,7 @@ def make(arm):
   c.data.data_dir = data_dir
   c.mesh.update(data=1, num_devices=1)
   c.model.update(moe_layers="every_other", num_experts=2, top_k=1)
-  c.train.update(steps=0, batch_size=16, warmup_steps=5, log_every=20, eval_every=0, eval_batches=8,
+  c.train.update(steps=0, batch_size=16, warmup_steps=5, log_every=20, eval_every=1000, eval_batches=8,
                  checkpoint_every=1000)
   python = dict(name="python", steps=40, mixture={PYTHON: 1.0})
   if arm == "protected":

@@ -76,8 +76,8 @@ def fisher_diagonal(cfg, params, batches: list[dict], *, labels: str = "data", k
 
   total, n = None, 0
   for i, b in enumerate(batches):
-    x = jnp.asarray(b["inputs"])
-    y = _sample(cfg, params, x, jax.random.fold_in(key, i)) if labels == "model" else jnp.asarray(b["targets"])
+    x = np.asarray(b["inputs"])  # host data, the same on every process
+    y = _sample(cfg, params, x, jax.random.fold_in(key, i)) if labels == "model" else np.asarray(b["targets"])
     sq = _squared_grads(cfg, params, x, y)
     total = sq if total is None else jax.tree_util.tree_map(jnp.add, total, sq)
     n += x.shape[0]
