@@ -180,11 +180,14 @@ def _plot(path: str, fig: Figure, summary: list[dict]) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  f, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
-  for i, e in enumerate(summary):
+  f, (ax, bx) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [3, 2]})
+  colors = [plt.cm.tab20(i % 20) for i in range(len(summary))]
+  for e, color in zip(summary, colors):
     ax.errorbar(e["python_loss"], e["forgetting"], xerr=np.nan_to_num(e["python_loss_se"]),
-                yerr=np.nan_to_num(e["forgetting_se"]), fmt="o", color=f"C{i % 10}", capsize=3,
+                yerr=np.nan_to_num(e["forgetting_se"]), fmt="o", color=color, capsize=3,
                 label=f"{e['arm']} (n={e['n']})")
+    ax.annotate(e["arm"].replace("_", " "), (e["python_loss"], e["forgetting"]), fontsize=7,
+                xytext=(4, 4), textcoords="offset points", color=color)
   ax.axhline(0, color="k", lw=0.6)
   ax.set_xlabel("Python validation loss (learning; lower is better)")
   ax.set_ylabel("Shakespeare loss increase (forgetting; lower is better)")
@@ -192,8 +195,10 @@ def _plot(path: str, fig: Figure, summary: list[dict]) -> None:
   ax.legend(fontsize=7, loc="best")
   names = [e["arm"] for e in summary]
   drift = [0.0 if e["drift"] != e["drift"] else e["drift"] for e in summary]
-  bx.barh(range(len(names)), drift, xerr=[np.nan_to_num(e["drift_se"]) for e in summary],
-          color=[f"C{i % 10}" for i in range(len(names))])
+  bx.barh(range(len(names)), drift, xerr=[np.nan_to_num(e["drift_se"]) for e in summary], color=colors)
+  for i, e in enumerate(summary):
+    if e["drift"] != e["drift"]:
+      bx.text(0.005, i, "n/a (no new experts)", va="center", fontsize=7, color="0.4")
   bx.set_yticks(range(len(names)), names, fontsize=7)
   bx.set_xlabel("routing drift: Shakespeare tokens to new experts")
   bx.grid(alpha=0.3, axis="x")
