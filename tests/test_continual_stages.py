@@ -289,3 +289,13 @@ def test_continual_options_are_validated_by_name(data_dir):
     with pytest.raises(ConfigError) as e:
       validate_config(staged(data_dir, **bad), 8)
     assert e.value.key == key, (bad, e.value)
+
+
+def test_ewc_batch_must_split_over_data_shards(data_dir):
+  c = staged(data_dir, ewc=dict(lam=1.0, batch_size=3))
+  c.data.shards = 2
+  with pytest.raises(ConfigError) as e:
+    validate_config(c, 8)
+  assert e.value.key == "stages[1].ewc.batch_size"
+  c.stages = (c.stages[0], dict(c.stages[1], ewc=dict(lam=1.0, batch_size=4)))
+  validate_config(c, 8)

@@ -191,7 +191,11 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> list[Mo
       except ValueError as e:
         raise ConfigError(f"stages[{i}].freeze_old_experts", True, str(e)) from e
     _check_frozen(entries, f"stages[{i}].frozen", cfgs[i:i + 1])
-    continual_options(spec, i)
+    opts = continual_options(spec, i)
+    shards = int(config.data.get("shards", 0) or 0)
+    if opts["ewc"] and shards and opts["ewc"]["batch_size"] % shards:
+      raise ConfigError(f"stages[{i}].ewc.batch_size", opts["ewc"]["batch_size"],
+                        f"a multiple of data.shards={shards} (the Fisher reads whole global batches)")
   return cfgs
 
 
