@@ -124,3 +124,21 @@ def test_errors_name_the_problem():
     M.merge("slerp", [tree([1.0, 2.0])] * 3)
   with pytest.raises(ValueError, match=r"base differs"):
     M.merge("ties", [tree([1.0, 2.0])], {"w": jnp.ones(2)})
+
+
+def test_greedy_soup_is_never_worse_than_its_best_ingredient():
+  rng = np.random.default_rng(0)
+  target = rng.normal(size=8)
+  loss = lambda t: float(np.sum((np.asarray(t["w"]) - target) ** 2))
+  # ingredients around the target, two of them far off: averaging helps, the far ones are refused
+  ings = [tree(target + rng.normal(scale=0.5, size=8)) for _ in range(4)] + [tree(target + 5.0), tree(target - 6.0)]
+  soup, trace = M.greedy_soup(ings, loss)
+  best = min(loss(x) for x in ings)
+  assert loss(soup) <= best
+  assert [r["ingredient"] for r in trace][:1] == [int(np.argmin([loss(x) for x in ings]))]
+  added = {r["ingredient"] for r in trace if r["added"]}
+  assert 4 not in added and 5 not in added and len(added) >= 2
+  members = [ings[i] for i in sorted(added)]
+  np.testing.assert_allclose(soup["w"], np.mean([np.asarray(m["w"]) for m in members], axis=0), rtol=1e-6)
+  soups = [r["soup_loss"] for r in trace if r["added"]]
+  assert all(b <= a for a, b in zip(soups, soups[1:]))  # the soup's loss never goes up

@@ -15,7 +15,7 @@ import pytest
 from _tiny import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLIS = ("moegrow.main", "moegrow.grow")
+CLIS = ("moegrow.main", "moegrow.grow", "moegrow.merge")
 SUBPACKAGES = ("moegrow", "moegrow/model", "moegrow/surgery", "moegrow/data", "moegrow/train", "moegrow/configs")
 # Not part of a source tree to build from: version control, environments, build and run outputs.
 IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",

@@ -215,3 +215,25 @@ def _merge_tree(method: str, per_leaf, flat, flat_base, key) -> dict:
     out[path] = merge_leaf(method, [f[path] for f in flat], None if flat_base is None else flat_base[path],
                            dict(items), k)
   return out
+
+
+def greedy_soup(ingredients: Sequence[Mapping], loss_fn) -> tuple[dict, list[dict]]:
+  """Greedy soup (Wortsman et al. 2022, recipe 1): sort ingredients by held-out loss, then add
+  each to the soup (a uniform average) only if the soup's held-out loss does not get worse.
+  `loss_fn(tree) -> float` is measured by the caller. Returns (soup, trace), the trace one row
+  per ingredient: its index, its own loss, the candidate soup's loss and whether it was added."""
+  if not ingredients:
+    raise ValueError("greedy_soup: no ingredients")
+  check_models(ingredients)
+  own = [float(loss_fn(x)) for x in ingredients]
+  order = sorted(range(len(ingredients)), key=lambda i: own[i])
+  members, best = [order[0]], own[order[0]]
+  trace = [{"ingredient": order[0], "loss": own[order[0]], "soup_loss": best, "added": True}]
+  for i in order[1:]:
+    candidate = merge("linear", [ingredients[j] for j in members + [i]])
+    loss = float(loss_fn(candidate))
+    added = loss <= best
+    if added:
+      members, best = members + [i], loss
+    trace.append({"ingredient": i, "loss": own[i], "soup_loss": loss, "added": added})
+  return merge("linear", [ingredients[j] for j in members]), trace
