@@ -135,3 +135,29 @@ def routing_report(cfg, params, sets: dict[str, list[dict]], mesh, first_new: di
                        "drift": routing_drift(c, first_new[i]) if i in first_new else None}
                    for i, c in choices.items()}
   return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _input_sums(cfg, mesh, p, tokens_BT):
+  h = tf.apply(cfg, p, tokens_BT, mlp_inputs=True)[1]["mlp_inputs"]
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return {i: jax.lax.with_sharding_constraint(jnp.sum(x.astype(jnp.float32), axis=(0, 1)), rep) for i, x in h.items()}
+
+
+def mlp_input_means(cfg, params, sets: dict[str, list[dict]], mesh) -> dict[str, dict[str, np.ndarray]]:
+  """{layer: {domain: mean MLP input [D]}} over every token of each domain's batches: the
+  centroids from which Branch-Train-MiX's hidden-state router init builds router columns
+  (`moegrow.surgery.btx.router_from_centroids`)."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  out: dict[str, dict[str, np.ndarray]] = {}
+  for domain, batches in sets.items():
+    total, count = None, 0
+    for b in batches:
+      rows = np.asarray(b["inputs"])
+      tokens = jax.make_array_from_callback(rows.shape, replicated, lambda i, rows=rows: rows[i])
+      sums = {i: np.asarray(v, np.float64) for i, v in _input_sums(cfg, mesh, params, tokens).items()}
+      total = sums if total is None else {i: total[i] + sums[i] for i in total}
+      count += rows.size
+    for i, v in (total or {}).items():
+      out.setdefault(i, {})[domain] = (v / count).astype(np.float32)
+  return out
