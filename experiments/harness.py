@@ -27,7 +27,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from typing import Callable, Sequence
 
@@ -53,6 +52,7 @@ class Arm:
   start_step: int = 0
   end_step: int | None = None
   plotted: bool = True
+  seed_offset: int = 0  # the run's train.seed is seed + seed_offset (another init / data order)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +107,7 @@ def run_dir(root: str, arm: str, seed: int) -> str:
 
 def arm_config(fig: Figure, arm: Arm, seed: int, data_dir: str) -> ml_collections.ConfigDict:
   c = arm.config(seed)
-  c.train.seed = int(seed)
+  c.train.seed = int(seed) + arm.seed_offset
   c.data.data_dir = data_dir
   return c
 
@@ -119,20 +119,6 @@ def end_step(arm: Arm, config) -> int:
   return stages.resolve_stages(config, stages.model_config(config))[-1].end
 
 
-def _seed_checkpoint(src_run: str, workdir: str, step: int) -> None:
-  """Copy the source run's stage-0 checkpoint `step` into a fresh workdir (whole step directory,
-  then one rename: a crash leaves no half-seeded workdir)."""
-  if os.path.isdir(os.path.join(workdir, "checkpoints")):
-    return  # seeded earlier (and maybe trained on): the run resumes from its newest checkpoint
-  src = os.path.join(src_run, "checkpoints", checkpoint.step_name(0, step))
-  if not os.path.isdir(src):
-    raise FileNotFoundError(f"checkpoint {src} is missing; cannot start {workdir}")
-  tmp = os.path.join(workdir, ".seeding")
-  shutil.rmtree(tmp, ignore_errors=True)
-  shutil.copytree(src, os.path.join(tmp, checkpoint.step_name(0, step)))
-  os.replace(tmp, os.path.join(workdir, "checkpoints"))
-
-
 def run_one(fig: Figure, arm: Arm, seed: int, root: str, data_dir: str, stop_after_steps: int = 0) -> bool:
   """Train one (arm, seed) to its end (or `stop_after_steps` more steps). True if finished."""
   wd = run_dir(root, arm.name, seed)
@@ -142,7 +128,8 @@ def run_one(fig: Figure, arm: Arm, seed: int, root: str, data_dir: str, stop_aft
   config = arm_config(fig, arm, seed, data_dir)
   end = end_step(arm, config)
   if arm.start_from:
-    _seed_checkpoint(run_dir(root, arm.start_from, seed), wd, arm.start_step)
+    src = os.path.join(run_dir(root, arm.start_from, seed), "checkpoints", checkpoint.step_name(0, arm.start_step))
+    checkpoint.seed_workdir(src, wd, arm.start_step)
   config.train.stop_at_step = end
   config.train.stop_after_steps = int(stop_after_steps)
   print(f"[{arm.name} seed {seed}] training in {wd} (to step {end})", flush=True)
@@ -238,6 +225,19 @@ def read_csv(path: str) -> list[dict]:
     for k in ("flops", "x", "loss"):
       r[k] = float(r[k])
   return rows
+
+
+def read_csv_rows(path: str) -> list[dict]:
+  """Rows of any CSV written by `write_csv`, with integers and floats parsed."""
+  def parse(v: str):
+    for tp in (int, float):
+      try:
+        return tp(v)
+      except ValueError:
+        pass
+    return v
+  with open(path) as f:
+    return [{k: parse(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 def final_losses(rows: list[dict]) -> dict[tuple[str, str], dict[int, float]]:

@@ -229,6 +229,22 @@ def locate(path: str) -> tuple[str, str | None, int]:
   return path, stage_prefix(stage), step
 
 
+def seed_workdir(src_step_dir: str, workdir: str, step: int) -> bool:
+  """Start a fresh run in `workdir` from a copy of one checkpoint (a step directory), as that
+  run's stage-0 checkpoint `step`: the whole directory is copied, then one rename, so a crash
+  leaves no half-seeded workdir. A workdir that already has checkpoints is left alone (it
+  resumes from its newest one). The source is only read. Returns whether it copied."""
+  if os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return False
+  if not os.path.isdir(os.path.join(src_step_dir, STATE)):
+    raise FileNotFoundError(f"checkpoint {src_step_dir} is missing or incomplete; cannot start {workdir}")
+  tmp = os.path.join(workdir, ".seeding")
+  shutil.rmtree(tmp, ignore_errors=True)
+  shutil.copytree(src_step_dir, os.path.join(tmp, step_name(0, step)))
+  os.replace(tmp, os.path.join(workdir, "checkpoints"))
+  return True
+
+
 def write_json(path: str, obj: Any) -> None:
   """Atomic JSON write (tmp + rename), for small side files like growth certificates."""
   os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -102,6 +102,16 @@ def test_same_seed_same_batches_other_seed_differs(data_dir):
   assert not any(np.array_equal(x['inputs'], y['inputs']) for x, y in zip(a, c))
 
 
+def test_a_state_is_refused_by_a_stream_of_another_seed(data_dir):
+  kw = dict(seq_len=64, global_batch=8, data_dir=data_dir)
+  it = data.make_train_iter(MIX, seed=3, **kw)
+  _take(it, 2)
+  state = json.loads(json.dumps(it.get_state()))
+  with pytest.raises(ValueError, match='another train.seed'):
+    data.make_train_iter(MIX, seed=4, **kw).set_state(state)
+  data.make_train_iter(MIX, seed=3, **kw).set_state(state)  # the same seed resumes
+
+
 @pytest.mark.parametrize('mix,split,seq_len,batch,n,m', [
     (MIX, 'train', 256, 32, 5, 4),
     # 4 plays of ~0.5M tokens: 10 steps of 64k tokens cross an epoch boundary.

@@ -140,7 +140,8 @@ class _MixIterator(grain.DatasetIterator):
   """Rows drawn from named component streams with step-dependent weights.
 
   Row n picks its domain with a uniform number seeded by (seed, n), so the choice depends only on
-  the row count since the stage began. State: {'rows': n, 'parts': {name: component state}};
+  the row count since the stage began. State: {'rows': n, 'parts': {name: component state},
+  'seed': the mixing seed} (a state is refused by a stream of another seed);
   components are restored BY NAME: a state from another mixture resumes every domain both share,
   starts new ones fresh, and keeps the states of dropped ones for a later stage.
   """
@@ -161,12 +162,15 @@ class _MixIterator(grain.DatasetIterator):
   def get_state(self) -> dict[str, Any]:
     parts = dict(self._kept)
     parts.update({n: it.get_state() for n, it in self._parts.items()})
-    return {'rows': self._rows, 'parts': parts}
+    return {'rows': self._rows, 'parts': parts, 'seed': self._seed}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     if not isinstance(state, Mapping) or 'parts' not in state or 'rows' not in state:
       raise ValueError("data state has no 'rows' and 'parts' (per-domain states by name): it was "
                        'written by another version of the pipeline')
+    if 'seed' in state and int(state['seed']) != self._seed:  # positions mean nothing in another order
+      raise ValueError('data state was written by a run with another train.seed (its shuffling order); '
+                       'the stream cannot resume under this seed: resume with the seed that wrote it')
     self._rows = int(state['rows'])
     for name, part in state['parts'].items():
       if name in self._parts:

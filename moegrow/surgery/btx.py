@@ -4,8 +4,9 @@
 
 In each chosen layer, branch e's MLP becomes expert e; every other parameter (attention,
 embeddings, norms, the MLPs of layers left dense) is the branches' mean (BTX section 2.2). The
-new config is `upcycle`'s with E = N and renormalised top-k gating ('topk_softmax'), so N
-identical branches give exactly the seed model (it is sparse upcycling then). Routers start
+new config is `upcycle`'s with E = N and by default renormalised top-k gating ('topk_softmax'),
+so N identical branches give exactly the seed model (it is sparse upcycling then); 'softmax_topk'
+(top-1 of 2 experts, say) keeps a gradient to the router but scales outputs by the gate. Routers start
 random (N(0, router_std)) or from `routers` {layer: router_DE}, e.g. `router_from_centroids`
 of per-domain mean MLP inputs (mergekit-moe's 'hidden' gate mode), measured by the caller.
 """
@@ -16,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import jax.numpy as jnp
 
 from moegrow.config import ModelConfig
-from moegrow.surgery.apply import Shapes, apply_ops
+from moegrow.surgery.apply import Shapes, apply_ops, grown_config
 from moegrow.surgery.merge import check_models, merge
 from moegrow.surgery.op import resolve_layers
 from moegrow.trees import check_tree, flatten, unflatten
@@ -37,9 +38,24 @@ def router_from_centroids(centroids_ND) -> jnp.ndarray:
   return cols.T  # [D, E]
 
 
+def mix_op(n: int, layers: Any = "all", top_k: int = 2, router_std: float | None = None,
+           gating: str = "topk_softmax") -> dict:
+  """The `upcycle` op that gives the mixed model's config: E = n experts, top-k `gating`."""
+  op = {"op": "upcycle", "layers": layers, "num_experts": n, "top_k": min(top_k, n), "gating": gating}
+  if router_std is not None:
+    op["router_std"] = router_std
+  return op
+
+
+def mixed_config(cfg: ModelConfig, n: int, layers: Any = "all", top_k: int = 2,
+                 gating: str = "topk_softmax") -> ModelConfig:
+  """The config `mix` returns for n branches of `cfg` (no arrays: from the arguments alone)."""
+  return grown_config(cfg, [mix_op(n, resolve_layers(cfg, layers, "btx.mix"), top_k, gating=gating)])
+
+
 def mix(branches: Sequence[Mapping], cfg: ModelConfig, key, *, shapes: Shapes, layers: Any = "all",
-        top_k: int = 2, router_std: float | None = None,
-        routers: Mapping[Any, Any] | None = None) -> tuple[dict, ModelConfig, dict]:
+        top_k: int = 2, router_std: float | None = None, routers: Mapping[Any, Any] | None = None,
+        gating: str = "topk_softmax") -> tuple[dict, ModelConfig, dict]:
   """Mix N dense branches (params trees of `cfg`) into one MoE (see the module docstring)."""
   n = len(branches)
   if n < 2:
@@ -50,17 +66,16 @@ def mix(branches: Sequence[Mapping], cfg: ModelConfig, key, *, shapes: Shapes, l
   if moe:
     raise ValueError(f"btx.mix: layer(s) {moe} are already MoE; mix takes dense branches")
   mean = merge("linear", branches)
-  op = {"op": "upcycle", "layers": ids, "num_experts": n, "top_k": min(top_k, n), "gating": "topk_softmax"}
-  if router_std is not None:
-    op["router_std"] = router_std
-  grown, new_cfg, reports = apply_ops({"params": mean}, cfg, [op], key, shapes=shapes)
+  grown, new_cfg, _ = apply_ops({"params": mean}, cfg, [mix_op(n, ids, top_k, router_std, gating)], key, shapes=shapes)
   out = flatten(grown["params"])
+  path_map = {p: f"mean of branches 0-{n - 1}: {p}" for p in out if p in flat[0]}
   for i in ids:
     for dense, expert in MLP_TO_EXPERT.items():
       src = f"blocks/{i}/mlp/{dense}"
       if src in flat[0]:
         dst = f"blocks/{i}/mlp/{expert}"
         out[dst] = jnp.stack([f[src] for f in flat]).astype(out[dst].dtype)  # branch e -> expert e
+        path_map[dst] = [f"branch {e}: {src}" for e in range(n)]
     given = (routers or {}).get(i, (routers or {}).get(str(i)))
     if given is not None:
       path = f"blocks/{i}/mlp/router_DE"
@@ -68,8 +83,11 @@ def mix(branches: Sequence[Mapping], cfg: ModelConfig, key, *, shapes: Shapes, l
       if given.shape != out[path].shape:
         raise ValueError(f"btx.mix: routers[{i}] has shape {given.shape}, {path} needs {out[path].shape}")
       out[path] = given
+    for p in out:
+      if p.startswith(f"blocks/{i}/mlp/router") or p.startswith(f"blocks/{i}/mlp/shared"):
+        path_map.setdefault(p, "router: given" if given is not None and p.endswith("router_DE") else "new")
   params = unflatten(out)
   check_tree(params, shapes(new_cfg), "btx.mix result")
   report = {"op": "btx.mix", "branches": n, "layers": ids, "top_k": min(top_k, n),
-            "router": "given" if routers else "random", "upcycle": reports[0]["map"]}
+            "router": "given" if routers else "random", "map": path_map}
   return params, new_cfg, report

@@ -9,7 +9,8 @@ The sources are restored at their own (identical) model config on the current me
 `moegrow.surgery.merge.merge` under jit, and saved as step 0 of `workdir` with a fresh optimizer
 state and lineage naming every source and the method: `moegrow.main` with the same config and
 workdir then trains it, and later stages grow it. The per-domain validation loss of every source
-and of the result is printed and written to `<workdir>/merge.json`. Sources are only read.
+and of the result is printed and written to `<workdir>/merge.json` with the source -> target
+path map. A config with a `btx` section instead runs Branch-Train-MiX (moegrow.train.branching). Sources are only read.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from moegrow.surgery import merge as merge_ops
 from moegrow.train import loop, probes, stages
 from moegrow.train.logbook import print_table
 from moegrow.train.steps import build_program
-from moegrow.trees import to_plain
+from moegrow.trees import flatten, to_plain
 from moegrow.workdir_lock import WorkdirLock
 
 
@@ -39,6 +40,12 @@ def restore_params(source: str, mesh, tr) -> tuple[dict, Any, str]:
     return state["params"], cfg, checkpoint.step_dir(mngr, step)
   finally:
     mngr.close()
+
+
+def fresh_state(program, params) -> dict:
+  """A run's step-0 state around `params`: a fresh optimizer state, sharded like `program`'s."""
+  return jax.jit(lambda p: {"params": p, "opt_state": program.tx.init(p), "step": jnp.zeros((), jnp.int32)},
+                 out_shardings=program.state_sharding)(params)
 
 
 def merge_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -70,8 +77,7 @@ def merge_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
       merged = merge_ops.merge(m.method, [p for p, _, _ in restored], base[0] if base else None,
                                overrides=[tuple(o) for o in m.get("overrides", ())],
                                key=jax.random.key(int(m.get("seed", 0))), **to_plain(m.get("params", {})))
-      state = jax.jit(lambda p: {"params": p, "opt_state": program.tx.init(p), "step": jnp.zeros((), jnp.int32)},
-                      out_shardings=program.state_sharding)(merged)
+      state = fresh_state(program, merged)
       evals = stages.eval_sets(config)
       losses = {w: {d: v["loss"] for d, v in probes.domain_losses(program, p, evals).items()} for p, _, w in restored}
       result = {d: v["loss"] for d, v in probes.domain_losses(program, state["params"], evals).items()}
@@ -82,7 +88,10 @@ def merge_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
       out.wait_until_finished()
     finally:
       out.close()
-  cert = dict(entry, loss_sources=losses, loss_result=result)
+  # Source -> target path map: a merge combines the same path of every source (and the base).
+  srcs = [w for _, _, w in restored] + ([f"base {base[2]}"] if base else [])
+  path_map = {p: [f"{w}: {p}" for w in srcs] for p in flatten(state["params"])}
+  cert = dict(entry, loss_sources=losses, loss_result=result, path_map=path_map)
   if jax.process_index() == 0:
     checkpoint.write_json(os.path.join(workdir, "merge.json"), cert)
     rows = [{"model": f"source {i}", **losses[w]} for i, (_, _, w) in enumerate(restored)]

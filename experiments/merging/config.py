@@ -1,0 +1,17 @@
+"""One arm of the merging figure as an ordinary moegrow config.
+
+  python -m moegrow.main --config=experiments/merging/config.py:small,ft_0 --workdir=runs/m
+(fine-tune arms expect base's checkpoint 150 copied into their workdir first, or train their own
+first 150 steps; `python -m experiments.merging.run` does all of it, and the merges, for 3 seeds.)
+Expected: see experiments/merging/README.md.
+"""
+from experiments.merging import figure
+
+
+def get_config(arg: str = "small,base"):
+  parts = (arg or "small,base").split(",")
+  cfgs = figure.configs(parts[0]) if len(parts) == 2 else {}
+  if len(parts) != 2 or parts[1] not in cfgs:
+    raise ValueError(f"experiments/merging/config.py: expected '<size>,<arm>' with arm in {sorted(cfgs)}, "
+                     f"got {arg!r}")
+  return cfgs[parts[1]]
