@@ -11,6 +11,9 @@ A figure is declarative (see experiments/upcycling/figure.py):
     `moegrow.train.stages.train_and_evaluate` (growth stages included). A run that finished writes
     `done.json` and is never redone; an interrupted one resumes from its newest checkpoint. An arm
     with `start_from` begins from a copy of that arm's checkpoint (same seed) at `start_step`.
+  * an arm's config may hold a `merge` section (merged once into step 0, then trained) or a `btx`
+    section (moegrow.train.branching: branches, mix, MoE training); checkpoint paths in them
+    written 'arm:<arm>/<rest>' name that arm's run of the same seed.
   * `plan.json` pins the figure's plan: a workdir written by another plan is refused.
   * every evaluation of every run goes into one CSV `<name>.csv` (arm, seed, step, flops, x,
     domain, loss); `<name>.png` plots mean ± standard error over seeds against FLOPs;
@@ -52,7 +55,8 @@ class Arm:
   start_step: int = 0
   end_step: int | None = None
   plotted: bool = True
-  seed_offset: int = 0  # the run's train.seed is seed + seed_offset (another init / data order)
+  seed_offset: int = 0  # the run's train.seed is seed + seed_offset (another init and data order)
+  flops_before: float = 0.0  # training FLOPs spent outside this run's own steps (e.g. BTX branches)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,18 +109,54 @@ def run_dir(root: str, arm: str, seed: int) -> str:
   return os.path.join(root, arm, f"seed{seed}")
 
 
-def arm_config(fig: Figure, arm: Arm, seed: int, data_dir: str) -> ml_collections.ConfigDict:
+def resolve_refs(config: ml_collections.ConfigDict, root: str, seed: int) -> None:
+  """Checkpoint paths written 'arm:<arm>/<rest>' (in merge.sources, merge.base, btx.seed) become
+  <root>/<arm>/seed<k>/<rest>: a merge or BTX arm reads other arms' runs of the same seed."""
+  def path(v):
+    if isinstance(v, str) and v.startswith("arm:"):
+      arm, _, rest = v[4:].partition("/")
+      return os.path.join(run_dir(root, arm, seed), rest)
+    return v
+  if "merge" in config:
+    config.merge.sources = [path(v) for v in config.merge.sources]
+    config.merge.base = path(config.merge.get("base", ""))
+  if "btx" in config:
+    config.btx.seed = path(config.btx.seed)
+
+
+def arm_config(fig: Figure, arm: Arm, seed: int, data_dir: str, root: str = "") -> ml_collections.ConfigDict:
   c = arm.config(seed)
   c.train.seed = int(seed) + arm.seed_offset
   c.data.data_dir = data_dir
+  resolve_refs(c, root, seed)
   return c
+
+
+def trained_config(config) -> ml_collections.ConfigDict:
+  """The config whose steps the run trains: a BTX config's mixed MoE run, else itself."""
+  if "btx" in config:
+    from moegrow.train import branching
+    return branching.mixed_run_config(config)
+  return config
 
 
 def end_step(arm: Arm, config) -> int:
   """The arm's `end_step`, else the config's last step (its stages' end, or train.steps)."""
   if arm.end_step is not None:
     return arm.end_step
+  config = trained_config(config)
   return stages.resolve_stages(config, stages.model_config(config))[-1].end
+
+
+def train(config, workdir: str) -> dict:
+  """Run one config: a BTX config end to end; a merge config merges (once), then trains; any
+  other config trains (moegrow.train.stages)."""
+  from moegrow.train import branching, merging
+  if "btx" in config:
+    return branching.btx_run(config, workdir)
+  if "merge" in config and not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    merging.merge_run(config, workdir)
+  return stages.train_and_evaluate(config, workdir)
 
 
 def run_one(fig: Figure, arm: Arm, seed: int, root: str, data_dir: str, stop_after_steps: int = 0) -> bool:
@@ -125,7 +165,7 @@ def run_one(fig: Figure, arm: Arm, seed: int, root: str, data_dir: str, stop_aft
   if os.path.exists(os.path.join(wd, "done.json")):
     print(f"[{arm.name} seed {seed}] finished earlier; skipping", flush=True)
     return True
-  config = arm_config(fig, arm, seed, data_dir)
+  config = arm_config(fig, arm, seed, data_dir, root)
   end = end_step(arm, config)
   if arm.start_from:
     src = os.path.join(run_dir(root, arm.start_from, seed), "checkpoints", checkpoint.step_name(0, arm.start_step))
@@ -134,8 +174,8 @@ def run_one(fig: Figure, arm: Arm, seed: int, root: str, data_dir: str, stop_aft
   config.train.stop_after_steps = int(stop_after_steps)
   print(f"[{arm.name} seed {seed}] training in {wd} (to step {end})", flush=True)
   t0 = time.perf_counter()
-  result = stages.train_and_evaluate(config, wd)
-  finished = int(result["step"]) >= end and not result.get("preempted")
+  result = train(config, wd)
+  finished = int(result["step"]) >= end and not result.get("preempted") and not result.get("btx_stopped_in")
   if finished:
     checkpoint.write_json(os.path.join(wd, "done.json"), {
         "step": int(result["step"]), "seconds": time.perf_counter() - t0,
@@ -188,7 +228,7 @@ def collect(fig: Figure, root: str, seeds: Sequence[int], data_dir: str = "") ->
     if not arm.plotted:
       continue
     for seed in seeds:
-      config = arm_config(fig, arm, seed, data_dir)
+      config = trained_config(arm_config(fig, arm, seed, data_dir, root))
       plan = stages.resolve_stages(config, stages.model_config(config))
       end = end_step(arm, config)
       ev = {s: e for s, e in read_evals(run_dir(root, arm.name, seed)).items() if s <= end}
@@ -197,7 +237,7 @@ def collect(fig: Figure, root: str, seeds: Sequence[int], data_dir: str = "") ->
         if arm.start_step in src:
           ev = {arm.start_step: src[arm.start_step], **{s: e for s, e in ev.items() if s > arm.start_step}}
       for step in sorted(ev):
-        flops = flops_at(config, step, plan)
+        flops = flops_at(config, step, plan) + arm.flops_before
         doms = dict(ev[step])
         doms["mean"] = float(np.mean(list(doms.values())))
         for dom, loss in doms.items():

@@ -148,3 +148,121 @@ def test_notebook_02_continual(data_dir, tmp_path):
   check_frozen(cell_text(nb, "frozen"))
   errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
   assert not errors
+
+
+NOTEBOOK_03 = os.path.join(REPO, "notebooks", "03_merge_and_mix.ipynb")
+NUM = r"[-+0-9.eE]+|nan|inf"
+LOSS_ROW_RE = re.compile(rf"^(\S+)\s+({NUM})\s+({NUM})\s+({NUM})\s*$", re.M)
+TRACE_RE = re.compile(rf"^\s+\+\s+(\S+)\s+own\s+({NUM})\s+soup\s+({NUM})\s+(kept|dropped)\s*$", re.M)
+ROUTE_RE = re.compile(rf"^(hidden|random)\s+(\S+)\s+(\d+)\s+({NUM})\s+({NUM})\s*$", re.M)
+OWN_EXPERT = {"shakespeare_plays": 0, "python_stdlib": 1}  # branch e (English, Python) -> expert e
+
+
+def loss_rows(text, required):
+  """{model: (shakespeare_plays, python_stdlib, mean)} of a loss table; every value finite."""
+  rows = {m: tuple(float(x) for x in v) for m, *v in LOSS_ROW_RE.findall(text)}
+  missing = set(required) - set(rows)
+  assert not missing, f"loss rows {sorted(missing)} not found:\n{text}"
+  for m, (en, py, mean) in rows.items():
+    assert all(0 < x < 10 for x in (en, py, mean)), f"{m}: losses {en}, {py}, {mean} not finite in (0, 10)"
+    assert abs(mean - (en + py) / 2) <= 1e-3, f"{m}: mean {mean} is not the mean of {en} and {py}"
+  return rows
+
+
+def check_soup(text):
+  rows = loss_rows(text, {"uniform-soup", "greedy-soup"})
+  ingredients = {m: r for m, r in rows.items() if not m.endswith("-soup")}
+  assert len(ingredients) >= 2, f"fewer than 2 ingredients:\n{text}"
+  best = min(r[2] for r in ingredients.values())
+  greedy = rows["greedy-soup"][2]
+  assert greedy <= best, f"greedy soup's mean loss {greedy} > its best ingredient's {best}"
+  trace = TRACE_RE.findall(text)
+  assert sorted(t[0] for t in trace) == sorted(ingredients), f"greedy trace does not list every ingredient:\n{text}"
+  assert trace[0][3] == "kept" and float(trace[0][1]) == best, f"greedy soup does not start at the best:\n{text}"
+  last_kept = [float(s) for _, _, s, k in trace if k == "kept"][-1]
+  assert abs(last_kept - greedy) <= 1e-4, f"greedy soup's loss {greedy} is not its trace's last kept {last_kept}"
+
+
+def check_ties(text):
+  rows = loss_rows(text, {"base", "english", "python", "task-arithmetic", "ties"})
+  assert rows["english"][0] < rows["base"][0], "the English fine-tune is no better on English than the base"
+  assert rows["python"][1] < rows["base"][1], "the Python fine-tune is no better on Python than the base"
+
+
+def check_merge_run(text):
+  assert "merge_run result == in-memory ties: True" in text, text
+
+
+def check_btx(text):
+  loss_rows(text, {"english", "python", "btx-hidden", "btx-random"})
+  load = {}
+  for router, domain, layer, e0, e1 in ROUTE_RE.findall(text):
+    assert abs(float(e0) + float(e1) - 1) <= 2e-3, f"{router} {domain} layer {layer}: loads {e0} + {e1} != 1"
+    load[router, domain, layer] = (float(e0), float(e1))
+  layers = sorted({k[2] for k in load})
+  want = {(r, d, i) for r in ("hidden", "random") for d in OWN_EXPERT for i in layers}
+  assert layers and set(load) == want, f"routing table incomplete:\n{text}"
+  own = {(r, i): [load[r, d, i][e] for d, e in OWN_EXPERT.items()] for r in ("hidden", "random") for i in layers}
+  for i in layers:
+    hidden, random = sum(own["hidden", i]) / 2, sum(own["random", i]) / 2
+    assert hidden > 0.5 and hidden > random, (
+        f"layer {i}: hidden-state routing sends {hidden:.3f} of tokens to their domain's expert, random {random:.3f}")
+  assert any(min(own["hidden", i]) > 0.5 for i in layers), (
+      f"in no layer does the hidden-state router send most of each domain's tokens to its own expert:\n{text}")
+
+
+def test_checks_of_notebook_03_reject_bad_outputs():
+  head = "model             shakespeare_plays      python_stdlib               mean\n"
+  soup = (head + "english    2.6459  3.4806  3.0633\npython     3.0545  3.0342  3.0444\n"
+          "mix@3e-3   2.7602  3.0612  2.9107\nuniform-soup  2.7227  3.0583  2.8905\n"
+          "greedy-soup   2.6748  3.1099  2.8923\n\ngreedy trace (...):\n"
+          "  + mix@3e-3  own 2.9107  soup 2.9107  kept\n  + python    own 3.0444  soup 2.9181  dropped\n"
+          "  + english   own 3.0633  soup 2.8923  kept\n")
+  check_soup(soup)
+  worse = soup.replace("2.6748  3.1099  2.8923", "2.7748  3.1099  2.9423").replace("soup 2.8923", "soup 2.9423")
+  dropped = "  + python    own 3.0444  soup 2.9181  dropped\n"
+  for bad in (worse, soup.replace("2.6748", "nan"), soup.replace(dropped, ""),
+              soup.replace("uniform-soup", "uniform soup")):
+    with pytest.raises(AssertionError):
+      check_soup(bad)
+  ties = (head + "base  2.8781  3.1538  3.0159\nenglish  2.6459  3.4806  3.0633\npython  3.0545  3.0342  3.0444\n"
+          "task-arithmetic  2.7875  3.3270  3.0572\nties  2.7300  3.1562  2.9431\n")
+  check_ties(ties)
+  for bad in (ties.replace("3.3270", "inf"), ties.replace("ties  ", "tie  "),
+              ties.replace("python  3.0545  3.0342  3.0444", "python  3.0545  3.2342  3.1444")):
+    with pytest.raises(AssertionError):
+      check_ties(bad)
+  check_merge_run("merge_run result == in-memory ties: True\n")
+  with pytest.raises(AssertionError):
+    check_merge_run("merge_run result == in-memory ties: False\n")
+  btx = (head + "english  2.6459  3.4806  3.0633\npython  3.0545  3.0342  3.0444\n"
+         "btx-hidden  2.7172  3.1379  2.9275\nbtx-random  2.7719  3.1663  2.9691\n\n"
+         "router   domain             layer  expert0  expert1\n"
+         "hidden   python_stdlib          0    0.521    0.479\nhidden   python_stdlib          1    0.341    0.659\n"
+         "hidden   shakespeare_plays      0    0.865    0.135\nhidden   shakespeare_plays      1    0.546    0.454\n"
+         "random   python_stdlib          0    0.609    0.391\nrandom   python_stdlib          1    0.720    0.280\n"
+         "random   shakespeare_plays      0    0.360    0.640\nrandom   shakespeare_plays      1    0.615    0.385\n")
+  check_btx(btx)
+  for bad in (btx.replace("0.546    0.454", "0.446    0.554"),  # no layer with both domains at home
+              btx.replace("0.360    0.640", "0.960    0.040"),  # random as aligned as hidden in layer 0
+              btx.replace("0.341    0.659", "0.341    0.759"),  # loads do not sum to 1
+              btx.replace("random   python_stdlib          1    0.720    0.280\n", ""),
+              btx.replace("btx-random  2.7719", "btx-random  nan")):
+    with pytest.raises(AssertionError):
+      check_btx(bad)
+
+
+def test_notebook_03_merge_and_mix(data_dir, tmp_path):
+  env = {"MOEGROW_DATA_DIR": data_dir,
+         "PYTHONPATH": os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+         "IPYTHONDIR": str(tmp_path / "ipython"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+         "MPLBACKEND": "Agg"}
+  t0 = time.perf_counter()
+  nb = execute(NOTEBOOK_03, env)
+  print(f"notebook executed in {time.perf_counter() - t0:.1f} s")
+  check_soup(cell_text(nb, "soup"))
+  check_ties(cell_text(nb, "ties"))
+  check_merge_run(cell_text(nb, "merge-run"))
+  check_btx(cell_text(nb, "btx"))
+  errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+  assert not errors

@@ -87,6 +87,7 @@ def branch_config(config, branch: dict, seed_step: int) -> ml_collections.Config
   c.data.mixture = ml_collections.ConfigDict(dict(branch["mixture"]))
   c.train.update(dict(branch.get("train") or {}))
   c.train.steps = int(seed_step) + int(branch["steps"])
+  c.train.stop_at_step = 0  # the config's stop_at_step is a step of the MoE's run
   return c
 
 

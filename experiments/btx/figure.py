@@ -1,0 +1,189 @@
+"""Branch-Train-MiX (Sukhbaatar et al. 2024) vs sparse upcycling vs a linear merge of the branches
+vs dense continuation, at matched training tokens after a shared dense seed.
+
+Arms (d=128, 2 layers, dense seed; d=64 in --quick). Every MoE has E=2 experts in every layer,
+top-1 Switch gating ('softmax_topk': the expert's output times its router probability):
+  seed        dense, trained S steps on Shakespeare + Python (50/50) (not plotted);
+  dense       the seed continued T = 2M + K steps on the same mixture (one cosine over S + T);
+  upcycle     the seed's MLPs upcycled to 2 experts (sparse upcycling), trained T steps;
+  btx         two branches from the seed, M steps each on one domain (Shakespeare, Python), mixed
+              (branch e's MLP = expert e, the rest averaged, hidden-state router: each layer's
+              mean MLP input per domain), then K steps on the mixture (fresh optimizer);
+  btx_random  the same with a random router;
+  btm         the two branches (btx's, read only) averaged into one dense model (a linear
+              merge, Branch-Train-Merge-style), then K steps on the mixture.
+Every arm trains on 2M + K batches after the seed (the branches' tokens included); the x axis
+counts training FLOPs after the seed (moegrow.flops). `routing_report` measures, at the end, the
+fraction of each domain's validation tokens whose top-1 expert is each expert, per layer
+(btx_routing.csv, btx_routing.png), next to the same at the mix (from btx.json).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import ml_collections
+import numpy as np
+
+from experiments.harness import Arm, Claim, Figure, flops_per_step, mean_se, run_dir, write_csv
+from moegrow.configs import lm
+from moegrow.train import stages
+
+OLD, NEW = "shakespeare_plays", "python_stdlib"
+MIX = {OLD: 0.5, NEW: 0.5}
+MOE = dict(layers="all", num_experts=2, top_k=1, gating="softmax_topk")
+SIZES = {
+    "small": dict(seed_steps=150, branch_steps=100, mix_steps=100, eval_batches=64, log_every=25, eval_every=50),
+    "quick": dict(seed_steps=4, branch_steps=3, mix_steps=3, eval_batches=1, log_every=1, eval_every=3),
+}
+ROUTED = ("btx", "btx_random", "upcycle")
+
+
+def base_config(size: str) -> ml_collections.ConfigDict:
+  if size not in SIZES:
+    raise ValueError(f"experiments/btx: unknown size {size!r}; use {sorted(SIZES)}")
+  s = SIZES[size]
+  c = lm.get_config("tiny")
+  if size != "quick":
+    c.model.update(d_model=128, num_heads=4, d_ff=512)
+  c.data.mixture = ml_collections.ConfigDict(MIX)
+  c.train.update(steps=s["seed_steps"] + 2 * s["branch_steps"] + s["mix_steps"], batch_size=16,
+                 warmup_steps=2 if size == "quick" else 10, log_every=s["log_every"], eval_every=s["eval_every"],
+                 eval_batches=s["eval_batches"], eval_batch_size=16, checkpoint_every=10_000, keep_checkpoints=2)
+  return c
+
+
+def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
+  """Each arm's config (seed 0; the harness sets the seed and resolves 'arm:' paths)."""
+  s = SIZES[size]
+  n, t = s["seed_steps"], 2 * s["branch_steps"] + s["mix_steps"]
+  out = {"seed": base_config(size), "dense": base_config(size)}
+  up = base_config(size)
+  up.stages = (dict(name="seed", steps=n), dict(name="upcycled", steps=t, ops=(dict(op="upcycle", **MOE),)))
+  out["upcycle"] = up
+  for name, router in (("btx", "hidden"), ("btx_random", "random")):
+    c = base_config(size)
+    c.train.steps = s["mix_steps"]
+    c.btx = dict(seed=f"arm:seed/checkpoints/{n}",
+                 branches=[dict(name="shakespeare", mixture={OLD: 1.0}, steps=s["branch_steps"]),
+                           dict(name="python", mixture={NEW: 1.0}, steps=s["branch_steps"])],
+                 layers=MOE["layers"], top_k=MOE["top_k"], gating=MOE["gating"], router=router)
+    out[name] = c
+  btm = base_config(size)
+  btm.train.steps = s["mix_steps"]
+  btm.merge = dict(sources=["arm:btx/branches/shakespeare", "arm:btx/branches/python"], base="", method="linear",
+                   params={}, overrides=[], seed=0)
+  out["btm"] = btm
+  return out
+
+
+def figure(quick: bool = False) -> Figure:
+  size = "quick" if quick else "small"
+  s, cfgs = SIZES[size], configs(size)
+  n, m = s["seed_steps"], s["branch_steps"]
+  dense_step = flops_per_step(stages.model_config(cfgs["seed"]), cfgs["seed"])
+  make = lambda name: (lambda seed: copy.deepcopy(cfgs[name]))
+  before = (n + 2 * m) * dense_step  # the seed's and both branches' FLOPs
+  arms = (Arm("seed", make("seed"), end_step=n, plotted=False),
+          Arm("dense", make("dense"), "dense continuation", start_from="seed", start_step=n),
+          Arm("upcycle", make("upcycle"), "sparse upcycling", start_from="seed", start_step=n),
+          Arm("btx", make("btx"), "BTX (hidden-state router)", flops_before=before),
+          Arm("btx_random", make("btx_random"), "BTX (random router)", flops_before=before),
+          Arm("btm", make("btm"), "linear merge of the branches (BTM)", flops_before=before))
+  claims = (Claim("BTX beats dense continuation", "btx", "dense"),
+            Claim("BTX beats the linear merge of its branches", "btx", "btm"),
+            Claim("BTX beats sparse upcycling", "btx", "upcycle"),
+            Claim("hidden-state router init beats a random router", "btx", "btx_random"),
+            Claim("BTX beats dense continuation on Python", "btx", "dense", NEW),
+            Claim("BTX beats dense continuation on Shakespeare", "btx", "dense", OLD))
+  plan = {"size": size, "seed_steps": n, "branch_steps": m, "mix_steps": s["mix_steps"],
+          "eval_batches": s["eval_batches"], "moe": MOE}
+  return Figure("btx", f"Branch-Train-MiX vs upcycling vs merging ({size})", arms, claims, plan=plan,
+                x_origin=n * dense_step, x_label="training FLOPs after the seed", extra_report=routing_report)
+
+
+# ---------------------------------------------------------------- routing
+
+def routing_rows(fig: Figure, root: str, seed: int) -> list[dict]:
+  """Per routed arm, layer, domain and expert: the fraction of the domain's validation tokens whose
+  top-1 expert it is, at the end of training and (BTX arms) at the mix."""
+  from moegrow.train import merging, probes
+  from moegrow.train.branching import mixed_run_config
+
+  size = fig.plan["size"]
+  rows = []
+  for arm in ROUTED:
+    config = configs(size)[arm]
+    config.train.seed = seed
+    if "btx" in config:
+      config = mixed_run_config(config)
+    cfg = stages.resolve_stages(config, stages.model_config(config))[-1].cfg
+    mesh = stages.make_mesh(config)
+    evals = stages.eval_sets(config, [OLD, NEW])
+    params = merging.restore_params(run_dir(root, arm, seed), mesh, stages.stage_train(
+        config.train, stages.resolve_stages(config, stages.model_config(config))[-1]))[0]
+    report = probes.routing_report(cfg, params, evals, mesh, {})
+    for dom, layers in report.items():
+      for layer, v in layers.items():
+        rows += [{"arm": arm, "seed": seed, "when": "end", "layer": int(layer), "domain": dom, "expert": e,
+                  "fraction": f} for e, f in enumerate(v["load"])]
+    cert = os.path.join(run_dir(root, arm, seed), "btx.json")
+    if os.path.exists(cert):
+      with open(cert) as f:
+        at_mix = json.load(f)["routing"]
+      rows += [{"arm": arm, "seed": seed, "when": "mix", "layer": int(layer), "domain": dom, "expert": e,
+                "fraction": frac} for dom, layers in at_mix.items() for layer, load in layers.items()
+               for e, frac in enumerate(load)]
+  return rows
+
+
+def routing_report(fig: Figure, root: str, seeds) -> list[dict]:
+  """Write btx_routing.csv and btx_routing.png (mean over seeds), and print the own-expert share."""
+  rows = [r for seed in seeds for r in routing_rows(fig, root, seed)]
+  write_csv(os.path.join(root, "btx_routing.csv"), rows, ["arm", "seed", "when", "layer", "domain", "expert",
+                                                          "fraction"])
+  lines = ["", "Routing: fraction of each domain's validation tokens sent to 'its own' expert (expert 0 for",
+           "Shakespeare, 1 for Python: the branch it came from), mean over layers, mean ± SE over seeds:", "",
+           "| arm | when | Shakespeare -> expert 0 | Python -> expert 1 |", "|---|---|---|---|"]
+  for arm in ROUTED:
+    for when in ("mix", "end"):
+      own = {}
+      for dom, e in ((OLD, 0), (NEW, 1)):
+        per_seed = [np.mean([r["fraction"] for r in rows if r["arm"] == arm and r["when"] == when and
+                             r["domain"] == dom and r["expert"] == e and r["seed"] == s]) for s in seeds]
+        own[dom] = mean_se([x for x in per_seed if x == x])
+      if own[OLD][0] == own[OLD][0]:
+        lines.append(f"| {arm} | {when} | {own[OLD][0]:.3f} ± {own[OLD][1]:.3f} | {own[NEW][0]:.3f} ± {own[NEW][1]:.3f} |")
+  text = "\n".join(lines) + "\n"
+  with open(os.path.join(root, "summary.md"), "a") as f:
+    f.write(text)
+  print(text, flush=True)
+  _plot(os.path.join(root, "btx_routing.png"), fig, rows)
+  return rows
+
+
+def _plot(path: str, fig: Figure, rows: list[dict]) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  panels = [(a, w) for a in ROUTED for w in ("mix", "end") if any(r["arm"] == a and r["when"] == w for r in rows)]
+  layers = sorted({r["layer"] for r in rows})
+  f, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.2), squeeze=False)
+  for ax, (arm, when) in zip(axes[0], panels):
+    grid = np.zeros((2 * len(layers), 2))
+    for li, layer in enumerate(layers):
+      for di, dom in enumerate((OLD, NEW)):
+        for e in range(2):
+          grid[2 * li + di, e] = np.mean([r["fraction"] for r in rows if r["arm"] == arm and r["when"] == when
+                                          and r["layer"] == layer and r["domain"] == dom and r["expert"] == e])
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+    for (i, j), v in np.ndenumerate(grid):
+      ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
+    ax.set_xticks([0, 1], ["expert 0", "expert 1"], fontsize=8)
+    ax.set_yticks(range(2 * len(layers)), [f"L{l} {d[:6]}" for l in layers for d in (OLD, NEW)], fontsize=8)
+    ax.set_title(f"{arm}, {'at the mix' if when == 'mix' else 'after training'}", fontsize=9)
+  f.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="fraction of the domain's tokens (top-1)")
+  f.suptitle(f"{fig.title}: routing per domain (mean over seeds)", fontsize=10)
+  f.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(f)
