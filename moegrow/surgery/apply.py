@@ -24,11 +24,12 @@ from moegrow.config import ModelConfig
 from moegrow.surgery import rules as R
 from moegrow.surgery.moe_ops import add_experts, drop_upcycle, granular_upcycle, upcycle
 from moegrow.surgery.op import Plan
+from moegrow.surgery.rebake import to_dense
 from moegrow.surgery.shape_ops import add_heads, insert_blocks, stack, widen_mlp, widen_model
 from moegrow.trees import check_tree, flatten, json_leaf, to_plain, unflatten
 
 OPS = {f.__name__: f for f in (upcycle, granular_upcycle, drop_upcycle, add_experts, insert_blocks, stack,
-                               widen_mlp, add_heads, widen_model)}
+                               widen_mlp, add_heads, widen_model, to_dense)}
 STATE_KEYS = ("params", "mu", "nu", "count")
 MOMENTS = ("mu", "nu")
 OPT_STATES = ("carry", "reset")

@@ -229,13 +229,22 @@ def _certificate_rows(held: dict, mesh) -> dict:
           for d, bs in held.items()}
 
 
+def _needs_loads(o: dict) -> bool:
+  """add_experts(source='most_loaded') and to_dense(mode='concat_topk') without `loads`."""
+  if o.get("loads"):
+    return False
+  return ((o.get("op") == "add_experts" and o.get("source") == "most_loaded")
+          or (o.get("op") == "to_dense" and o.get("mode", "concat_topk") == "concat_topk"))
+
+
 def _with_loads(ops: list[dict], measure) -> list[dict]:
-  """Ops with the data they need measured: add_experts(source='most_loaded') gets `loads`."""
+  """Ops with the data they need measured: add_experts(source='most_loaded') and
+  to_dense(mode='concat_topk') get `loads`."""
   out = [dict(o) for o in ops]
-  if any(o.get("op") == "add_experts" and o.get("source") == "most_loaded" and not o.get("loads") for o in out):
+  if any(_needs_loads(o) for o in out):
     loads = measure()
     for o in out:
-      if o.get("op") == "add_experts" and o.get("source") == "most_loaded" and not o.get("loads"):
+      if _needs_loads(o):
         o["loads"] = loads
   return out
 
