@@ -54,6 +54,24 @@ def test_router_from_centroids_by_hand():
   assert list(np.argmax(centred @ np.asarray(btx.router_from_centroids(centred)), axis=1)) == [0, 1, 2]
 
 
+def test_centred_router_biases_put_the_boundary_between_the_centroids():
+  # two centroids pointing the same way: without biases both score highest on the same column
+  c = np.array([[3.0, 1.0], [3.0, -0.2]])
+  r = np.asarray(btx.router_from_centroids(c))
+  b = np.asarray(btx.router_bias_from_centroids(c, r))
+  np.testing.assert_allclose(b, -(c.mean(axis=0) @ r), rtol=1e-6)  # b_e = -m . col_e
+  assert list(np.argmax(c @ r + b, axis=1)) == [0, 1]
+  np.testing.assert_allclose((c.mean(axis=0) @ r + b), 0.0, atol=1e-6)  # all logits equal at the mean
+  cfg = model()
+  branches = [tf.init_params(cfg, s) for s in range(2)]
+  got, _, rep = btx.mix(branches, cfg, jax.random.key(0), shapes=tf.abstract_params, layers=[1],
+                        router_biases={1: jnp.asarray([0.5, -0.5])})
+  np.testing.assert_array_equal(trees.flatten(got)["blocks/1/mlp/router_bias_E"], [0.5, -0.5])
+  assert rep["map"]["blocks/1/mlp/router_bias_E"] == "given"
+  with pytest.raises(ValueError, match=r"router_biases\[1\] has shape \(3,\)"):
+    btx.mix(branches, cfg, jax.random.key(0), shapes=tf.abstract_params, layers=[1], router_biases={1: jnp.ones(3)})
+
+
 def test_mlp_input_means_are_the_mean_over_every_token():
   from moegrow.train import probes
   cfg = model()

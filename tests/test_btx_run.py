@@ -82,6 +82,8 @@ def test_the_mix_maps_branch_e_to_expert_e_and_routes_by_domain(btx_run):
     c_e, c_o = np.asarray(means["1"][dom], np.float64), np.asarray(means["1"][(NEW, OLD)[e]], np.float64)
     cols.append((c_e - c_o) / np.linalg.norm(c_e - c_o))
   np.testing.assert_allclose(mixed["blocks/1/mlp/router_DE"], np.stack(cols, 1), rtol=1e-4, atol=1e-6)
+  m = (np.asarray(means["1"][OLD], np.float64) + np.asarray(means["1"][NEW], np.float64)) / 2
+  np.testing.assert_allclose(mixed["blocks/1/mlp/router_bias_E"], -m @ np.stack(cols, 1), rtol=1e-4, atol=1e-5)
   cert = result["btx"]
   assert set(cert["losses"]) == {"seed", "branch old", "branch new", "mix"}
   assert cert["path_map"]["blocks/1/mlp/wact_EDF"] == ["branch 0: blocks/1/mlp/wact_DF", "branch 1: blocks/1/mlp/wact_DF"]

@@ -11,7 +11,11 @@ top-1 Switch gating ('softmax_topk': the expert's output times its router probab
               mean MLP input per domain), then K steps on the mixture (fresh optimizer);
   btx_random  the same with a random router;
   btm         the two branches (btx's, read only) averaged into one dense model (a linear
-              merge, Branch-Train-Merge-style), then K steps on the mixture.
+              merge, Branch-Train-Merge-style), then K steps on the mixture;
+  rebake      the distilled re-bake: btx's final MoE -> a dense student of the seed's size
+              (`to_dense`, k=1: each layer's most-loaded expert), trained R more steps with
+              distillation from the frozen btx MoE (alpha 0.5, T 1);
+  rebake_plain  the same student, the same R steps and tokens, no teacher.
 Every arm trains on 2M + K batches after the seed (the branches' tokens included); the x axis
 counts training FLOPs after the seed (moegrow.flops). `routing_report` measures, at the end, the
 fraction of each domain's validation tokens whose top-1 expert is each expert, per layer
@@ -29,15 +33,19 @@ import numpy as np
 from experiments.harness import Arm, Claim, Figure, flops_per_step, mean_se, run_dir, write_csv
 from moegrow.configs import lm
 from moegrow.train import stages
+from moegrow.train.branching import mixed_run_config
 
 OLD, NEW = "shakespeare_plays", "python_stdlib"
 MIX = {OLD: 0.5, NEW: 0.5}
 MOE = dict(layers="all", num_experts=2, top_k=1, gating="softmax_topk")
 SIZES = {
-    "small": dict(seed_steps=150, branch_steps=100, mix_steps=100, eval_batches=64, log_every=25, eval_every=50),
-    "quick": dict(seed_steps=4, branch_steps=3, mix_steps=3, eval_batches=1, log_every=1, eval_every=3),
+    "small": dict(seed_steps=150, branch_steps=100, mix_steps=100, rebake_steps=100, eval_batches=64,
+                  log_every=25, eval_every=50),
+    "quick": dict(seed_steps=4, branch_steps=3, mix_steps=3, rebake_steps=2, eval_batches=1, log_every=1,
+                  eval_every=3),
 }
 ROUTED = ("btx", "btx_random", "upcycle")
+QUICK_ARMS = ("seed", "dense", "btx", "btm", "rebake")  # every code path: start_from, BTX, merge, re-bake
 
 
 def base_config(size: str) -> ml_collections.ConfigDict:
@@ -75,6 +83,14 @@ def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
   btm.merge = dict(sources=["arm:btx/branches/shakespeare", "arm:btx/branches/python"], base="", method="linear",
                    params={}, overrides=[], seed=0)
   out["btm"] = btm
+  for name, alpha in (("rebake", 0.5), ("rebake_plain", 0.0)):
+    c = mixed_run_config(out["btx"])
+    rebake = dict(name="rebake", steps=s["rebake_steps"], ops=(dict(op="to_dense", k=1),))
+    if alpha:
+      rebake["distill"] = dict(alpha=alpha, temperature=1.0)
+    c.stages = (dict(name="btx", steps=s["mix_steps"]), rebake)
+    c.train.steps = 0  # the stages' total
+    out[name] = c
   return out
 
 
@@ -85,19 +101,29 @@ def figure(quick: bool = False) -> Figure:
   dense_step = flops_per_step(stages.model_config(cfgs["seed"]), cfgs["seed"])
   make = lambda name: (lambda seed: copy.deepcopy(cfgs[name]))
   before = (n + 2 * m) * dense_step  # the seed's and both branches' FLOPs
-  arms = (Arm("seed", make("seed"), end_step=n, plotted=False),
+  arms = [Arm("seed", make("seed"), end_step=n, plotted=False),
           Arm("dense", make("dense"), "dense continuation", start_from="seed", start_step=n),
           Arm("upcycle", make("upcycle"), "sparse upcycling", start_from="seed", start_step=n),
           Arm("btx", make("btx"), "BTX (hidden-state router)", flops_before=before),
           Arm("btx_random", make("btx_random"), "BTX (random router)", flops_before=before),
-          Arm("btm", make("btm"), "linear merge of the branches (BTM)", flops_before=before))
-  claims = (Claim("BTX beats dense continuation", "btx", "dense"),
+          Arm("btm", make("btm"), "linear merge of the branches (BTM)", flops_before=before),
+          Arm("rebake", make("rebake"), "re-baked dense student (distilled)", start_from="btx",
+              start_step=s["mix_steps"], flops_before=before),
+          Arm("rebake_plain", make("rebake_plain"), "re-baked dense student (no teacher)", start_from="btx",
+              start_step=s["mix_steps"], flops_before=before)]
+  arms = tuple(a for a in arms if not quick or a.name in QUICK_ARMS)
+  names = {a.name for a in arms}
+  claims = [Claim("BTX beats dense continuation", "btx", "dense"),
             Claim("BTX beats the linear merge of its branches", "btx", "btm"),
             Claim("BTX beats sparse upcycling", "btx", "upcycle"),
             Claim("hidden-state router init beats a random router", "btx", "btx_random"),
             Claim("BTX beats dense continuation on Python", "btx", "dense", NEW),
-            Claim("BTX beats dense continuation on Shakespeare", "btx", "dense", OLD))
-  plan = {"size": size, "seed_steps": n, "branch_steps": m, "mix_steps": s["mix_steps"],
+            Claim("BTX beats dense continuation on Shakespeare", "btx", "dense", OLD),
+            Claim("the distilled re-bake beats the same student without a teacher", "rebake", "rebake_plain"),
+            Claim("the distilled re-bake beats dense continuation", "rebake", "dense")]
+  claims = tuple(c for c in claims if c.better in names and c.worse in names)
+  plan = {"size": size, "arms": sorted(names), "seed_steps": n, "branch_steps": m, "mix_steps": s["mix_steps"],
+          "rebake_steps": s["rebake_steps"],
           "eval_batches": s["eval_batches"], "moe": MOE}
   return Figure("btx", f"Branch-Train-MiX vs upcycling vs merging ({size})", arms, claims, plan=plan,
                 x_origin=n * dense_step, x_label="training FLOPs after the seed", extra_report=routing_report)
@@ -109,11 +135,10 @@ def routing_rows(fig: Figure, root: str, seed: int) -> list[dict]:
   """Per routed arm, layer, domain and expert: the fraction of the domain's validation tokens whose
   top-1 expert it is, at the end of training and (BTX arms) at the mix."""
   from moegrow.train import merging, probes
-  from moegrow.train.branching import mixed_run_config
 
   size = fig.plan["size"]
   rows = []
-  for arm in ROUTED:
+  for arm in [a for a in ROUTED if a in fig.plan["arms"]]:
     config = configs(size)[arm]
     config.train.seed = seed
     if "btx" in config:
@@ -150,9 +175,10 @@ def routing_report(fig: Figure, root: str, seeds) -> list[dict]:
     for when in ("mix", "end"):
       own = {}
       for dom, e in ((OLD, 0), (NEW, 1)):
-        per_seed = [np.mean([r["fraction"] for r in rows if r["arm"] == arm and r["when"] == when and
-                             r["domain"] == dom and r["expert"] == e and r["seed"] == s]) for s in seeds]
-        own[dom] = mean_se([x for x in per_seed if x == x])
+        per_seed = [[r["fraction"] for r in rows if r["arm"] == arm and r["when"] == when and
+                             r["domain"] == dom and r["expert"] == e and r["seed"] == s] for s in seeds]
+        per_seed = [float(np.mean(x)) for x in per_seed if x]
+        own[dom] = mean_se(per_seed)
       if own[OLD][0] == own[OLD][0]:
         lines.append(f"| {arm} | {when} | {own[OLD][0]:.3f} ± {own[OLD][1]:.3f} | {own[NEW][0]:.3f} ± {own[NEW][1]:.3f} |")
   text = "\n".join(lines) + "\n"

@@ -7,8 +7,9 @@ embeddings, norms, the MLPs of layers left dense) is the branches' mean (BTX sec
 new config is `upcycle`'s with E = N and by default renormalised top-k gating ('topk_softmax'),
 so N identical branches give exactly the seed model (it is sparse upcycling then); 'softmax_topk'
 (top-1 of 2 experts, say) keeps a gradient to the router but scales outputs by the gate. Routers start
-random (N(0, router_std)) or from `routers` {layer: router_DE}, e.g. `router_from_centroids`
-of per-domain mean MLP inputs (mergekit-moe's 'hidden' gate mode), measured by the caller.
+random (N(0, router_std)) or from `routers` {layer: router_DE} (and `router_biases` {layer:
+bias_E}), e.g. `router_from_centroids` / `router_bias_from_centroids` of per-domain mean MLP
+inputs (mergekit-moe's 'hidden' gate mode, centred), measured by the caller.
 """
 from __future__ import annotations
 
@@ -38,6 +39,14 @@ def router_from_centroids(centroids_ND) -> jnp.ndarray:
   return cols.T  # [D, E]
 
 
+def router_bias_from_centroids(centroids_ND, router_DE) -> jnp.ndarray:
+  """Router biases b_e = -m . col_e, m the mean centroid: every logit is equal at m, so the
+  decision boundary between two experts passes halfway between their domains' centroids rather
+  than through the origin (centroids of one model's hidden states point in similar directions)."""
+  m_D = jnp.mean(jnp.asarray(centroids_ND, jnp.float32), axis=0)
+  return -(m_D @ jnp.asarray(router_DE, jnp.float32))  # [E]
+
+
 def mix_op(n: int, layers: Any = "all", top_k: int = 2, router_std: float | None = None,
            gating: str = "topk_softmax") -> dict:
   """The `upcycle` op that gives the mixed model's config: E = n experts, top-k `gating`."""
@@ -55,7 +64,7 @@ def mixed_config(cfg: ModelConfig, n: int, layers: Any = "all", top_k: int = 2,
 
 def mix(branches: Sequence[Mapping], cfg: ModelConfig, key, *, shapes: Shapes, layers: Any = "all",
         top_k: int = 2, router_std: float | None = None, routers: Mapping[Any, Any] | None = None,
-        gating: str = "topk_softmax") -> tuple[dict, ModelConfig, dict]:
+        router_biases: Mapping[Any, Any] | None = None, gating: str = "topk_softmax") -> tuple[dict, ModelConfig, dict]:
   """Mix N dense branches (params trees of `cfg`) into one MoE (see the module docstring)."""
   n = len(branches)
   if n < 2:
@@ -83,9 +92,17 @@ def mix(branches: Sequence[Mapping], cfg: ModelConfig, key, *, shapes: Shapes, l
       if given.shape != out[path].shape:
         raise ValueError(f"btx.mix: routers[{i}] has shape {given.shape}, {path} needs {out[path].shape}")
       out[path] = given
+    bias = (router_biases or {}).get(i, (router_biases or {}).get(str(i)))
+    if bias is not None:
+      path = f"blocks/{i}/mlp/router_bias_E"
+      bias = jnp.asarray(bias, out[path].dtype)
+      if bias.shape != out[path].shape:
+        raise ValueError(f"btx.mix: router_biases[{i}] has shape {bias.shape}, {path} needs {out[path].shape}")
+      out[path] = bias
     for p in out:
       if p.startswith(f"blocks/{i}/mlp/router") or p.startswith(f"blocks/{i}/mlp/shared"):
-        path_map.setdefault(p, "router: given" if given is not None and p.endswith("router_DE") else "new")
+        path_map.setdefault(p, "given" if (given is not None and p.endswith("router_DE"))
+                            or (bias is not None and p.endswith("router_bias_E")) else "new")
   params = unflatten(out)
   check_tree(params, shapes(new_cfg), "btx.mix result")
   report = {"op": "btx.mix", "branches": n, "layers": ids, "top_k": min(top_k, n),

@@ -10,9 +10,10 @@ config.btx:
               renormalised: N identical branches give the seed model) or 'softmax_topk'
   router      'hidden' (default): router column e is branch e's centroid of the layer's MLP
               inputs minus the mean of the other branches' centroids, L2-normalised (mergekit-moe's
-              'hidden' gate mode); a branch's centroid is the mixture-weighted mean of its domains'
-              validation-token means, measured on the branches' average (the mixed model before its
-              MLPs become experts); 'random': N(0, router_std)
+              'hidden' gate mode), with biases -m . col_e (m: the mean centroid) so the boundary
+              lies halfway between the centroids; a branch's centroid is the mixture-weighted mean
+              of its domains' validation-token means, measured on the branches' average (the mixed
+              model before its MLPs become experts); 'random': N(0, router_std), zero biases
 The config's `model` is the seed's (dense); its `data.mixture` and `train` are the mixed MoE's
 training, from step 0 with a fresh optimizer state (BTX section 2.3).
 Layout: `<workdir>/branches/<name>/` is branch <name>'s ordinary run, started from a copy of the
@@ -174,17 +175,18 @@ def mix_into(config, workdir: str, s: dict, seed_step_dir: str) -> dict[str, Any
       domains = list(dict.fromkeys(d for b in branches for d in b["mixture"]))
       evals = stages.eval_sets(moe_config, domains)
       layers = resolve_layers(cfg, s["layers"], "btx.mix")
-      routers = None
+      routers = biases = None
       if s["router"] == "hidden":
         average = merge_ops.merge("linear", params)
         means = probes.mlp_input_means(cfg, average, evals, mesh)
         del average
-        routers = {i: btx.router_from_centroids(c) for i, c in
-                   branch_centroids(means, [b["mixture"] for b in branches], layers).items()}
+        centroids = branch_centroids(means, [b["mixture"] for b in branches], layers)
+        routers = {i: btx.router_from_centroids(c) for i, c in centroids.items()}
+        biases = {i: btx.router_bias_from_centroids(c, routers[i]) for i, c in centroids.items()}
       key = stages.growth_key(int(tr.seed), 0)
       mixed, new_cfg, report = btx.mix(params, cfg, key, shapes=tf.abstract_params, layers=layers,
                                        top_k=s["top_k"], router_std=s["router_std"], routers=routers,
-                                       gating=s["gating"])
+                                       router_biases=biases, gating=s["gating"])
       if new_cfg != stages.model_config(moe_config):
         raise ValueError(f"btx: the mix gives {stages.config_diff(new_cfg, stages.model_config(moe_config))}")
       dense = build_program(cfg, tr, mesh)
