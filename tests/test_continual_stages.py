@@ -299,3 +299,24 @@ def test_ewc_batch_must_split_over_data_shards(data_dir):
   assert e.value.key == "stages[1].ewc.batch_size"
   c.stages = (c.stages[0], dict(c.stages[1], ewc=dict(lam=1.0, batch_size=4)))
   validate_config(c, 8)
+
+
+def test_add_experts_routes_the_new_domain_to_new_experts_from_its_centroid(continual_run, tmp_path, data_dir):
+  src, _, _ = continual_run
+  c = staged(data_dir)
+  grow = dict(op="add_experts", num_experts=3, mode="copy_noise", router_init="hidden", router_domain="python_stdlib")
+  c.stages = (c.stages[0], dict(name="python", steps=1, mixture=NEW, ops=(grow,)))
+  wd = seeded(src, str(tmp_path / "hidden"))
+  r = stages.train_and_evaluate(c, wd)
+  cert = r["certificates"][0]
+  assert np.shape(cert["ops"][0]["centroids"]["1"]) == (2, 32)  # measured at the boundary, recorded
+  plan = stages.resolve_stages(c, stages.model_config(c))
+  mesh = stages.make_mesh(c)
+  prog = steps.build_program(plan[1].cfg, stages.stage_train(c.train, plan[1]), mesh)
+  mngr = stages.manager(wd, 1, c.train, read_only=True)
+  state, _, _ = checkpoint.restore(mngr, START, prog.abstract_state)  # the grown checkpoint, before training
+  mngr.close()
+  evals = stages.eval_sets(c, ["shakespeare_plays", "python_stdlib"])
+  to_new = {d: probes.routing_drift(probes.router_choices(plan[1].cfg, state["params"], b, mesh)["1"], 2)
+            for d, b in evals.items()}
+  assert to_new["python_stdlib"] > 0.5 > to_new["shakespeare_plays"], to_new

@@ -274,6 +274,37 @@ def test_add_experts_copy_noise_keeps_old_experts():
   np.testing.assert_array_equal(at(new["params"], "blocks/1/mlp/router_bias_E")[:4], at(p, "blocks/1/mlp/router_bias_E"))
 
 
+def test_add_experts_hidden_router_by_hand():
+  cfg = moe2()
+  state = random_state(cfg)
+  rng = np.random.default_rng(3)
+  c_old, c_new = rng.normal(size=16), rng.normal(size=16)
+  new, cfg2, _ = run("add_experts", state, cfg, KEY, num_experts=6, mode="copy_noise", noise_std=0.0,
+                     router_init="hidden", router_domain="python", centroids={"1": [c_old, c_new]})
+  w, b = at(state["params"], "blocks/1/mlp/router_DE"), at(state["params"], "blocks/1/mlp/router_bias_E")
+  w2, b2 = at(new["params"], "blocks/1/mlp/router_DE"), at(new["params"], "blocks/1/mlp/router_bias_E")
+  np.testing.assert_array_equal(w2[:, :4], w)  # old columns untouched
+  np.testing.assert_array_equal(b2[:4], b)
+  col = (c_new - c_old) / np.linalg.norm(c_new - c_old) * np.mean(np.linalg.norm(w, axis=0))  # by hand
+  for e in (4, 5):
+    np.testing.assert_allclose(w2[:, e], col, rtol=1e-5, atol=1e-6)
+    m = (c_old + c_new) / 2
+    np.testing.assert_allclose(b2[e], np.mean(m @ w + b) - m @ col, rtol=1e-4, atol=1e-5)
+  # a token at the new domain's centroid prefers the new experts more than one at the old centroid
+  gap = lambda x: (x @ w2 + b2)[4] - np.max((x @ w2 + b2)[:4])
+  assert gap(c_new) > gap(c_old)
+  for kind in ("mu", "nu"):  # new router columns and biases have no history
+    assert not at(new[kind], "blocks/1/mlp/router_DE")[:, 4:].any()
+    assert not at(new[kind], "blocks/1/mlp/router_bias_E")[4:].any()
+  with pytest.raises(ValueError, match="router_init='hidden' .* needs mode='copy_noise'"):
+    run("add_experts", state, cfg, KEY, num_experts=6, router_init="hidden", centroids={"1": [c_old, c_new]})
+  with pytest.raises(ValueError, match=r"needs centroids=.* for layers \[1\] \(router_domain='python'\)"):
+    run("add_experts", state, cfg, KEY, num_experts=6, mode="copy_noise", router_init="hidden", router_domain="python")
+  with pytest.raises(ValueError, match=r"centroids for layer 1 must be \[old, new\] of shape \(2, 16\)"):
+    run("add_experts", state, cfg, KEY, num_experts=6, mode="copy_noise", router_init="hidden",
+        centroids={1: np.zeros((3, 16))})
+
+
 def test_stack_copies_layers_in_order():
   cfg = moe2(num_shared_experts=0)
   state = random_state(cfg)

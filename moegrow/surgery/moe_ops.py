@@ -165,7 +165,9 @@ def drop_upcycle(cfg, *, ratio: float = 0.5, layers: Layers = "all",
 def add_experts(cfg, *, num_experts: int | Sequence[int] | Mapping[Any, int],
                 layers: Layers | Literal["moe"] = "moe", source: Literal["round_robin", "most_loaded"] = "round_robin",
                 loads: Mapping[Any, Any] | None = None, mode: Literal["exact", "copy_noise", "split"] = "exact",
-                noise_std: float | None = None, new_bias: float = -1e4) -> Plan:
+                noise_std: float | None = None, new_bias: float = -1e4,
+                router_init: Literal["copy", "hidden"] = "copy", router_domain: str = "",
+                centroids: Mapping[Any, Any] | None = None) -> Plan:
   """Grow E -> E' experts in MoE layers (default: all of them); E' < E is an error.
 
   New expert j copies old expert src[j]: 'round_robin' src = j mod E; 'most_loaded' takes the
@@ -184,6 +186,14 @@ def add_experts(cfg, *, num_experts: int | Sequence[int] | Mapping[Any, int],
                 experts is unchanged (the copies share their source's probability mass), so the
                 dense mixture sum_e p_e y_e is preserved; top-k outputs are not (not exact).
   noise_std (default 0 except copy_noise) also perturbs new experts in exact/split mode.
+  router_init='hidden' (mode copy_noise only): the new experts are routed from the new domain's
+    hidden states (mergekit-moe's 'hidden' gate mode, for growth): with `centroids[layer]` =
+    [old data's mean MLP input, the new domain's] ([2, D], measured by the caller on the old
+    model; the trainer does it at a stage boundary for `router_domain`), each new column is
+    (c_new - c_old) / |c_new - c_old| times the mean norm of the layer's old columns (plus the
+    copy noise), and its bias makes its logit at the midpoint m = (c_old + c_new) / 2 equal the
+    old experts' mean logit there: b = mean_e (m W_e + b_e) - m col. Tokens nearer the new
+    domain's centroid score higher on the new experts. Their router moments start at zero.
   Moments: copies carry their source's moments.
   """
   op = "add_experts"
@@ -198,6 +208,9 @@ def add_experts(cfg, *, num_experts: int | Sequence[int] | Mapping[Any, int],
     if e2 < cfg.experts_in_layer(i):
       raise ValueError(f"{op}: layer {i} has {cfg.experts_in_layer(i)} experts; cannot shrink to {e2}")
   sigma = (0.01 if mode == "copy_noise" else 0.0) if noise_std is None else noise_std
+  if router_init == "hidden" and mode != "copy_noise":
+    raise ValueError(f"{op}: router_init='hidden' routes tokens to the new experts: it needs mode='copy_noise' "
+                     f"(mode={mode!r} keeps the new experts unrouted or shares their source's mass)")
   new_cfg = cfg.replace(**moe_fields({**expert_counts(cfg), **counts}, cfg.num_layers))
   # Which old expert each new one copies: fixed by the config for round_robin, by measured loads
   # (a probe's output, passed in) for most_loaded. The new config does not depend on them.
@@ -216,12 +229,25 @@ def add_experts(cfg, *, num_experts: int | Sequence[int] | Mapping[Any, int],
       order = np.arange(e)
     sources[i] = np.asarray([order[j % e] for j in range(e2 - e)], np.int32)
 
+  hidden = {}
+  if router_init == "hidden":
+    for i in counts:
+      c = None if centroids is None else centroids.get(str(i), centroids.get(i))
+      if c is not None and np.shape(c) != (2, cfg.d_model):
+        raise ValueError(f"{op}: centroids for layer {i} must be [old, new] of shape (2, {cfg.d_model}) "
+                         f"(got {np.shape(c)})")
+      hidden[i] = c
+
   def rules(key):
     if missing:
       raise ValueError(f"{op}: source='most_loaded' needs loads={{layer: vector of experts}} for layers {missing}")
+    absent = [i for i, c in hidden.items() if c is None]
+    if absent:
+      raise ValueError(f"{op}: router_init='hidden' needs centroids={{layer: [old, new] mean MLP inputs}} for "
+                       f"layers {absent} (router_domain={router_domain!r})")
     out = []
     for i, src in sources.items():
-      out.extend(_add_expert_rules(cfg, i, src, mode, sigma, new_bias))
+      out.extend(_add_expert_rules(cfg, i, src, mode, sigma, new_bias, hidden.get(i)))
     return out + [(".*", R.copy())]
 
   return Plan(new_cfg, rules, exact=mode == "exact" and cfg.dispatch == "dropless" and cfg.routing == "token_choice",
@@ -229,8 +255,36 @@ def add_experts(cfg, *, num_experts: int | Sequence[int] | Mapping[Any, int],
                    "changes with E", extra={"sources": {str(i): s.tolist() for i, s in sources.items()}})
 
 
-def _add_expert_rules(cfg, i: int, src, mode: str, sigma: float, new_bias: float):
+def _hidden_column(w_DE, cents):
+  """The new experts' router column: (c_new - c_old) normalised, times the old columns' mean norm."""
+  c = jnp.asarray(cents, jnp.float32)
+  d_D = c[1] - c[0]
+  w = w_DE.astype(jnp.float32)
+  return d_D / jnp.maximum(jnp.linalg.norm(d_D), 1e-8) * jnp.mean(jnp.linalg.norm(w, axis=0))
+
+
+def _add_expert_rules(cfg, i: int, src, mode: str, sigma: float, new_bias: float, hidden=None):
   copies = 1 + np.bincount(src, minlength=cfg.experts_in_layer(i))
+  n = len(src)
+
+  def hidden_router(kind, kk, w_DE):
+    if kind != "params":  # a new column: no history, no importance
+      return jnp.concatenate([w_DE, jnp.zeros((w_DE.shape[0], n), w_DE.dtype)], axis=1)
+    col_D = _hidden_column(w_DE, hidden)
+    new = jnp.repeat(col_D[:, None], n, axis=1)
+    if sigma > 0:  # the copy noise also separates several new experts of one domain
+      noise = jax.random.normal(jax.random.fold_in(kk, 1), new.shape, jnp.float32)
+      new = new + sigma * jnp.std(col_D) * noise
+    return jnp.concatenate([w_DE, new.astype(w_DE.dtype)], axis=1)
+
+  def hidden_bias(kind, kk, b_E, w_DE):
+    if kind != "params":
+      return jnp.concatenate([b_E, jnp.zeros((n,), b_E.dtype)])
+    c = jnp.asarray(hidden, jnp.float32)
+    m_D = (c[0] + c[1]) / 2
+    old = jnp.mean(m_D @ w_DE.astype(jnp.float32) + b_E.astype(jnp.float32))
+    b = old - m_D @ _hidden_column(w_DE, hidden)  # the new logit at the midpoint = the old experts' mean
+    return jnp.concatenate([b_E, jnp.full((n,), b, b_E.dtype)])
 
   def grow(kind, kk, w, axis):
     new = jnp.take(w, src, axis=axis)
@@ -255,6 +309,10 @@ def _add_expert_rules(cfg, i: int, src, mode: str, sigma: float, new_bias: float
   p = f"blocks/{i}/mlp/"
   rules = [(p + f"{nm}_EDF", R.compute([p + f"{nm}_EDF"], functools.partial(grow, axis=0), "add_experts"))
            for nm in mlp_names(cfg)]
-  return rules + [(p + "wo_EFD", R.compute([p + "wo_EFD"], functools.partial(grow, axis=0), "add_experts")),
-                  (p + "router_DE", R.compute([p + "router_DE"], functools.partial(grow, axis=1), "add_experts")),
+  rules.append((p + "wo_EFD", R.compute([p + "wo_EFD"], functools.partial(grow, axis=0), "add_experts")))
+  if hidden is not None:
+    return rules + [(p + "router_DE", R.compute([p + "router_DE"], hidden_router, "add_experts:hidden_router")),
+                    (p + "router_bias_E", R.compute([p + "router_bias_E", p + "router_DE"], hidden_bias,
+                                                    "add_experts:hidden_bias"))]
+  return rules + [(p + "router_DE", R.compute([p + "router_DE"], functools.partial(grow, axis=1), "add_experts")),
                   (p + "router_bias_E", R.compute([p + "router_bias_E"], bias, f"add_experts:{mode}_bias"))]

@@ -237,15 +237,34 @@ def _needs_loads(o: dict) -> bool:
           or (o.get("op") == "to_dense" and o.get("mode", "concat_topk") == "concat_topk"))
 
 
-def _with_loads(ops: list[dict], measure) -> list[dict]:
+def _needs_centroids(o: dict) -> bool:
+  """add_experts(router_init='hidden') without `centroids`."""
+  return o.get("op") == "add_experts" and o.get("router_init") == "hidden" and not o.get("centroids")
+
+
+def _with_loads(ops: list[dict], measure, measure_means=None) -> list[dict]:
   """Ops with the data they need measured: add_experts(source='most_loaded') and
-  to_dense(mode='concat_topk') get `loads`."""
+  to_dense(mode='concat_topk') get `loads` (`measure()`); add_experts(router_init='hidden') gets
+  `centroids` {layer: [mean MLP input of the other domains, of router_domain]} from
+  `measure_means()` ({layer: {domain: mean}}, `probes.mlp_input_means` of the old model)."""
   out = [dict(o) for o in ops]
   if any(_needs_loads(o) for o in out):
     loads = measure()
     for o in out:
       if _needs_loads(o):
         o["loads"] = loads
+  if any(_needs_centroids(o) for o in out):
+    means = measure_means()
+    for o in out:
+      if not _needs_centroids(o):
+        continue
+      new = o.get("router_domain", "")
+      domains = sorted({d for per in means.values() for d in per})
+      if new not in domains or len(domains) < 2:
+        raise ValueError(f"add_experts(router_init='hidden'): router_domain={new!r} needs validation data of it "
+                         f"and of at least one other domain at this boundary; domains here: {domains}")
+      o["centroids"] = {i: np.stack([np.mean([per[d] for d in per if d != new], axis=0), per[new]]).tolist()
+                        for i, per in means.items()}
   return out
 
 
@@ -280,7 +299,8 @@ def grow_checkpoint(src_mngr, src_step: int, stage: Stage, tr, mesh, held: dict,
   params_before = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(state["params"])))
   old_params = state["params"]
   ops = _with_loads(list(stage.ops), lambda: probes.expert_loads(
-      old_cfg, old_params, [b for bs in held.values() for b in bs], mesh))
+      old_cfg, old_params, [b for bs in held.values() for b in bs], mesh),
+      lambda: probes.mlp_input_means(old_cfg, old_params, evals or held, mesh))
   grown_cfg = surgery.grown_config(old_cfg, ops)
   if grown_cfg != stage.cfg:
     raise ValueError(f"stage {stage.index} ({stage.name}): growing the checkpoint at step {src_step} gives "
