@@ -218,10 +218,24 @@ def read_evals(workdir: str) -> dict[int, dict[str, float]]:
   return out
 
 
+def certificate_eval(workdir: str) -> dict[str, float] | None:
+  """The step-0 evaluation of a run that starts from a merge (merge.json) or a BTX mix (btx.json)."""
+  for name, key in (("merge.json", ("loss_result",)), ("btx.json", ("losses", "mix"))):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      with open(path) as f:
+        out = json.load(f)
+      for k in key:
+        out = out[k]
+      return {d: float(v) for d, v in out.items()}
+  return None
+
+
 def collect(fig: Figure, root: str, seeds: Sequence[int], data_dir: str = "") -> list[dict]:
   """Every evaluation of every plotted run: rows (arm, seed, step, flops, x, domain, loss),
   domain 'mean' = the mean over domains. A run started from another arm's checkpoint gets that
-  run's evaluation at the start step as its first point."""
+  run's evaluation at the start step as its first point; a run started from a merge or a BTX mix
+  gets the certificate's evaluation of it at step 0."""
   arms = {a.name: a for a in fig.arms}
   rows = []
   for arm in fig.arms:
@@ -232,6 +246,9 @@ def collect(fig: Figure, root: str, seeds: Sequence[int], data_dir: str = "") ->
       plan = stages.resolve_stages(config, stages.model_config(config))
       end = end_step(arm, config)
       ev = {s: e for s, e in read_evals(run_dir(root, arm.name, seed)).items() if s <= end}
+      start = certificate_eval(run_dir(root, arm.name, seed))
+      if start and 0 not in ev:
+        ev[0] = start
       if arm.start_from:
         src = read_evals(run_dir(root, arms[arm.start_from].name, seed))
         if arm.start_step in src:

@@ -228,3 +228,72 @@ def test_continual_quick_writes_the_frontier(tmp_path, data_dir):
   assert all(f"| {a} | 2 |" in text for a in arms) and " ± " in text
   assert "EWC (high lambda) forgets less" in open(os.path.join(workdir, "summary.md")).read()
   assert "frontier" in p.stdout
+
+
+# ---------------------------------------------------------------- the merging figure
+
+def _summary_value(text, label):
+  line = next(l for l in text.splitlines() if l.startswith(f"| {label} |"))
+  return float(line.split("|")[3].split("±")[0])
+
+
+def test_merging_quick_merges_and_its_numbers_follow_from_the_csv(tmp_path, data_dir):
+  from experiments.merging import figure as merging
+  workdir = str(tmp_path / "merging")
+  run_module("experiments.merging.run", "--quick", f"--workdir={workdir}", f"--data_dir={data_dir}", "--seeds=0,1")
+  check_png(os.path.join(workdir, "merging_merges.png"))
+  rows = harness.read_csv_rows(os.path.join(workdir, "merging_points.csv"))
+  at = lambda seed, panel, method, x=None, dom="mean": [
+      r["loss"] for r in rows if r["seed"] == seed and r["panel"] == panel and r["method"] == method
+      and r["domain"] == dom and (x is None or abs(r["x"] - x) < 1e-9)]
+  text = open(os.path.join(workdir, "merging_summary.md")).read()
+  for pair in ("one base", "different inits"):
+    # the loss barrier by its definition (Frankle et al. 2020), recomputed here from the CSV
+    barriers = []
+    for seed in SEEDS:
+      pts = sorted((r["x"], r["loss"]) for r in rows if r["seed"] == seed and r["panel"] == "interpolation"
+                   and r["method"] == pair and r["domain"] == "mean")
+      l0, l1 = pts[0][1], pts[-1][1]
+      barriers.append(max(l - ((1 - a) * l0 + a * l1) for a, l in pts))
+    assert _summary_value(text, f"loss barrier, {pair}") == pytest.approx(sum(barriers) / 2, abs=1e-4)
+  for seed in SEEDS:
+    # the interpolation's end point is ft_0 itself: its loss equals ft_0's own final evaluation
+    ev = harness.read_evals(os.path.join(workdir, "ft_0", f"seed{seed}"))
+    assert at(seed, "interpolation", "one base", 0.0, "python_stdlib")[0] == pytest.approx(
+        ev[max(ev)]["python_stdlib"], rel=1e-5)
+    # the greedy soup is never worse than its best ingredient on the held-out set
+    best = min(at(seed, "soup", f"ft_{k}")[0] for k in range(merging.SIZES["quick"]["ingredients"]))
+    assert at(seed, "soup", "greedy soup")[0] <= best + 1e-6
+    for method in merging.TASK_METHODS:
+      assert at(seed, "task", method) and all(math.isfinite(v) for v in at(seed, "task", method))
+  assert "different inits have a higher loss barrier" in text and " ± " in text
+
+
+# ---------------------------------------------------------------- the BTX figure
+
+def test_btx_quick_trains_every_arm_and_measures_routing(tmp_path, data_dir):
+  from experiments.btx import figure as btx
+  workdir = str(tmp_path / "btx")
+  run_module("experiments.btx.run", "--quick", f"--workdir={workdir}", f"--data_dir={data_dir}", "--seeds=0,1")
+  arms = set(btx.QUICK_ARMS) - {"seed"}
+  rows = check_results_csv(os.path.join(workdir, "btx.csv"), arms, SEEDS)
+  check_png(os.path.join(workdir, "btx.png"))
+  check_png(os.path.join(workdir, "btx_routing.png"))
+  # matched training tokens after the seed: every arm ends at (nearly) the same FLOPs
+  ends = {a: max(float(r["x"]) for r in rows if r["arm"] == a) for a in ("dense", "btx", "btm")}
+  assert max(ends.values()) / min(ends.values()) < 1.01, ends
+  # the mix is the BTX run's step 0: branch e's MLP is expert e (checked in tests/test_btx_run.py);
+  # its certificate is the curve's first point
+  import json
+  with open(os.path.join(workdir, "btx", "seed0", "btx.json")) as f:
+    cert = json.load(f)
+  first = [r for r in rows if r["arm"] == "btx" and r["seed"] == "0" and r["step"] == "0"]
+  assert {r["domain"]: float(r["loss"]) for r in first if r["domain"] != "mean"} == pytest.approx(cert["losses"]["mix"])
+  routing = harness.read_csv_rows(os.path.join(workdir, "btx_routing.csv"))
+  groups = {}
+  for r in routing:
+    groups.setdefault((r["arm"], r["seed"], r["when"], r["layer"], r["domain"]), []).append(r["fraction"])
+  assert {k[2] for k in groups} == {"mix", "end"}
+  assert all(abs(sum(v) - 1) < 1e-6 and len(v) == 2 for v in groups.values())
+  text = open(os.path.join(workdir, "summary.md")).read()
+  assert "BTX beats dense continuation" in text and "Shakespeare -> expert 0" in text
