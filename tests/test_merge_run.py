@@ -45,6 +45,14 @@ def test_merge_two_runs_then_train_the_result(tmp_path, data_dir):
   assert r["step"] == 5 and np.isfinite(r["eval/python_stdlib/loss"])
   with pytest.raises(ValueError, match="already holds checkpoints"):
     merging.merge_run(c, out)
+  # ... and grows: a second stage upcycles the merged-then-trained model at its boundary
+  g = train_config(data_dir, steps=0, eval_every=5, checkpoint_every=5)
+  g.stages = (dict(name="merged", steps=5),
+              dict(name="moe", steps=2, ops=(dict(op="upcycle", layers=[1], num_experts=2, top_k=1),)))
+  r = stages.train_and_evaluate(g, out)
+  assert r["stage"] == 1 and r["step"] == 7 and len(r["certificates"]) == 1
+  assert all(abs(v) < 1e-5 for v in r["certificates"][0]["loss_change"].values())
+  assert [digest(r) for r in runs] == before
 
 
 def test_merging_different_models_names_them(tmp_path, data_dir):
