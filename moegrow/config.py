@@ -16,6 +16,8 @@ DISPATCHES = ("dropless", "capacity")
 ROUTINGS = ("token_choice", "expert_choice")
 MOE_IMPLS = ("auto", "blocks", "ragged_dot")
 DTYPES = ("float32", "bfloat16", "float16")
+# LoRA's default targets: attention projections and dense / shared / expert MLP weights.
+LORA_TARGETS = (r"blocks/\d+/attn/w[qkvo]_\w+", r"blocks/\d+/mlp/(shared/)?w(act|lin|o)_\w+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,11 @@ class ModelConfig:
   expert_output_scale: float = 1.0
   aux_loss_weight: float = 0.01
   z_loss_weight: float = 1e-3
+  # LoRA adapters (moegrow.model.lora) under params['lora']: W + (lora_alpha / lora_rank) A B on
+  # every weight whose path matches a regex in lora_targets; lora_rank 0: no adapters.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: Any = LORA_TARGETS
 
   def __post_init__(self):
     self._check_fields()
@@ -69,6 +76,8 @@ class ModelConfig:
       fix("moe_layers", tuple(self.moe_layers))
     if isinstance(self.num_experts, list):
       fix("num_experts", tuple(self.num_experts))
+    if isinstance(self.lora_targets, list):
+      fix("lora_targets", tuple(self.lora_targets))
     self._validate()
 
   def _check_fields(self):
@@ -80,9 +89,9 @@ class ModelConfig:
     is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     for f in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "top_k"):
       need(is_int(getattr(self, f)) and getattr(self, f) >= 1, f, "an integer >= 1")
-    for f in ("head_dim", "expert_d_ff", "num_shared_experts", "shared_d_ff"):
+    for f in ("head_dim", "expert_d_ff", "num_shared_experts", "shared_d_ff", "lora_rank"):
       need(is_int(getattr(self, f)) and getattr(self, f) >= 0, f, "an integer >= 0")
-    for f in ("rope_theta", "norm_eps", "capacity_factor", "expert_output_scale"):
+    for f in ("rope_theta", "norm_eps", "capacity_factor", "expert_output_scale", "lora_alpha"):
       need(is_num(getattr(self, f)) and getattr(self, f) > 0, f, "a finite number > 0")
     for f in ("router_init_std", "aux_loss_weight", "z_loss_weight"):
       need(is_num(getattr(self, f)) and getattr(self, f) >= 0, f, "a finite number >= 0")
@@ -98,6 +107,9 @@ class ModelConfig:
     else:
       need(isinstance(self.moe_layers, (list, tuple)) and all(is_int(i) for i in self.moe_layers), "moe_layers",
            f"one of {MOE_PATTERNS} or a tuple of layer indices")
+    t = self.lora_targets
+    need(isinstance(t, (list, tuple)) and t and all(isinstance(x, str) for x in t), "lora_targets",
+         "a non-empty tuple of path regexes")
     e = self.num_experts
     need(is_int(e) or (isinstance(e, (list, tuple)) and all(is_int(i) for i in e)), "num_experts",
          "an integer or one integer per MoE layer")

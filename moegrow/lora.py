@@ -23,11 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moegrow.config import LORA_TARGETS as DEFAULT_TARGETS
 from moegrow.trees import flatten, unflatten
 
-# Attention projections and dense / shared / expert MLP weights; the router is opt-in.
-DEFAULT_TARGETS = (r"blocks/\d+/attn/w[qkvo]_\w+", r"blocks/\d+/mlp/(shared/)?w(act|lin|o)_\w+")
-ROUTER = r"blocks/\d+/mlp/router_DE"
+ROUTER = r"blocks/\d+/mlp/router_DE"  # the router is opt-in: add it to the targets
 
 
 def factor_axes(path: str, shape: Sequence[int]) -> tuple[int, int, int]:
@@ -67,6 +66,28 @@ def init(params: Mapping, *, rank: int, key, patterns: Sequence[str] = DEFAULT_T
     k = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
     out[f"{path}/A"] = (jax.random.normal(k, (e, d_in, rank), jnp.float32) / np.sqrt(d_in)).astype(dtype)
     out[f"{path}/B"] = jnp.zeros((e, rank, d_out), dtype)
+  return unflatten(out)
+
+
+def abstract(params: Mapping, *, rank: int, patterns: Sequence[str] = DEFAULT_TARGETS) -> dict:
+  """ShapeDtypeStructs (float32) of `init`'s adapters for params (or abstract params)."""
+  flat = flatten(params)
+  out = {}
+  for path in targets(params, patterns):
+    e, d_in, d_out = factor_axes(path, flat[path].shape)
+    out[f"{path}/A"] = jax.ShapeDtypeStruct((e, d_in, rank), jnp.float32)
+    out[f"{path}/B"] = jax.ShapeDtypeStruct((e, rank, d_out), jnp.float32)
+  return unflatten(out)
+
+
+def logical_axes(params: Mapping, axes: Mapping, patterns: Sequence[str] = DEFAULT_TARGETS) -> dict:
+  """Logical axes of the adapters: an expert table's A and B are sharded like its expert axis;
+  everything else is replicated (adapters are small)."""
+  flat, flat_axes = flatten(params), flatten(axes, )
+  out = {}
+  for path in targets(params, patterns):
+    e_axis = flat_axes.get(path, (None,))[0] if factor_axes(path, flat[path].shape)[0] > 1 else None
+    out[f"{path}/A"] = out[f"{path}/B"] = (e_axis, None, None)
   return unflatten(out)
 
 

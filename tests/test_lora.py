@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from moegrow import trees
-from moegrow.model import lora
+from moegrow import lora
 from moegrow.model import transformer as tf
 from _tiny import moe
 
@@ -114,3 +114,70 @@ def test_bad_adapters_name_the_problem():
     lora.apply(other, ad, ALPHA)
   with pytest.raises(ValueError, match="rank must be >= 1"):
     lora.init(params, rank=0, key=jax.random.key(0))
+
+
+# ---------------------------------------------------------------- LoRA as a stage
+
+def _restore(wd, c, stage, step):
+  from moegrow import checkpoint
+  from moegrow.train import stages, steps
+  plan = stages.resolve_stages(c, stages.model_config(c))
+  prog = steps.build_program(plan[stage].cfg, stages.stage_train(c.train, plan[stage]), stages.make_mesh(c))
+  mngr = stages.manager(wd, stage, c.train, read_only=True)
+  state, _, _ = checkpoint.restore(mngr, step, prog.abstract_state)
+  mngr.close()
+  return jax.device_get(state), plan[stage].cfg
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, data_dir):
+  from moegrow.train import stages
+  from _tiny import train_config
+  c = train_config(data_dir, steps=0, eval_every=3, eval_batches=1, checkpoint_every=3, keep_checkpoints=8)
+  c.model.update(moe_layers="every_other", num_experts=4, top_k=2)
+  c.stages = (dict(name="base", steps=3), dict(name="lora", steps=3, lora=dict(rank=4, alpha=8.0)),
+              dict(name="merged", steps=1, ops=(dict(op="merge_lora"),)))
+  wd = str(tmp_path_factory.mktemp("lora") / "run")
+  return c, wd, stages.train_and_evaluate(c, wd)
+
+
+def test_a_lora_stage_trains_only_the_adapters(lora_run):
+  c, wd, result = lora_run
+  add, merge = result["certificates"]
+  assert all(v == 0.0 for v in add["loss_change"].values()), add["loss_change"]  # B = 0: exact
+  base, _ = _restore(wd, c, 0, 3)
+  tuned, cfg = _restore(wd, c, 1, 6)
+  assert cfg.lora_rank == 4
+  flat_base, flat = trees.flatten(base["params"]), trees.flatten(tuned["params"])
+  for p, x in flat_base.items():  # the base is bit-identical after 3 LoRA steps
+    np.testing.assert_array_equal(flat[p], x, err_msg=p)
+  adapters = {p: v for p, v in flat.items() if p.startswith("lora/")}
+  for p, v in adapters.items():  # every adapter trained, every expert's slice of it
+    if p.endswith("/B"):
+      assert all(np.abs(s).max() > 0 for s in v), p
+  # the optimizer state holds adapter-sized leaves only: no base-sized moments
+  opt = [np.shape(x) for x in jax.tree_util.tree_leaves(tuned["opt_state"]) if np.ndim(x) > 0]
+  ad_shapes = sorted(np.shape(v) for v in adapters.values())
+  assert sorted(opt) == sorted(ad_shapes * 2), (len(opt), len(ad_shapes))
+
+
+def test_merge_lora_gives_the_adapter_model_exactly(lora_run):
+  c, wd, result = lora_run
+  _, merge = result["certificates"]
+  assert all(v == 0.0 for v in merge["loss_change"].values()), merge["loss_change"]
+  tuned, cfg = _restore(wd, c, 1, 6)
+  merged, cfg2 = _restore(wd, c, 2, 6)
+  assert cfg2.lora_rank == 0 and "lora" not in merged["params"]
+  x = tokens()
+  want = np.asarray(tf.apply(cfg, tuned["params"], x)[0])
+  np.testing.assert_array_equal(np.asarray(tf.apply(cfg2, merged["params"], x)[0]), want)
+  assert result["step"] == 7 and np.isfinite(result["eval/python_stdlib/loss"])  # and it trains on
+
+
+def test_growth_refuses_a_model_with_adapters():
+  from moegrow.surgery import apply as surgery
+  cfg = moe(lora_rank=2)
+  with pytest.raises(ValueError, match=r"growth op #0 \(add_experts\): the model carries LoRA adapters .*merge_lora"):
+    surgery.grown_config(cfg, [dict(op="add_experts", num_experts=8)])
+  with pytest.raises(ValueError, match="already carries adapters"):
+    surgery.grown_config(cfg, [dict(op="add_lora", rank=2)])

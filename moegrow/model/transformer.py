@@ -6,6 +6,8 @@ Everything outside this module (checkpoints, growth, training) sees parameters a
 nested dicts with string keys, e.g. `params["blocks"]["3"]["mlp"]["wact_EDF"]`:
   init_params(cfg, seed) -> params      apply(cfg, params, tokens_BT) -> (logits_BTV, aux)
   logical_axes(cfg) -> same tree of logical-axis tuples;   abstract_params(cfg) -> ShapeDtypeStructs
+With cfg.lora_rank > 0 the params also hold LoRA adapters under params['lora'] (moegrow.model.lora);
+`apply` folds them into the weights before the layers run, so the kernels are unchanged.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moegrow.config import ModelConfig
+from moegrow import lora
 from moegrow.model.layers import Attention, Mlp, RMSNorm, param
 from moegrow.model.moe import MoeMlp
 from moegrow.sharding import constrain
@@ -83,9 +86,16 @@ class TransformerLM(nnx.Module):
 
 # ---------------------------------------------------------------- pure-dict interface
 
+def base_config(cfg: ModelConfig) -> ModelConfig:
+  """`cfg` without its LoRA adapters (the layers' own config)."""
+  return cfg.replace(lora_rank=0, lora_alpha=16.0, lora_targets=ModelConfig.lora_targets) if cfg.lora_rank else cfg
+
+
 @functools.lru_cache(maxsize=64)
 def _graph(cfg: ModelConfig):
   """GraphDef and abstract nnx.State of `cfg` (no FLOPs, no memory)."""
+  if cfg.lora_rank:
+    return _graph(base_config(cfg))
   abstract = nnx.eval_shape(lambda: TransformerLM(cfg, nnx.Rngs(0)))
   return nnx.split(abstract)
 
@@ -105,8 +115,18 @@ def _state_from(cfg: ModelConfig, params: dict):
 
 
 def model_from_params(cfg: ModelConfig, params: dict) -> TransformerLM:
-  """NNX model whose parameters are `params` (validated: exact keys and shapes)."""
+  """NNX model whose parameters are `params` (validated: exact keys and shapes); LoRA adapters,
+  if any, folded into the weights."""
+  if cfg.lora_rank:
+    cfg, params = base_config(cfg), fold_lora(cfg, params)
   return nnx.merge(*_state_from(cfg, params))
+
+
+def fold_lora(cfg: ModelConfig, params: dict) -> dict:
+  """The base params with the adapters params['lora'] folded in (W + (alpha / r) A B)."""
+  if "lora" not in params:
+    raise ValueError(f"params have no 'lora' adapters but the model has lora_rank={cfg.lora_rank}")
+  return lora.apply({k: v for k, v in params.items() if k != "lora"}, params["lora"], cfg.lora_alpha)
 
 
 def params_of(model: TransformerLM) -> dict:
@@ -115,7 +135,11 @@ def params_of(model: TransformerLM) -> dict:
 
 def init_params(cfg: ModelConfig, seed: int | jax.Array = 0) -> dict:
   rngs = nnx.Rngs(seed)
-  return params_of(TransformerLM(cfg, rngs))
+  params = params_of(TransformerLM(base_config(cfg), rngs))
+  if cfg.lora_rank:
+    key = jax.random.fold_in(seed if isinstance(seed, jax.Array) else jax.random.key(seed), 0x10A)
+    params["lora"] = lora.init(params, rank=cfg.lora_rank, key=key, patterns=cfg.lora_targets)
+  return params
 
 
 def apply(cfg: ModelConfig, params: dict, tokens_BT, rng: jax.Array | None = None, mlp_inputs: bool = False):
@@ -124,7 +148,10 @@ def apply(cfg: ModelConfig, params: dict, tokens_BT, rng: jax.Array | None = Non
 
 
 def abstract_params(cfg: ModelConfig) -> dict:
-  return to_plain(nnx.to_pure_dict(_graph(cfg)[1]))
+  out = to_plain(nnx.to_pure_dict(_graph(cfg)[1]))
+  if cfg.lora_rank:
+    out["lora"] = lora.abstract(out, rank=cfg.lora_rank, patterns=cfg.lora_targets)
+  return out
 
 
 def logical_axes(cfg: ModelConfig) -> dict:
@@ -132,4 +159,7 @@ def logical_axes(cfg: ModelConfig) -> dict:
   state = _graph(cfg)[1]
   axes = jax.tree_util.tree_map(lambda v: v.get_metadata()["logical_axes"], state,
                                 is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return to_plain(axes, sequences=False)
+  out = to_plain(axes, sequences=False)
+  if cfg.lora_rank:
+    out["lora"] = lora.logical_axes(abstract_params(base_config(cfg)), out, cfg.lora_targets)
+  return out

@@ -23,13 +23,15 @@ import jax.numpy as jnp
 from moegrow.config import ModelConfig
 from moegrow.surgery import rules as R
 from moegrow.surgery.moe_ops import add_experts, drop_upcycle, granular_upcycle, upcycle
+from moegrow.surgery.lora_ops import add_lora, merge_lora
 from moegrow.surgery.op import Plan
 from moegrow.surgery.rebake import to_dense
 from moegrow.surgery.shape_ops import add_heads, insert_blocks, stack, widen_mlp, widen_model
 from moegrow.trees import check_tree, flatten, json_leaf, to_plain, unflatten
 
 OPS = {f.__name__: f for f in (upcycle, granular_upcycle, drop_upcycle, add_experts, insert_blocks, stack,
-                               widen_mlp, add_heads, widen_model, to_dense)}
+                               widen_mlp, add_heads, widen_model, to_dense, add_lora, merge_lora)}
+LORA_OPS = ("add_lora", "merge_lora")  # the only ops that see a model carrying adapters
 STATE_KEYS = ("params", "mu", "nu", "count")
 MOMENTS = ("mu", "nu")
 OPT_STATES = ("carry", "reset")
@@ -55,6 +57,9 @@ def plans(cfg: ModelConfig, ops: Sequence[Mapping[str, Any]]) -> list[tuple[str,
   out = []
   for n, spec in enumerate(ops):
     name, args, opt_state = parse_op(spec, n)
+    if cfg.lora_rank and name not in LORA_OPS:
+      raise ValueError(f"growth op #{n} ({name}): the model carries LoRA adapters (lora_rank={cfg.lora_rank}); "
+                       "growth ops do not carry adapters: fold them in first with {'op': 'merge_lora'}")
     plan = OPS[name](cfg, **args)
     out.append((name, args, opt_state, plan))
     cfg = plan.new_cfg

@@ -152,20 +152,34 @@ def _is_adam(x) -> bool:
   return isinstance(x, optax.ScaleByAdamState)
 
 
-def adam_moments(opt_state) -> dict:
-  """{'mu', 'nu', 'count'} of the (single) Adam state inside an optax state."""
+def _masked(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def adam_moments(opt_state, params=None) -> dict:
+  """{'mu', 'nu', 'count'} of the (single) Adam state inside an optax state. Frozen leaves have
+  no moments (optax.MaskedNode): with `params` they come back as zeros of the param's shape."""
   found = [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_adam) if _is_adam(s)]
   if len(found) != 1:
     raise ValueError(f"expected exactly one Adam state in the optimizer state, found {len(found)}")
   s = found[0]
-  return {"mu": s.mu, "nu": s.nu, "count": s.count}
+  mu, nu = s.mu, s.nu
+  if params is not None:
+    fill = lambda m, p: jnp.zeros(p.shape, p.dtype) if _masked(m) else m
+    mu = jax.tree_util.tree_map(fill, mu, params, is_leaf=_masked)
+    nu = jax.tree_util.tree_map(fill, nu, params, is_leaf=_masked)
+  return {"mu": mu, "nu": nu, "count": s.count}
 
 
 def with_adam_moments(opt_state, mu, nu, count):
   """`opt_state` with its Adam moments replaced and every step counter set to `count`."""
+  keep = lambda old, new: old if _masked(old) else new  # frozen leaves keep no moments
+
   def swap(x):
     if _is_adam(x):
-      return x._replace(mu=mu, nu=nu, count=jnp.asarray(count, x.count.dtype))
+      return x._replace(mu=jax.tree_util.tree_map(keep, x.mu, mu, is_leaf=_masked),
+                        nu=jax.tree_util.tree_map(keep, x.nu, nu, is_leaf=_masked),
+                        count=jnp.asarray(count, x.count.dtype))
     return x
   state = jax.tree_util.tree_map(swap, opt_state, is_leaf=_is_adam)
   # Schedule counters (ScaleByScheduleState and friends) follow the step.

@@ -42,7 +42,7 @@ from moegrow.surgery import apply as surgery
 from moegrow.train import continual, forgetting, loop, optim, probes
 from moegrow.train.logbook import Logbook
 from moegrow.train.steps import Objective, build_program, params_sharding
-from moegrow.train.validate import STAGE_KEYS, continual_options, validate_config
+from moegrow.train.validate import STAGE_KEYS, continual_options, lora_stage, validate_config
 from moegrow.trees import to_plain
 from moegrow.workdir_lock import WorkdirLock
 
@@ -86,12 +86,14 @@ def resolve_stages(config, base_cfg: ModelConfig) -> list[Stage]:
     if unknown:
       raise ValueError(f"stages[{i}]: unknown keys {unknown} (expected {', '.join(STAGE_KEYS)})")
     ops = tuple(spec.get("ops", ()) or ())
-    if i == 0 and ops:
-      raise ValueError("stages[0] trains the initial model and cannot have growth ops")
+    if i == 0 and (ops or spec.get("lora")):
+      raise ValueError("stages[0] trains the initial model and cannot have growth ops or LoRA adapters")
+    frozen = tuple(spec.get("frozen", ()) or ())
+    if spec.get("lora"):  # LoRA: adapters (added unless the model has them) train, the base is frozen
+      ops, frozen = lora_stage(spec["lora"], surgery.grown_config(cfg, ops), ops, frozen, i)
     cfg = surgery.grown_config(cfg, ops)
     steps = int(spec["steps"])
     mixture = spec["mixture"] if spec.get("mixture") else None
-    frozen = tuple(spec.get("frozen", ()) or ())
     if spec.get("freeze_old_experts"):
       frozen += optim.old_expert_slices(prev, ops)
     extra = continual_options(spec, i)
@@ -305,7 +307,7 @@ def grow_checkpoint(src_mngr, src_step: int, stage: Stage, tr, mesh, held: dict,
   if grown_cfg != stage.cfg:
     raise ValueError(f"stage {stage.index} ({stage.name}): growing the checkpoint at step {src_step} gives "
                      f"{config_diff(grown_cfg, stage.cfg)}; the checkpoint's model differs from the config's")
-  moments = optim.adam_moments(state["opt_state"])
+  moments = optim.adam_moments(state["opt_state"], state["params"])
   new = build_program(stage.cfg, stage_train(tr, stage), mesh)
   box: dict[str, Any] = {}
 

@@ -97,8 +97,20 @@ def state_shardings(cfg: ModelConfig, tx, mesh: Mesh):
   p_sh = sharding.tree_shardings(tf.logical_axes(cfg), mesh, params)
   opt = jax.eval_shape(tx.init, params)
   replicated = NamedSharding(mesh, P())
-  o_sh = optax.tree_map_params(tx, lambda _, s: s, opt, p_sh, transform_non_params=lambda _: replicated,
-                               is_leaf=lambda x: isinstance(x, NamedSharding))
+  by_path = {"/".join(str(k.key) for k in path): s for path, s in jax.tree_util.tree_flatten_with_path(p_sh)[0]}
+
+  def opt_sharding(path, leaf):  # a moment is sharded like its parameter (named by its trailing dict keys)
+    keys = []
+    for k in reversed(path):
+      if not isinstance(k, jax.tree_util.DictKey):
+        break
+      keys.append(str(k.key))
+    s = by_path.get("/".join(reversed(keys)))
+    return s if s is not None and getattr(leaf, "shape", None) == params_shape.get("/".join(reversed(keys))) \
+        else replicated
+  params_shape = {"/".join(str(k.key) for k in path): x.shape
+                  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  o_sh = jax.tree_util.tree_map_with_path(opt_sharding, opt)  # frozen leaves (MaskedNode) have none
   sh = {"params": p_sh, "opt_state": o_sh, "step": replicated}
   shapes = {"params": params, "opt_state": opt, "step": jax.ShapeDtypeStruct((), jnp.int32)}
   abstract = jax.tree_util.tree_map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), shapes, sh)

@@ -20,7 +20,7 @@ from moegrow.surgery import apply as surgery
 from moegrow.train import optim
 from moegrow.trees import flatten, to_plain
 
-STAGE_KEYS = ("name", "steps", "ops", "mixture", "frozen", "freeze_old_experts", "replay", "ewc", "distill")
+STAGE_KEYS = ("name", "steps", "ops", "mixture", "frozen", "freeze_old_experts", "replay", "ewc", "distill", "lora")
 # Continual-learning stage options (growth stages only), with their defaults.
 CONTINUAL = {
     # A fraction of rows replayed from the previous stage's mixture, ramped over ramp_steps.
@@ -101,6 +101,26 @@ def _mixture(tree, key: str) -> dict[str, float]:
   return {str(k): float(v) for k, v in mix.items()}
 
 
+LORA_KEYS = ("rank", "alpha", "targets")
+BASE_FROZEN = r"^(?!lora/)"  # every parameter but the adapters
+
+
+def lora_stage(spec, cfg: ModelConfig, ops: tuple, frozen: tuple, i: int) -> tuple[tuple, tuple]:
+  """A stage's `lora=dict(rank, alpha, targets)`: add_lora after the stage's ops (unless the model
+  already carries adapters, which then train on), and the base frozen (no optimizer state)."""
+  spec = to_plain(spec)
+  unknown = sorted(set(spec) - set(LORA_KEYS)) if isinstance(spec, dict) else None
+  if unknown is None or unknown or (not cfg.lora_rank and "rank" not in spec):
+    raise ValueError(f"stages[{i}].lora={spec!r}: expected dict(rank=, alpha=, targets=) with keys among "
+                     f"{LORA_KEYS}" + (f" (unknown: {unknown})" if unknown else ""))
+  if not cfg.lora_rank:
+    ops = ops + (dict(op="add_lora", **spec),)
+  elif any(spec.get(k, v) != v for k, v in (("rank", cfg.lora_rank), ("alpha", cfg.lora_alpha))):
+    raise ValueError(f"stages[{i}].lora={spec}: the model already carries adapters of rank {cfg.lora_rank}, "
+                     f"alpha {cfg.lora_alpha}; they train on as they are (merge_lora first to start new ones)")
+  return ops, frozen + (BASE_FROZEN,)
+
+
 def validate_config(config, num_devices: int, process_count: int = 1) -> list[ModelConfig]:
   """Check the whole run config; return the model config of every stage. Raises ConfigError."""
   cfg = model_config(config)
@@ -167,9 +187,11 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> list[Mo
       if spec.get("mixture"):
         _mixture({key: spec}, f"{key}.mixture")
       ops = spec.get("ops") or []
-      if i == 0 and ops:
-        raise ConfigError(f"{key}.ops", ops, "none in stage 0 (it trains the initial model)")
+      if i == 0 and (ops or spec.get("lora")):
+        raise ConfigError(f"{key}.ops", ops, "none in stage 0 (it trains the initial model), nor lora")
       try:
+        if spec.get("lora"):
+          ops, _ = lora_stage(spec["lora"], surgery.grown_config(cfg, ops), tuple(ops), (), i)
         cfg = surgery.grown_config(cfg, ops)
       except (TypeError, ValueError) as e:
         raise ConfigError(f"{key}.ops", ops, str(e)) from e
