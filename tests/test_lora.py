@@ -1,5 +1,7 @@
 """LoRA adapters: exact when added, every expert its own A and B, merge/unmerge, gradients reach
 every expert's adapter and only the routed one's."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,7 +135,8 @@ def _restore(wd, c, stage, step):
 def lora_run(tmp_path_factory, data_dir):
   from moegrow.train import stages
   from _tiny import train_config
-  c = train_config(data_dir, steps=0, eval_every=3, eval_batches=1, checkpoint_every=3, keep_checkpoints=8)
+  c = train_config(data_dir, steps=0, eval_every=3, eval_batches=1, checkpoint_every=3, keep_checkpoints=8,
+                   log_every=1)
   c.model.update(moe_layers="every_other", num_experts=4, top_k=2)
   c.stages = (dict(name="base", steps=3), dict(name="lora", steps=3, lora=dict(rank=4, alpha=8.0)),
               dict(name="merged", steps=1, ops=(dict(op="merge_lora"),)))
@@ -181,3 +184,24 @@ def test_growth_refuses_a_model_with_adapters():
     surgery.grown_config(cfg, [dict(op="add_experts", num_experts=8)])
   with pytest.raises(ValueError, match="already carries adapters"):
     surgery.grown_config(cfg, [dict(op="add_lora", rank=2)])
+
+
+def test_lora_on_the_eight_device_mesh_gives_the_same_losses(lora_run, tmp_path):
+  """The LoRA stage grown from the same stage-0 checkpoint on 8 devices (data 2 x fsdp 2 x
+  expert 2: experts and their adapters sharded) logs the same losses as on 1 device."""
+  import copy
+  import shutil
+  from moegrow.train import stages
+  from _tiny import read_metrics
+  c, wd, _ = lora_run
+  c8 = copy.deepcopy(c)
+  c8.mesh.update(data=2, fsdp=2, expert=2, num_devices=8)
+  c8.train.stop_at_step = 5
+  wd8 = str(tmp_path / "mesh8")
+  shutil.copytree(os.path.join(wd, "checkpoints", "3"), os.path.join(wd8, "checkpoints", "3"))
+  stages.train_and_evaluate(c8, wd8)
+  one = {r["step"]: r["loss"] for r in read_metrics(wd) if "loss" in r}
+  eight = {r["step"]: r["loss"] for r in read_metrics(wd8) if "loss" in r}
+  assert sorted(eight) == [4, 5]
+  for s in eight:
+    assert eight[s] == pytest.approx(one[s], rel=1e-5), s

@@ -208,6 +208,13 @@ def train_iter(config, mixture=None, replay: data.Replay | None = None, *, seed_
 
 # ---------------------------------------------------------------- growth at a boundary
 
+def state_bytes(abstract_state) -> str:
+  """'params X MiB, optimizer state Y MiB' of a train state (LoRA: the frozen base has none)."""
+  size = lambda t: sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(t))
+  return (f"params {size(abstract_state['params']) / 2**20:.2f} MiB, "
+          f"optimizer state {size(abstract_state['opt_state']) / 2**20:.2f} MiB")
+
+
 def own_buffers(state):
   """`state` with one buffer per leaf: leaves sharing a buffer with an earlier leaf are copied.
   Growth may return one array for several leaves (e.g. identical zero moments); the train step
@@ -497,6 +504,7 @@ def _run_stages(config, workdir: str, pre: loop.Preempted) -> dict[str, Any]:
     ewc = None
     try:
       program = build_program(st.cfg, stage_train(tr, st), mesh, objective(st, stages))
+      book.say(f"stage {st.index} ({st.name}): " + state_bytes(program.abstract_state))
       if st.index == at_stage:
         where = checkpoint.step_dir(mngr, at_step)
         stored_cfg = checkpoint.model_config(checkpoint.read_meta(mngr, at_step))  # validated metadata
