@@ -3,10 +3,12 @@
 `model(**kw)`: a 2-layer dense ModelConfig (d=16, 2 heads, d_ff=32) small enough for any unit
 test; `moe(**kw)`: the same with layer 1 a 4-expert top-2 MoE with one shared expert;
 `train_config(data_dir, **train_kw)`: the `tiny` training config of configs/lm.py on one device;
-`read_metrics(workdir)`: the rows of a run's metrics.jsonl.
+`read_metrics(workdir)`: the rows of a run's metrics.jsonl; `digest(folder)`: one hash of every
+file name and byte under a folder (sources must stay byte-identical).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -36,3 +38,13 @@ def train_config(data_dir: str, **train_kw):
 def read_metrics(workdir) -> list[dict]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def digest(folder) -> str:
+  h = hashlib.sha256()
+  for root, _, files in sorted(os.walk(folder)):
+    for f in sorted(files):
+      h.update(f.encode())
+      with open(os.path.join(root, f), "rb") as fh:
+        h.update(fh.read())
+  return h.hexdigest()

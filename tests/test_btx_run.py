@@ -1,6 +1,5 @@
 """Branch-Train-MiX as one config: real seed checkpoint, two real branch runs, the mix, the MoE's
 training; every part resumes, the seed is only read."""
-import hashlib
 import json
 import os
 
@@ -9,21 +8,10 @@ import numpy as np
 import pytest
 
 from moegrow import trees
-from moegrow.surgery import btx
 from moegrow.train import branching, merging, probes, stages
-from _tiny import read_metrics, train_config
+from _tiny import digest, read_metrics, train_config
 
 OLD, NEW = "shakespeare_plays", "python_stdlib"
-
-
-def digest(folder):
-  h = hashlib.sha256()
-  for root, _, files in sorted(os.walk(folder)):
-    for f in sorted(files):
-      h.update(f.encode())
-      with open(os.path.join(root, f), "rb") as fh:
-        h.update(fh.read())
-  return h.hexdigest()
 
 
 def btx_config(data_dir, seed_dir, router="hidden"):
@@ -60,7 +48,7 @@ def test_branches_are_ordinary_runs_from_the_seed(btx_run):
 
 def test_the_mix_maps_branch_e_to_expert_e_and_routes_by_domain(btx_run):
   c, wd, _, _, result = btx_run
-  mesh, tr = stages.make_mesh(c), c.train
+  mesh = stages.make_mesh(c)
   seed_step = 4
   branch = [trees.flatten(jax.device_get(merging.restore_params(
       os.path.join(branching.branch_dir(wd, b["name"]), "checkpoints"), mesh,

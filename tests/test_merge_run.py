@@ -1,6 +1,4 @@
 """The merge command: real checkpoints in, an ordinary checkpoint out (it trains on), sources untouched."""
-import hashlib
-import os
 
 import jax
 import numpy as np
@@ -8,17 +6,7 @@ import pytest
 
 from moegrow import trees
 from moegrow.train import merging, stages
-from _tiny import train_config
-
-
-def digest(folder):
-  h = hashlib.sha256()
-  for root, _, files in sorted(os.walk(folder)):
-    for f in sorted(files):
-      h.update(f.encode())
-      with open(os.path.join(root, f), "rb") as fh:
-        h.update(fh.read())
-  return h.hexdigest()
+from _tiny import digest, train_config
 
 
 def test_merge_two_runs_then_train_the_result(tmp_path, data_dir):
