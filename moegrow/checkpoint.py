@@ -2,6 +2,13 @@
 metadata (model config, stage, lineage) as JSON, under `<workdir>/checkpoints/<step>/`; a stage
 with EWC adds the item `ewc` ({'fisher', 'anchor'}, params-shaped) to each of its checkpoints.
 
+Adapter checkpoints: in a LoRA stage (frozen base, `lora.BASE`-style) the stage's first checkpoint
+holds the whole model (the base, with fresh adapters); every later one holds only what trains,
+`{'params': {'lora'}, 'opt_state', 'step'}`, and its metadata field `adapters` names the base
+(its checkpoint directory, step, lineage hash and a fingerprint of its weights). `restore` joins
+the two and refuses a base whose identity differs, naming both. The stage's manager pins the base
+so that `keep` never deletes it.
+
 Restores always name the shapes they expect: `abstract_state` carries shapes, dtypes and the
 shardings of the CURRENT mesh, so a checkpoint written on 1 device restores onto 8 and back.
 Growth restores at the checkpoint's OWN (old) shapes, read from its stored model config, and
@@ -9,6 +16,7 @@ grows in JAX; Orbax is never asked to pad or truncate.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -21,9 +29,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from moegrow.config import ModelConfig
-from moegrow.trees import check_tree
+from moegrow.trees import check_tree, flatten
 
 STATE, META, DATA, EWC = "state", "meta", "data", "ewc"
+SEEDED_BASE = "base-"  # name prefix of an adapter checkpoint's base copied along by `seed_workdir`
 _STEP_DIR = re.compile(r"(?:stage(\d+)_)?(\d+)")
 
 
@@ -45,16 +54,21 @@ def parse_step_dir(name: str) -> tuple[int, int] | None:
 
 
 def manager(directory: str, keep: int = 3, async_save: bool = True, save_interval: int = 1,
-            read_only: bool = False, step_prefix: str | None = None) -> ocp.CheckpointManager:
-  """Checkpoints `<directory>/<step>` (or `<directory>/<step_prefix>_<step>`)."""
+            read_only: bool = False, step_prefix: str | None = None, pinned: tuple = ()) -> ocp.CheckpointManager:
+  """Checkpoints `<directory>/<step>` (or `<directory>/<step_prefix>_<step>`): the newest `keep`
+  are kept, and every step in `pinned` (e.g. the base of adapter checkpoints)."""
   handlers = {STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler(),
               DATA: ocp.JsonCheckpointHandler(), EWC: ocp.StandardCheckpointHandler()}
   level = logging.get_verbosity()
   if read_only:  # Orbax warns that a read-only manager is read-only
     logging.set_verbosity(logging.ERROR)
   try:
+    policies = ocp.checkpoint_managers
+    keep_policy = policies.LatestN(None if read_only else keep)
+    if pinned:
+      keep_policy = policies.AnyPreservationPolicy([keep_policy, policies.CustomSteps([int(s) for s in pinned])])
     options = ocp.CheckpointManagerOptions(
-        step_prefix=step_prefix, max_to_keep=None if read_only else keep, create=not read_only,
+        step_prefix=step_prefix, preservation_policy=keep_policy, create=not read_only,
         read_only=read_only, enable_async_checkpointing=async_save and not read_only,
         save_interval_steps=save_interval)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
@@ -80,6 +94,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict, meta: dict, data_s
   is an OSError naming the path and the free space, raised here at the first save that cannot
   succeed."""
   where = step_dir(mngr, step)
+  if is_adapter_only(meta, step):
+    state = trainable_part(state)
   need = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves((state, ewc)) if hasattr(x, "dtype"))
   need //= max(jax.process_count(), 1)  # each process writes its own shards
   free = free_bytes(str(mngr.directory))
@@ -97,16 +113,101 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict, meta: dict, data_s
                   f"{_gib(free_bytes(str(mngr.directory)))} free on {mngr.directory}") from e
 
 
-def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+# ---------------------------------------------------------------- adapter checkpoints
+
+def is_adapter_only(meta: dict, step: int) -> bool:
+  """Whether the checkpoint at `step` with metadata `meta` holds only the adapters' state (a LoRA
+  stage's checkpoints after its base)."""
+  base = (meta.get("adapters") or {}).get("base")
+  return base is not None and int(step) != int(base["step"])
+
+
+def trainable_part(state: dict) -> dict:
+  """What an adapter checkpoint stores: the adapters, their optimizer state and the step."""
+  return {"params": {"lora": state["params"]["lora"]}, "opt_state": state["opt_state"], "step": state["step"]}
+
+
+def lineage_hash(lineage: list) -> str:
+  return hashlib.sha256(json.dumps(lineage, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fingerprint(params: dict) -> list[float]:
+  """[sum of squares, sum] over every base weight (adapters excluded), float64 over per-leaf float32
+  reductions: equal for the same weights on any mesh up to ~1e-7 relative."""
+  leaves = [v for p, v in flatten(params).items() if not p.startswith("lora/")]
+  sq = jax.jit(lambda xs: [jax.numpy.sum(jax.numpy.square(x.astype("float32"))) for x in xs])(leaves)
+  lin = jax.jit(lambda xs: [jax.numpy.sum(x.astype("float32")) for x in xs])(leaves)
+  return [float(sum(float(x) for x in sq)), float(sum(float(x) for x in lin))]
+
+
+def base_identity(meta: dict, step: int, params: dict) -> dict:
+  """The identity adapter checkpoints record of their base: the base's checkpoint directory name,
+  step, lineage hash and weight fingerprint."""
+  return {"checkpoint": os.path.basename(str(meta.get("_dir", ""))) or None, "step": int(step),
+          "lineage_hash": lineage_hash(meta.get("lineage", [])), "fingerprint": fingerprint(params)}
+
+
+def with_adapters(meta: dict, cfg: ModelConfig, base_dir: str, step: int, params: dict) -> dict:
+  """`meta` of a LoRA stage's checkpoints: the adapters' config and their base's identity (the
+  checkpoint `base_dir`, at `step`, holding `params`)."""
+  ident = base_identity(dict(meta, _dir=base_dir), step, params)
+  return dict(meta, adapters={"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": list(cfg.lora_targets),
+                              "base": ident})
+
+
+def _same_identity(want: dict, got: dict) -> bool:
+  fp_ok = all(abs(a - b) <= 1e-5 * max(abs(a), abs(b), 1e-12) for a, b in zip(want["fingerprint"], got["fingerprint"]))
+  return want["step"] == got["step"] and want["lineage_hash"] == got["lineage_hash"] and fp_ok
+
+
+def _restore_base(mngr, step: int, meta: dict, abstract_state: dict, where: str) -> dict:
+  """The base params of the adapter checkpoint `where`, checked against the identity it records."""
+  want = meta["adapters"]["base"]
+  base_step, name = int(want["step"]), str(want["checkpoint"])
+  base_where = os.path.join(str(mngr.directory), name)
+  if not os.path.isdir(os.path.join(base_where, STATE)):
+    raise ValueError(f"checkpoint {where} holds adapters only; their base {base_where} is missing (it must stay "
+                     f"next to them)")
+  prefix = name.rsplit("_", 1)[0] if "_" in name else None
+  own = prefix == mngr._options.step_prefix  # noqa: SLF001 - the manager's own naming
+  bm = mngr if own else manager(str(mngr.directory), read_only=True, step_prefix=prefix)
+  try:
+    base_meta = read_meta(bm, base_step)
+    stored = _stored_shapes(bm, base_step)
+    if stored is not None:
+      _check_shapes(stored, abstract_state, base_where)
+    try:
+      base = bm.restore(base_step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state)}))
+    except Exception as e:  # noqa: BLE001 - re-raised with the path
+      raise ValueError(f"checkpoint {base_where}: restoring the base of {where} failed ({type(e).__name__}: {e})") from e
+  finally:
+    if not own:
+      bm.close()
+  params = base[STATE]["params"]
+  got = base_identity(dict(base_meta, _dir=base_where), base_step, params)
+  if not _same_identity(want, got):
+    raise ValueError(f"checkpoint {where}: its adapters were trained on base {want['checkpoint']} (step "
+                     f"{want['step']}, lineage {want['lineage_hash']}, fingerprint {want['fingerprint']}) but "
+                     f"{base_where} holds a different base (step {got['step']}, lineage {got['lineage_hash']}, "
+                     f"fingerprint {got['fingerprint']}); refusing to load adapters onto another base")
+  return params
+
+
+def _raw_meta(mngr: ocp.CheckpointManager, step: int):
   try:
     out = mngr.restore(int(step), args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
   except Exception as e:  # noqa: BLE001 - re-raised with the path
     raise ValueError(f"checkpoint {step_dir(mngr, step)}: cannot read its metadata ({type(e).__name__}: {e})") from e
-  meta = out[META]
+  return out[META]
+
+
+def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+  """The checkpoint's metadata, validated (types, ranges, and against the stored arrays)."""
+  meta = _raw_meta(mngr, step)
   where = step_dir(mngr, step)
   if not isinstance(meta, dict) or "model" not in meta:
     raise ValueError(f"checkpoint {where}: metadata has no model config; not a moegrow checkpoint")
-  check_meta(meta, where, _stored_shapes(mngr, step))
+  check_meta(meta, where, None if is_adapter_only(meta, step) else _stored_shapes(mngr, step))
   return meta
 
 
@@ -145,16 +246,25 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict) -> tup
   """(state, meta, data_iterator_state) at `step`, at exactly the shapes/shardings of
   `abstract_state` (a tree of jax.ShapeDtypeStruct with shardings)."""
   where = step_dir(mngr, step)
+  meta = _raw_meta(mngr, step)
+  adapter_only = isinstance(meta, dict) and is_adapter_only(meta, step)
+  if adapter_only:
+    if "lora" not in abstract_state["params"]:
+      raise ValueError(f"checkpoint {where} holds LoRA adapters but the model to restore has none (lora_rank=0)")
+    full, abstract_state = abstract_state, trainable_part(abstract_state)
   stored = _stored_shapes(mngr, step)
   if stored is not None:
     _check_shapes(stored, abstract_state, where)
   try:
     out = mngr.restore(int(step), args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore(),
-        DATA: ocp.args.JsonRestore()}))
+        STATE: ocp.args.StandardRestore(abstract_state), DATA: ocp.args.JsonRestore()}))
   except Exception as e:  # noqa: BLE001 - re-raised with the path
     raise ValueError(f"checkpoint {where}: restore failed ({type(e).__name__}: {e})") from e
-  return out[STATE], out[META], (out[DATA] or {}).get("iterator")
+  state = out[STATE]
+  if adapter_only:
+    params = dict(_restore_base(mngr, step, meta, full, where), lora=state["params"]["lora"])
+    state = dict(state, params=params)
+  return state, meta, (out[DATA] or {}).get("iterator")
 
 
 def has_item(mngr: ocp.CheckpointManager, step: int, item: str) -> bool:
@@ -240,9 +350,35 @@ def seed_workdir(src_step_dir: str, workdir: str, step: int) -> bool:
     raise FileNotFoundError(f"checkpoint {src_step_dir} is missing or incomplete; cannot start {workdir}")
   tmp = os.path.join(workdir, ".seeding")
   shutil.rmtree(tmp, ignore_errors=True)
+  base = _adapter_base_dir(src_step_dir)
   shutil.copytree(src_step_dir, os.path.join(tmp, step_name(0, step)))
+  if base is not None:  # adapters only: their base travels with them, named so no stage mistakes it for its own
+    name = SEEDED_BASE + os.path.basename(base)
+    shutil.copytree(base, os.path.join(tmp, name))
+    meta_file = os.path.join(tmp, step_name(0, step), META, "metadata")
+    with open(meta_file) as f:
+      meta = json.load(f)
+    meta["adapters"]["base"]["checkpoint"] = name
+    with open(meta_file, "w") as f:
+      json.dump(meta, f)
   os.replace(tmp, os.path.join(workdir, "checkpoints"))
   return True
+
+
+def _adapter_base_dir(src_step_dir: str) -> str | None:
+  """The base checkpoint next to an adapter checkpoint (None for an ordinary checkpoint)."""
+  try:
+    with open(os.path.join(src_step_dir, META, "metadata")) as f:
+      meta = json.load(f)
+  except (OSError, ValueError):
+    return None
+  parsed = parse_step_dir(os.path.basename(os.path.normpath(src_step_dir)))
+  if parsed is None or not is_adapter_only(meta, parsed[1]):
+    return None
+  base = os.path.join(os.path.dirname(os.path.normpath(src_step_dir)), meta["adapters"]["base"]["checkpoint"])
+  if not os.path.isdir(os.path.join(base, STATE)):
+    raise FileNotFoundError(f"checkpoint {src_step_dir} holds adapters only and its base {base} is missing")
+  return base
 
 
 def write_json(path: str, obj: Any) -> None:

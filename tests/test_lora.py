@@ -205,3 +205,133 @@ def test_lora_on_the_eight_device_mesh_gives_the_same_losses(lora_run, tmp_path)
   assert sorted(eight) == [4, 5]
   for s in eight:
     assert eight[s] == pytest.approx(one[s], rel=1e-5), s
+
+
+# ---------------------------------------------------------------- adapter checkpoints
+
+def _dir_bytes(path):
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def _stored_paths(step_dir):
+  import orbax.checkpoint as ocp
+  meta = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "state"))
+  tree = getattr(meta, "item_metadata", meta)
+  return {jax.tree_util.keystr(p, simple=True, separator="/")
+          for p, _ in jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))}
+
+
+def test_adapter_checkpoints_resume_exactly_next_to_a_pinned_base(lora_run, tmp_path):
+  """Interrupted in the LoRA stage with keep_checkpoints=1 and a checkpoint every step: the
+  stage's checkpoints after its first hold the adapters only, the base is kept, and the resumed
+  run (including the merge_lora growth from an adapter checkpoint) logs the same losses."""
+  import copy
+  import json
+  import shutil
+  from moegrow.train import stages
+  from _tiny import read_metrics
+  c, wd, _ = lora_run
+  c2 = copy.deepcopy(c)
+  c2.train.update(checkpoint_every=1, keep_checkpoints=1, stop_at_step=5)
+  wd2 = str(tmp_path / "resumed")
+  shutil.copytree(os.path.join(wd, "checkpoints", "3"), os.path.join(wd2, "checkpoints", "3"))
+  stages.train_and_evaluate(c2, wd2)
+  ck = os.path.join(wd2, "checkpoints")
+  assert sorted(d for d in os.listdir(ck) if d.startswith("stage1")) == ["stage1_3", "stage1_5"]  # base pinned
+  stored = _stored_paths(os.path.join(ck, "stage1_5"))
+  assert stored and all(p.startswith(("params/lora/", "opt_state", "step")) for p in stored), sorted(stored)[:5]
+  assert not any(p.startswith("params/blocks") for p in stored)
+  assert _dir_bytes(os.path.join(ck, "stage1_5", "state")) < 0.5 * _dir_bytes(os.path.join(ck, "stage1_3", "state"))
+  with open(os.path.join(ck, "stage1_5", "meta", "metadata")) as f:
+    ad = json.load(f)["adapters"]
+  assert (ad["rank"], ad["alpha"], ad["base"]["checkpoint"], ad["base"]["step"]) == (4, 8.0, "stage1_3", 3)
+  c2.train.stop_at_step = 0
+  stages.train_and_evaluate(c2, wd2)
+  one = {r["step"]: r["loss"] for r in read_metrics(wd) if "loss" in r}
+  two = {r["step"]: r["loss"] for r in read_metrics(wd2) if "loss" in r}
+  assert sorted(two) == [4, 5, 6, 7]
+  assert all(two[s] == one[s] for s in two), (one, two)  # bit-identical losses, merge stage included
+
+
+def test_adapters_refuse_a_different_base(lora_run, tmp_path):
+  """The adapters' base replaced by another model (one weight changed): restoring them is an
+  error naming both checkpoints; the genuine pair restores."""
+  import shutil
+  from moegrow import checkpoint
+  from moegrow.train import stages, steps
+  c, wd, _ = lora_run
+  ck = str(tmp_path / "checkpoints")
+  shutil.copytree(os.path.join(wd, "checkpoints"), ck)
+  plan = stages.resolve_stages(c, stages.model_config(c))
+  prog = steps.build_program(plan[1].cfg, stages.stage_train(c.train, plan[1]), stages.make_mesh(c))
+  mngr = checkpoint.manager(ck, read_only=True, step_prefix="stage1")
+  state, meta, _ = checkpoint.restore(mngr, 6, prog.abstract_state)  # adapters + their base
+  base, base_meta, data_state = checkpoint.restore(mngr, 3, prog.abstract_state)
+  mngr.close()
+  np.testing.assert_array_equal(state["params"]["embed_VD"], base["params"]["embed_VD"])
+  assert "adapters" in meta and "adapters" not in base_meta
+  other = jax.tree_util.tree_map(lambda x: x, base)
+  other["params"] = dict(base["params"], embed_VD=base["params"]["embed_VD"] * 1.01)
+  shutil.rmtree(os.path.join(ck, "stage1_3"))
+  writer = checkpoint.manager(ck, async_save=False, step_prefix="stage1")
+  checkpoint.save(writer, 3, other, base_meta, data_state)
+  writer.close()
+  mngr = checkpoint.manager(ck, read_only=True, step_prefix="stage1")
+  with pytest.raises(ValueError, match=r"stage1_6: its adapters were trained on base stage1_3 .* but .*stage1_3 holds "
+                                       r"a different base"):
+    checkpoint.restore(mngr, 6, prog.abstract_state)
+  mngr.close()
+
+
+def test_seeding_a_workdir_from_adapters_brings_their_base(lora_run, tmp_path):
+  from moegrow import checkpoint
+  from moegrow.train import stages, steps
+  c, wd, _ = lora_run
+  plan = stages.resolve_stages(c, stages.model_config(c))
+  prog = steps.build_program(plan[1].cfg, stages.stage_train(c.train, plan[1]), stages.make_mesh(c))
+  src = os.path.join(wd, "checkpoints", "stage1_6")
+  new = str(tmp_path / "seeded")
+  assert checkpoint.seed_workdir(src, new, 6)
+  assert sorted(os.listdir(os.path.join(new, "checkpoints"))) == ["6", "base-stage1_3"]
+  assert checkpoint.locate(new)[2] == 6  # the copied base is not taken for a step of the run
+  mngr = checkpoint.manager(os.path.join(new, "checkpoints"), read_only=True)
+  state, _, _ = checkpoint.restore(mngr, 6, prog.abstract_state)
+  mngr.close()
+  want, _ = _restore(wd, c, 1, 6)
+  for p, x in trees.flatten(want["params"]).items():
+    np.testing.assert_array_equal(trees.flatten(jax.device_get(state["params"]))[p], x, err_msg=p)
+
+
+def test_task_arithmetic_on_adapters_is_the_sum_of_their_products():
+  """Two adapter sets (different ranks and alphas) combined by task arithmetic: each weight is
+  W + lam * sum_i (alpha_i / r_i) A_i B_i, computed here with numpy per expert."""
+  from moegrow.surgery.lora_ops import merge_adapters
+  cfg = moe()
+  params = tf.init_params(cfg, 0)
+  ad1 = random_b(lora.init(params, rank=2, key=jax.random.key(1)), seed=2)
+  ad2 = random_b(lora.init(params, rank=4, key=jax.random.key(3), patterns=(r"blocks/\d+/attn/w.*",)), seed=4)
+  got = trees.flatten(merge_adapters("task_arithmetic", params, [ad1, ad2], [4.0, 2.0], lam=0.5))
+  want = {p: np.asarray(w, np.float64) for p, w in trees.flatten(params).items()}
+  for ad, alpha in ((ad1, 4.0), (ad2, 2.0)):
+    flat = trees.flatten(ad)
+    for p in {q.rsplit("/", 1)[0] for q in flat}:
+      a, b = np.asarray(flat[p + "/A"], np.float64), np.asarray(flat[p + "/B"], np.float64)
+      prod = np.stack([a[e] @ b[e] for e in range(a.shape[0])]).reshape(want[p].shape)
+      want[p] = want[p] + 0.5 * alpha / a.shape[-1] * prod
+  assert set(got) == set(want)
+  for p in want:
+    np.testing.assert_allclose(np.asarray(got[p], np.float64), want[p], atol=2e-6, err_msg=p)
+  assert not np.allclose(got["blocks/0/attn/wq_DHA"], params["blocks"]["0"]["attn"]["wq_DHA"])
+  with pytest.raises(ValueError, match="2 adapter sets but 3 alphas"):
+    merge_adapters("ties", params, [ad1, ad2], [1.0, 2.0, 3.0])
+  with pytest.raises(ValueError, match="'slerp' does not merge task vectors"):
+    merge_adapters("slerp", params, [ad1, ad2], 1.0)
+
+
+def test_lora_dropout_is_refused_with_the_reason():
+  from moegrow.train import validate
+  cfg = moe()
+  ops, frozen = validate.lora_stage(dict(rank=2, dropout=0.0), cfg, (), (), 1)
+  assert ops == (dict(op="add_lora", rank=2),) and frozen == (validate.BASE_FROZEN,)
+  with pytest.raises(ValueError, match=r"stages\[1\]\.lora\.dropout=0\.1: LoRA dropout is not supported.*folded"):
+    validate.lora_stage(dict(rank=2, dropout=0.1), cfg, (), (), 1)

@@ -2,6 +2,7 @@
 
     add_lora(cfg, rank=8, alpha=16.0, targets=None)   params['lora'] appears: A ~ N(0, 1/in), B = 0
     merge_lora(cfg)                                  W <- W + (alpha / r) A B; params['lora'] goes
+    merge_adapters(method, base, adapters, alpha)    several adapters combined by a merge method
 Both are exact: `merge_lora`'s weights are the very sums `moegrow.model.transformer.apply` forms
 from the adapters (same float32 arithmetic, same cast), so logits are bit-identical. Other growth
 ops refuse a model that carries adapters (merge them first): they would need rules for every
@@ -9,13 +10,14 @@ adapter of every weight they reshape. Adapter math: `moegrow.lora`.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from moegrow import lora
 from moegrow.config import LORA_TARGETS
+from moegrow.surgery import merge as merging
 from moegrow.surgery import rules as R
 from moegrow.surgery.op import Plan, growth_op
 
@@ -65,3 +67,21 @@ def merge_lora(cfg) -> Plan:
 
   base = cfg.replace(lora_rank=0, lora_alpha=16.0, lora_targets=LORA_TARGETS)
   return Plan(base, rules, exact=True, note="the merged weights are the sums the adapter model computes")
+
+
+def merge_adapters(method: str, base: Mapping, adapters: Sequence[Mapping], alpha: float | Sequence[float], *,
+                   key=None, **params) -> dict:
+  """Combine adapters trained on one base (task arithmetic on adapters): each adapter set is a
+  task vector tau_i = (alpha_i / r_i) A_i B_i on its weights (zero elsewhere), and `method` (any
+  of `moegrow.surgery.merge.METHODS` that takes a base, e.g. task_arithmetic, ties, dare_ties)
+  merges the models base + tau_i. Returns plain params (no adapters). The adapters' product, not
+  A and B separately, is merged: sum_i A_i B_i is not (sum_i A_i)(sum_i B_i)."""
+  if not adapters:
+    raise ValueError("merge_adapters: no adapters given")
+  alphas = [float(alpha)] * len(adapters) if isinstance(alpha, (int, float)) else [float(a) for a in alpha]
+  if len(alphas) != len(adapters):
+    raise ValueError(f"merge_adapters: {len(adapters)} adapter sets but {len(alphas)} alphas")
+  if method not in merging.NEEDS_BASE:
+    raise ValueError(f"merge_adapters: {method!r} does not merge task vectors; use one of {merging.NEEDS_BASE}")
+  models = [lora.apply(base, ad, a) for ad, a in zip(adapters, alphas)]
+  return merging.merge(method, models, base, key=key, **params)

@@ -42,7 +42,7 @@ from moegrow.surgery import apply as surgery
 from moegrow.train import continual, forgetting, loop, optim, probes
 from moegrow.train.logbook import Logbook
 from moegrow.train.steps import Objective, build_program, params_sharding
-from moegrow.train.validate import STAGE_KEYS, continual_options, lora_stage, validate_config
+from moegrow.train.validate import BASE_FROZEN, STAGE_KEYS, continual_options, lora_stage, validate_config
 from moegrow.trees import to_plain
 from moegrow.workdir_lock import WorkdirLock
 
@@ -148,10 +148,16 @@ def growth_key(seed: int, stage: int):
   return jax.random.fold_in(jax.random.key(seed), 1000 + stage)
 
 
-def manager(workdir: str, stage: int, tr, read_only: bool = False):
+def manager(workdir: str, stage: int, tr, read_only: bool = False, pinned: tuple = ()):
   return checkpoint.manager(os.path.join(workdir, "checkpoints"), keep=tr.keep_checkpoints,
                             async_save=tr.async_checkpoint, read_only=read_only,
-                            step_prefix=checkpoint.stage_prefix(stage))
+                            step_prefix=checkpoint.stage_prefix(stage), pinned=pinned)
+
+
+def adapter_stage(stage: Stage) -> bool:
+  """A LoRA stage: adapters train on a frozen base, so its checkpoints after the first (the base)
+  hold only the adapters' state (moegrow.checkpoint, "Adapter checkpoints")."""
+  return bool(stage.cfg.lora_rank) and BASE_FROZEN in stage.frozen
 
 
 def latest(workdir: str, stages: list[Stage], tr) -> tuple[int, int | None]:
@@ -500,7 +506,7 @@ def _run_stages(config, workdir: str, pre: loop.Preempted) -> dict[str, Any]:
       book.say(f"SIGTERM: stopping before stage {st.index}; run the same command to resume")
       result["preempted"] = True
       break
-    mngr = manager(workdir, st.index, tr)
+    mngr = manager(workdir, st.index, tr, pinned=(st.start,) if adapter_stage(st) else ())
     ewc = None
     try:
       program = build_program(st.cfg, stage_train(tr, st), mesh, objective(st, stages))
@@ -536,6 +542,8 @@ def _run_stages(config, workdir: str, pre: loop.Preempted) -> dict[str, Any]:
                    "to resume")
           result.update(preempted=True, step=int(state["step"]), stage=st.index)
           break
+      if adapter_stage(st) and "adapters" not in meta:  # the stage's first checkpoint is the adapters' base
+        meta = checkpoint.with_adapters(meta, st.cfg, checkpoint.step_dir(mngr, st.start), st.start, state["params"])
       ctx = None
       if program.objective is not None:
         ctx = {}

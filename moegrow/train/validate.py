@@ -101,18 +101,25 @@ def _mixture(tree, key: str) -> dict[str, float]:
   return {str(k): float(v) for k, v in mix.items()}
 
 
-LORA_KEYS = ("rank", "alpha", "targets")
+LORA_KEYS = ("rank", "alpha", "targets", "dropout")
 BASE_FROZEN = r"^(?!lora/)"  # every parameter but the adapters
 
 
 def lora_stage(spec, cfg: ModelConfig, ops: tuple, frozen: tuple, i: int) -> tuple[tuple, tuple]:
-  """A stage's `lora=dict(rank, alpha, targets)`: add_lora after the stage's ops (unless the model
-  already carries adapters, which then train on), and the base frozen (no optimizer state)."""
+  """A stage's `lora=dict(rank, alpha, targets, dropout=0.0)`: add_lora after the stage's ops (unless
+  the model already carries adapters, which then train on), and the base frozen (no optimizer
+  state). Dropout on the adapter path is refused (see the error)."""
   spec = to_plain(spec)
   unknown = sorted(set(spec) - set(LORA_KEYS)) if isinstance(spec, dict) else None
+  spec = dict(spec) if isinstance(spec, dict) else spec
   if unknown is None or unknown or (not cfg.lora_rank and "rank" not in spec):
     raise ValueError(f"stages[{i}].lora={spec!r}: expected dict(rank=, alpha=, targets=) with keys among "
                      f"{LORA_KEYS}" + (f" (unknown: {unknown})" if unknown else ""))
+  dropout = spec.pop("dropout", 0.0)
+  if dropout:
+    raise ValueError(f"stages[{i}].lora.dropout={dropout}: LoRA dropout is not supported. The adapters are folded "
+                     "into the weights before the layers run (so the fused expert kernels stay unchanged), which "
+                     "leaves no separate x A B path to drop; use dropout=0.0")
   if not cfg.lora_rank:
     ops = ops + (dict(op="add_lora", **spec),)
   elif any(spec.get(k, v) != v for k, v in (("rank", cfg.lora_rank), ("alpha", cfg.lora_alpha))):
