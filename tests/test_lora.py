@@ -335,3 +335,25 @@ def test_lora_dropout_is_refused_with_the_reason():
   assert ops == (dict(op="add_lora", rank=2),) and frozen == (validate.BASE_FROZEN,)
   with pytest.raises(ValueError, match=r"stages\[1\]\.lora\.dropout=0\.1: LoRA dropout is not supported.*folded"):
     validate.lora_stage(dict(rank=2, dropout=0.1), cfg, (), (), 1)
+
+
+def test_a_stage_can_grow_and_add_adapters_at_one_boundary():
+  """stage 1 = add_experts 4 -> 8 (exact) + lora: the adapters sit on the grown model, every
+  expert (old and new) has its own, and the boundary is exact (logits equal the old model's)."""
+  import ml_collections
+  from moegrow.surgery import apply as surgery
+  from moegrow.train import stages
+  cfg = moe()
+  c = ml_collections.ConfigDict({"train": {"steps": 0}})
+  c.stages = (dict(name="a", steps=1), dict(name="b", steps=1, ops=(dict(op="add_experts", num_experts=8),),
+                                           lora=dict(rank=2)))
+  st = stages.resolve_stages(c, cfg)[1]
+  assert [o["op"] for o in st.ops] == ["add_experts", "add_lora"] and st.cfg.lora_rank == 2
+  assert st.cfg.num_experts == 8 and stages.adapter_stage(st)
+  params = tf.init_params(cfg, 0)
+  grown, new_cfg, _ = surgery.apply_ops({"params": params}, cfg, st.ops, jax.random.key(1), shapes=tf.abstract_params)
+  assert new_cfg == st.cfg
+  assert trees.flatten(grown["params"]["lora"])["blocks/1/mlp/wact_EDF/A"].shape == (8, 16, 2)
+  x = tokens()
+  np.testing.assert_allclose(np.asarray(tf.apply(new_cfg, grown["params"], x)[0]),
+                             np.asarray(tf.apply(cfg, params, x)[0]), atol=1e-5)
