@@ -4,8 +4,9 @@
 (every arm but `joint` expects base's checkpoint N copied into its workdir first, or trains its
 own stage 0; `python -m experiments.continual.run` does all of it, for several seeds.)
 Expected (3 seeds, mean): Shakespeare forgetting plain 0.85, replay_25 0.19, ewc_hi 0.35,
-grow_freeze 0.84, grow_freeze_distill 0.15 nats; Python loss 2.40-2.43 except ewc_hi and
-grow_freeze_distill (2.71). See experiments/continual/README.md.
+grow_freeze 0.84, grow_freeze_distill 0.15, lora_4 0.68, lora_64 0.88 nats; Python loss 2.40-2.44
+except ewc_hi and grow_freeze_distill (2.71), lora_4 (2.80) and lora_16 (2.58).
+See experiments/continual/README.md.
 """
 from experiments.continual import figure
 

@@ -3,12 +3,15 @@
 Stage 0 (shared, `base`): a small MoE (d=128, 2 layers, layer 1 E=2 top-1; d=64 in --quick)
 trained on Shakespeare only for N steps. Stage 1: each arm continues base's checkpoint N for M steps on Python:
   plain          fine-tune on Python;
-  replay_1/5/25  with 1%, 5%, 25% of the rows replayed from Shakespeare;
+  replay_5/25    with 5%, 25% of the rows replayed from Shakespeare;
   ewc_lo/mid/hi  EWC (Fisher of base on Shakespeare) at three lambdas;
   grow_freeze    add_experts 2 -> 4 (copy_noise) + freeze the old experts and router columns
                  (Lifelong-MoE, Chen et al. 2023);
   grow_freeze_distill  the same + distillation from base (alpha 0.5, T 2) on every token;
   grow_freeze_replay5  the same as grow_freeze + 5% replay;
+  lora_4/16/64   LoRA adapters of rank 4, 16, 64 (alpha = 2 r, Biderman et al. 2024) on attention
+                 q/k/v/o and the dense and expert MLP weights, base frozen; `plain` is the full
+                 fine-tuning they are compared with (same steps, schedule and learning rate);
   joint          the reference: the same model trained on both domains from the start, N + M steps.
 Every arm has the same schedule (one cosine over N + M steps, warm-up 10) and the same data seed
 per seed. Learning = the final Python validation loss; forgetting = the final Shakespeare loss
@@ -31,11 +34,12 @@ from moegrow.configs import lm
 OLD, NEW = "shakespeare_plays", "python_stdlib"
 GROW = (dict(op="add_experts", num_experts=4, mode="copy_noise", noise_std=0.01),)
 EWC = {"ewc_lo": 100.0, "ewc_mid": 3000.0, "ewc_hi": 100000.0}
+LORA_RANKS = (4, 16, 64)
 SIZES = {
     "small": dict(base_steps=200, new_steps=100, eval_batches=64, log_every=20, eval_every=50),
     "quick": dict(base_steps=4, new_steps=3, eval_batches=1, log_every=1, eval_every=3),
 }
-QUICK_ARMS = ("plain", "ewc_hi", "grow_freeze_distill")  # every code path but replay (unit-tested)
+QUICK_ARMS = ("plain", "ewc_hi", "grow_freeze_distill", "lora_4")  # every code path but replay (unit-tested)
 
 
 def stage1(name: str) -> dict:
@@ -51,6 +55,9 @@ def stage1(name: str) -> dict:
       spec["distill"] = dict(alpha=0.5, temperature=2.0)
     if name.endswith("replay5"):
       spec["replay"] = dict(fraction=0.05)
+  elif name.startswith("lora_"):
+    rank = int(name.split("_")[1])
+    spec["lora"] = dict(rank=rank, alpha=2.0 * rank)
   elif name != "plain":
     raise ValueError(f"experiments/continual: unknown arm {name!r}")
   return spec
@@ -73,8 +80,8 @@ def base_config(size: str) -> ml_collections.ConfigDict:
 def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
   """Each arm's config (seed 0; the harness sets the seed)."""
   s = SIZES[size]
-  names = ["plain", "replay_1", "replay_5", "replay_25", *EWC, "grow_freeze", "grow_freeze_distill",
-           "grow_freeze_replay5"]
+  names = ["plain", "replay_5", "replay_25", *EWC, "grow_freeze", "grow_freeze_distill",
+           "grow_freeze_replay5", *(f"lora_{r}" for r in LORA_RANKS)]
   out = {}
   for name in ["base"] + names:
     c = base_config(size)
@@ -105,16 +112,23 @@ def figure(quick: bool = False) -> Figure:
       arms.append(Arm(name, make(name), name.replace("_", " "), start_from="base", start_step=n))
   claims = [Claim("EWC (high lambda) forgets less than plain fine-tuning", "ewc_hi", "plain", OLD),
             Claim("plain fine-tuning learns Python better than EWC (high lambda)", "plain", "ewc_hi", NEW),
-            Claim("new experts + freezing + distillation forget less than plain", "grow_freeze_distill", "plain", OLD)]
+            Claim("new experts + freezing + distillation forget less than plain", "grow_freeze_distill", "plain", OLD),
+            Claim("LoRA (r=4) forgets less than full fine-tuning", "lora_4", "plain", OLD)]
   if not quick:
     claims += [Claim("25% replay forgets less than plain fine-tuning", "replay_25", "plain", OLD),
                Claim("5% replay forgets less than plain fine-tuning", "replay_5", "plain", OLD),
                Claim("EWC: high lambda forgets less than low", "ewc_hi", "ewc_lo", OLD),
                Claim("EWC: low lambda learns Python better than high", "ewc_lo", "ewc_hi", NEW),
                Claim("new experts + freezing forget less than plain", "grow_freeze", "plain", OLD),
-               Claim("distillation reduces the remaining forgetting", "grow_freeze_distill", "grow_freeze", OLD)]
+               Claim("distillation reduces the remaining forgetting", "grow_freeze_distill", "grow_freeze", OLD),
+               # Biderman et al. 2024: LoRA learns less and forgets less, more so at lower rank
+               Claim("full fine-tuning learns Python better than LoRA (r=64)", "plain", "lora_64", NEW),
+               Claim("full fine-tuning learns Python better than LoRA (r=16)", "plain", "lora_16", NEW),
+               Claim("LoRA r=64 learns Python better than r=4", "lora_64", "lora_4", NEW),
+               Claim("LoRA (r=64) forgets less than full fine-tuning", "lora_64", "plain", OLD),
+               Claim("LoRA r=4 forgets less than r=64", "lora_4", "lora_64", OLD)]
   plan = {"size": size, "base_steps": n, "new_steps": s["new_steps"], "eval_batches": s["eval_batches"],
-          "arms": names, "ewc": EWC}
+          "arms": names, "ewc": EWC, "lora_ranks": LORA_RANKS}
   return Figure("continual", f"Continual pre-training, Shakespeare -> Python ({size})", tuple(arms), tuple(claims),
                 plan=plan, x_label="training FLOPs", extra_report=frontier)
 
