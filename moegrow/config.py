@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from typing import Any
 
 MOE_PATTERNS = ("none", "all", "every_other")
@@ -18,6 +19,35 @@ MOE_IMPLS = ("auto", "blocks", "ragged_dot")
 DTYPES = ("float32", "bfloat16", "float16")
 # LoRA's default targets: attention projections and dense / shared / expert MLP weights.
 LORA_TARGETS = (r"blocks/\d+/attn/w[qkvo]_\w+", r"blocks/\d+/mlp/(shared/)?w(act|lin|o)_\w+")
+RAMP_KINDS = ("scale", "logbias")  # how a ramp's mask m acts on its slice (see moegrow.ramp)
+
+
+def ramp_entries(ramps) -> tuple:
+  """`ramps` (lists or tuples, e.g. read back from JSON) as nested tuples
+  ((name, steps, ((kind, path, axis, start, stop), ...)), ...); ValueError naming the entry
+  that is malformed."""
+  is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+  seq = lambda v: isinstance(v, (list, tuple))
+  if not seq(ramps):
+    raise ValueError(f"ModelConfig: ramps={ramps!r} must be a tuple of (name, steps, targets) entries")
+  out, names = [], set()
+  for n, r in enumerate(ramps):
+    if not (seq(r) and len(r) == 3 and isinstance(r[0], str) and re.fullmatch(r"[A-Za-z0-9_.-]+", r[0])
+            and is_int(r[1]) and r[1] >= 1 and seq(r[2]) and len(r[2]) >= 1):
+      raise ValueError(f"ModelConfig: ramps[{n}]={r!r} must be (name: str without '/', steps: int >= 1, "
+                       "targets: a non-empty tuple of (kind, path, axis, start, stop))")
+    if r[0] in names:
+      raise ValueError(f"ModelConfig: ramps[{n}]: name {r[0]!r} is used twice")
+    names.add(r[0])
+    targets = []
+    for j, t in enumerate(r[2]):
+      if not (seq(t) and len(t) == 5 and t[0] in RAMP_KINDS and isinstance(t[1], str) and t[1]
+              and all(is_int(x) for x in t[2:]) and t[2] >= 0 and 0 <= t[3] < t[4]):
+        raise ValueError(f"ModelConfig: ramps[{n}] ({r[0]}) target {j}={t!r} must be (kind in {RAMP_KINDS}, "
+                         "param path, axis >= 0, start >= 0, stop > start)")
+      targets.append(tuple(t))
+    out.append((r[0], int(r[1]), tuple(targets)))
+  return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +92,10 @@ class ModelConfig:
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_targets: Any = LORA_TARGETS
+  # Ramped growth (moegrow.ramp; MSG, Yao et al. 2024): entries (name, steps N, targets), each target
+  # (kind, param path, axis, start, stop): the slice [start, stop) along `axis` of that weight is
+  # masked by m = params['ramp'][name], which training moves 0 -> 1 over N steps. (): no ramps.
+  ramps: Any = ()
 
   def __post_init__(self):
     self._check_fields()
@@ -78,6 +112,7 @@ class ModelConfig:
       fix("num_experts", tuple(self.num_experts))
     if isinstance(self.lora_targets, list):
       fix("lora_targets", tuple(self.lora_targets))
+    fix("ramps", ramp_entries(self.ramps))
     self._validate()
 
   def _check_fields(self):
@@ -155,7 +190,8 @@ class ModelConfig:
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    lists = lambda v: [lists(x) for x in v] if isinstance(v, (list, tuple)) else v
+    return {k: lists(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), sort_keys=True)

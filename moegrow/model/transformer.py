@@ -7,7 +7,9 @@ nested dicts with string keys, e.g. `params["blocks"]["3"]["mlp"]["wact_EDF"]`:
   init_params(cfg, seed) -> params      apply(cfg, params, tokens_BT) -> (logits_BTV, aux)
   logical_axes(cfg) -> same tree of logical-axis tuples;   abstract_params(cfg) -> ShapeDtypeStructs
 With cfg.lora_rank > 0 the params also hold LoRA adapters under params['lora'] (moegrow.model.lora);
-`apply` folds them into the weights before the layers run, so the kernels are unchanged.
+`apply` folds them into the weights before the layers run, so the kernels are unchanged. With
+cfg.ramps (ramped growth, moegrow.ramp) the params hold the ramps' masks under params['ramp']
+(float32 scalars); `apply` masks the ramped slices the same way, after the adapters.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from flax import nnx
 
 from moegrow.config import ModelConfig
 from moegrow import lora
+from moegrow import ramp
 from moegrow.model.layers import Attention, Mlp, RMSNorm, param
 from moegrow.model.moe import MoeMlp
 from moegrow.sharding import constrain
@@ -87,14 +90,16 @@ class TransformerLM(nnx.Module):
 # ---------------------------------------------------------------- pure-dict interface
 
 def base_config(cfg: ModelConfig) -> ModelConfig:
-  """`cfg` without its LoRA adapters (the layers' own config)."""
-  return cfg.replace(lora_rank=0, lora_alpha=16.0, lora_targets=ModelConfig.lora_targets) if cfg.lora_rank else cfg
+  """`cfg` without its LoRA adapters and ramps (the layers' own config)."""
+  if cfg.lora_rank:
+    cfg = cfg.replace(lora_rank=0, lora_alpha=16.0, lora_targets=ModelConfig.lora_targets)
+  return ramp.strip(cfg)
 
 
 @functools.lru_cache(maxsize=64)
 def _graph(cfg: ModelConfig):
   """GraphDef and abstract nnx.State of `cfg` (no FLOPs, no memory)."""
-  if cfg.lora_rank:
+  if cfg.lora_rank or cfg.ramps:
     return _graph(base_config(cfg))
   abstract = nnx.eval_shape(lambda: TransformerLM(cfg, nnx.Rngs(0)))
   return nnx.split(abstract)
@@ -116,10 +121,20 @@ def _state_from(cfg: ModelConfig, params: dict):
 
 def model_from_params(cfg: ModelConfig, params: dict) -> TransformerLM:
   """NNX model whose parameters are `params` (validated: exact keys and shapes); LoRA adapters,
-  if any, folded into the weights."""
+  if any, folded into the weights, then ramp masks, if any, applied (`fold_ramps`)."""
   if cfg.lora_rank:
-    cfg, params = base_config(cfg), fold_lora(cfg, params)
-  return nnx.merge(*_state_from(cfg, params))
+    params = fold_lora(cfg, params)
+  if cfg.ramps:
+    params = fold_ramps(cfg, params)
+  return nnx.merge(*_state_from(base_config(cfg), params))
+
+
+def fold_ramps(cfg: ModelConfig, params: dict) -> dict:
+  """The params with every ramp mask params['ramp'] applied to its slices (moegrow.ramp.apply):
+  the effective weights the layers run on, without 'ramp'."""
+  if ramp.KEY not in params:
+    raise ValueError(f"params have no '{ramp.KEY}' masks but the model has ramps {ramp.names(cfg)}")
+  return ramp.apply(params, cfg)
 
 
 def fold_lora(cfg: ModelConfig, params: dict) -> dict:
@@ -139,6 +154,9 @@ def init_params(cfg: ModelConfig, seed: int | jax.Array = 0) -> dict:
   if cfg.lora_rank:
     key = jax.random.fold_in(seed if isinstance(seed, jax.Array) else jax.random.key(seed), 0x10A)
     params["lora"] = lora.init(params, rank=cfg.lora_rank, key=key, patterns=cfg.lora_targets)
+  if cfg.ramps:
+    ramp.check(params, cfg)
+    params[ramp.KEY] = ramp.init(cfg)  # m = 0: the new units start switched off
   return params
 
 
@@ -151,6 +169,9 @@ def abstract_params(cfg: ModelConfig) -> dict:
   out = to_plain(nnx.to_pure_dict(_graph(cfg)[1]))
   if cfg.lora_rank:
     out["lora"] = lora.abstract(out, rank=cfg.lora_rank, patterns=cfg.lora_targets)
+  if cfg.ramps:
+    ramp.check(out, cfg)
+    out[ramp.KEY] = ramp.abstract(cfg)
   return out
 
 
@@ -162,4 +183,6 @@ def logical_axes(cfg: ModelConfig) -> dict:
   out = to_plain(axes, sequences=False)
   if cfg.lora_rank:
     out["lora"] = lora.logical_axes(abstract_params(base_config(cfg)), out, cfg.lora_targets)
+  if cfg.ramps:
+    out[ramp.KEY] = ramp.logical_axes(cfg)  # scalars, replicated
   return out

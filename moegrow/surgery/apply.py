@@ -12,25 +12,59 @@ moments, scaled copies scale mu by c and nu by c^2, new slices are zeros); with 
 leaf that is not an unmodified copy gets zero moments. 'count' (the Adam step) passes through.
 Reports are JSON-serialisable: op, args, opt_state, exact, note, old/new config and `map`
 {target path: {'action', 'from': [source paths]}}.
+
+Ramps (ramped growth, `moegrow.ramp`): an op given `ramp_steps` leaves its new units behind a mask
+(params['ramp'], cfg.ramps). Before any other op runs on a model that carries ramps, `plans`
+inserts the op `fold_ramps`, which bakes the masks into the weights (exact for any m; after a
+finished ramp the weights are bit-identical) and drops them. A ramped op must therefore be the
+last op of its list (only an explicit fold_ramps may follow it).
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from moegrow import ramp
 from moegrow.config import ModelConfig
 from moegrow.surgery import rules as R
 from moegrow.surgery.moe_ops import add_experts, drop_upcycle, granular_upcycle, upcycle
 from moegrow.surgery.lora_ops import add_lora, merge_lora
-from moegrow.surgery.op import Plan
+from moegrow.surgery.op import Plan, growth_op
 from moegrow.surgery.rebake import to_dense
 from moegrow.surgery.shape_ops import add_heads, insert_blocks, stack, widen_mlp, widen_model
 from moegrow.trees import check_tree, flatten, json_leaf, to_plain, unflatten
 
+
+
+@growth_op
+def fold_ramps(cfg) -> Plan:
+  """Bake every ramp's mask into its weights (`moegrow.ramp.fold`): the stored weights become the
+  effective ones (W * m, b + max(log m, -1e4)) and params['ramp'] and cfg.ramps go. Exact for any
+  m, bit-identical after a finished ramp (m = 1). Moments (and a Fisher) are carried unchanged;
+  the masks have none. `plans` runs it before any other op on a model that carries ramps."""
+  if not cfg.ramps:
+    raise ValueError("fold_ramps: the model carries no ramps")
+  items = ramp.by_path(cfg)
+
+  def fold(path):
+    names = sorted({n for n, _ in items[path]})
+
+    def fn(kind, key, w, *masks):
+      return ramp.fold_leaf(w, items[path], dict(zip(names, masks))) if kind == "params" else w
+    return R.compute([path] + [f"{ramp.KEY}/{n}" for n in names], fn, "fold_ramps")
+
+  def rules(key):
+    return ([(re.escape(p), fold(p)) for p in items] + [(f"{ramp.KEY}/.*", R.drop()), (".*", R.copy())])
+
+  return Plan(ramp.strip(cfg), rules, exact=True,
+              note="the folded weights are the masked weights the ramped model computes with")
+
+
 OPS = {f.__name__: f for f in (upcycle, granular_upcycle, drop_upcycle, add_experts, insert_blocks, stack,
-                               widen_mlp, add_heads, widen_model, to_dense, add_lora, merge_lora)}
+                               widen_mlp, add_heads, widen_model, to_dense, add_lora, merge_lora, fold_ramps)}
 LORA_OPS = ("add_lora", "merge_lora")  # the only ops that see a model carrying adapters
 STATE_KEYS = ("params", "mu", "nu", "count")
 MOMENTS = ("mu", "nu")
@@ -53,15 +87,26 @@ def parse_op(spec: Any, n: int = 0) -> tuple[str, dict, str]:
 
 
 def plans(cfg: ModelConfig, ops: Sequence[Mapping[str, Any]]) -> list[tuple[str, dict, str, Plan]]:
-  """Each op's (name, args, opt_state, Plan), planned in order on the config it will see."""
+  """Each op's (name, args, opt_state, Plan), planned in order on the config it will see. On a
+  model that carries ramps, an automatic fold_ramps plan comes first (see the module doc)."""
   out = []
+  ramped = None  # (n, name) of the op of this list that added the model's ramps
   for n, spec in enumerate(ops):
     name, args, opt_state = parse_op(spec, n)
     if cfg.lora_rank and name not in LORA_OPS:
       raise ValueError(f"growth op #{n} ({name}): the model carries LoRA adapters (lora_rank={cfg.lora_rank}); "
                        "growth ops do not carry adapters: fold them in first with {'op': 'merge_lora'}")
+    if cfg.ramps and name != "fold_ramps":
+      if ramped is not None:
+        raise ValueError(f"growth op #{n} ({name}) follows op #{ramped[0]} ({ramped[1]}), which adds a ramp: the "
+                         "ramp would be folded at m = 0 before it ever trains; a ramped op must be the last op "
+                         "(of a stage, LoRA adapters included)")
+      plan = fold_ramps(cfg)
+      out.append(("fold_ramps", {}, "carry", plan))
+      cfg = plan.new_cfg
     plan = OPS[name](cfg, **args)
     out.append((name, args, opt_state, plan))
+    ramped = (n, name) if len(plan.new_cfg.ramps) > len(cfg.ramps) else None
     cfg = plan.new_cfg
   return out
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moegrow import ramp
 from moegrow.config import fan_in_std
 from moegrow.surgery import rules as R
 from moegrow.surgery.op import (Layers, Plan, expert_counts, growth_op, mlp_names, moe_fields, resolve_counts,
@@ -20,6 +21,7 @@ from moegrow.surgery.op import (Layers, Plan, expert_counts, growth_op, mlp_name
 # ---------------------------------------------------------------- upcycling
 
 def _upcycle(cfg, *, op, layers, num_experts, top_k, gating, granularity, router_std, drop_ratio=0.0) -> Plan:
+  _refuse_ramped(cfg, op)
   g = granularity
   ids = resolve_layers(cfg, layers, op)
   already = {i: cfg.experts_in_layer(i) for i in ids if cfg.experts_in_layer(i)}
@@ -167,7 +169,7 @@ def add_experts(cfg, *, num_experts: int | Sequence[int] | Mapping[Any, int],
                 loads: Mapping[Any, Any] | None = None, mode: Literal["exact", "copy_noise", "split"] = "exact",
                 noise_std: float | None = None, new_bias: float = -1e4,
                 router_init: Literal["copy", "hidden"] = "copy", router_domain: str = "",
-                centroids: Mapping[Any, Any] | None = None) -> Plan:
+                centroids: Mapping[Any, Any] | None = None, ramp_steps: int = 0) -> Plan:
   """Grow E -> E' experts in MoE layers (default: all of them); E' < E is an error.
 
   New expert j copies old expert src[j]: 'round_robin' src = j mod E; 'most_loaded' takes the
@@ -194,9 +196,22 @@ def add_experts(cfg, *, num_experts: int | Sequence[int] | Mapping[Any, int],
     copy noise), and its bias makes its logit at the midpoint m = (c_old + c_new) / 2 equal the
     old experts' mean logit there: b = mean_e (m W_e + b_e) - m col. Tokens nearer the new
     domain's centroid score higher on the new experts. Their router moments start at zero.
+  ramp_steps=N > 0 (ramped growth, MSG; modes exact / copy_noise): the new experts are the
+    copy_noise ones (noise_std default 0.01), with router bias 0 (router_init='hidden': its
+    bias), behind a mask m = 0 -> 1 over N steps that adds max(log m, -1e4) to their router bias
+    (their gate weight times m): exact at m = 0, the plain grown model at m = 1 (moegrow.ramp).
   Moments: copies carry their source's moments.
   """
   op = "add_experts"
+  _refuse_ramped(cfg, op)
+  if ramp_steps < 0:
+    raise ValueError(f"{op}: ramp_steps={ramp_steps} must be >= 0")
+  if ramp_steps and mode == "split":
+    raise ValueError(f"{op}: mode='split' lowers the old experts' biases, which a ramp on the new experts cannot "
+                     "undo; use mode='exact' or 'copy_noise' with ramp_steps")
+  if ramp_steps and new_bias != -1e4:
+    raise ValueError(f"{op}: new_bias={new_bias} has no effect with ramp_steps (the new experts' bias starts at 0 "
+                     "and the ramp's mask supplies the -1e4)")
   ids = resolve_layers(cfg, layers, op)
   dense = [i for i in ids if not cfg.experts_in_layer(i)]
   if dense:
@@ -207,11 +222,18 @@ def add_experts(cfg, *, num_experts: int | Sequence[int] | Mapping[Any, int],
   for i, e2 in counts.items():
     if e2 < cfg.experts_in_layer(i):
       raise ValueError(f"{op}: layer {i} has {cfg.experts_in_layer(i)} experts; cannot shrink to {e2}")
-  sigma = (0.01 if mode == "copy_noise" else 0.0) if noise_std is None else noise_std
+  sigma = (0.01 if mode == "copy_noise" or ramp_steps else 0.0) if noise_std is None else noise_std
   if router_init == "hidden" and mode != "copy_noise":
     raise ValueError(f"{op}: router_init='hidden' routes tokens to the new experts: it needs mode='copy_noise' "
                      f"(mode={mode!r} keeps the new experts unrouted or shares their source's mass)")
   new_cfg = cfg.replace(**moe_fields({**expert_counts(cfg), **counts}, cfg.num_layers))
+  name = None
+  if ramp_steps:
+    targets = [ramp.logbias(f"blocks/{i}/mlp/router_bias_E", cfg.experts_in_layer(i), e2)
+               for i, e2 in counts.items() if e2 > cfg.experts_in_layer(i)]
+    if targets:
+      name = f"{op}{len(cfg.ramps)}"
+      new_cfg = new_cfg.replace(ramps=cfg.ramps + (ramp.entry(name, ramp_steps, targets),))
   # Which old expert each new one copies: fixed by the config for round_robin, by measured loads
   # (a probe's output, passed in) for most_loaded. The new config does not depend on them.
   sources, missing = {}, []
@@ -245,14 +267,23 @@ def add_experts(cfg, *, num_experts: int | Sequence[int] | Mapping[Any, int],
     if absent:
       raise ValueError(f"{op}: router_init='hidden' needs centroids={{layer: [old, new] mean MLP inputs}} for "
                        f"layers {absent} (router_domain={router_domain!r})")
-    out = []
+    out = [(f"ramp/{name}", R.init("zeros"))] if name else []
     for i, src in sources.items():
-      out.extend(_add_expert_rules(cfg, i, src, mode, sigma, new_bias, hidden.get(i)))
+      out.extend(_add_expert_rules(cfg, i, src, "ramp" if name else mode, sigma, new_bias, hidden.get(i)))
     return out + [(".*", R.copy())]
 
-  return Plan(new_cfg, rules, exact=mode == "exact" and cfg.dispatch == "dropless" and cfg.routing == "token_choice",
-              note="exact mode preserves logits (dropless dispatch: capacity shrinks with E); the aux loss "
-                   "changes with E", extra={"sources": {str(i): s.tolist() for i, s in sources.items()}})
+  exact = (mode == "exact" or name is not None) and cfg.dispatch == "dropless" and cfg.routing == "token_choice"
+  note = ("exact mode preserves logits (dropless dispatch: capacity shrinks with E); the aux loss changes with E"
+          + (f"; ramp {name!r}: the new experts' gates are times m = 0 -> 1 over {ramp_steps} steps" if name else ""))
+  return Plan(new_cfg, rules, exact=exact, note=note,
+              extra={"sources": {str(i): s.tolist() for i, s in sources.items()}})
+
+
+def _refuse_ramped(cfg, op: str) -> None:
+  """Growth ops run on models without ramps: `surgery.apply` folds them first (fold_ramps)."""
+  if cfg.ramps:
+    raise ValueError(f"{op}: the model carries ramps {[r[0] for r in cfg.ramps]}; fold them first with "
+                     "{'op': 'fold_ramps'} (moegrow.surgery.apply does it before any other op)")
 
 
 def _hidden_column(w_DE, cents):
@@ -297,6 +328,8 @@ def _add_expert_rules(cfg, i: int, src, mode: str, sigma: float, new_bias: float
     return jnp.concatenate([w, new], axis=axis)
 
   def bias(kind, kk, b):
+    if mode == "ramp":  # bias 0 (zero moments): the ramp's log m switches the new experts on
+      return jnp.concatenate([b, jnp.zeros((len(src),), b.dtype)])
     if kind == "fisher":
       return jnp.concatenate([b, jnp.zeros((len(src),), b.dtype)])
     if mode == "exact":

@@ -7,6 +7,11 @@ A continual-learning `Objective` adds terms to the loss in the same jitted step:
 (Fisher and anchor passed in `ctx['ewc']`) and distillation from a frozen teacher (its params in
 `ctx['teacher']`, sharded by the teacher's own model config). The step is then
 `train_step(state, batch, ctx)`; with no objective it is `train_step(state, batch)`.
+
+A model with ramps (ramped growth, `moegrow.ramp`) keeps their masks in params['ramp']: they get no
+gradient and no optimizer state (`optim.make_optimizer` freezes them), and every train step
+advances them after the optimizer update (m <- min(1, m + 1/N)). They are saved with the params,
+so a run resumed mid-ramp continues bit-identically.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from moegrow import ramp
 from moegrow import sharding
 from moegrow.config import ModelConfig
 from moegrow.data import PAD_ID
@@ -172,6 +178,7 @@ def _build_program(cfg: ModelConfig, train_cfg, mesh: Mesh, objective: Objective
       (loss, aux), grads = grad_fn(state["params"])
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
+      params = ramp.advance(params, cfg)  # the masks move one step (no-op without ramps)
     metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
