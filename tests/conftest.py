@@ -1,7 +1,15 @@
 """Test session set-up: 8 simulated CPU devices (set before jax is imported) and shared fixtures."""
+import getpass
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# One persistent XLA compilation cache for the session, shared by the xdist workers and the
+# subprocesses they start (the figures' --quick runs compile the same programs for every seed and
+# arm): measured 304 s -> 164 s for `experiments.continual.run --quick`. Keyed by the program, the
+# jax version and the flags, so a stale directory is harmless.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"moegrow-test-xla-cache-{getpass.getuser()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
 
