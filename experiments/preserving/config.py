@@ -3,14 +3,13 @@
   python -m moegrow.main --config=experiments/preserving/config.py:small,wide_ramped --workdir=runs/p
 (a grown arm given alone trains its own stage 0, identical to small's for the same seed;
 `python -m experiments.preserving.run --seeds 0,1,2` runs every arm and seed, sharing stage 0, and
-writes the spike table.) Arms: small, wide_exact, wide_random, wide_ramped, deep_exact,
-deep_random, deep_ramped, wide_scratch, deep_scratch; sizes: small (the figure), quick (tests).
-Expected: the certificate's loss change at the growth step (step 150) is 0 (|Δ| < 1e-5) for
-*_exact, *_ramped and small, and positive for *_random (seed 0, measured: wide_random +0.55,
-deep_random +0.02 nats on the certificate's rows). The paper's claim (MSG, Yao et al. 2024; Net2Net,
-Chen et al. 2016) is that the non-preserving arms spike, take longer to recover, and end no lower
-than exact/ramped. The 3-seed numbers are pending (the full run has not been made yet); see
-experiments/preserving/README.md.
+writes the spike table.) Arms: small, wide_exact, wide_random, wide_noisy, wide_ramped,
+deep_exact, deep_random, deep_stack, deep_ramped, wide_scratch, deep_scratch; sizes: small (the
+figure), quick (tests).
+Expected (3 seeds, mean): the certificate's loss change at step 150 is exactly 0 for *_exact,
+*_ramped and small, +0.002 for the fresh random units (wide_random, deep_random), +0.72 for
+wide_noisy and +0.06 for deep_stack; final losses 2.60-2.64, no arm separated from its exact
+counterpart. See experiments/preserving/README.md.
 """
 from experiments.preserving import figure
 
