@@ -1,0 +1,25 @@
+"""One arm of the G_stack figure (Du et al. 2024) as an ordinary moegrow config.
+
+  python -m moegrow.main --config=experiments/stacking/config.py:small,stack10 --workdir=runs/s
+(a grown arm given alone trains its own 2-layer stage 0, identical to shallow's for the same seed;
+`shallow` given alone trains 2 layers for the whole T steps, while the figure stops it at the last
+switch point.) The whole figure, sharing the shallow runs:
+
+  python -m experiments.stacking.run --seeds 0,1,2
+
+Arms: shallow, deep_scratch, stack10, stack25, stack50; sizes: small (the figure: d=64, 2 -> 4
+layers, T = 480 steps, switches at 48 / 120 / 240), quick (tests).
+Expected: not yet measured (the full run is pending; see experiments/stacking/README.md). The
+paper's claim, at 7B: G_stack reaches the from-scratch loss with 54.6% fewer FLOPs, and growing
+late loses the advantage; at this tiny scale the quantitative saving may differ.
+"""
+from experiments.stacking import figure
+
+
+def get_config(arg: str = "small,stack10"):
+  parts = (arg or "small,stack10").split(",")
+  cfgs = figure.configs(parts[0]) if len(parts) == 2 and parts[0] in figure.SIZES else {}
+  if len(parts) != 2 or parts[1] not in cfgs:
+    raise ValueError(f"experiments/stacking/config.py: expected '<size>,<arm>' with size in {sorted(figure.SIZES)} "
+                     f"and arm in {sorted(cfgs) or sorted(figure.ARMS)}, got {arg!r}")
+  return cfgs[parts[1]]
