@@ -199,22 +199,30 @@ def _check_plan(root: str, fig: Figure) -> None:
 
 # ---------------------------------------------------------------- results
 
-def read_evals(workdir: str) -> dict[int, dict[str, float]]:
-  """step -> {domain: loss} from a run's metrics.jsonl (a resumed step's last row wins)."""
-  out: dict[int, dict[str, float]] = {}
+def metrics_rows(workdir: str) -> list[dict]:
+  """Every row of a run's metrics.jsonl, in order (none if it has no log; a torn last line of a
+  killed run is skipped)."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
-    return out
+    return []
+  rows = []
   with open(path) as f:
     for line in f:
       try:
-        row = json.loads(line)
+        rows.append(json.loads(line))
       except json.JSONDecodeError:
-        continue  # a torn last line of a killed run
-      for k, v in row.items():
-        parts = k.split("/")
-        if len(parts) == 3 and parts[0] == "eval" and parts[2] == "loss":
-          out.setdefault(int(row["step"]), {})[parts[1]] = float(v)
+        continue
+  return rows
+
+
+def read_evals(workdir: str) -> dict[int, dict[str, float]]:
+  """step -> {domain: loss} from a run's metrics.jsonl (a resumed step's last row wins)."""
+  out: dict[int, dict[str, float]] = {}
+  for row in metrics_rows(workdir):
+    for k, v in row.items():
+      parts = k.split("/")
+      if len(parts) == 3 and parts[0] == "eval" and parts[2] == "loss":
+        out.setdefault(int(row["step"]), {})[parts[1]] = float(v)
   return out
 
 

@@ -48,3 +48,26 @@ def digest(folder) -> str:
       with open(os.path.join(root, f), "rb") as fh:
         h.update(fh.read())
   return h.hexdigest()
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def csv_rows(path) -> list[dict]:
+  import csv
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def num(v) -> float:
+  """A CSV cell as a float ('' and 'nan' are nan)."""
+  return float("nan") if v in ("", "nan") else float(v)
+
+
+def check_png(path) -> None:
+  """A real, non-blank PNG."""
+  with open(path, "rb") as f:
+    assert f.read(8) == PNG_MAGIC, f"{path} is not a PNG"
+  import matplotlib.image
+  img = matplotlib.image.imread(path)
+  assert img[..., :3].std() > 0.01, f"{path} is blank"

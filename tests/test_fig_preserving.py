@@ -1,7 +1,6 @@
 """experiments/preserving (function-preserving vs non-preserving growth) run end to end in its
 --quick mode on the real corpora: outputs, the growth certificates, and the spike table's numbers
 recomputed here from the runs' own logs."""
-import csv
 import json
 import math
 import os
@@ -13,10 +12,10 @@ import numpy as np
 import pytest
 
 from experiments import harness
+from _tiny import check_png, csv_rows, num
 from experiments.preserving import figure as preserving
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SEEDS = (0, 1)
 DOMAINS = ("python_stdlib", "shakespeare_plays")
 EXACT = ("small", "wide_exact", "wide_ramped", "deep_exact", "deep_ramped")  # preserving at the boundary
@@ -36,21 +35,7 @@ def quick(tmp_path_factory, data_dir):
   return fig, workdir, p.stdout
 
 
-def _rows(path):
-  with open(path) as f:
-    return list(csv.DictReader(f))
-
-
-def _num(v):
-  return math.nan if v in ("", "nan") else float(v)
-
-
-def _png(path):
-  with open(path, "rb") as f:
-    assert f.read(8) == PNG_MAGIC, f"{path} is not a PNG"
-  import matplotlib.image
-  img = matplotlib.image.imread(path)
-  assert img[..., :3].std() > 0.01, f"{path} is blank"
+_rows, _num, _png = csv_rows, num, check_png
 
 
 def test_outputs_hold_every_arm_and_seed(quick):

@@ -1,7 +1,6 @@
 """experiments/stacking (G_stack: when to grow 2 -> 4 layers) run end to end in its --quick mode
 on the real corpora: outputs for every arm and seed, the growth certificates at each switch step,
 and the FLOPs-saved numbers recomputed here from the runs' own evaluations and the CSV's FLOPs."""
-import csv
 import json
 import math
 import os
@@ -13,10 +12,10 @@ import numpy as np
 import pytest
 
 from experiments import harness
+from _tiny import check_png, csv_rows, num
 from experiments.stacking import figure as stacking
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SEEDS = (0, 1)
 DOMAINS = ("python_stdlib", "shakespeare_plays")
 
@@ -33,21 +32,7 @@ def quick(tmp_path_factory, data_dir):
   return stacking.figure(True), workdir, p.stdout
 
 
-def _rows(path):
-  with open(path) as f:
-    return list(csv.DictReader(f))
-
-
-def _num(v):
-  return math.nan if v in ("", "nan") else float(v)
-
-
-def _png(path):
-  with open(path, "rb") as f:
-    assert f.read(8) == PNG_MAGIC, f"{path} is not a PNG"
-  import matplotlib.image
-  img = matplotlib.image.imread(path)
-  assert img[..., :3].std() > 0.01, f"{path} is blank"
+_rows, _num, _png = csv_rows, num, check_png
 
 
 def test_outputs_hold_every_arm_and_seed(quick):

@@ -182,19 +182,7 @@ SPIKE_COLS = ["arm", "seed", "kind", "method", "growth_step", "cert_before", "ce
 def train_losses(workdir: str) -> dict[int, float]:
   """step -> training loss from a run's metrics.jsonl (rows with a 'loss' key; a resumed step's
   last row wins)."""
-  out: dict[int, float] = {}
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return out
-  with open(path) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if "loss" in row:
-        out[int(row["step"])] = float(row["loss"])
-  return out
+  return {int(r["step"]): float(r["loss"]) for r in harness.metrics_rows(workdir) if "loss" in r}
 
 
 def spike_numbers(losses: dict[int, float], S: int, window: int, peak_steps: int) -> dict[str, float]:
