@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="moegrow",
-    version="0.3.0",
+    version="0.4.0",
     description="Grow sparse Mixture-of-Experts language models in JAX: upcycle, add experts, "
                 "deepen and widen at checkpoint boundaries while training goes on.",
     # configs/ stays a top-level folder of the repository and ships as moegrow.configs.
@@ -24,8 +24,12 @@ setup(
         "tensorboardX==2.6.5",
         "matplotlib==3.10.7",
         "numpy==2.4.6",
+        "safetensors==0.8.0",  # Hugging Face checkpoints (moegrow.hf), numpy API: no torch at run time
+        "tokenizers==0.23.3",  # subword tokenizers (data.tokenizer = <tokenizer.json>)
     ],
     extras_require={
-        "test": ["pytest==9.0.3", "wheel==0.45.1", "pytest-xdist==3.8.0", "nbformat==5.11.1", "nbclient==0.11.0", "ipykernel==7.4.0"],
+        "test": ["pytest==9.0.3", "wheel==0.45.1", "pytest-xdist==3.8.0", "nbformat==5.11.1", "nbclient==0.11.0", "ipykernel==7.4.0",
+                 # independent reference for Hugging Face interop (CPU build of torch)
+                 "torch==2.13.0", "transformers==5.24.0", "huggingface-hub==2.4.0"],
     },
 )

@@ -29,6 +29,7 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       mixture=ml_collections.ConfigDict({"shakespeare_plays": 0.5, "python_stdlib": 0.5}),
       data_dir="", seq_len=256, text_key="text",
+      tokenizer="bytes",  # or a HF tokenizer.json / a folder holding one (model.vocab_size >= its vocab)
       shards=0))  # data shards (0: one per process); the same shards on any process count = the same stream
   c.train = ml_collections.ConfigDict(dict(
       steps=600, batch_size=16, lr=3e-3, warmup_steps=50, schedule="cosine",  # or "constant", "rsqrt"

@@ -17,6 +17,7 @@ DISPATCHES = ("dropless", "capacity")
 ROUTINGS = ("token_choice", "expert_choice")
 MOE_IMPLS = ("auto", "blocks", "ragged_dot")
 DTYPES = ("float32", "bfloat16", "float16")
+QK_NORMS = ("none", "head", "proj")
 # LoRA's default targets: attention projections and dense / shared / expert MLP weights.
 LORA_TARGETS = (r"blocks/\d+/attn/w[qkvo]_\w+", r"blocks/\d+/mlp/(shared/)?w(act|lin|o)_\w+")
 RAMP_KINDS = ("scale", "logbias")  # how a ramp's mask m acts on its slice (see moegrow.ramp)
@@ -63,9 +64,14 @@ class ModelConfig:
   num_layers: int = 4
   num_heads: int = 4
   head_dim: int = 0  # 0: d_model // num_heads
+  num_kv_heads: int = 0  # grouped-query attention: key/value heads (0: num_heads; 1: multi-query)
+  qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+  qk_norm: str = "none"  # RMSNorm on q and k before RoPE: "head" (over head_dim, weights shared by
+  # heads: Qwen3), "proj" (over the whole projection, H*A / U*A: OLMoE) or "none"
   d_ff: int = 1024
   mlp_act: str = "swiglu"  # or "gelu"
   tie_embeddings: bool = True
+  tied_logit_scale: bool = True  # tied head: logits = x E^T / sqrt(d_model) (False: x E^T, as in HF models)
   rope_theta: float = 10_000.0
   norm_eps: float = 1e-6
   dtype: str = "float32"  # compute dtype; parameters and router are float32
@@ -76,6 +82,7 @@ class ModelConfig:
   expert_d_ff: int = 0  # 0: d_ff
   num_shared_experts: int = 0
   shared_d_ff: int = 0  # 0: expert_d_ff (per shared expert)
+  shared_gate: bool = False  # shared experts' output times sigmoid(x . shared_gate_D) (Qwen2-MoE)
   gating: str = "topk_softmax"  # "topk_softmax" renormalises, "softmax_topk" does not
   routing: str = "token_choice"  # "expert_choice" is a non-causal ablation
   dispatch: str = "dropless"
@@ -102,6 +109,8 @@ class ModelConfig:
     fix = lambda k, v: object.__setattr__(self, k, v)
     if self.head_dim == 0:
       fix("head_dim", self.d_model // self.num_heads)
+    if self.num_kv_heads == 0:
+      fix("num_kv_heads", self.num_heads)
     if self.expert_d_ff == 0:
       fix("expert_d_ff", self.d_ff)
     if self.shared_d_ff == 0:
@@ -124,7 +133,7 @@ class ModelConfig:
     is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     for f in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "top_k"):
       need(is_int(getattr(self, f)) and getattr(self, f) >= 1, f, "an integer >= 1")
-    for f in ("head_dim", "expert_d_ff", "num_shared_experts", "shared_d_ff", "lora_rank"):
+    for f in ("head_dim", "num_kv_heads", "expert_d_ff", "num_shared_experts", "shared_d_ff", "lora_rank"):
       need(is_int(getattr(self, f)) and getattr(self, f) >= 0, f, "an integer >= 0")
     for f in ("rope_theta", "norm_eps", "capacity_factor", "expert_output_scale", "lora_alpha"):
       need(is_num(getattr(self, f)) and getattr(self, f) > 0, f, "a finite number > 0")
@@ -132,7 +141,9 @@ class ModelConfig:
       need(is_num(getattr(self, f)) and getattr(self, f) >= 0, f, "a finite number >= 0")
     need(is_num(self.router_jitter) and 0 <= self.router_jitter < 1, "router_jitter", "in [0, 1)")
     need(isinstance(self.tie_embeddings, bool), "tie_embeddings", "a bool")
-    for f, allowed in (("dtype", DTYPES), ("mlp_act", ("swiglu", "gelu")), ("gating", GATINGS),
+    for f in ("qkv_bias", "tied_logit_scale", "shared_gate"):
+      need(isinstance(getattr(self, f), bool), f, "a bool")
+    for f, allowed in (("dtype", DTYPES), ("mlp_act", ("swiglu", "gelu")), ("gating", GATINGS), ("qk_norm", QK_NORMS),
                        ("dispatch", DISPATCHES), ("routing", ROUTINGS), ("moe_impl", MOE_IMPLS)):
       if getattr(self, f) not in allowed:
         raise ValueError(f"ModelConfig: {f}={getattr(self, f)!r} not in {allowed}")
@@ -153,6 +164,8 @@ class ModelConfig:
     def need(ok, msg):
       if not ok:
         raise ValueError(f"ModelConfig: {msg}")
+    need(self.num_heads % self.num_kv_heads == 0,
+         f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} (query heads per group)")
     if not isinstance(self.moe_layers, str):
       bad = [i for i in self.moe_layers if not 0 <= i < self.num_layers]
       need(not bad, f"moe_layers {bad} out of range for num_layers={self.num_layers}")

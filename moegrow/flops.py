@@ -10,7 +10,7 @@ from __future__ import annotations
 from moegrow.config import ModelConfig
 
 FORMULA = ("train FLOPs/token = 6 * N_active_matmul + 12 * L * T * H * A, where N_active_matmul = "
-           "sum over layers of [4 D H A (attention) + m D F_active (MLP; m=3 SwiGLU, 2 GELU; "
+           "sum over layers of [2 D (H + U) A (attention; U key/value heads) + m D F_active (MLP; m=3 SwiGLU, 2 GELU; "
            "F_active = k * F_expert + F_shared in MoE layers) + D E (router)] + D V (output head)")
 
 
@@ -21,7 +21,10 @@ def _mats(cfg: ModelConfig) -> int:
 def count_params(cfg: ModelConfig) -> dict[str, int]:
   """Total and per-token active parameter counts (embedding included once)."""
   d, hd, h, m = cfg.d_model, cfg.head_dim, cfg.num_heads, _mats(cfg)
-  attn = 4 * d * h * hd + 2 * d
+  u = cfg.num_kv_heads
+  attn = 2 * d * (h + u) * hd + 2 * d  # q, o: H heads; k, v: U heads; two norms
+  attn += (h + 2 * u) * hd if cfg.qkv_bias else 0
+  attn += {"none": 0, "head": 2 * hd, "proj": (h + u) * hd}[cfg.qk_norm]
   total = active = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2) + d
   for i in range(cfg.num_layers):
     e = cfg.experts_in_layer(i)
@@ -31,7 +34,7 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
       total += m * d * cfg.d_ff
       active += m * d * cfg.d_ff
     else:
-      shared = cfg.num_shared_experts * m * d * cfg.shared_d_ff
+      shared = cfg.num_shared_experts * m * d * cfg.shared_d_ff + (d if cfg.num_shared_experts and cfg.shared_gate else 0)
       total += e * m * d * cfg.expert_d_ff + d * e + e + shared
       active += cfg.top_k * m * d * cfg.expert_d_ff + d * e + e + shared  # k experts per token
   return {"total": total, "active": active}
@@ -42,7 +45,7 @@ def matmul_params_per_token(cfg: ModelConfig) -> int:
   m = _mats(cfg)
   n = cfg.d_model * cfg.vocab_size
   for i in range(cfg.num_layers):
-    n += 4 * cfg.d_model * cfg.num_heads * cfg.head_dim
+    n += 2 * cfg.d_model * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim  # q, o; k, v
     e = cfg.experts_in_layer(i)
     if e:
       f = cfg.top_k * cfg.expert_d_ff + cfg.num_shared_experts * cfg.shared_d_ff

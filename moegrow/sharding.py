@@ -27,6 +27,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("act_embed", None),
     ("mlp", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),  # grouped-query key/value heads; replicated where tensor does not divide U
     ("kv", None),
     ("vocab", "tensor"),
     ("expert", "expert"),

@@ -51,7 +51,7 @@ CASES = {
                        [("blocks/1/mlp/wact_DF", (H, slice(32, 40)))]),
     "add_heads": (moe, dict(op="add_heads", num_heads=3, ramp_steps=4),
                   [("scale", "blocks/0/attn/wo_HAD", (slice(2, 3),)), ("scale", "blocks/1/attn/wo_HAD", (slice(2, 3),))],
-                  [("blocks/0/attn/wq_DHA", (H, slice(2, 3))), ("blocks/1/attn/wv_DHA", (H, slice(2, 3)))]),
+                  [("blocks/0/attn/wq_DHA", (H, slice(2, 3))), ("blocks/1/attn/wv_DUA", (H, slice(2, 3)))]),
 }
 
 

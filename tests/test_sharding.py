@@ -14,14 +14,17 @@ MESHES = {
     "fsdp=2,expert=4": {"fsdp": 2, "expert": 4},
     "data=2,expert=2,tensor=2": {"data": 2, "expert": 2, "tensor": 2},
 }
-# Hand-written per-device shard shapes of a few leaves (d=64, H=2, A=32, F=128, E=4, V=259).
+# Hand-written per-device shard shapes of a few leaves (d=64, H=4, U=2 grouped-query, A=16, F=128,
+# E=4, V=259).
 EXPECTED = {
-    "data=8": {"blocks/1/mlp/wact_EDF": (4, 64, 128), "blocks/0/attn/wq_DHA": (64, 2, 32)},
+    "data=8": {"blocks/1/mlp/wact_EDF": (4, 64, 128), "blocks/0/attn/wq_DHA": (64, 4, 16),
+               "blocks/0/attn/wk_DUA": (64, 2, 16)},
     "fsdp=2,expert=4": {"blocks/1/mlp/wact_EDF": (1, 32, 128), "blocks/1/mlp/wo_EFD": (1, 128, 32),
-                        "blocks/0/mlp/wact_DF": (32, 128), "blocks/0/attn/wq_DHA": (32, 2, 32),
-                        "embed_VD": (259, 32)},
+                        "blocks/0/mlp/wact_DF": (32, 128), "blocks/0/attn/wq_DHA": (32, 4, 16),
+                        "blocks/0/attn/wv_DUA": (32, 2, 16), "embed_VD": (259, 32)},
     "data=2,expert=2,tensor=2": {"blocks/1/mlp/wact_EDF": (2, 64, 64), "blocks/0/mlp/wo_FD": (64, 64),
-                                 "blocks/0/attn/wq_DHA": (64, 1, 32), "embed_VD": (259, 64)},
+                                 "blocks/0/attn/wq_DHA": (64, 2, 16), "blocks/0/attn/wk_DUA": (64, 1, 16),
+                                 "blocks/0/attn/bk_UA": (1, 16), "embed_VD": (259, 64)},
 }
 
 
@@ -32,6 +35,8 @@ def config(data_dir, dispatch):
   # Router jitter on: its noise must not depend on how the batch is sharded.
   c.model.update(moe_layers="every_other", num_experts=4, top_k=2, d_ff=128, dispatch=dispatch,
                  capacity_factor=1.0, router_jitter=0.1)
+  # Grouped-query attention (2 query heads per key/value head) with q/k/v biases and qk-norm.
+  c.model.update(num_heads=4, num_kv_heads=2, qkv_bias=True, qk_norm="head")
   return c
 
 

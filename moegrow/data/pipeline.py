@@ -1,6 +1,8 @@
-"""Byte-level tokens and a resumable grain input pipeline over the corpora.
+"""Tokens and a resumable grain input pipeline over the corpora.
 
-Tokenizer: byte level. Ids 0..255 are raw bytes, then PAD/BOS/EOS.
+Tokenizer (``moegrow.data.tokenizer``, ``tokenizer=`` below): byte level by default (ids 0..255
+are raw bytes, then PAD/BOS/EOS), or a Hugging Face ``tokenizer.json``; every document is
+``[BOS, *ids, EOS]`` (no BOS if the tokenizer has none) and packed the same way whichever the tokenizer.
 Datasets: the local TFDS builders in ``moegrow.data.corpora`` (``shakespeare_plays``,
 ``python_stdlib``) or any TFDS dataset prepared as ArrayRecord in ``data_dir``.
 
@@ -23,29 +25,8 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
+from moegrow.data import tokenizer as tokenization
 from moegrow.data.corpora import data_source, own_name, text_of
-
-# ----------------------------------------------------------------- tokenizer
-PAD_ID = 256
-BOS_ID = 257
-EOS_ID = 258
-VOCAB_SIZE = 259
-
-
-def encode(text: bytes | str) -> np.ndarray:
-  """Encodes text as int32 ``[BOS, *utf8_bytes, EOS]``."""
-  if isinstance(text, str):
-    text = text.encode('utf-8')
-  raw = np.frombuffer(bytes(text), dtype=np.uint8)
-  out = np.empty(raw.size + 2, dtype=np.int32)
-  out[0], out[1:-1], out[-1] = BOS_ID, raw, EOS_ID
-  return out
-
-
-def decode(ids) -> str:
-  """Decodes token ids to text, dropping special ids (utf-8, 'replace')."""
-  ids = np.asarray(ids).reshape(-1)
-  return bytes(ids[ids < 256].astype(np.uint8)).decode('utf-8', 'replace')
 
 
 def domain_name(name: str) -> str:
@@ -141,15 +122,17 @@ class _MixIterator(grain.DatasetIterator):
 
   Row n picks its domain with a uniform number seeded by (seed, n), so the choice depends only on
   the row count since the stage began. State: {'rows': n, 'parts': {name: component state},
-  'seed': the mixing seed} (a state is refused by a stream of another seed);
+  'seed': the mixing seed, 'tokenizer': its fingerprint (absent for bytes)} (a state is refused
+  by a stream of another seed or tokenizer: positions count its tokens);
   components are restored BY NAME: a state from another mixture resumes every domain both share,
   starts new ones fresh, and keeps the states of dropped ones for a later stage.
   """
 
-  def __init__(self, parts: dict[str, grain.DatasetIterator], weights_at, rows_per_step: int, seed: int):
+  def __init__(self, parts: dict[str, grain.DatasetIterator], weights_at, rows_per_step: int, seed: int,
+               tok: tokenization.Tokenizer):
     super().__init__(list(parts.values()))
     self._parts, self._names = parts, list(parts)
-    self._weights_at, self._rows_per_step, self._seed = weights_at, rows_per_step, seed
+    self._weights_at, self._rows_per_step, self._seed, self._tok = weights_at, rows_per_step, seed, tok
     self._rows, self._kept = 0, {}
 
   def __next__(self):
@@ -162,7 +145,10 @@ class _MixIterator(grain.DatasetIterator):
   def get_state(self) -> dict[str, Any]:
     parts = dict(self._kept)
     parts.update({n: it.get_state() for n, it in self._parts.items()})
-    return {'rows': self._rows, 'parts': parts, 'seed': self._seed}
+    state = {'rows': self._rows, 'parts': parts, 'seed': self._seed}
+    if self._tok.fingerprint is not None:  # byte states stay as they always were
+      state['tokenizer'] = self._tok.fingerprint
+    return state
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     if not isinstance(state, Mapping) or 'parts' not in state or 'rows' not in state:
@@ -171,6 +157,10 @@ class _MixIterator(grain.DatasetIterator):
     if 'seed' in state and int(state['seed']) != self._seed:  # positions mean nothing in another order
       raise ValueError('data state was written by a run with another train.seed (its shuffling order); '
                        'the stream cannot resume under this seed: resume with the seed that wrote it')
+    if state.get('tokenizer') != self._tok.fingerprint:  # positions count another tokenizer's tokens
+      wrote = 'bytes' if state.get('tokenizer') is None else 'another tokenizer.json (or other special tokens)'
+      raise ValueError(f'data state was written by a run with data.tokenizer={wrote}; the stream cannot resume '
+                       f'under data.tokenizer={self._tok.name}: resume with the tokenizer that wrote it')
     self._rows = int(state['rows'])
     for name, part in state['parts'].items():
       if name in self._parts:
@@ -180,14 +170,15 @@ class _MixIterator(grain.DatasetIterator):
 
 class _MixDataset(grain.IterDataset):
 
-  def __init__(self, parts: dict[str, grain.IterDataset], weights_at, rows_per_step: int, seed: int):
+  def __init__(self, parts: dict[str, grain.IterDataset], weights_at, rows_per_step: int, seed: int,
+               tok: tokenization.Tokenizer):
     super().__init__(list(parts.values()))
     self._named = parts
-    self._weights_at, self._rows_per_step, self._seed = weights_at, rows_per_step, seed
+    self._weights_at, self._rows_per_step, self._seed, self._tok = weights_at, rows_per_step, seed, tok
 
   def __iter__(self) -> _MixIterator:
     return _MixIterator({n: p.__iter__() for n, p in self._named.items()}, self._weights_at,
-                        self._rows_per_step, self._seed)
+                        self._rows_per_step, self._seed, self._tok)
 
 
 def _split_batch(batch: Mapping[str, np.ndarray], replayed=()) -> dict[str, np.ndarray]:
@@ -215,7 +206,9 @@ def make_train_iter(mixture: Mapping[str, float], *, seq_len: int,
                     process_index: int = 0, process_count: int = 1,
                     split: str = 'train',
                     text_key: str = 'text',
-                    replay: Replay | None = None) -> grain.DatasetIterator:
+                    replay: Replay | None = None,
+                    tokenizer: str | tokenization.Tokenizer = 'bytes',
+                    vocab_size: int | None = None) -> grain.DatasetIterator:
   """Infinite, exactly resumable iterator of packed training batches.
 
   Args:
@@ -232,10 +225,13 @@ def make_train_iter(mixture: Mapping[str, float], *, seq_len: int,
     split: split to read.
     text_key: text feature of non-local TFDS datasets (ours use 'text').
     replay: optional replay of old domains (see ``Replay``).
+    tokenizer: ``data.tokenizer``: 'bytes', a tokenizer.json (or a folder holding one), or a
+      loaded tokenizer (``tokenizer.load``).
+    vocab_size: the model's embedding rows, if given: a tokenizer with more ids is refused.
 
   Returns:
     grain iterator with ``__next__``, ``get_state()`` (JSON-serialisable dict
-    ``{'rows', 'parts': {name: state}}``: resumable by domain name) and
+    ``{'rows', 'parts': {name: state}, 'seed'[, 'tokenizer']}``: resumable by domain name) and
     ``set_state(state)``, yielding ``{'inputs', 'targets': int32[B, T],
     'domain': int32[B], 'replay': float32[B]}`` ('replay' is 1 on rows of
     replayed domains, those only in ``replay.mixture``) with ``B = global_batch // process_count``.
@@ -250,6 +246,9 @@ def make_train_iter(mixture: Mapping[str, float], *, seq_len: int,
     raise ValueError(f'global_batch={global_batch} is not divisible by '
                      f'process_count={process_count}.')
   local_batch = global_batch // process_count
+  tok = tokenization.load(tokenizer)
+  if vocab_size is not None:
+    tokenization.check_vocab(tok, vocab_size)
   weights = _check_mixture(mixture)
   domains = domain_order(mixture, replay)
   old = dict.fromkeys(domains, 0.0)
@@ -270,12 +269,12 @@ def make_train_iter(mixture: Mapping[str, float], *, seq_len: int,
       raise ValueError(f'Dataset {name!r} split {split!r} has no documents '
                        f'for process {process_index}/{process_count}.')
     ds = ds.shuffle(seed=_seed_for(seed, name)).repeat(None)
-    ds = ds.map(lambda ex, key=key: encode(text_of(ex, key)))
+    ds = ds.map(lambda ex, key=key: tok.document(text_of(ex, key)))
     packed = _PackIterDataset(ds.to_iter_dataset(_READ_OPTIONS), seq_len + 1)
     domain = np.int32(domains.index(name))
     parts[name] = packed.map(lambda w, d=domain: {'tokens': w, 'domain': d})
   keep = np.array([n in live for n in domains])
-  mixed = _MixDataset(parts, lambda s: weights_at(s)[keep], local_batch, _seed_for(seed, '<mix>'))
+  mixed = _MixDataset(parts, lambda s: weights_at(s)[keep], local_batch, _seed_for(seed, '<mix>'), tok)
   replayed = np.array([i for i, n in enumerate(domains) if new[i] == 0 and old[i] > 0], np.int32)
   batched = mixed.batch(local_batch, drop_remainder=True).map(lambda b: _split_batch(b, replayed))
   return batched.__iter__()  # its state is the mixer's: {'rows', 'parts'}
@@ -384,6 +383,8 @@ def make_sharded_train_iter(mixture: Mapping[str, float], *, num_shards: int = 0
     raise ValueError(f'global_batch={global_batch} is not divisible by '
                      f'{shards} data shards.')
   per = shards // process_count
+  if 'tokenizer' in kwargs:  # read the file once for every shard
+    kwargs['tokenizer'] = tokenization.load(kwargs['tokenizer'])
   return ShardedIterator({s: make_train_iter(
       mixture, global_batch=global_batch, process_index=s, process_count=shards, **kwargs)
       for s in range(process_index * per, (process_index + 1) * per)}, shards)
@@ -391,7 +392,8 @@ def make_sharded_train_iter(mixture: Mapping[str, float], *, num_shards: int = 0
 
 def eval_batches(name: str, *, seq_len: int, batch_size: int,
                  num_batches: int, data_dir: str, split: str = 'validation',
-                 text_key: str = 'text') -> list[dict[str, Any]]:
+                 text_key: str = 'text',
+                 tokenizer: str | tokenization.Tokenizer = 'bytes') -> list[dict[str, Any]]:
   """Deterministic evaluation batches of one dataset (no shuffling).
 
   Documents are read in the stored order of ``split``, encoded, concatenated
@@ -402,8 +404,9 @@ def eval_batches(name: str, *, seq_len: int, batch_size: int,
 
   Each batch: ``inputs``/``targets`` int32[batch_size, seq_len],
   ``domain`` int32[batch_size] (zeros), ``num_tokens`` (int, number of
-  targets) and ``num_bytes`` (int, targets that are real bytes, i.e. not
-  BOS/EOS/PAD). bits/byte = mean_loss_nats / ln 2 * num_tokens / num_bytes.
+  targets) and ``num_bytes`` (int, the UTF-8 bytes of text the targets stand
+  for; bytes: the targets that are not BOS/EOS/PAD).
+  bits/byte = mean_loss_nats / ln 2 * num_tokens / num_bytes.
   """
   if min(seq_len, batch_size, num_batches) < 1:
     raise ValueError(f'Need positive seq_len/batch_size/num_batches, got '
@@ -412,25 +415,29 @@ def eval_batches(name: str, *, seq_len: int, batch_size: int,
   if len(source) == 0:  # pylint: disable=g-explicit-length-test
     raise ValueError(f'Split {split!r} of {name!r} is empty.')
   key = 'text' if own_name(name) else text_key
+  tok = tokenization.load(tokenizer)
   window = seq_len + 1
   need = num_batches * batch_size * window
-  chunks, total = [], 0
+  chunks, sizes, total = [], [], 0
   for i in range(len(source)):
-    chunks.append(encode(text_of(source[i], key)))
-    total += chunks[-1].size
+    ids, nbytes = tok.document_bytes(text_of(source[i], key))
+    chunks.append(ids)
+    sizes.append(nbytes)
+    total += ids.size
     if total >= need:
       break
-  stream = np.concatenate(chunks)
+  stream, stream_bytes = np.concatenate(chunks), np.concatenate(sizes)
   rows = min(num_batches, stream.size // (window * batch_size)) * batch_size
   if rows == 0:  # Too small for one batch: wrap around.
     rows = batch_size
-    stream = np.resize(stream, rows * window)
+    stream, stream_bytes = np.resize(stream, rows * window), np.resize(stream_bytes, rows * window)
   windows = stream[:rows * window].reshape(-1, batch_size, window)
+  window_bytes = stream_bytes[:rows * window].reshape(-1, batch_size, window)
   out = []
-  for w in windows:
+  for w, nb in zip(windows, window_bytes):
     targets = w[:, 1:]
     out.append({'inputs': w[:, :-1], 'targets': targets,
                 'domain': np.zeros((batch_size,), np.int32),
                 'num_tokens': int(targets.size),
-                'num_bytes': int((targets < 256).sum())})
+                'num_bytes': int(nb[:, 1:].sum())})
   return out

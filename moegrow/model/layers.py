@@ -1,7 +1,7 @@
 """Transformer layers in Flax NNX: RMSNorm, causal rotary attention, dense MLP.
 
 Shape letters: see docs/letters.md (B batch, T query length, S key length, D model width,
-F MLP hidden, H heads, A head dim, N = B*T tokens). Parameters carry their shape in their name (`wq_DHA`) and
+F MLP hidden, H heads, U key/value heads, A head dim, N = B*T tokens). Parameters carry their shape in their name (`wq_DHA`) and
 declare logical axes in the `logical_axes` metadata (see `moegrow.sharding`).
 """
 from __future__ import annotations
@@ -60,25 +60,62 @@ def causal_attention(q_BTHA, k_BSHA, v_BSHA):
 
 
 class Attention(nnx.Module):
-  """Causal multi-head self-attention with rotary embeddings."""
+  """Causal self-attention with rotary embeddings: H query heads in U groups that share a key/value
+  head (grouped-query attention; U = H multi-head, U = 1 multi-query). Query head h reads key/value
+  head h // (H/U), the grouping of transformers' `repeat_kv`. Optional q/k/v biases and an RMSNorm
+  on q and k before RoPE (`qk_norm`: "head" over A with weights shared by heads, "proj" over the
+  whole projection H*A resp. U*A)."""
 
-  def __init__(self, d: int, heads: int, head_dim: int, rope_theta: float, dtype, rngs: nnx.Rngs):
-    self.wq_DHA = param(rngs, (d, heads, head_dim), ("embed", "heads", "kv"), fan_in_std(d))
-    self.wk_DHA = param(rngs, (d, heads, head_dim), ("embed", "heads", "kv"), fan_in_std(d))
-    self.wv_DHA = param(rngs, (d, heads, head_dim), ("embed", "heads", "kv"), fan_in_std(d))
-    self.wo_HAD = param(rngs, (heads, head_dim, d), ("heads", "kv", "embed"), fan_in_std(heads, head_dim))
-    self.rope_theta, self.dtype = rope_theta, dtype
+  def __init__(self, cfg, dtype, rngs: nnx.Rngs):
+    d, h, u, a = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.wq_DHA = param(rngs, (d, h, a), ("embed", "heads", "kv"), fan_in_std(d))
+    self.wk_DUA = param(rngs, (d, u, a), ("embed", "kv_heads", "kv"), fan_in_std(d))
+    self.wv_DUA = param(rngs, (d, u, a), ("embed", "kv_heads", "kv"), fan_in_std(d))
+    self.wo_HAD = param(rngs, (h, a, d), ("heads", "kv", "embed"), fan_in_std(h, a))
+    zeros, ones = (lambda s: jnp.zeros(s, jnp.float32)), (lambda s: jnp.ones(s, jnp.float32))
+    if cfg.qkv_bias:
+      self.bq_HA = param(None, (h, a), ("heads", "kv"), init=zeros)
+      self.bk_UA = param(None, (u, a), ("kv_heads", "kv"), init=zeros)
+      self.bv_UA = param(None, (u, a), ("kv_heads", "kv"), init=zeros)
+    if cfg.qk_norm == "head":
+      self.qnorm_A = param(None, (a,), ("kv",), init=ones)
+      self.knorm_A = param(None, (a,), ("kv",), init=ones)
+    elif cfg.qk_norm == "proj":
+      self.qnorm_HA = param(None, (h, a), ("heads", "kv"), init=ones)
+      self.knorm_UA = param(None, (u, a), ("kv_heads", "kv"), init=ones)
+    self.qkv_bias, self.qk_norm, self.eps = cfg.qkv_bias, cfg.qk_norm, cfg.norm_eps
+    self.rope_theta, self.dtype = cfg.rope_theta, dtype
+
+  def _norm(self, x_BTXA, scale, axes):
+    """RMSNorm of x over `axes` (float32), times `scale` (broadcast over B, T)."""
+    x = x_BTXA.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=axes, keepdims=True) + self.eps)
+    return (x * scale[...]).astype(x_BTXA.dtype)
 
   def __call__(self, x_BTD, positions_BT):
     # Projections as 2-D matmuls over N = B*T tokens: XLA:CPU runs the backward of
     # [B, T, D] x [D, ...] contractions ~2x slower than the same work on [N, D].
     b, t, d = x_BTD.shape
     _, h, a = self.wq_DHA.shape
+    u = self.wk_DUA.shape[1]
     x_ND = x_BTD.reshape(b * t, d)
-    proj = lambda p: (x_ND @ p[...].astype(self.dtype).reshape(d, h * a)).reshape(b, t, h, a)
-    q_BTHA = rope(proj(self.wq_DHA), positions_BT, self.rope_theta)
-    k_BSHA = rope(proj(self.wk_DHA), positions_BT, self.rope_theta)
-    v_BSHA = proj(self.wv_DHA)
+    proj = lambda p, n: (x_ND @ p[...].astype(self.dtype).reshape(d, n * a)).reshape(b, t, n, a)
+    q_BTHA, k_BSUA, v_BSUA = proj(self.wq_DHA, h), proj(self.wk_DUA, u), proj(self.wv_DUA, u)
+    if self.qkv_bias:
+      q_BTHA = q_BTHA + self.bq_HA[...].astype(self.dtype)
+      k_BSUA = k_BSUA + self.bk_UA[...].astype(self.dtype)
+      v_BSUA = v_BSUA + self.bv_UA[...].astype(self.dtype)
+    if self.qk_norm == "head":
+      q_BTHA, k_BSUA = self._norm(q_BTHA, self.qnorm_A, -1), self._norm(k_BSUA, self.knorm_A, -1)
+    elif self.qk_norm == "proj":
+      q_BTHA = self._norm(q_BTHA, self.qnorm_HA, (-2, -1))
+      k_BSUA = self._norm(k_BSUA, self.knorm_UA, (-2, -1))
+    q_BTHA = rope(q_BTHA, positions_BT, self.rope_theta)
+    k_BSUA = rope(k_BSUA, positions_BT, self.rope_theta)
+    if u != h:  # each key/value head serves H/U consecutive query heads
+      k_BSHA, v_BSHA = jnp.repeat(k_BSUA, h // u, axis=2), jnp.repeat(v_BSUA, h // u, axis=2)
+    else:
+      k_BSHA, v_BSHA = k_BSUA, v_BSUA
     q_BTHA = constrain(q_BTHA, ("batch", "length", "heads", "kv"))
     out_BTHA = causal_attention(q_BTHA, k_BSHA, v_BSHA)
     out_ND = out_BTHA.reshape(b * t, h * a) @ self.wo_HAD[...].astype(self.dtype).reshape(h * a, d)

@@ -259,6 +259,8 @@ class MoeMlp(nnx.Module):
     self.wo_EFD = param(rngs, (e, f, d), ("expert", "mlp", "embed"), fan_in_std(f))
     self.shared = (Mlp(d, cfg.num_shared_experts * cfg.shared_d_ff, cfg.mlp_act, jnp.dtype(cfg.dtype), rngs)
                    if cfg.num_shared_experts else None)
+    if cfg.num_shared_experts and cfg.shared_gate:  # Qwen2-MoE: a learnt sigmoid gate per token
+      self.shared_gate_D = param(rngs, (d,), ("embed",), fan_in_std(d))
     self.cfg, self.num_experts = cfg, e
     if cfg.routing == "expert_choice":
       logging.warning("moegrow: expert-choice routing picks tokens using the whole sequence; "
@@ -283,7 +285,11 @@ class MoeMlp(nnx.Module):
     else:
       y_BTD, metrics = self._sharded(mesh, data_axes, w, x_BTD, jitter_BTD)
     if self.shared is not None:
-      y_BTD = y_BTD + self.shared(x_BTD)
+      s_BTD = self.shared(x_BTD)
+      if cfg.shared_gate:
+        g_BT1 = jax.nn.sigmoid(x_BTD.astype(jnp.float32) @ self.shared_gate_D[...][:, None])
+        s_BTD = (s_BTD * g_BT1).astype(s_BTD.dtype)
+      y_BTD = y_BTD + s_BTD
     return constrain(y_BTD, ("batch", "length", "act_embed")), metrics
 
   def _sharded(self, mesh, data_axes, w, x_BTD, jitter_BTD):

@@ -33,7 +33,7 @@ class Block(nnx.Module):
   def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
     dt = jnp.dtype(cfg.dtype)
     self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-    self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.rope_theta, dt, rngs)
+    self.attn = Attention(cfg, dt, rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
     e = cfg.experts_in_layer(layer)
     self.mlp = MoeMlp(cfg, e, rngs) if e else Mlp(cfg.d_model, cfg.d_ff, cfg.mlp_act, dt, rngs)
@@ -73,8 +73,10 @@ class TransformerLM(nnx.Module):
     x_BTD = self.final_norm(x_BTD)
     b, t, d = x_BTD.shape
     x_ND = x_BTD.reshape(b * t, d)
-    if self.head_DV is None:  # tied: logits = x E^T (scaled so init logits are O(1))
-      logits_NV = (x_ND @ self.embed_VD[...].astype(dt).T) / jnp.sqrt(cfg.d_model).astype(dt)
+    if self.head_DV is None:  # tied: logits = x E^T (scaled so init logits are O(1), unless HF-style)
+      logits_NV = x_ND @ self.embed_VD[...].astype(dt).T
+      if cfg.tied_logit_scale:
+        logits_NV = logits_NV / jnp.sqrt(cfg.d_model).astype(dt)
     else:
       logits_NV = x_ND @ self.head_DV[...].astype(dt)
     logits_BTV = constrain(logits_NV.astype(jnp.float32).reshape(b, t, -1), ("batch", "length", "vocab"))

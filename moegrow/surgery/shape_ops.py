@@ -37,15 +37,18 @@ def _new_block_rules(cfg: ModelConfig, j: int, ramped: bool = False):
   p, d = f"blocks/{j}/", cfg.d_model
   out = lambda *fan: R.init("normal", std=fan_in_std(*(max(f, 1) for f in fan))) if ramped else R.init("zeros")
   return [(p + "(attn_norm|mlp_norm)/scale_D", R.init("ones")),
-          (p + "attn/w[qkv]_DHA", R.init("normal", std=fan_in_std(d))),
+          (p + "attn/w[qkv]_D[HU]A", R.init("normal", std=fan_in_std(d))),
           (p + "attn/wo_HAD", out(cfg.num_heads, cfg.head_dim)),
+          (p + "attn/b[qkv]_[HU]A", R.init("zeros")),
+          (p + "attn/[qk]norm_[HU]?A", R.init("ones")),
           (p + "mlp/(shared/)?w(act|lin)_DF", R.init("normal", std=fan_in_std(d))),
           (p + "mlp/shared/wo_FD", out(cfg.num_shared_experts * cfg.shared_d_ff)),
           (p + "mlp/wo_FD", out(cfg.d_ff)),
           (p + "mlp/w(act|lin)_EDF", R.init("normal", std=fan_in_std(d))),
           (p + "mlp/wo_EFD", out(cfg.expert_d_ff)),
           (p + "mlp/router_DE", R.init("normal", std=cfg.router_init_std)),
-          (p + "mlp/router_bias_E", R.init("zeros"))]
+          (p + "mlp/router_bias_E", R.init("zeros")),
+          (p + "mlp/shared_gate_D", R.init("normal", std=fan_in_std(d)))]
 
 
 def _block_targets(cfg: ModelConfig, j: int, num_experts: int) -> list[tuple]:
@@ -239,22 +242,36 @@ def _widen_mlp_rules(cfg, new, method, noise_std, key):
 
 @growth_op
 def add_heads(cfg, *, num_heads: int, ramp_steps: int = 0) -> Plan:
-  """H -> H' heads of the same head_dim in every layer: new q/k/v heads at init scale, new
-  output-projection heads zero, so they add nothing: exact. New slices: zero moments.
+  """H -> H' query heads of the same head_dim in every layer, added as whole key/value groups:
+  with grouped-query attention (U key/value heads, g = H/U query heads each) H' must be a
+  multiple of g and U -> H'/g (multi-head: U = H -> H'). New q/k/v heads at init scale (biases
+  zero, head-wise qk-norm weights shared), new output-projection heads zero, so they add
+  nothing: exact. Query heads inside existing groups are not added: that changes g, and so which
+  key/value head every later query head reads. qk_norm="proj" (one norm over all heads) is refused:
+  new heads change every head's normaliser. New slices: zero moments.
   ramp_steps=N > 0 (ramped growth, MSG): the new output-projection heads are at init scale too
   (N(0, 1/(H' A))), times a mask m = 0 -> 1 over N steps: exact at m = 0, the plain grown model
   at m = 1 (moegrow.ramp)."""
   _refuse_ramped(cfg, "add_heads")
   if num_heads < cfg.num_heads:
     raise ValueError(f"add_heads: cannot shrink num_heads {cfg.num_heads} -> {num_heads}")
-  new_cfg = cfg.replace(num_heads=num_heads, head_dim=cfg.head_dim)
+  group = cfg.num_heads // cfg.num_kv_heads
+  if num_heads % group:
+    raise ValueError(f"add_heads: num_heads={num_heads} must be a multiple of the {group} query heads per "
+                     f"key/value group (num_heads={cfg.num_heads}, num_kv_heads={cfg.num_kv_heads}): heads are "
+                     "added as whole groups")
+  if cfg.qk_norm == "proj" and num_heads > cfg.num_heads:
+    raise ValueError("add_heads: qk_norm='proj' normalises q over all heads at once, so new heads would change "
+                     "the old heads' outputs; not exact")
+  new_cfg = cfg.replace(num_heads=num_heads, num_kv_heads=num_heads // group, head_dim=cfg.head_dim)
   targets = ([ramp.scale(f"blocks/{i}/attn/wo_HAD", 0, cfg.num_heads, num_heads) for i in range(cfg.num_layers)]
              if num_heads > cfg.num_heads else [])
   new_cfg, name = _ramped(cfg, new_cfg, "add_heads", ramp_steps, targets)
   wo = R.pad(r"\g<0>", "normal", std=fan_in_std(num_heads, cfg.head_dim)) if name else R.pad(r"\g<0>", "zeros")
   rules = ([(f"ramp/{name}", R.init("zeros"))] if name else []) + [
-      (r"blocks/\d+/attn/w[qkv]_DHA", R.pad(r"\g<0>", "normal", std=fan_in_std(cfg.d_model))),
+      (r"blocks/\d+/attn/w[qkv]_D[HU]A", R.pad(r"\g<0>", "normal", std=fan_in_std(cfg.d_model))),
       (r"blocks/\d+/attn/wo_HAD", wo),
+      (r"blocks/\d+/attn/b[qkv]_[HU]A", R.pad(r"\g<0>", "zeros")),
       (".*", R.copy())]
   return Plan(new_cfg, lambda key: rules, exact=True)
 
@@ -267,7 +284,8 @@ def widen_model(cfg, *, d_model: int) -> Plan:
   RMS over d' of a zero-padded vector is sqrt(d/d') times the RMS over d, so norm_eps becomes
   eps*d/d' (then exactly so) and RMSNorm gains are multiplied by c = sqrt(d/d') (new entries c).
   Tied logits divide by sqrt(d_model): the final-norm gain is left as is (its c and the
-  divisor's sqrt(d'/d) cancel), new entries 1. Scaled gains scale mu by c and nu by c^2."""
+  divisor's sqrt(d'/d) cancel), new entries 1 (tied_logit_scale=False: rescaled like untied).
+  Scaled gains scale mu by c and nu by c^2."""
   _refuse_ramped(cfg, "widen_model")
   d, d2 = cfg.d_model, d_model
   if d2 < d:
@@ -275,17 +293,18 @@ def widen_model(cfg, *, d_model: int) -> Plan:
   c = math.sqrt(d / d2)
   new_cfg = cfg.replace(d_model=d2, head_dim=cfg.head_dim, norm_eps=cfg.norm_eps * d / d2)
   g = r"\g<0>"
-  final = (R.pad(g, "constant", value=1.0) if cfg.tie_embeddings
+  final = (R.pad(g, "constant", value=1.0) if cfg.tie_embeddings and cfg.tied_logit_scale
            else R.pad(g, "constant", value=c, scale=c))
   rules = [("embed_VD", R.pad(g, "zeros")),
            ("head_DV", R.pad(g, "normal", std=fan_in_std(d2))),
            ("final_norm/scale_D", final),
            (r"blocks/\d+/(attn_norm|mlp_norm)/scale_D", R.pad(g, "constant", value=c, scale=c)),
-           (r"blocks/\d+/attn/w[qkv]_DHA", R.pad(g, "normal", std=fan_in_std(d2))),
+           (r"blocks/\d+/attn/w[qkv]_D[HU]A", R.pad(g, "normal", std=fan_in_std(d2))),
            (r"blocks/\d+/attn/wo_HAD", R.pad(g, "zeros")),
            (r"blocks/\d+/mlp/(shared/)?w(act|lin)_DF", R.pad(g, "normal", std=fan_in_std(d2))),
            (r"blocks/\d+/mlp/w(act|lin)_EDF", R.pad(g, "normal", std=fan_in_std(d2))),
            (r"blocks/\d+/mlp/router_DE", R.pad(g, "normal", std=cfg.router_init_std)),
+           (r"blocks/\d+/mlp/shared_gate_D", R.pad(g, "zeros")),
            (r"blocks/\d+/mlp/(shared/)?wo_FD", R.pad(g, "zeros")),
            (r"blocks/\d+/mlp/wo_EFD", R.pad(g, "zeros")),
            (".*", R.copy())]

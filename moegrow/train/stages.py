@@ -193,7 +193,8 @@ def eval_sets(config, names=None) -> dict[str, list[dict]]:
   names = names or [n for n, w in config.data.mixture.items() if w > 0]
   return {data.domain_name(n): data.eval_batches(n, seq_len=config.data.seq_len, batch_size=tr.eval_batch_size,
                                                  num_batches=tr.eval_batches or 2**40, data_dir=dd,
-                                                 text_key=config.data.text_key) for n in names}
+                                                 text_key=config.data.text_key,
+                                                 tokenizer=config.data.get("tokenizer", "bytes")) for n in names}
 
 
 def train_iter(config, mixture=None, replay: data.Replay | None = None, *, seed_offset: int = 0,
@@ -208,7 +209,9 @@ def train_iter(config, mixture=None, replay: data.Replay | None = None, *, seed_
                                       seed=config.train.seed + seed_offset, data_dir=dd,
                                       num_shards=config.data.get("shards", 0) or (1 if whole else 0),
                                       process_index=procs[0], process_count=procs[1],
-                                      text_key=config.data.text_key, replay=replay)
+                                      text_key=config.data.text_key, replay=replay,
+                                      tokenizer=config.data.get("tokenizer", "bytes"),
+                                      vocab_size=config.model.vocab_size)
 
 
 

@@ -1,8 +1,8 @@
 """One validation pass over a run config before anything is built or trained.
 
 `validate_config(config, num_devices)` checks every field's type and range (model, data, train,
-mesh, stages, growth ops, frozen patterns) and raises `ConfigError` naming the key, the value and
-what is allowed. Checkpoint metadata and data-iterator state are checked where they are read
+mesh, stages, growth ops, frozen patterns, the tokenizer against the embedding rows) and raises
+`ConfigError` naming the key, the value and what is allowed. Checkpoint metadata and data-iterator state are checked where they are read
 (`moegrow.checkpoint`, `moegrow.data.pipeline`).
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from moegrow.config import ModelConfig
+from moegrow.data import tokenizer
 from moegrow.model import transformer as tf
 from moegrow.sharding import MESH_AXES, mesh_sizes
 from moegrow.surgery import apply as surgery
@@ -135,6 +136,12 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> list[Mo
   _int(config, "data.seq_len", 1)
   _int(config, "data.shards", 0)
   _mixture(config, "data.mixture")
+  spec = config.data.get("tokenizer", "bytes")
+  try:
+    tok = tokenizer.load(spec)
+  except ValueError as e:
+    raise ConfigError("data.tokenizer", spec,
+                      f"'bytes' or a usable tokenizer.json, or a folder holding one ({e})") from e
   # train
   tr = "train"
   for k in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size"):
@@ -225,6 +232,11 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> list[Mo
     if opts["ewc"] and shards and opts["ewc"]["batch_size"] % shards:
       raise ConfigError(f"stages[{i}].ewc.batch_size", opts["ewc"]["batch_size"],
                         f"a multiple of data.shards={shards} (the Fisher reads whole global batches)")
+  # the tokenizer's ids must all have embedding rows, in every stage's model
+  try:
+    tokenizer.check_vocab(tok, min(c.vocab_size for c in cfgs))
+  except ValueError as e:
+    raise ConfigError("data.tokenizer", spec, str(e)) from e
   return cfgs
 
 
