@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Package directories of the shipped package (setup.py: configs/ ships as moegrow.configs).
 ROOTS = {"moegrow": os.path.join(REPO, "moegrow"), "moegrow.configs": os.path.join(REPO, "configs")}
 
-CLIS = ("moegrow.main", "moegrow.grow", "moegrow.merge")
+CLIS = ("moegrow.main", "moegrow.grow", "moegrow.merge", "moegrow.hf.__main__")
 NEVER = [  # (importer, imported): no module within the first may import one within the second
     *[("moegrow.surgery", t) for t in ("moegrow.model", "moegrow.sharding", "moegrow.checkpoint", "moegrow.train")],
     *[("moegrow.model", t) for t in ("moegrow.train", "moegrow.data", "moegrow.checkpoint")],

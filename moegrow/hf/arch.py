@@ -1,0 +1,204 @@
+"""config.json <-> ModelConfig for the supported Hugging Face architectures.
+
+Import reads every field that changes the function and refuses, naming the field, what moegrow
+cannot represent exactly (RoPE scaling, sliding windows, output-projection or MLP biases,
+activations other than SiLU, ...). Export picks the HF class that holds the model exactly and
+refuses, with the reason, models no class can hold. Weight-level conditions (a non-zero router
+bias) are checked in moegrow.hf.weights.
+
+Conventions both ways: torch Linear weights are [out, in] (transposed in moegrow.hf.weights);
+RoPE is rotate-half in both; `wact` = gate_proj (the SiLU branch), `wlin` = up_proj; a tied head
+has no 1/sqrt(d) factor in HF (`tied_logit_scale=False` on import). Mixtral renormalises the
+top-k router probabilities (moegrow `topk_softmax`); Qwen-MoE and OLMoE do so when
+`norm_topk_prob` is true, else they use the top-k of the full softmax (`softmax_topk`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from moegrow.config import ModelConfig
+
+# architectures entry -> (model_type, has MoE layers)
+ARCHS = {"LlamaForCausalLM": ("llama", False), "MistralForCausalLM": ("mistral", False),
+         "Qwen2ForCausalLM": ("qwen2", False), "Qwen3ForCausalLM": ("qwen3", False),
+         "MixtralForCausalLM": ("mixtral", True), "Qwen2MoeForCausalLM": ("qwen2_moe", True),
+         "Qwen3MoeForCausalLM": ("qwen3_moe", True), "OlmoeForCausalLM": ("olmoe", True)}
+BY_TYPE = {t: a for a, (t, _) in ARCHS.items()}
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+MAX_POSITIONS = 4096  # written on export; moegrow has no position limit (RoPE, no learnt positions)
+
+
+class HFConfigError(ValueError):
+  """A config.json field moegrow or the target class cannot represent exactly."""
+
+
+def _fail(where: str, field: str, value, why: str):
+  raise HFConfigError(f"{where}: {field}={value!r}: {why}")
+
+
+def architecture(hf: dict, where: str) -> str:
+  """The single supported `architectures` entry of a config.json dict."""
+  archs = hf.get("architectures") or []
+  if len(archs) != 1 or archs[0] not in ARCHS:
+    _fail(where, "architectures", archs, f"expected exactly one of {sorted(ARCHS)}")
+  return archs[0]
+
+
+def _rope_theta(hf: dict, where: str) -> float:
+  rope = hf.get("rope_parameters") or {}
+  if hf.get("rope_scaling"):
+    _fail(where, "rope_scaling", hf["rope_scaling"], "RoPE scaling variants are not implemented in moegrow")
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  if kind != "default":
+    _fail(where, "rope_parameters.rope_type", kind, "only the default RoPE is implemented in moegrow")
+  if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+    _fail(where, "partial_rotary_factor", rope.get("partial_rotary_factor", hf.get("partial_rotary_factor")),
+          "moegrow rotates the whole head")
+  return float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+
+
+def _refuse_attention_extras(hf: dict, mtype: str, where: str) -> None:
+  if hf.get("attention_bias"):
+    _fail(where, "attention_bias", True, "moegrow's attention has no output-projection bias")
+  if hf.get("mlp_bias"):
+    _fail(where, "mlp_bias", True, "moegrow's MLPs have no biases")
+  if hf.get("hidden_act", "silu") != "silu":
+    _fail(where, "hidden_act", hf.get("hidden_act"), "moegrow's SwiGLU uses SiLU")
+  if hf.get("attention_dropout", 0.0):
+    _fail(where, "attention_dropout", hf["attention_dropout"], "moegrow has no attention dropout")
+  if hf.get("clip_qkv") is not None:
+    _fail(where, "clip_qkv", hf["clip_qkv"], "moegrow does not clip q/k/v")
+  window = hf.get("sliding_window")
+  if mtype == "mistral" and window is not None:
+    _fail(where, "sliding_window", window, "moegrow attends to the whole context (set it to null only if "
+          "every sequence you use is at most that long)")
+  if hf.get("use_sliding_window"):
+    _fail(where, "use_sliding_window", True, "moegrow attends to the whole context")
+  kinds = set(hf.get("layer_types") or ["full_attention"])
+  if kinds != {"full_attention"}:
+    _fail(where, "layer_types", sorted(kinds), "moegrow has only full attention")
+
+
+def model_config(hf: dict, where: str = "config.json") -> ModelConfig:
+  """The moegrow ModelConfig of a supported HF config.json dict (exact, or HFConfigError)."""
+  arch = architecture(hf, where)
+  mtype, moe = ARCHS[arch]
+  _refuse_attention_extras(hf, mtype, where)
+  heads = int(hf["num_attention_heads"])
+  d = int(hf["hidden_size"])
+  kw: dict[str, Any] = dict(
+      vocab_size=int(hf["vocab_size"]), d_model=d, num_layers=int(hf["num_hidden_layers"]), num_heads=heads,
+      num_kv_heads=int(hf.get("num_key_value_heads") or heads), head_dim=int(hf.get("head_dim") or d // heads),
+      d_ff=int(hf["intermediate_size"]), mlp_act="swiglu", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      tied_logit_scale=False, rope_theta=_rope_theta(hf, where), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      dtype=DTYPES.get(str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), "float32"),
+      qkv_bias=mtype == "qwen2" or (mtype == "qwen2_moe" and bool(hf.get("qkv_bias", True))),
+      qk_norm={"qwen3": "head", "qwen3_moe": "head", "olmoe": "proj"}.get(mtype, "none"))
+  if moe:
+    n = int(hf.get("num_local_experts") or hf.get("num_experts") or 0)
+    if n < 1:
+      _fail(where, "num_experts", n, "an MoE architecture needs at least one expert")
+    layers = tuple(range(kw["num_layers"]))
+    if mtype in ("qwen2_moe", "qwen3_moe"):
+      step, dense = int(hf.get("decoder_sparse_step", 1)), set(hf.get("mlp_only_layers") or ())
+      layers = tuple(i for i in layers if i not in dense and (i + 1) % step == 0)
+    norm = True if mtype == "mixtral" else bool(hf.get("norm_topk_prob", False))
+    kw.update(moe_layers=layers if len(layers) < kw["num_layers"] else "all", num_experts=n,
+              top_k=int(hf["num_experts_per_tok"]), gating="topk_softmax" if norm else "softmax_topk",
+              expert_d_ff=int(hf["intermediate_size"] if mtype in ("mixtral", "olmoe") else hf["moe_intermediate_size"]),
+              router_jitter=float(hf.get("router_jitter_noise", 0.0)),
+              aux_loss_weight=float(hf.get("router_aux_loss_coef", 0.01)), z_loss_weight=0.0)
+    if not layers:
+      kw["moe_layers"] = "none"
+    shared = int(hf.get("shared_expert_intermediate_size") or 0) if mtype == "qwen2_moe" else 0
+    if shared:
+      kw.update(num_shared_experts=1, shared_d_ff=shared, shared_gate=True)
+  return ModelConfig(**kw)
+
+
+def _needs(ok: bool, arch: str, field: str, value, why: str) -> None:
+  if not ok:
+    raise HFConfigError(f"export as {arch}: {field}={value!r}: {why}")
+
+
+def choose(cfg: ModelConfig) -> str:
+  """The HF class that holds `cfg` exactly (check it with `hf_config`)."""
+  if not cfg.moe_layer_ids:
+    return {"none": "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM",
+            "head": "Qwen3ForCausalLM"}.get(cfg.qk_norm, "LlamaForCausalLM")
+  if cfg.qk_norm == "head":
+    return "Qwen3MoeForCausalLM"
+  if cfg.qk_norm == "proj":
+    return "OlmoeForCausalLM"
+  every = len(cfg.moe_layer_ids) == cfg.num_layers
+  if every and cfg.gating == "topk_softmax" and not cfg.qkv_bias and not cfg.num_shared_experts:
+    return "MixtralForCausalLM"
+  return "Qwen2MoeForCausalLM"
+
+
+def hf_config(cfg: ModelConfig, arch: str | None = None, special: dict | None = None) -> dict:
+  """config.json of `cfg` as `arch` (default: `choose(cfg)`); HFConfigError naming the field and
+  the reason when that class cannot hold the model exactly. `special`: bos/eos/pad token ids."""
+  arch = arch or choose(cfg)
+  if arch not in ARCHS:
+    raise HFConfigError(f"export: arch={arch!r} is not one of {sorted(ARCHS)}")
+  mtype, moe = ARCHS[arch]
+  _needs(not cfg.lora_rank, arch, "lora_rank", cfg.lora_rank, "merge the adapters first (growth op merge_lora)")
+  _needs(cfg.mlp_act == "swiglu", arch, "mlp_act", cfg.mlp_act, "HF models of this family use SwiGLU (SiLU)")
+  _needs(not cfg.qkv_bias or mtype in ("qwen2", "qwen2_moe"), arch, "qkv_bias", True,
+         "only Qwen2 and Qwen2-MoE have q/k/v biases")
+  _needs(mtype != "qwen2" or cfg.qkv_bias, arch, "qkv_bias", False, "Qwen2 always has q/k/v biases; use Llama")
+  want_norm = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "proj"}.get(mtype, "none")
+  _needs(cfg.qk_norm == want_norm, arch, "qk_norm", cfg.qk_norm, f"{arch} has qk_norm={want_norm!r}")
+  ids = cfg.moe_layer_ids
+  if not moe:
+    _needs(not ids, arch, "moe_layers", cfg.moe_layers, "a dense class cannot hold MoE layers")
+  else:
+    _needs(bool(ids), arch, "moe_layers", cfg.moe_layers, "an MoE class needs MoE layers; export as a dense class")
+    counts = {cfg.experts_in_layer(i) for i in ids}
+    _needs(len(counts) == 1, arch, "num_experts", cfg.num_experts,
+           "HF MoE classes have one expert count for every layer")
+    _needs(cfg.routing == "token_choice", arch, "routing", cfg.routing, "HF routers are token choice")
+    _needs(cfg.dispatch == "dropless", arch, "dispatch", cfg.dispatch,
+           "HF MoE layers never drop tokens; a capacity-dispatch model's logits would differ")
+    _needs(len(ids) == cfg.num_layers or mtype in ("qwen2_moe", "qwen3_moe"), arch, "moe_layers", cfg.moe_layers,
+           f"{arch} has MoE in every layer; Qwen2-MoE / Qwen3-MoE hold dense layers (mlp_only_layers)")
+    _needs(mtype != "mixtral" or cfg.gating == "topk_softmax", arch, "gating", cfg.gating,
+           "Mixtral renormalises the top-k probabilities (topk_softmax)")
+    _needs(not cfg.num_shared_experts or (mtype == "qwen2_moe" and cfg.shared_gate), arch, "num_shared_experts",
+           cfg.num_shared_experts, "only Qwen2-MoE has shared experts, and it gates them (shared_gate=True); no "
+           "class in this list holds ungated (DeepSeek-style) shared experts")
+  out: dict[str, Any] = {
+      "architectures": [arch], "model_type": mtype, "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+      "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+      "max_position_embeddings": MAX_POSITIONS, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+      "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+      "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0, "use_cache": True,
+      "initializer_range": 0.02, "dtype": cfg.dtype,
+      "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **(special or {})}
+  if mtype in ("llama", "qwen3", "qwen3_moe", "olmoe"):
+    out["attention_bias"] = False
+  if mtype == "llama":
+    out["mlp_bias"] = False
+  if mtype in ("mistral", "mixtral"):
+    out["sliding_window"] = None
+  if mtype in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
+    out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
+  if moe:
+    e = cfg.experts_in_layer(ids[0])
+    out.update(num_experts_per_tok=cfg.top_k, router_aux_loss_coef=cfg.aux_loss_weight, output_router_logits=False)
+    if mtype in ("mixtral", "olmoe"):  # the experts' width is intermediate_size
+      out.update(num_local_experts=e, intermediate_size=cfg.expert_d_ff, router_jitter_noise=0.0)
+    if mtype != "mixtral":
+      out.update(num_experts=e, num_local_experts=e, norm_topk_prob=cfg.gating == "topk_softmax")
+    if mtype in ("qwen2_moe", "qwen3_moe"):
+      out["moe_intermediate_size"] = cfg.expert_d_ff
+    if mtype in ("qwen2_moe", "qwen3_moe"):
+      out.update(decoder_sparse_step=1, mlp_only_layers=[i for i in range(cfg.num_layers) if i not in ids])
+    if mtype == "qwen2_moe":
+      out.update(qkv_bias=cfg.qkv_bias,
+                 shared_expert_intermediate_size=cfg.num_shared_experts * cfg.shared_d_ff)
+    if mtype == "olmoe":
+      out["clip_qkv"] = None
+  return out
