@@ -438,6 +438,25 @@ def test_train_upcycle_with_configs_hf_then_export(hf_models, data_dir, tmp_path
   assert diff <= TOL
 
 
+def test_train_an_imported_moe_then_export(hf_models, data_dir, tmp_path):
+  """An imported Mixtral trains as one stage (router biases frozen from the import on) and exports."""
+  from moegrow.configs import hf as hf_cfg
+  src = hf_models("mixtral")
+  workdir = str(tmp_path / "run")
+  convert.import_model(src.dir, workdir, base())
+  config = hf_cfg.get_config(f"{workdir},steps=2")
+  config.data.update(data_dir=data_dir, seq_len=32)
+  config.mesh.update(data=1, num_devices=1)
+  config.train.update(batch_size=2, eval_batch_size=2, eval_batches=1, log_every=1, eval_every=0, checkpoint_every=2)
+  result = stages.train_and_evaluate(config, workdir)
+  assert result["step"] == 2 and not result["stopped_early"]
+  trained, cfg = restored(workdir)
+  assert not np.array_equal(np.asarray(trained["blocks"]["0"]["mlp"]["router_DE"]),
+                            tensors(src.dir)["model.layers.0.block_sparse_moe.gate.weight"].numpy().T)  # it trained
+  diff = export_and_compare(workdir, tmp_path / "out", "MixtralForCausalLM", cfg, trained)
+  assert diff <= TOL
+
+
 # ---------------------------------------------------------------- 6. errors
 
 def copy_of(src, tmp_path, name="src"):
