@@ -28,9 +28,12 @@ from moegrow.train import stages
 
 UPCYCLE = dict(op="upcycle", layers="every_other", num_experts=8, top_k=2, gating="topk_softmax")
 # size -> base variant of configs/lm.py, N dense steps, M upcycled steps, cadence, evaluation set.
+# "small" narrows configs/lm.py small (d=256, sequence 256) to d=128 and sequence 128 so that three
+# seeds fit in 30 minutes on 2 CPU cores.
 SIZES = {
     "small": dict(base="small", dense_steps=500, moe_steps=250, warmup_steps=50, eval_every=50,
-                  log_every=25, checkpoint_every=250, eval_batches=32),
+                  log_every=25, checkpoint_every=250, eval_batches=32,
+                  model=dict(d_model=128, num_heads=4, d_ff=512), seq_len=128),
     "quick": dict(base="tiny", dense_steps=6, moe_steps=4, warmup_steps=2, eval_every=2,
                   log_every=2, checkpoint_every=100, eval_batches=2),
 }
@@ -41,7 +44,7 @@ def plan(size: str) -> dict:
   if size not in SIZES:
     raise ValueError(f"experiments/upcycling: unknown size {size!r}; use {sorted(SIZES)}")
   s = SIZES[size]
-  dense_c, moe_c = lm.get_config(s["base"]), lm.get_config(s["base"] + ",moe")
+  dense_c, moe_c = _base(s), _base(s, ",moe")
   f_dense = flops_per_step(stages.model_config(dense_c), dense_c)
   f_moe = flops_per_step(stages.model_config(moe_c), moe_c)
   n, m = s["dense_steps"], s["moe_steps"]
@@ -51,6 +54,14 @@ def plan(size: str) -> dict:
           "scratch_steps": scratch, "flops_per_step": {"dense": f_dense, "moe": f_moe}, "sunk_flops": n * f_dense,
           "extra_flops": m * f_moe, "eval_batches": s["eval_batches"],
           "end_step": {"dense_base": n, "dense": n + m_dense, "upcycled": n + m, "moe_scratch": scratch}}
+
+
+def _base(s: dict, moe: str = "") -> ml_collections.ConfigDict:
+  """configs/lm.py's `base` variant with the size's model and sequence overrides."""
+  c = lm.get_config(s["base"] + moe)
+  c.model.update(s.get("model", {}))
+  c.data.seq_len = s.get("seq_len", c.data.seq_len)
+  return c
 
 
 def _finish(c: ml_collections.ConfigDict, s: dict, steps: int) -> ml_collections.ConfigDict:
@@ -63,12 +74,14 @@ def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
   """Each arm's config (seed 0; the harness sets the seed)."""
   p, s = plan(size), SIZES[size]
   up = grow_configs.get_config(s["base"])
+  up.model.update(s.get("model", {}))
+  up.data.seq_len = s.get("seq_len", up.data.seq_len)
   up.stages = (dict(name="dense", steps=p["dense_steps"]), dict(name="upcycled", steps=p["moe_steps"],
                                                                ops=(dict(UPCYCLE),)))
-  return {"dense_base": _finish(lm.get_config(s["base"]), s, p["end_step"]["dense"]),  # stops at N
-          "dense": _finish(lm.get_config(s["base"]), s, p["end_step"]["dense"]),
+  return {"dense_base": _finish(_base(s), s, p["end_step"]["dense"]),  # stops at N
+          "dense": _finish(_base(s), s, p["end_step"]["dense"]),
           "upcycled": _finish(up, s, p["end_step"]["upcycled"]),
-          "moe_scratch": _finish(lm.get_config(s["base"] + ",moe"), s, p["end_step"]["moe_scratch"])}
+          "moe_scratch": _finish(_base(s, ",moe"), s, p["end_step"]["moe_scratch"])}
 
 
 def figure(quick: bool = False) -> Figure:
