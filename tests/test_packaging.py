@@ -15,7 +15,7 @@ import pytest
 from _tiny import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLIS = ("moegrow.main", "moegrow.grow", "moegrow.merge")
+CLIS = ("moegrow.main", "moegrow.grow", "moegrow.merge", "moegrow.hf.__main__")
 SUBPACKAGES = ("moegrow", "moegrow/model", "moegrow/surgery", "moegrow/data", "moegrow/train", "moegrow/configs")
 # Not part of a source tree to build from: version control, environments, build and run outputs.
 IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
@@ -97,7 +97,7 @@ def test_installed_copy_imports_and_trains_from_elsewhere(wheel, tmp_path, data_
       files = {{}}
       for name in {modules!r}:
         if name in {CLIS!r}:  # each CLI defines --config and --workdir: one CLI's flags at a time
-          for flag in ("config", "workdir", "from", "stage"):
+          for flag in ("config", "workdir", "from", "stage", "to", "arch", "dtype", "max_shard_mb"):
             if flag in flags.FLAGS:
               delattr(flags.FLAGS, flag)
         files[name] = importlib.import_module(name).__file__
