@@ -105,6 +105,17 @@ def flops_at(config, step: int, plan: Sequence[stages.Stage] | None = None) -> f
 
 # ---------------------------------------------------------------- runs
 
+def size_arm_config(where: str, arg: str, sizes, configs: Callable[[str], dict]) -> ml_collections.ConfigDict:
+  """The config of one arm named by a config file's `'<size>,<arm>'` argument; ValueError naming
+  `where`, the sizes and the arms otherwise."""
+  parts = arg.split(",")
+  cfgs = configs(parts[0]) if len(parts) == 2 and parts[0] in sizes else {}
+  if len(parts) != 2 or parts[1] not in cfgs:
+    raise ValueError(f"{where}: expected '<size>,<arm>' with size in {sorted(sizes)} and arm in "
+                     f"{sorted(cfgs or configs(min(sizes)))}, got {arg!r}")
+  return cfgs[parts[1]]
+
+
 def run_dir(root: str, arm: str, seed: int) -> str:
   return os.path.join(root, arm, f"seed{seed}")
 

@@ -11,12 +11,8 @@ arms gave final mean losses e2 2.0530, e4 2.0423, grow50 2.0463 (closure 0.63; g
 about 3 minutes on 2 busy CPU cores). See experiments/expert_growth/README.md.
 """
 from experiments.expert_growth import figure
+from experiments.harness import size_arm_config
 
 
 def get_config(arg: str = "small,grow50"):
-  parts = (arg or "small,grow50").split(",")
-  cfgs = figure.configs(parts[0]) if len(parts) == 2 and parts[0] in figure.SIZES else {}
-  if len(parts) != 2 or parts[1] not in cfgs:
-    raise ValueError(f"experiments/expert_growth/config.py: expected '<size>,<arm>' with size in "
-                     f"{sorted(figure.SIZES)} and arm in {sorted(figure.configs('quick'))}, got {arg!r}")
-  return cfgs[parts[1]]
+  return size_arm_config("experiments/expert_growth/config.py", arg or "small,grow50", figure.SIZES, figure.configs)

@@ -12,12 +12,8 @@ wide_noisy and +0.06 for deep_stack; final losses 2.60-2.64, no arm separated fr
 counterpart. See experiments/preserving/README.md.
 """
 from experiments.preserving import figure
+from experiments.harness import size_arm_config
 
 
 def get_config(arg: str = "small,wide_exact"):
-  parts = (arg or "small,wide_exact").split(",")
-  cfgs = figure.configs(parts[0]) if len(parts) == 2 and parts[0] in figure.SIZES else {}
-  if len(parts) != 2 or parts[1] not in cfgs:
-    raise ValueError(f"experiments/preserving/config.py: expected '<size>,<arm>' with size in {sorted(figure.SIZES)} "
-                     f"and arm in {sorted(cfgs) or sorted(('small',) + figure.GROWN + figure.SCRATCH)}, got {arg!r}")
-  return cfgs[parts[1]]
+  return size_arm_config("experiments/preserving/config.py", arg or "small,wide_exact", figure.SIZES, figure.configs)

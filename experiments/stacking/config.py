@@ -15,12 +15,8 @@ separated). The paper's claim, at 7B: G_stack reaches the from-scratch loss with
 here 1 seed of 3 reaches it (6% / 12% saved at 10% / 25%). See experiments/stacking/README.md.
 """
 from experiments.stacking import figure
+from experiments.harness import size_arm_config
 
 
 def get_config(arg: str = "small,stack10"):
-  parts = (arg or "small,stack10").split(",")
-  cfgs = figure.configs(parts[0]) if len(parts) == 2 and parts[0] in figure.SIZES else {}
-  if len(parts) != 2 or parts[1] not in cfgs:
-    raise ValueError(f"experiments/stacking/config.py: expected '<size>,<arm>' with size in {sorted(figure.SIZES)} "
-                     f"and arm in {sorted(cfgs) or sorted(figure.ARMS)}, got {arg!r}")
-  return cfgs[parts[1]]
+  return size_arm_config("experiments/stacking/config.py", arg or "small,stack10", figure.SIZES, figure.configs)
