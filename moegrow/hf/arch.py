@@ -16,15 +16,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from moegrow.config import ModelConfig
+from moegrow.config import DTYPES, ModelConfig
 
 # architectures entry -> (model_type, has MoE layers)
 ARCHS = {"LlamaForCausalLM": ("llama", False), "MistralForCausalLM": ("mistral", False),
          "Qwen2ForCausalLM": ("qwen2", False), "Qwen3ForCausalLM": ("qwen3", False),
          "MixtralForCausalLM": ("mixtral", True), "Qwen2MoeForCausalLM": ("qwen2_moe", True),
          "Qwen3MoeForCausalLM": ("qwen3_moe", True), "OlmoeForCausalLM": ("olmoe", True)}
-BY_TYPE = {t: a for a, (t, _) in ARCHS.items()}
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 MAX_POSITIONS = 4096  # written on export; moegrow has no position limit (RoPE, no learnt positions)
 
 
@@ -55,6 +53,12 @@ def _rope_theta(hf: dict, where: str) -> float:
     _fail(where, "partial_rotary_factor", rope.get("partial_rotary_factor", hf.get("partial_rotary_factor")),
           "moegrow rotates the whole head")
   return float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+
+
+def _dtype(hf: dict) -> str:
+  """The compute dtype of an import: the checkpoint's (`dtype`, older `torch_dtype`), else float32."""
+  dt = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
+  return dt if dt in DTYPES else "float32"
 
 
 def _refuse_attention_extras(hf: dict, mtype: str, where: str) -> None:
@@ -91,7 +95,7 @@ def model_config(hf: dict, where: str = "config.json") -> ModelConfig:
       num_kv_heads=int(hf.get("num_key_value_heads") or heads), head_dim=int(hf.get("head_dim") or d // heads),
       d_ff=int(hf["intermediate_size"]), mlp_act="swiglu", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
       tied_logit_scale=False, rope_theta=_rope_theta(hf, where), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      dtype=DTYPES.get(str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), "float32"),
+      dtype=_dtype(hf),
       qkv_bias=mtype == "qwen2" or (mtype == "qwen2_moe" and bool(hf.get("qkv_bias", True))),
       qk_norm={"qwen3": "head", "qwen3_moe": "head", "olmoe": "proj"}.get(mtype, "none"))
   if moe:

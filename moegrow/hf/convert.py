@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 from typing import Any
@@ -26,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from moegrow import checkpoint, ramp
-from moegrow.config import ModelConfig
+from moegrow.config import DTYPES, ModelConfig
 from moegrow.data import tokenizer as tokenization
 from moegrow.hf import arch as archs
 from moegrow.hf import files
@@ -284,8 +283,8 @@ def export_model(source: str, to: str, base: ml_collections.ConfigDict, arch: st
   hf = archs.hf_config(cfg, arch, special)
   arch = hf["architectures"][0]
   dtype = dtype or cfg.dtype
-  if dtype not in archs.DTYPES:
-    raise ValueError(f"export: dtype={dtype!r} not in {sorted(archs.DTYPES)}")
+  if dtype not in DTYPES:
+    raise ValueError(f"export: dtype={dtype!r} not in {DTYPES}")
   hf["dtype"] = dtype
   np_dtype = jnp.dtype(dtype)
   tensors = ((n, x.astype(np_dtype)) for n, x in export_tensors(cfg, arch, flatten(params)))
@@ -307,7 +306,3 @@ def _special_ids(tok_dir: str | None) -> dict:
   tok = tokenization.load(tok_dir)
   return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
 
-
-def tied_scale_note(cfg: ModelConfig) -> str:
-  return (f"tied head: 1/sqrt({cfg.d_model}) = {1 / math.sqrt(cfg.d_model):.6f} folded into the final norm"
-          if cfg.tie_embeddings and cfg.tied_logit_scale else "")
