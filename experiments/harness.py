@@ -15,6 +15,9 @@ A figure is declarative (see experiments/upcycling/figure.py):
     section (moegrow.train.branching: branches, mix, MoE training); checkpoint paths in them
     written 'arm:<arm>/<rest>' name that arm's run of the same seed.
   * `plan.json` pins the figure's plan: a workdir written by another plan is refused.
+  * compiled XLA programs are kept in `<workdir>/.xla_cache` (unless JAX_COMPILATION_CACHE_DIR
+    names another cache), so every seed after the first, and a resumed figure, skips most
+    compilation.
   * every evaluation of every run goes into one CSV `<name>.csv` (arm, seed, step, flops, x,
     domain, loss); `<name>.png` plots mean ± standard error over seeds against FLOPs;
     `summary.csv` / `summary.md` (also printed) hold each arm's final loss (mean ± SE) and, per
@@ -426,6 +429,14 @@ def report(fig: Figure, root: str, seeds: Sequence[int], data_dir: str = "") -> 
 
 # ---------------------------------------------------------------- command line
 
+def _compile_cache(root: str) -> None:
+  """Keep XLA executables in `<root>/.xla_cache` unless a cache is configured already
+  (JAX_COMPILATION_CACHE_DIR): seeds after the first reuse every compiled step."""
+  import jax
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(root), ".xla_cache"))
+
+
 def run(make_figure: Callable[[bool], Figure], argv: Sequence[str] | None = None, default_seeds: str = "0,1,2") -> int:
   """The command line of a figure: trains every missing (arm, seed), then reports."""
   ap = argparse.ArgumentParser()
@@ -444,6 +455,7 @@ def run(make_figure: Callable[[bool], Figure], argv: Sequence[str] | None = None
   root = args.workdir or os.path.join("runs", fig.name + ("_quick" if args.quick else ""))
   os.makedirs(root, exist_ok=True)
   _check_plan(root, fig)
+  _compile_cache(root)
   print(f"{fig.title}: arms {[a.name for a in fig.arms]}, seeds {seeds}, in {root}", flush=True)
   for arm in fig.arms:
     for seed in seeds:

@@ -162,16 +162,20 @@ def test_nan_never_reaches_a_checkpoint(tmp_path, data_dir):
 
 def test_second_process_on_a_locked_workdir_is_refused(tmp_path, data_dir):
   wd = tmp_path / "shared"
-  slow = ["--config.train.steps=150", "--config.train.log_every=1", "--config.train.eval_every=0",
-          "--config.train.checkpoint_every=1", "--config.train.async_checkpoint=False"]  # ~10 s or more
-  first = cli(wd, data_dir, *slow, wait=False)
-  wait_for(first, "step      1/150")
-  code, out = cli(wd, data_dir, *slow)
+  endless = ["--config.train.steps=100000", "--config.train.log_every=1", "--config.train.eval_every=0",
+             "--config.train.checkpoint_every=100000"]
+  first = cli(wd, data_dir, *endless, wait=False)
+  wait_for(first, "step      1/100000")
+  code, out = cli(wd, data_dir, *endless)
   assert code != 0 and f"in use by process {first.pid}" in out, out[-2000:]
+  at_refusal = max(r["step"] for r in read_metrics(wd) if "loss" in r)
+  first.send_signal(signal.SIGTERM)  # the first run goes on after the refusal, then stops cleanly
   rest, _ = first.communicate(timeout=600)
-  assert first.returncode == 0, rest[-2000:]
+  assert first.returncode == 0 and "SIGTERM: saved checkpoint" in rest, rest[-2000:]
   steps = [r["step"] for r in read_metrics(wd) if "loss" in r]
-  assert steps == list(range(1, 151))  # the first run finished untouched
+  assert steps == list(range(1, len(steps) + 1)) and len(steps) >= at_refusal  # untouched by the second
+  saved = [int(d) for d in os.listdir(wd / "checkpoints") if d.isdigit()]
+  assert saved == [steps[-1]], (saved, steps[-1])
   assert os.path.getsize(wd / ".lock") == 0  # released
 
 

@@ -28,11 +28,11 @@ from moegrow.train import stages
 
 UPCYCLE = dict(op="upcycle", layers="every_other", num_experts=8, top_k=2, gating="topk_softmax")
 # size -> base variant of configs/lm.py, N dense steps, M upcycled steps, cadence, evaluation set.
-# "small" narrows configs/lm.py small (d=256, sequence 256) to d=128 and sequence 128 so that three
-# seeds fit in 30 minutes on 2 CPU cores.
+# "small" narrows configs/lm.py small (d=256, sequence 256) to d=128 and sequence 128, and runs
+# N=300 + M=150 steps evaluated every 100, so that three seeds fit in 30 minutes on 2 CPU cores.
 SIZES = {
-    "small": dict(base="small", dense_steps=500, moe_steps=250, warmup_steps=50, eval_every=50,
-                  log_every=25, checkpoint_every=250, eval_batches=32,
+    "small": dict(base="small", dense_steps=300, moe_steps=150, warmup_steps=30, eval_every=100,
+                  log_every=25, checkpoint_every=150, eval_batches=32,
                   model=dict(d_model=128, num_heads=4, d_ff=512), seq_len=128),
     "quick": dict(base="tiny", dense_steps=6, moe_steps=4, warmup_steps=2, eval_every=2,
                   log_every=2, checkpoint_every=100, eval_batches=2),
