@@ -154,7 +154,7 @@ def child_idle(args) -> dict:
 
 def child_grow(args) -> dict:
   from moegrow import checkpoint
-  from moegrow.train import probes, stages
+  from moegrow.train import boundary, probes, stages
   config = _config(args.size)
   ph = Phases()
   ph.wrap(stages, "eval_sets", "load held-out batches", "setup: read meta, build programs")
@@ -163,7 +163,7 @@ def child_grow(args) -> dict:
           lambda n: "certificate eval (old model)" if n == 0 else "certificate eval (grown model)",
           lambda n: "grow: jit upcycle params+moments, opt init" if n == 0 else "certificate json",
           block_args=True)
-  ph.wrap(stages, "own_buffers", "own_buffers copy", "device_put", block_args=True)
+  ph.wrap(boundary, "own_buffers", "own_buffers copy", "device_put", block_args=True)
   ph.wrap(checkpoint, "save", "save (dispatch)", "save (wait for async write) + close")
   t0 = ph.mark("pre-restore setup")
   cert = stages.grow_offline(config, os.path.join(args.dir, "src"), args.workdir)

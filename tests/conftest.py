@@ -3,11 +3,12 @@ import getpass
 import os
 import tempfile
 
-# LLVM at -O0: the suite's programs are tiny, so compiling them dominates; measured 119 s -> 82 s
-# of CPU for `experiments.preserving.run --quick` from a cold cache. Appended, so a user's own
-# XLA_FLAGS come first and a later duplicate flag of theirs is not overridden silently.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0").strip()
+# LLVM at -O0 unless XLA_FLAGS sets a level: the suite's programs are tiny, so compiling them
+# dominates; measured 119 s -> 82 s of CPU for `experiments.preserving.run --quick` (cold cache).
+_flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+if "--xla_backend_optimization_level" not in _flags:
+  _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _flags.strip()
 # One persistent XLA compilation cache for the session, shared by the xdist workers and the
 # subprocesses they start (the figures' --quick runs compile the same programs for every seed and
 # arm): measured 304 s -> 164 s for `experiments.continual.run --quick`. Keyed by the program, the

@@ -13,7 +13,7 @@ import pytest
 
 from moegrow import checkpoint, data, sharding
 from moegrow.surgery import apply as surgery
-from moegrow.train import optim, stages, steps
+from moegrow.train import boundary, optim, stages, steps
 from moegrow.model import transformer as tf
 from moegrow.configs import grow as grow_config
 from test_grow import EXACT, KEY, random_state
@@ -93,7 +93,7 @@ def test_upcycle_through_trainer_carries_moments_and_next_step_loss(data_dir):
   grown, _, _ = surgery.apply_ops({"params": state["params"], "mu": m["mu"], "nu": m["nu"]}, dense_cfg, ops, KEY,
                                  shapes=tf.abstract_params)
   opt = optim.with_adam_moments(moe.tx.init(grown["params"]), grown["mu"], grown["nu"], m["count"])
-  moe_state = stages.own_buffers({"params": grown["params"], "opt_state": opt, "step": state["step"]})
+  moe_state = boundary.own_buffers({"params": grown["params"], "opt_state": opt, "step": state["step"]})
   m2 = optim.adam_moments(opt)
   assert int(m2["count"]) == int(m["count"]) == 3
   for kind in ("mu", "nu"):

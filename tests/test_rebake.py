@@ -13,7 +13,7 @@ from moegrow import checkpoint, trees
 from moegrow.configs import lm
 from moegrow.model import transformer as tf
 from moegrow.surgery import apply as surgery
-from moegrow.train import stages, steps
+from moegrow.train import boundary, stages, steps
 from _tiny import model, moe, read_metrics
 
 KEY = jax.random.key(3)
@@ -167,10 +167,10 @@ def test_errors_name_the_layers():
 def test_with_loads_measures_only_for_concat_topk_without_loads():
   calls = []
   measure = lambda: calls.append(1) or {"1": [0.25] * 4}
-  ops = stages._with_loads([dict(op="to_dense", mode="average"), dict(op="to_dense", loads={"1": [1, 0, 0, 0]})],
+  ops = boundary.with_loads([dict(op="to_dense", mode="average"), dict(op="to_dense", loads={"1": [1, 0, 0, 0]})],
                            measure)
   assert not calls and "loads" not in ops[0]
-  ops = stages._with_loads([dict(op="to_dense"), dict(op="to_dense", mode="concat_topk", k=1)], measure)
+  ops = boundary.with_loads([dict(op="to_dense"), dict(op="to_dense", mode="concat_topk", k=1)], measure)
   assert len(calls) == 1 and all(o["loads"] == {"1": [0.25] * 4} for o in ops)
 
 

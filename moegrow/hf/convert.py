@@ -31,7 +31,7 @@ from moegrow.hf import arch as archs
 from moegrow.hf import files
 from moegrow.hf.weights import BENIGN, import_plan, export_tensors
 from moegrow.model import transformer as tf
-from moegrow.train import stages
+from moegrow.train.plan import make_mesh, manager
 from moegrow.train.steps import build_program
 from moegrow.trees import flatten, unflatten
 from moegrow.workdir_lock import WorkdirLock
@@ -165,11 +165,11 @@ def import_model(src: str, workdir: str, base: ml_collections.ConfigDict) -> dic
   tok_files = list(files.iter_files(src, files.TOKENIZER_FILES))
   if any(f.endswith("tokenizer.json") for f in tok_files):
     config.data.tokenizer = os.path.join(os.path.abspath(workdir), "tokenizer")
-  tr, mesh = config.train, stages.make_mesh(config)
+  tr, mesh = config.train, make_mesh(config)
   with _nothing_left_on_failure(workdir):
     os.makedirs(workdir, exist_ok=True)
     with WorkdirLock(workdir, enabled=jax.process_index() == 0):
-      mngr = stages.manager(workdir, 0, tr)
+      mngr = manager(workdir, 0, tr)
       try:
         if mngr.latest_step() is not None:
           raise ValueError(f"{workdir} already holds checkpoints; import into a new --workdir")
@@ -249,7 +249,7 @@ def restore_for_export(source: str, base: ml_collections.ConfigDict) -> tuple[di
     cfg = checkpoint.model_config(checkpoint.read_meta(mngr, step))
     config = run_config(cfg, base)
     config.mesh.update(data=1, fsdp=1, expert=1, tensor=1, num_devices=1)
-    program = build_program(cfg, config.train, stages.make_mesh(config))
+    program = build_program(cfg, config.train, make_mesh(config))
     abstract = program.abstract_state
     try:
       stored = mngr.item_metadata(int(step))[checkpoint.STATE]

@@ -38,7 +38,7 @@ from moegrow.model import transformer as tf
 from moegrow.surgery import btx
 from moegrow.surgery import merge as merge_ops
 from moegrow.surgery.op import resolve_layers
-from moegrow.train import merging, probes, stages
+from moegrow.train import merging, plan, probes, stages
 from moegrow.train.logbook import print_table
 from moegrow.train.steps import build_program
 from moegrow.trees import to_plain
@@ -96,7 +96,7 @@ def mixed_run_config(config) -> ml_collections.ConfigDict:
   """The mixed MoE's run config: the config with the model `btx.mix` produces."""
   s = spec(config)
   c = _without_btx(config)
-  cfg = btx.mixed_config(stages.model_config(config), len(s["branches"]), s["layers"], s["top_k"], s["gating"])
+  cfg = btx.mixed_config(plan.model_config(config), len(s["branches"]), s["layers"], s["top_k"], s["gating"])
   c.model = ml_collections.ConfigDict(cfg.to_dict())
   return c
 
@@ -124,9 +124,9 @@ def btx_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     seed_step_dir = checkpoint.step_dir(mngr, seed_step)
   finally:
     mngr.close()
-  if seed_cfg != stages.model_config(config):
+  if seed_cfg != plan.model_config(config):
     raise ValueError(f"btx: the seed checkpoint {seed_step_dir} holds a different model than config.model: "
-                     f"{stages.config_diff(seed_cfg, stages.model_config(config))}")
+                     f"{plan.config_diff(seed_cfg, plan.model_config(config))}")
   for b in s["branches"]:
     wd = branch_dir(workdir, b["name"])
     if jax.process_index() == 0:
@@ -159,12 +159,12 @@ def branch_centroids(means: dict, mixtures: list[dict], layers) -> dict[int, np.
 def mix_into(config, workdir: str, s: dict, seed_step_dir: str) -> dict[str, Any]:
   """Restore the finished branches, mix them (`moegrow.surgery.btx.mix`), save step 0 of the MoE
   run with a fresh optimizer state, write `<workdir>/btx.json`. Returns the certificate."""
-  cfg = stages.model_config(config)
+  cfg = plan.model_config(config)
   moe_config = mixed_run_config(config)
-  tr, mesh = moe_config.train, stages.make_mesh(moe_config)
+  tr, mesh = moe_config.train, plan.make_mesh(moe_config)
   branches = s["branches"]
   with WorkdirLock(workdir, enabled=jax.process_index() == 0):
-    out = stages.manager(workdir, 0, tr)
+    out = plan.manager(workdir, 0, tr)
     try:
       if out.latest_step() is not None:
         with open(os.path.join(workdir, "btx.json")) as f:
@@ -173,7 +173,7 @@ def mix_into(config, workdir: str, s: dict, seed_step_dir: str) -> dict[str, Any
       params = [merging.restore_params(branch_dir(workdir, b["name"]), mesh,
                                        branch_config(config, b, seed_step).train)[0] for b in branches]
       domains = list(dict.fromkeys(d for b in branches for d in b["mixture"]))
-      evals = stages.eval_sets(moe_config, domains)
+      evals = plan.eval_sets(moe_config, domains)
       layers = resolve_layers(cfg, s["layers"], "btx.mix")
       routers = biases = None
       if s["router"] == "hidden":
@@ -183,12 +183,12 @@ def mix_into(config, workdir: str, s: dict, seed_step_dir: str) -> dict[str, Any
         centroids = branch_centroids(means, [b["mixture"] for b in branches], layers)
         routers = {i: btx.router_from_centroids(c) for i, c in centroids.items()}
         biases = {i: btx.router_bias_from_centroids(c, routers[i]) for i, c in centroids.items()}
-      key = stages.growth_key(int(tr.seed), 0)
+      key = plan.growth_key(int(tr.seed), 0)
       mixed, new_cfg, report = btx.mix(params, cfg, key, shapes=tf.abstract_params, layers=layers,
                                        top_k=s["top_k"], router_std=s["router_std"], routers=routers,
                                        router_biases=biases, gating=s["gating"])
-      if new_cfg != stages.model_config(moe_config):
-        raise ValueError(f"btx: the mix gives {stages.config_diff(new_cfg, stages.model_config(moe_config))}")
+      if new_cfg != plan.model_config(moe_config):
+        raise ValueError(f"btx: the mix gives {plan.config_diff(new_cfg, plan.model_config(moe_config))}")
       dense = build_program(cfg, tr, mesh)
       seed_params = merging.restore_params(seed_step_dir, mesh, tr)[0]
       losses = {"seed": {d: v["loss"] for d, v in probes.domain_losses(dense, seed_params, evals).items()}}

@@ -23,7 +23,7 @@ import ml_collections
 
 from moegrow import checkpoint
 from moegrow.surgery import merge as merge_ops
-from moegrow.train import loop, probes, stages
+from moegrow.train import loop, plan, probes, stages
 from moegrow.train.logbook import print_table
 from moegrow.train.steps import build_program
 from moegrow.trees import flatten, to_plain
@@ -55,9 +55,9 @@ def merge_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   sources = list(m.sources)
   if not sources:
     raise ValueError("config: merge.sources is empty; name the checkpoints to merge")
-  tr, mesh = config.train, stages.make_mesh(config)
+  tr, mesh = config.train, plan.make_mesh(config)
   with WorkdirLock(workdir, enabled=jax.process_index() == 0), loop.Preempted():
-    out = stages.manager(workdir, 0, tr)
+    out = plan.manager(workdir, 0, tr)
     try:
       if out.latest_step() is not None:
         raise ValueError(f"{workdir} already holds checkpoints; merge into a new --workdir")
@@ -66,19 +66,19 @@ def merge_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
       cfgs = {c for _, c, _ in restored + ([base] if base else [])}
       if len(cfgs) > 1:
         first = restored[0][1]
-        odd = [(w, stages.config_diff(c, first)) for _, c, w in restored + ([base] if base else []) if c != first]
+        odd = [(w, plan.config_diff(c, first)) for _, c, w in restored + ([base] if base else []) if c != first]
         raise ValueError(f"merge: the checkpoints hold different models: {odd[0][0]} differs from "
                          f"{restored[0][2]} in {odd[0][1]}")
       cfg = restored[0][1]
-      if cfg != stages.model_config(config):
+      if cfg != plan.model_config(config):
         raise ValueError(f"merge: the sources' model differs from the config's: "
-                         f"{stages.config_diff(cfg, stages.model_config(config))}")
+                         f"{plan.config_diff(cfg, plan.model_config(config))}")
       program = build_program(cfg, tr, mesh)
       merged = merge_ops.merge(m.method, [p for p, _, _ in restored], base[0] if base else None,
                                overrides=[tuple(o) for o in m.get("overrides", ())],
                                key=jax.random.key(int(m.get("seed", 0))), **to_plain(m.get("params", {})))
       state = fresh_state(program, merged)
-      evals = stages.eval_sets(config)
+      evals = plan.eval_sets(config)
       losses = {w: {d: v["loss"] for d, v in probes.domain_losses(program, p, evals).items()} for p, _, w in restored}
       result = {d: v["loss"] for d, v in probes.domain_losses(program, state["params"], evals).items()}
       entry = {"merge": m.method, "params": to_plain(m.get("params", {})), "sources": [w for _, _, w in restored],

@@ -1,0 +1,210 @@
+"""Growth at a stage boundary: restore the finished stage's checkpoint at its own shapes, apply
+the next stage's ops to params and Adam moments in one jit, certify and save (docs/growth.md).
+
+`grow_checkpoint` is the one place that grows a checkpoint; `moegrow.train.stages` calls it at a
+boundary during a run and from `grow_offline`. The data-dependent inputs of the ops (expert
+loads, router centroids, EWC's Fisher) are measured here on the source model and passed to the
+pure surgery functions as arguments. The source checkpoint is never written to.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moegrow import checkpoint, data, sharding
+from moegrow.config import ModelConfig
+from moegrow.model import transformer as tf
+from moegrow.surgery import apply as surgery
+from moegrow.train import continual, optim, probes
+from moegrow.train.plan import (Stage, checkpoint_meta, config_diff, manager, stage_data, stage_train,
+                                train_iter)
+from moegrow.train.steps import build_program, params_sharding
+from moegrow.trees import to_plain
+
+
+def own_buffers(state):
+  """`state` with one buffer per leaf: leaves sharing a buffer with an earlier leaf are copied.
+  Growth may return one array for several leaves (e.g. identical zero moments); the train step
+  donates its state and XLA cannot donate a buffer twice."""
+  seen: set = set()
+
+  def own(x):
+    ptrs = tuple(s.data.unsafe_buffer_pointer() for s in x.addressable_shards)
+    if ptrs in seen:
+      return jnp.array(x, copy=True)
+    seen.add(ptrs)
+    return x
+  return jax.tree_util.tree_map(own, state)
+
+
+def _certificate_rows(held: dict, mesh) -> dict:
+  """The certificate needs only a few sequences per domain: keep max(4, batch shards) rows."""
+  shards = int(np.prod([mesh.shape[a] for a in sharding.batch_axes(mesh)] or [1]))
+  rows = max(4, shards)
+  return {d: [{k: v[:rows] for k, v in b.items() if isinstance(v, np.ndarray)} for b in bs]
+          for d, bs in held.items()}
+
+
+def _needs_loads(o: dict) -> bool:
+  """add_experts(source='most_loaded') and to_dense(mode='concat_topk') without `loads`."""
+  if o.get("loads"):
+    return False
+  return ((o.get("op") == "add_experts" and o.get("source") == "most_loaded")
+          or (o.get("op") == "to_dense" and o.get("mode", "concat_topk") == "concat_topk"))
+
+
+def _needs_centroids(o: dict) -> bool:
+  """add_experts(router_init='hidden') without `centroids`."""
+  return o.get("op") == "add_experts" and o.get("router_init") == "hidden" and not o.get("centroids")
+
+
+def with_loads(ops: list[dict], measure, measure_means=None) -> list[dict]:
+  """Ops with the data they need measured: add_experts(source='most_loaded') and
+  to_dense(mode='concat_topk') get `loads` (`measure()`); add_experts(router_init='hidden') gets
+  `centroids` {layer: [mean MLP input of the other domains, of router_domain]} from
+  `measure_means()` ({layer: {domain: mean}}, `probes.mlp_input_means` of the old model)."""
+  out = [dict(o) for o in ops]
+  if any(_needs_loads(o) for o in out):
+    loads = measure()
+    for o in out:
+      if _needs_loads(o):
+        o["loads"] = loads
+  if any(_needs_centroids(o) for o in out):
+    means = measure_means()
+    for o in out:
+      if not _needs_centroids(o):
+        continue
+      new = o.get("router_domain", "")
+      domains = sorted({d for per in means.values() for d in per})
+      if new not in domains or len(domains) < 2:
+        raise ValueError(f"add_experts(router_init='hidden'): router_domain={new!r} needs validation data of it "
+                         f"and of at least one other domain at this boundary; domains here: {domains}")
+      o["centroids"] = {i: np.stack([np.mean([per[d] for d in per if d != new], axis=0), per[new]]).tolist()
+                        for i, per in means.items()}
+  return out
+
+
+def grow_checkpoint(src_mngr, src_step: int, stage: Stage, tr, mesh, held: dict, dst_mngr, workdir: str,
+                    key, src_tr=None, fisher_batches=None, evals=None) -> tuple[dict, Any, dict, dict | None]:
+  """Restore `src_step` at its own shapes, apply `stage.ops`, save as `stage`'s first checkpoint.
+
+  `held`: {domain: [batch]} for the certificate; `evals` (optional): {domain: [batch]} on which
+  the source model's loss is recorded as the reference for forgetting (`eval_before`).
+  With `stage.ewc`, `fisher_batches` (global batches of the source stage's data) give the
+  source's diagonal Fisher; online EWC adds gamma times the source checkpoint's own Fisher. The
+  Fisher goes through the ops' rules (kind 'fisher': new slices 0) and the anchor is the grown
+  params (the ops' image of the source's). Returns (grown state, data iterator state of the
+  new stage, growth certificate, ewc item or None). Memory: the old state is released before the
+  save, and the new optimizer state is built in the same jit as its moments."""
+  held = _certificate_rows(held, mesh)
+  meta = checkpoint.read_meta(src_mngr, src_step)
+  old_cfg = checkpoint.model_config(meta)
+  old = build_program(old_cfg, tr if src_tr is None else src_tr, mesh)  # the source stage's optimizer
+  state, meta, data_state = checkpoint.restore(src_mngr, src_step, old.abstract_state)
+  before = {d: m["loss"] for d, m in probes.domain_losses(old, state["params"], held).items()}
+  eval_before = ({d: m["loss"] for d, m in probes.domain_losses(old, state["params"], evals).items()}
+                 if evals else None)
+  fisher = None
+  if stage.ewc:
+    fisher = probes.fisher_diagonal(old_cfg, state["params"], fisher_batches, labels=stage.ewc["labels"],
+                                    key=jax.random.fold_in(key, 77))
+    if stage.ewc["gamma"] is not None and checkpoint.has_item(src_mngr, src_step, checkpoint.EWC):
+      earlier = checkpoint.restore_item(src_mngr, src_step, checkpoint.EWC, ewc_abstract(old_cfg, mesh))
+      fisher = continual.online_fisher(earlier["fisher"], fisher, float(stage.ewc["gamma"]))  # Schwarz et al. 2018
+      del earlier
+  params_before = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(state["params"])))
+  old_params = state["params"]
+  ops = with_loads(list(stage.ops), lambda: probes.expert_loads(
+      old_cfg, old_params, [b for bs in held.values() for b in bs], mesh),
+      lambda: probes.mlp_input_means(old_cfg, old_params, evals or held, mesh))
+  grown_cfg = surgery.grown_config(old_cfg, ops)
+  if grown_cfg != stage.cfg:
+    raise ValueError(f"stage {stage.index} ({stage.name}): growing the checkpoint at step {src_step} gives "
+                     f"{config_diff(grown_cfg, stage.cfg)}; the checkpoint's model differs from the config's")
+  moments = optim.adam_moments(state["opt_state"], state["params"])
+  new = build_program(stage.cfg, stage_train(tr, stage), mesh)
+  box: dict[str, Any] = {}
+
+  def run(params, mu, nu, count, step, k, fisher):
+    out, _, box["reports"] = surgery.apply_ops({"params": params, "mu": mu, "nu": nu}, old_cfg, ops, k,
+                                               shapes=tf.abstract_params)
+    opt = optim.with_adam_moments(new.tx.init(out["params"]), out["mu"], out["nu"], count)
+    grown = {"params": out["params"], "opt_state": opt, "step": step}
+    if fisher is None:
+      return grown, None
+    f = surgery.remap(fisher, old_cfg, ops, k, shapes=tf.abstract_params, kind="fisher")
+    f = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), f)
+    anchor = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), out["params"])  # theta*: the grown params
+    return grown, {"fisher": f, "anchor": anchor}
+  p_sh = new.state_sharding["params"]
+  ewc_sh = None if fisher is None else {"fisher": p_sh, "anchor": p_sh}
+  new_state, ewc = jax.jit(run, out_shardings=(new.state_sharding, ewc_sh))(
+      state["params"], moments["mu"], moments["nu"], moments["count"], state["step"], key, fisher)
+  del state, moments, fisher  # the old state is no longer needed: free it before the save
+  new_state, ewc = own_buffers((new_state, ewc))
+  after = {d: m["loss"] for d, m in probes.domain_losses(new, new_state["params"], held).items()}
+  new_meta = checkpoint_meta(stage, meta.get("lineage", []), src_step, ops)
+  cert = {"step": int(src_step), "stage": stage.index, "name": stage.name,
+          "source": checkpoint.step_dir(src_mngr, src_step), "ops": to_plain(ops),
+          "loss_before": before, "loss_after": after, "loss_change": {d: after[d] - before[d] for d in before},
+          "eval_before": eval_before,
+          "params_before": params_before,
+          "params_after": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(new_state["params"]))),
+          "reports": box["reports"]}
+  if jax.process_index() == 0:
+    checkpoint.write_json(os.path.join(workdir, "growth", f"{int(src_step)}.json"), cert)
+  if data_state is not None:  # the new stage's stream: every domain resumes by name, rows from 0
+    data_state = data.stage_start(data_state)
+  checkpoint.save(dst_mngr, src_step, new_state, new_meta, data_state, ewc=ewc)
+  dst_mngr.wait_until_finished()
+  return new_state, data_state, cert, ewc
+
+
+def certificate_text(cert: dict) -> str:
+  """A growth certificate as printed lines: the ops, the parameter count, the loss per domain."""
+  lines = [f"growth certificate @ step {cert['step']} -> stage {cert['stage']} ({cert['name']}): "
+           f"{', '.join(o['op'] for o in cert['ops'])}; params {cert['params_before']:,} -> {cert['params_after']:,}"]
+  for d in cert["loss_before"]:
+    lines.append(f"  {d:<20} held-out loss {cert['loss_before'][d]:.5f} -> {cert['loss_after'][d]:.5f} "
+                 f"(change {cert['loss_change'][d]:+.2e})")
+  return "\n".join(lines)
+
+
+def fisher_batches(config, stages: list[Stage], index: int) -> list[dict] | None:
+  """EWC's data for the growth into stage `index`: `ewc.batches` global batches of `ewc.batch_size`
+  rows of the previous stage's data (its own stream: another seed), the same on every process."""
+  st = stages[index]
+  if not st.ewc:
+    return None
+  mixture, replay = stage_data(config, stages)[index - 1]
+  it = train_iter(config, mixture, replay, seed_offset=7919, whole=True, batch_size=int(st.ewc["batch_size"]))
+  return [next(it) for _ in range(int(st.ewc["batches"]))]
+
+
+def teacher_params(workdir: str, stages: list[Stage], stage: Stage, tr, mesh):
+  """The distillation teacher of `stage`: the previous stage's final params, restored from its
+  newest checkpoint at that stage's own shapes on `mesh` (sharded like a student of that model)."""
+  prev = stages[stage.index - 1]
+  src = manager(workdir, prev.index, tr, read_only=True)
+  try:
+    step = src.latest_step()
+    if step is None or step < prev.end:
+      raise ValueError(f"stage {stage.index} ({stage.name}) distils from stage {prev.index}'s final model, but "
+                       f"{src.directory} has no checkpoint of stage {prev.index} at step {prev.end} "
+                       f"(newest: {step})")
+    program = build_program(prev.cfg, stage_train(tr, prev), mesh)
+    state, _, _ = checkpoint.restore(src, step, program.abstract_state)
+  finally:
+    src.close()
+  return state["params"]
+
+
+def ewc_abstract(cfg: ModelConfig, mesh) -> dict:
+  """The abstract `ewc` item ({'fisher', 'anchor'}, float32, sharded like the params)."""
+  a = jax.tree_util.tree_map(lambda s, h: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=h),
+                             tf.abstract_params(cfg), params_sharding(cfg, mesh))
+  return {"fisher": a, "anchor": a}
