@@ -36,6 +36,7 @@ import os
 import time
 from typing import Callable, Sequence
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -432,7 +433,6 @@ def report(fig: Figure, root: str, seeds: Sequence[int], data_dir: str = "") -> 
 def _compile_cache(root: str) -> None:
   """Keep XLA executables in `<root>/.xla_cache` unless a cache is configured already
   (JAX_COMPILATION_CACHE_DIR): seeds after the first reuse every compiled step."""
-  import jax
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(root), ".xla_cache"))
 

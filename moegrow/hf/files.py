@@ -55,9 +55,6 @@ class Reader:
   def path(self, name: str) -> str:
     return os.path.join(self.directory, self.file_of[name])
 
-  def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._handle(name).get_slice(name).get_shape())
-
   def get(self, name: str) -> np.ndarray:
     """One tensor, as a host numpy array in its stored dtype."""
     with _on_host():
@@ -114,7 +111,7 @@ def write(directory: str, config: dict, tensors: Iterable[tuple[str, np.ndarray]
 
 
 def _write_shards(tmp: str, tensors: Iterable[tuple[str, np.ndarray]], max_bytes: int):
-  shards, current, size, total = [], {}, 0, 0
+  shards, current, size, total, seen = [], {}, 0, 0, set()
 
   def flush():
     part = f"part-{len(shards)}.safetensors"
@@ -124,8 +121,9 @@ def _write_shards(tmp: str, tensors: Iterable[tuple[str, np.ndarray]], max_bytes
     shards.append((part, list(current)))
 
   for name, x in tensors:
-    if name in current or any(name in keys for _, keys in shards):
+    if name in seen:
       raise ValueError(f"tensor {name} written twice")
+    seen.add(name)
     if current and size + x.nbytes > max_bytes:
       flush()
       current, size = {}, 0
