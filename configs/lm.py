@@ -35,6 +35,7 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
       steps=600, batch_size=16, lr=3e-3, warmup_steps=50, schedule="cosine",  # or "constant", "rsqrt"
       min_lr_ratio=0.1,
       b1=0.9, b2=0.95, weight_decay=0.1, grad_clip=1.0, seed=0, frozen=(),
+      microbatches=1,  # gradient accumulation: the batch in this many slices, one optimizer update
       log_every=20, eval_every=200, eval_batches=4, eval_batch_size=16,
       checkpoint_every=200, keep_checkpoints=2, async_checkpoint=True,
       stop_after_steps=0,  # >0: end this invocation (with a checkpoint) after that many steps

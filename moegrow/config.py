@@ -16,6 +16,9 @@ GATINGS = ("softmax_topk", "topk_softmax")
 DISPATCHES = ("dropless", "capacity")
 ROUTINGS = ("token_choice", "expert_choice")
 MOE_IMPLS = ("auto", "blocks", "ragged_dot")
+ATTENTIONS = ("auto", "reference", "blockwise", "splash", "cudnn")
+REMATS = ("none", "block", "dots")
+EXPERT_EXCHANGES = ("auto", "gather", "ragged")
 DTYPES = ("float32", "bfloat16", "float16")
 QK_NORMS = ("none", "head", "proj")
 # LoRA's default targets: attention projections and dense / shared / expert MLP weights.
@@ -75,6 +78,14 @@ class ModelConfig:
   rope_theta: float = 10_000.0
   norm_eps: float = 1e-6
   dtype: str = "float32"  # compute dtype; parameters and router are float32
+  # Attention kernel: "reference" (einsum, [B, H, T, S] scores), "blockwise" (online softmax over key
+  # blocks of attention_block, plain JAX), "splash" (TPU Pallas kernel), "cudnn" (GPU, bf16/fp16);
+  # "auto": splash on TPU, cudnn on GPU for bf16/fp16, reference otherwise (by the mesh's platform).
+  attention: str = "auto"
+  attention_block: int = 512
+  # Activation rematerialisation per block: "none", "block" (save only block inputs), "dots" (save
+  # matmul outputs, recompute the rest).
+  remat: str = "none"
   # Mixture of experts.
   moe_layers: Any = "none"
   num_experts: Any = 8
@@ -89,6 +100,14 @@ class ModelConfig:
   capacity_factor: float = 1.25
   moe_impl: str = "auto"  # expert FFN kernel: "blocks" (fused loops, CPU), "ragged_dot" (TPU/GPU; batched
   # einsum for capacity buffers); "auto" picks by backend
+  # Expert parallelism of dropless dispatch on a mesh with an `expert` axis (each chip holds E/ne
+  # experts, tokens travel to them; moegrow.model.moe): "gather" (all-gather tokens, reduce-scatter
+  # outputs; runs everywhere), "ragged" (ragged all-to-all; TPU/GPU), "auto" by the mesh's platform.
+  expert_exchange: str = "auto"
+  # Rows of a chip's expert buffer as a multiple of its balanced share (tokens x top_k of one chip's
+  # group share); 0: the worst case (every token of the group to one chip), nothing can be dropped.
+  # Below the worst case, assignments past the buffer are dropped and counted in the `dropped` metric.
+  expert_buffer_factor: float = 0.0
   router_jitter: float = 0.0
   router_init_std: float = 0.02
   expert_output_scale: float = 1.0
@@ -131,7 +150,7 @@ class ModelConfig:
         raise ValueError(f"ModelConfig: {field}={getattr(self, field)!r} must be {allowed}")
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
     is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    for f in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "top_k"):
+    for f in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "top_k", "attention_block"):
       need(is_int(getattr(self, f)) and getattr(self, f) >= 1, f, "an integer >= 1")
     for f in ("head_dim", "num_kv_heads", "expert_d_ff", "num_shared_experts", "shared_d_ff", "lora_rank"):
       need(is_int(getattr(self, f)) and getattr(self, f) >= 0, f, "an integer >= 0")
@@ -140,11 +159,14 @@ class ModelConfig:
     for f in ("router_init_std", "aux_loss_weight", "z_loss_weight"):
       need(is_num(getattr(self, f)) and getattr(self, f) >= 0, f, "a finite number >= 0")
     need(is_num(self.router_jitter) and 0 <= self.router_jitter < 1, "router_jitter", "in [0, 1)")
+    need(is_num(self.expert_buffer_factor) and self.expert_buffer_factor >= 0, "expert_buffer_factor",
+         "a finite number >= 0 (0: the worst case, no drops)")
     need(isinstance(self.tie_embeddings, bool), "tie_embeddings", "a bool")
     for f in ("qkv_bias", "tied_logit_scale", "shared_gate"):
       need(isinstance(getattr(self, f), bool), f, "a bool")
     for f, allowed in (("dtype", DTYPES), ("mlp_act", ("swiglu", "gelu")), ("gating", GATINGS), ("qk_norm", QK_NORMS),
-                       ("dispatch", DISPATCHES), ("routing", ROUTINGS), ("moe_impl", MOE_IMPLS)):
+                       ("dispatch", DISPATCHES), ("routing", ROUTINGS), ("moe_impl", MOE_IMPLS),
+                       ("attention", ATTENTIONS), ("remat", REMATS), ("expert_exchange", EXPERT_EXCHANGES)):
       if getattr(self, f) not in allowed:
         raise ValueError(f"ModelConfig: {f}={getattr(self, f)!r} not in {allowed}")
     if isinstance(self.moe_layers, str):

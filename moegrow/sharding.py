@@ -71,6 +71,24 @@ def current_mesh() -> Mesh | None:
   return _CTX["mesh"]
 
 
+def platform(mesh: Mesh | None = None) -> str:
+  """The platform the program is compiled for: that of `mesh`'s devices (default: the active mesh),
+  else the default backend. A TPU mesh built from an ahead-of-time topology on a CPU host says
+  'tpu', so kernel choices follow the target, not the host."""
+  mesh = mesh if mesh is not None else _CTX["mesh"]
+  if mesh is not None:
+    name = str(mesh.devices.flat[0].platform).lower()
+  else:
+    name = jax.default_backend()
+  return "gpu" if name in ("cuda", "rocm") else name
+
+
+def device_kind(mesh: Mesh | None = None) -> str:
+  """The device kind of `mesh` (default: the active mesh), e.g. 'TPU v5 lite'; '' without a mesh."""
+  mesh = mesh if mesh is not None else _CTX["mesh"]
+  return "" if mesh is None else str(getattr(mesh.devices.flat[0], "device_kind", ""))
+
+
 def batch_axes(mesh: Mesh, batch_size: int | None = None) -> tuple[str, ...]:
   """Mesh axes (size > 1) the batch is split over; () if `batch_size` does not divide."""
   spec = logical_to_spec(("batch",), mesh=mesh)[0]
@@ -116,15 +134,40 @@ def mesh_sizes(shape: dict[str, int] | Sequence[int], num_devices: int) -> list[
 
 
 def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> Mesh:
-  """Mesh over axes (data, fsdp, expert, tensor); one size may be -1 ("the rest")."""
+  """Mesh over axes (data, fsdp, expert, tensor); one size may be -1 ("the rest").
+
+  On TPU the devices are laid out by `mesh_utils` so the inner axes (fsdp, expert, tensor) ride the
+  torus's fast links, splitting physical axes where a 2-D or 3-D torus needs it (v4, v5p: e.g.
+  fsdp=8 on a 4x4x4 cube). Devices from several slices (multi-slice, `slice_index`) get a hybrid
+  mesh: `data` is split across the slices (over DCN), the other axes stay inside one slice.
+  """
   devices = np.asarray(devices if devices is not None else jax.devices())
   sizes = mesh_sizes(shape, devices.size)
   if math.prod(sizes) < devices.size and jax.process_count() == 1:
     devices = devices.reshape(-1)[: math.prod(sizes)]  # explicit sizes may use a subset (one host)
   if math.prod(sizes) != devices.size:
     raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {devices.size}")
+  flat = devices.reshape(-1).tolist()
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices.reshape(-1).tolist())
+  if str(flat[0].platform).lower() != "tpu":
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=flat)
+  return Mesh(tpu_device_grid(sizes, flat), MESH_AXES, axis_types=auto)
+
+
+def tpu_device_grid(sizes: Sequence[int], devices: list) -> np.ndarray:
+  """TPU devices arranged as an array of `sizes` (see `make_mesh`); ValueError naming the mesh
+  and the slices when the data axis cannot be split across them."""
+  from jax.experimental import mesh_utils  # TPU layout helpers
+  slices = sorted({getattr(d, "slice_index", 0) for d in devices})
+  if len(slices) == 1:
+    return mesh_utils.create_device_mesh(tuple(sizes), devices, allow_split_physical_axes=True)
+  n = len(slices)
+  if sizes[0] % n:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} spans {n} slices: the data axis ({sizes[0]}) must be "
+                     f"a multiple of the number of slices (data parallelism across slices over DCN)")
+  ici = (sizes[0] // n,) + tuple(sizes[1:])
+  dcn = (n,) + (1,) * (len(sizes) - 1)
+  return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
 
 
 def from_full(batch: dict, batch_sharding: NamedSharding, keys=("inputs", "targets")) -> dict:

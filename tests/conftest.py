@@ -9,6 +9,10 @@ _flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_co
 if "--xla_backend_optimization_level" not in _flags:
   _flags += " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = _flags.strip()
+# libtpu is installed with the test extra (ahead-of-time TPU compiles, moegrow.aot): keep jax's
+# runtime on the CPU, and let every xdist worker load the TPU compiler (each load takes a lock).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # One persistent XLA compilation cache for the session, shared by the xdist workers and the
 # subprocesses they start (the figures' --quick runs compile the same programs for every seed and
 # arm): measured 304 s -> 164 s for `experiments.continual.run --quick`. Keyed by the program, the

@@ -158,3 +158,25 @@ def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path, data_dir):
                 eval_every=0)
   with pytest.raises(FloatingPointError, match=r"(loss|gradient norm) is nan at step \d+.*Newest checkpoint \(finite parameters\): .*checkpoints/\d+"):
     stages.train_and_evaluate(config, str(tmp_path / "nan"))
+
+
+def test_microbatches_accumulate_the_same_update():
+  """train.microbatches=4 (gradient accumulation in one step) on 8 devices: the loss and the updated
+  params equal one full-batch step (a dense model: the loss is a mean over rows)."""
+  c = lm.get_config("tiny")
+  c.train.update(batch_size=32, grad_clip=0.0)
+  cfg = stages.model_config(c)
+  mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 259, (32, 65), dtype=np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  out = {}
+  for mb in (1, 4):
+    c.train.microbatches = mb
+    prog = steps.build_program(cfg, c.train, mesh)
+    state, m = prog.train_step(prog.init(jax.random.key(0)), steps.to_global(prog, batch))
+    out[mb] = (float(m["loss"]), float(m["grad_norm"]), jax.device_get(state["params"]))
+  assert abs(out[4][0] - out[1][0]) <= 1e-5 * out[1][0]
+  assert abs(out[4][1] - out[1][1]) <= 1e-4 * out[1][1]
+  for a, b in zip(jax.tree_util.tree_leaves(out[4][2]), jax.tree_util.tree_leaves(out[1][2])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -15,10 +15,12 @@ Dispatch:
             expert FFN that loops over experts and blocks of their rows (moegrow.grouped_ffn).
             "ragged_dot" (TPU/GPU default): jax.lax.ragged_dot; on XLA:CPU it lowers to a
             masked dense product with E times the FLOPs.
-On a mesh the routed part runs under shard_map: every device routes its own tokens (tokens are
-never gathered). With capacity dispatch and an `expert` mesh axis, buffers go to the devices
-that own their experts by all_to_all (GShard); dropless dispatch keeps tokens local and gathers
-the expert weights instead (XLA:CPU has no ragged all-to-all to send unpadded groups).
+On a mesh the routed part runs under shard_map: every device routes its own tokens. With an
+`expert` mesh axis that divides E, each device holds only E / ne experts and tokens travel to
+them: capacity buffers by all_to_all (GShard), dropless assignments by all-gather/reduce-scatter
+or ragged all-to-all (moegrow.model.expert_parallel). The kernel ("auto") and the exchange follow
+the platform of the mesh's devices, so a TPU program compiled ahead of time on a CPU host uses
+the TPU kernels.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from flax import nnx
 
 from moegrow.config import ModelConfig
 from moegrow.config import fan_in_std
+from moegrow.model import expert_parallel
 from moegrow.model.grouped_ffn import chunk_sizes, expert_ffn
 from moegrow.model.layers import Mlp, activation, param
 from moegrow import sharding
@@ -62,7 +65,18 @@ def top_k_gates(logits_NE, k: int, gating: str):
 
 
 def default_impl() -> str:
-  return "blocks" if jax.default_backend() == "cpu" else "ragged_dot"
+  """The expert FFN kernel for the platform the program is compiled for (the mesh's devices)."""
+  return "blocks" if sharding.platform() == "cpu" else "ragged_dot"
+
+
+def exchange_of(cfg: ModelConfig) -> str:
+  """The expert-parallel exchange of dropless dispatch (moegrow.model.expert_parallel)."""
+  if cfg.expert_exchange != "auto":
+    return cfg.expert_exchange
+  # XLA:CPU has no ragged all-to-all; nor do TPUs with limited ICI routing (v5e, v6e: "lite").
+  if sharding.platform() == "cpu" or "lite" in sharding.device_kind().lower():
+    return "gather"
+  return "ragged"
 
 
 def _combine(out_PD, rows_NK, gates_NK):
@@ -237,6 +251,10 @@ def routed(cfg: ModelConfig, e: int, w: dict, x_BTD, jitter_BTD=None, *, data_ax
     if cfg.dispatch == "capacity":
       y_ND, dropped = capacity_dispatch(w, x_ND, gates_NK, idx_NK, b, t, e, cfg.capacity_factor, cfg.mlp_act,
                                         impl, expert_axis)
+    elif expert_axis is not None:  # expert-parallel dropless: this chip holds E / ne experts
+      ep = {"gather": expert_parallel.gather_dispatch, "ragged": expert_parallel.ragged_dispatch}[exchange_of(cfg)]
+      y_ND, dropped = ep(w, x_ND, gates_NK, idx_NK, activation(cfg.mlp_act), impl, expert_axis,
+                         cfg.expert_buffer_factor)
     else:
       fn = dropless_ragged if impl == "ragged_dot" else dropless_blocks
       y_ND, dropped = fn(w, x_ND, gates_NK, idx_NK, cfg.mlp_act), jnp.zeros((), jnp.float32)
@@ -296,7 +314,10 @@ class MoeMlp(nnx.Module):
     """Routed part under shard_map: tokens stay on their devices (see the module docstring)."""
     cfg, e = self.cfg, self.num_experts
     ne = mesh.shape.get("expert", 1)
-    ep = "expert" if cfg.dispatch == "capacity" and ne > 1 and e % ne == 0 and "expert" in data_axes else None
+    # Experts split over the `expert` axis (each chip holds E / ne of them): capacity buffers by
+    # all_to_all, dropless assignments by moegrow.model.expert_parallel. Otherwise (E not a multiple
+    # of ne, or the batch not split over `expert`) every chip holds every expert.
+    ep = "expert" if ne > 1 and e % ne == 0 and "expert" in data_axes else None
     P = jax.sharding.PartitionSpec
     x_spec = P(data_axes or None)
     w_specs = {k: (None if v is None else P("expert") if ep and k.startswith("w") else P()) for k, v in w.items()}

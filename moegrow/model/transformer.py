@@ -10,6 +10,7 @@ With cfg.lora_rank > 0 the params also hold LoRA adapters under params['lora'] (
 `apply` folds them into the weights before the layers run, so the kernels are unchanged. With
 cfg.ramps (ramped growth, moegrow.ramp) the params hold the ramps' masks under params['ramp']
 (float32 scalars); `apply` masks the ramped slices the same way, after the adapters.
+cfg.remat ("none", "block", "dots") rematerialises each Block's forward in the backward (`Block`).
 """
 from __future__ import annotations
 
@@ -27,8 +28,18 @@ from moegrow.sharding import constrain
 from moegrow.trees import check_tree, to_plain
 
 
+# cfg.remat -> what a block's forward keeps for the backward (None: everything, no remat).
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,  # only the block's inputs; all recomputed
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # matmul outputs; the rest recomputed
+}
+
+
 class Block(nnx.Module):
-  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). With cfg.remat "block" or "dots"
+  the block's forward runs under `nnx.remat` (jax.checkpoint) with that policy, so the backward
+  recomputes what the policy does not save."""
 
   def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
     dt = jnp.dtype(cfg.dtype)
@@ -37,9 +48,16 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
     e = cfg.experts_in_layer(layer)
     self.mlp = MoeMlp(cfg, e, rngs) if e else Mlp(cfg.d_model, cfg.d_ff, cfg.mlp_act, dt, rngs)
+    self.remat = cfg.remat
 
   def __call__(self, x_BTD, positions_BT, rng=None):
     """(block output, MoE metrics or None, the MLP's input h_BTD)."""
+    if self.remat == "none":
+      return self.forward(x_BTD, positions_BT, rng)
+    return nnx.remat(Block.forward, policy=REMAT_POLICIES[self.remat])(self, x_BTD, positions_BT, rng)
+
+  def forward(self, x_BTD, positions_BT, rng=None):
+    """The block's computation (`__call__` without remat)."""
     x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT)
     h_BTD = self.mlp_norm(x_BTD)
     if isinstance(self.mlp, MoeMlp):

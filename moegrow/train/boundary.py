@@ -88,6 +88,30 @@ def with_loads(ops: list[dict], measure, measure_means=None) -> list[dict]:
   return out
 
 
+def growth_fn(old_cfg: ModelConfig, ops: list[dict], new, with_fisher: bool = False):
+  """The growth of a whole train state as one jittable function (the ops on params and Adam
+  moments, the new optimizer state built around the grown moments; with `with_fisher`, EWC's
+  Fisher remapped and the anchor). Returns (fn(state, key, fisher) -> (grown state, ewc item or
+  None), out_shardings on `new`'s mesh, box): box['reports'] holds the ops' reports once traced.
+  `moegrow.aot` compiles the same function for a TPU slice."""
+  box: dict[str, Any] = {}
+
+  def run(state, k, fisher):
+    moments = optim.adam_moments(state["opt_state"], state["params"])
+    out, _, box["reports"] = surgery.apply_ops({"params": state["params"], "mu": moments["mu"], "nu": moments["nu"]},
+                                               old_cfg, ops, k, shapes=tf.abstract_params)
+    opt = optim.with_adam_moments(new.tx.init(out["params"]), out["mu"], out["nu"], moments["count"])
+    grown = {"params": out["params"], "opt_state": opt, "step": state["step"]}
+    if fisher is None:
+      return grown, None
+    f = surgery.remap(fisher, old_cfg, ops, k, shapes=tf.abstract_params, kind="fisher")
+    f = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), f)
+    anchor = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), out["params"])  # theta*: the grown params
+    return grown, {"fisher": f, "anchor": anchor}
+  p_sh = new.state_sharding["params"]
+  return run, (new.state_sharding, {"fisher": p_sh, "anchor": p_sh} if with_fisher else None), box
+
+
 def grow_checkpoint(src_mngr, src_step: int, stage: Stage, tr, mesh, held: dict, dst_mngr, workdir: str,
                     key, src_tr=None, fisher_batches=None, evals=None) -> tuple[dict, Any, dict, dict | None]:
   """Restore `src_step` at its own shapes, apply `stage.ops`, save as `stage`'s first checkpoint.
@@ -125,26 +149,10 @@ def grow_checkpoint(src_mngr, src_step: int, stage: Stage, tr, mesh, held: dict,
   if grown_cfg != stage.cfg:
     raise ValueError(f"stage {stage.index} ({stage.name}): growing the checkpoint at step {src_step} gives "
                      f"{config_diff(grown_cfg, stage.cfg)}; the checkpoint's model differs from the config's")
-  moments = optim.adam_moments(state["opt_state"], state["params"])
   new = build_program(stage.cfg, stage_train(tr, stage), mesh)
-  box: dict[str, Any] = {}
-
-  def run(params, mu, nu, count, step, k, fisher):
-    out, _, box["reports"] = surgery.apply_ops({"params": params, "mu": mu, "nu": nu}, old_cfg, ops, k,
-                                               shapes=tf.abstract_params)
-    opt = optim.with_adam_moments(new.tx.init(out["params"]), out["mu"], out["nu"], count)
-    grown = {"params": out["params"], "opt_state": opt, "step": step}
-    if fisher is None:
-      return grown, None
-    f = surgery.remap(fisher, old_cfg, ops, k, shapes=tf.abstract_params, kind="fisher")
-    f = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), f)
-    anchor = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), out["params"])  # theta*: the grown params
-    return grown, {"fisher": f, "anchor": anchor}
-  p_sh = new.state_sharding["params"]
-  ewc_sh = None if fisher is None else {"fisher": p_sh, "anchor": p_sh}
-  new_state, ewc = jax.jit(run, out_shardings=(new.state_sharding, ewc_sh))(
-      state["params"], moments["mu"], moments["nu"], moments["count"], state["step"], key, fisher)
-  del state, moments, fisher  # the old state is no longer needed: free it before the save
+  run, out_sh, box = growth_fn(old_cfg, ops, new, with_fisher=fisher is not None)
+  new_state, ewc = jax.jit(run, out_shardings=out_sh)(state, key, fisher)
+  del state, old_params, fisher  # the old state is no longer needed: free it before the save
   new_state, ewc = own_buffers((new_state, ewc))
   after = {d: m["loss"] for d, m in probes.domain_losses(new, new_state["params"], held).items()}
   new_meta = checkpoint_meta(stage, meta.get("lineage", []), src_step, ops)

@@ -148,8 +148,15 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
 
 def make_mesh(config) -> Mesh:
   """The config's mesh over all devices, or the first `mesh.num_devices` of them."""
+  return make_mesh_from(config, jax.devices())
+
+
+def make_mesh_from(config, devices) -> Mesh:
+  """The config's mesh over `devices` (e.g. a TPU slice's abstract devices, moegrow.aot), or the
+  first `mesh.num_devices` of them."""
   n = int(config.mesh.get("num_devices", 0) or 0)
-  return sharding.make_mesh(dict(config.mesh), devices=jax.devices()[:n] if n else None)
+  return sharding.make_mesh({k: v for k, v in dict(config.mesh).items() if k != "num_devices"},
+                            devices=list(devices)[:n] if n else list(devices))
 
 
 def data_dir(config) -> str:

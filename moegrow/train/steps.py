@@ -170,11 +170,36 @@ def _build_program(cfg: ModelConfig, train_cfg, mesh: Mesh, objective: Objective
     params = tf.init_params(cfg, key)
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
+  microbatches = int(train_cfg.get("microbatches", 1) or 1)
+
+  def grads_of(params, batch, rng, ctx):
+    grad_fn = jax.value_and_grad(lambda p: lm_loss(cfg, p, batch, rng, objective, ctx), has_aux=True)
+    return grad_fn(params)
+
+  def accumulated(params, batch, rng, ctx):
+    """Gradient accumulation: the batch's rows i, i + mb, i + 2 mb, ... form microbatch i (so each
+    one stays spread over every data shard); gradients and metrics are their means."""
+    split = lambda x: sharding.constrain(
+        jnp.swapaxes(x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:]), 0, 1),
+        (None, "batch") + (None,) * (x.ndim - 1))
+    parts = jax.tree_util.tree_map(split, batch)
+
+    def body(acc, xs):
+      i, part = xs
+      (loss, aux), g = grads_of(params, part, jax.random.fold_in(rng, i), ctx)
+      return jax.tree_util.tree_map(jnp.add, acc, g), (loss, aux)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    grads, (loss, aux) = jax.lax.scan(body, zeros, (jnp.arange(microbatches), parts))
+    mean = lambda t: jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), t)
+    return (jnp.mean(loss), mean(aux)), jax.tree_util.tree_map(lambda g: g / microbatches, grads)
+
   def train_step(state, batch, ctx=None):
     with sharding.use_mesh(mesh):
       rng = jax.random.fold_in(jax.random.key(seed + 1), state["step"])
-      grad_fn = jax.value_and_grad(lambda p: lm_loss(cfg, p, batch, rng, objective, ctx), has_aux=True)
-      (loss, aux), grads = grad_fn(state["params"])
+      if microbatches > 1:
+        (loss, aux), grads = accumulated(state["params"], batch, rng, ctx)
+      else:
+        (loss, aux), grads = grads_of(state["params"], batch, rng, ctx)
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
       params = ramp.advance(params, cfg)  # the masks move one step (no-op without ramps)

@@ -182,6 +182,11 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> list[Mo
     if b % data_parallel or b % process_count:
       raise ConfigError(f"train.{k}", b, f"a multiple of the data-parallel size {data_parallel} "
                         f"(mesh data x fsdp x expert) and of the {process_count} processes")
+  mb = config.train.get("microbatches", 1)
+  if not (isinstance(mb, int) and not isinstance(mb, bool) and mb >= 1
+          and int(config.train.batch_size) % (mb * data_parallel) == 0):
+    raise ConfigError("train.microbatches", mb, f"an integer >= 1 such that batch_size={config.train.batch_size} "
+                      f"is a multiple of microbatches x the data-parallel size {data_parallel}")
   # stages: lengths, mixtures, ops (their declared config changes)
   specs = list(config.get("stages", None) or ())
   if not specs:

@@ -1,0 +1,180 @@
+"""Ahead-of-time compiles for TPU slices with the real TPU compiler (libtpu, no TPU needed):
+memory accounting, meshes on 2-D and 3-D tori, the kernels a TPU mesh picks, expert parallelism in
+the compiled HLO, FLOPs against the formula, and the CLI's refusals."""
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moegrow import aot, flops, sharding
+from moegrow.configs import lm
+from moegrow.model import moe
+from moegrow.model import transformer as tf
+from moegrow.train import plan, steps
+
+
+def devices(topology):
+  return aot.topology_devices(aot.parse_topology(topology))
+
+
+def tiny_config(**model):
+  c = lm.get_config("tiny,moe")
+  c.model.update(**{"num_experts": 4, **model})
+  c.train.update(batch_size=8, eval_batch_size=8)
+  c.mesh.update(data=1, fsdp=1, expert=4)
+  return c
+
+
+def test_topology_names_and_refusals():
+  assert aot.parse_topology("v5e-64") == aot.Slice("v5e", "8x8")
+  assert aot.parse_topology("v4-128") == aot.Slice("v4", "4x4x4")  # 128 TensorCores = 64 chips
+  assert aot.parse_topology("v5p:4x4x4", 2).chips == 128
+  assert aot.parse_topology("v5e:2x2").name == "v5e-4"
+  for bad, words in [("v9:2x2", "generation"), ("v5e:2x2x2", "2-D"), ("v4-6", "power of two"),
+                     ("tpu", "expected")]:
+    with pytest.raises(aot.AotError, match=words):
+      aot.parse_topology(bad)
+
+
+@pytest.mark.parametrize("topology,shape", [("v4:4x4x1", {"fsdp": 4, "expert": 4}),
+                                            ("v5p:4x4x4", {"data": -1, "fsdp": 8, "expert": 8})])
+def test_meshes_on_tori_that_need_split_physical_axes(topology, shape):
+  """jax.make_mesh refuses these shapes on a torus (they split physical axes); make_mesh lays
+  them out, every chip once."""
+  devs = devices(topology)
+  if topology.startswith("v5p"):  # the shape the pod config uses: jax.make_mesh cannot lay it out
+    with pytest.raises(NotImplementedError):
+      jax.make_mesh(tuple(sharding.mesh_sizes(shape, len(devs))), sharding.MESH_AXES, devices=devs)
+  mesh = sharding.make_mesh(shape, devs)
+  assert mesh.devices.size == len(devs)
+  assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devs)
+  assert sharding.platform(mesh) == "tpu"
+
+
+def test_multislice_mesh_puts_data_across_slices():
+  sl = aot.parse_topology("v5e:2x2", num_slices=2)
+  devs = aot.topology_devices(sl)
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 2, "expert": 2}, devs)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1}
+  for i in range(2):  # each data index is one slice; fsdp and expert stay inside it
+    assert {d.slice_index for d in mesh.devices[i].flat} == {i}
+  with pytest.raises(ValueError, match="slices"):
+    sharding.make_mesh({"data": 1, "fsdp": 8}, devs)
+
+
+def test_kernels_follow_the_mesh_platform():
+  v5e = sharding.make_mesh({"expert": 4}, devices("v5e:2x2"))
+  v4 = sharding.make_mesh({"expert": 4}, devices("v4:2x2x1"))
+  cfg = plan.model_config(tiny_config())
+  assert moe.default_impl() == "blocks" and moe.exchange_of(cfg) == "gather"  # this CPU host
+  with sharding.use_mesh(v5e):
+    assert moe.default_impl() == "ragged_dot"
+    assert moe.exchange_of(cfg) == "gather"  # v5e: no ragged all-to-all at scale (limited ICI routing)
+  with sharding.use_mesh(v4):
+    assert moe.default_impl() == "ragged_dot"
+    assert moe.exchange_of(cfg) == "ragged"
+
+
+def shard_bytes(tree, tiled=False):
+  """Sum over leaves of one chip's shard size; `tiled`: in TPU memory, where the last two dims of
+  an array are padded to (8, 128) tiles (a vector to 128 elements, a scalar takes one word)."""
+  total = 0
+  for x in jax.tree_util.tree_leaves(tree):
+    shape = list(x.sharding.shard_shape(x.shape))
+    if tiled and len(shape) >= 2:
+      shape[-2], shape[-1] = -(-shape[-2] // 8) * 8, -(-shape[-1] // 128) * 128
+    elif tiled and len(shape) == 1:
+      shape[0] = -(-shape[0] // 128) * 128
+    total += math.prod(shape) * np.dtype(x.dtype).itemsize
+  return total
+
+
+@pytest.fixture(scope="module")
+def tiny_v5e():
+  sl = aot.parse_topology("v5e:2x2")
+  c = tiny_config()
+  rows = aot.compile_config(c, sl, log=None)
+  return c, sl, {r["program"]: r for r in rows}
+
+
+def test_tiny_train_step_compiles_and_argument_bytes_are_the_shards(tiny_v5e):
+  c, sl, rows = tiny_v5e
+  train = rows["stage0/train_step"]
+  assert train["fits"] and train["fits_with_headroom"]
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, expert=4), devices("v5e:2x2"))
+  prog = steps.build_program(plan.model_config(c), c.train, mesh)
+  batch = aot._batch_abstract(prog, 8, c.data.seq_len)
+  got = train["memory_gib"]["argument"] * aot.GIB
+  # Every chip holds its shards of the state and the batch (TPU pads arrays to tiles): a replicated
+  # state (4x the expert tables) or a missing leaf would fall outside these bounds.
+  assert shard_bytes(prog.abstract_state) + shard_bytes(batch) <= got
+  assert got <= shard_bytes(prog.abstract_state, tiled=True) + shard_bytes(batch, tiled=True)
+  # The state is donated: output aliases it, so the chip holds it once.
+  assert train["memory_gib"]["alias"] * aot.GIB >= shard_bytes(prog.abstract_state["params"])
+  assert set(rows) == {"stage0/train_step", "stage0/eval_step"}
+
+
+def expert_table_gathers(hlo: str, cfg) -> list[str]:
+  """all-gather instructions whose result is a whole expert table [E, D, F] or [E, F, D]."""
+  e, d, f = cfg.num_experts, cfg.d_model, cfg.expert_d_ff
+  whole = {f"[{e},{d},{f}]", f"[{e},{f},{d}]"}
+  found = [re.search(r"=\s*(\S+)\s+all-gather(-start)?\(", l) for l in hlo.splitlines()]
+  return [m.group(1) for m in found if m and any(s in m.group(1) for s in whole)]
+
+
+@pytest.mark.parametrize("exchange", ["gather", "ragged"])
+def test_expert_parallel_step_gathers_no_expert_table(exchange):
+  """On (fsdp=2, expert=2) each chip keeps its own experts (gathered over fsdp only): no all-gather
+  of a whole expert table in the compiled train step; with every expert replicated (E=3 does not
+  divide the expert axis) there is."""
+  mesh = sharding.make_mesh({"fsdp": 2, "expert": 2}, devices("v4:2x2x1"))
+  hlo = {}
+  for e in (4, 3):
+    c = tiny_config(expert_exchange=exchange, num_experts=e)
+    cfg = plan.model_config(c)
+    prog = steps.build_program(cfg, c.train, mesh)
+    text = prog.train_step.lower(prog.abstract_state, aot._batch_abstract(prog, 8, c.data.seq_len)).compile().as_text()
+    hlo[e] = (expert_table_gathers(text, cfg), aot.collectives(text))
+  assert hlo[4][0] == [], hlo[4][0][:2]
+  assert hlo[3][0], "the replicated layout should gather whole expert tables"
+  if exchange == "ragged":
+    assert hlo[4][1]["ragged-all-to-all"]["count"] >= 2
+
+
+def test_dense_compiled_flops_match_the_formula():
+  c = lm.get_config("tiny")
+  c.model.update(d_model=256, num_layers=2, num_heads=4, d_ff=1024, attention="reference", remat="none")
+  c.data.seq_len = 256
+  c.train.update(batch_size=8, eval_batch_size=8)
+  c.mesh.update(data=4)
+  sl = aot.parse_topology("v5e:2x2")
+  rows = {r["program"]: r for r in aot.compile_config(c, sl, log=None)}
+  train = rows["stage0/train_step"]
+  want = flops.train_flops_per_token(plan.model_config(c), 256) * 8 * 256 / 4
+  assert train["formula_flops_per_chip"] == pytest.approx(want)
+  assert abs(train["flops_per_chip"] / want - 1) <= 0.10, (train["flops_per_chip"], want)
+
+
+def test_cli_refuses_a_mesh_the_slice_cannot_hold(capsys):
+  c = tiny_config()
+  c.mesh.update(expert=8)  # 8 experts' axis on a 4-chip slice
+  with pytest.raises(ValueError, match="mesh"):
+    aot.compile_config(c, aot.parse_topology("v5e:2x2"), log=None)
+
+
+def test_collectives_parser_counts_and_sizes():
+  hlo = """
+  %all-gather.1 = bf16[64,256]{1,0:T(8,128)(2,1)} all-gather(%p), channel_id=1
+  %ags = (f32[4,8]{1,0}, f32[16,8]{1,0}) all-gather-start(%q), channel_id=2
+  %rs = f32[8]{0} reduce-scatter(%r), channel_id=3
+  %ar = (f32[8]{0}, bf16[4]{0}) all-reduce(%a, %b), channel_id=4
+  %x = f32[8]{0} add(%a, %b)
+  """
+  got = aot.collectives(hlo)
+  assert got["all-gather"] == {"count": 2, "bytes": 64 * 256 * 2 + 16 * 8 * 4}
+  assert got["reduce-scatter"] == {"count": 1, "bytes": 32}
+  assert got["all-reduce"] == {"count": 1, "bytes": 32 + 8}
+  assert got["all-to-all"]["count"] == 0
