@@ -54,7 +54,8 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     c.train.update(steps=200, batch_size=8, warmup_steps=10, log_every=20, eval_every=100, eval_batches=2,
                    eval_batch_size=8, checkpoint_every=100, lr=1e-2)
   elif variant == "pod":
-    c.model.update(d_model=1024, num_layers=16, num_heads=16, d_ff=4096, dtype="bfloat16")
+    c.model.update(d_model=1024, num_layers=16, num_heads=16, d_ff=4096, dtype="bfloat16",
+                   remat="block", scan_layers=True)  # attention "auto": splash on TPU
     c.data.update(seq_len=2048)
     c.data.mixture = ml_collections.ConfigDict({"c4/en": 1.0})
     c.train.update(steps=100_000, batch_size=512, lr=3e-4, warmup_steps=2000, log_every=100,

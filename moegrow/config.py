@@ -86,6 +86,9 @@ class ModelConfig:
   # Activation rematerialisation per block: "none", "block" (save only block inputs), "dots" (save
   # matmul outputs, recompute the rest).
   remat: str = "none"
+  # Run the blocks as one jax.lax.scan over repetitions of the layers' pattern (e.g. dense + MoE
+  # pairs): one repetition is compiled instead of every layer. Params stay one entry per layer.
+  scan_layers: bool = False
   # Mixture of experts.
   moe_layers: Any = "none"
   num_experts: Any = 8
@@ -162,7 +165,7 @@ class ModelConfig:
     need(is_num(self.expert_buffer_factor) and self.expert_buffer_factor >= 0, "expert_buffer_factor",
          "a finite number >= 0 (0: the worst case, no drops)")
     need(isinstance(self.tie_embeddings, bool), "tie_embeddings", "a bool")
-    for f in ("qkv_bias", "tied_logit_scale", "shared_gate"):
+    for f in ("qkv_bias", "tied_logit_scale", "shared_gate", "scan_layers"):
       need(isinstance(getattr(self, f), bool), f, "a bool")
     for f, allowed in (("dtype", DTYPES), ("mlp_act", ("swiglu", "gelu")), ("gating", GATINGS), ("qk_norm", QK_NORMS),
                        ("dispatch", DISPATCHES), ("routing", ROUTINGS), ("moe_impl", MOE_IMPLS),

@@ -102,3 +102,33 @@ def test_remat_marks_the_compiled_program():
   assert "optimization_barrier" not in text["none"]
   assert text["block"].count("optimization_barrier") >= DENSE["num_layers"]
   assert text["dots"].count("optimization_barrier") >= DENSE["num_layers"]
+
+
+@pytest.mark.parametrize("remat", ["none", "block"])
+def test_scanned_layers_equal_the_loop(remat):
+  """scan_layers: the dense + MoE pairs of a 4-layer model run as one scan over 2 repetitions;
+  loss, MoE metrics of every layer, MLP inputs and gradients equal the loop's (same rng per layer)."""
+  cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=4, num_heads=2, d_ff=64, moe_layers="every_other",
+                    num_experts=4, top_k=2, router_jitter=0.1, remat=remat)
+  assert tf.scan_period(cfg) == 2 and tf.scan_period(cfg.replace(moe_layers=(1,))) == 0
+  params = tf.init_params(cfg, 0)
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
+
+  def run(c):
+    def f(p):
+      logits, aux = tf.apply(c, p, tokens, jax.random.key(3), mlp_inputs=True)
+      return jnp.mean(logits ** 2) + aux["loss"], aux
+    return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+  (l0, a0), g0 = run(cfg)
+  (l1, a1), g1 = run(cfg.replace(scan_layers=True))
+  assert float(l1) == pytest.approx(float(l0), rel=1e-6)
+  assert sorted(a1["layers"]) == ["1", "3"]
+  for i in ("1", "3"):
+    np.testing.assert_allclose(np.asarray(a1["layers"][i]["load"]), np.asarray(a0["layers"][i]["load"]), atol=1e-7)
+  for i in ("0", "1", "2", "3"):
+    np.testing.assert_allclose(np.asarray(a1["mlp_inputs"][i]), np.asarray(a0["mlp_inputs"][i]), atol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  # The compiled program really loops: one while loop over the repetitions.
+  text = jax.jit(lambda p: tf.apply(cfg.replace(scan_layers=True), p, tokens)[0]).lower(params).as_text()
+  assert "stablehlo.while" in text

@@ -82,12 +82,16 @@ class TransformerLM(nnx.Module):
     x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(dt)
     x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
     positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
-    layers, inputs = {}, {}
-    for i, block in enumerate(self.blocks):
-      key = None if rng is None else jax.random.fold_in(rng, i)
-      x_BTD, metrics, inputs[str(i)] = block(x_BTD, positions_BT, key)
-      if metrics is not None:
-        layers[str(i)] = metrics
+    period = scan_period(cfg) if cfg.scan_layers else 0
+    if period:
+      x_BTD, layers, inputs = self._scanned(x_BTD, positions_BT, rng, period, mlp_inputs)
+    else:
+      layers, inputs = {}, {}
+      for i, block in enumerate(self.blocks):
+        key = None if rng is None else jax.random.fold_in(rng, i)
+        x_BTD, metrics, inputs[str(i)] = block(x_BTD, positions_BT, key)
+        if metrics is not None:
+          layers[str(i)] = metrics
     x_BTD = self.final_norm(x_BTD)
     b, t, d = x_BTD.shape
     x_ND = x_BTD.reshape(b * t, d)
@@ -105,6 +109,48 @@ class TransformerLM(nnx.Module):
     if mlp_inputs:
       aux["mlp_inputs"] = inputs
     return logits_BTV, aux
+
+
+  def _scanned(self, x_BTD, positions_BT, rng, period: int, mlp_inputs: bool):
+    """The blocks as one `jax.lax.scan` over R = L / period repetitions of `period` blocks: the
+    blocks' params are stacked inside the step (the params tree keeps one entry per layer, so
+    checkpoints and growth ops see no difference), and XLA compiles one repetition instead of L
+    blocks. Same maths as the loop, layer by layer (the same per-layer rng keys)."""
+    n = len(self.blocks)
+    splits = [nnx.split(b) for b in self.blocks]
+    stacked = [jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[splits[r * period + j][1]
+                                                                   for r in range(n // period)])
+               for j in range(period)]
+
+    def body(x_BTD, xs):
+      states, r = xs
+      metrics, inputs = [], []
+      for j in range(period):
+        block = nnx.merge(splits[j][0], states[j])
+        key = None if rng is None else jax.random.fold_in(rng, r * period + j)
+        x_BTD, m, h_BTD = block(x_BTD, positions_BT, key)
+        metrics.append(m)
+        inputs.append(h_BTD if mlp_inputs else None)
+      return x_BTD, (metrics, inputs)
+    x_BTD, (metrics, inputs) = jax.lax.scan(body, x_BTD, (stacked, jnp.arange(n // period)))
+    layers, hs = {}, {}
+    for r in range(n // period):
+      for j in range(period):
+        i = str(r * period + j)
+        if metrics[j] is not None:
+          layers[i] = jax.tree_util.tree_map(lambda a, r=r: a[r], metrics[j])
+        hs[i] = None if inputs[j] is None else inputs[j][r]
+    return x_BTD, layers, hs
+
+
+def scan_period(cfg: ModelConfig) -> int:
+  """The smallest period p (1, 2, ...) with which the layers' kinds (dense, or MoE with E experts)
+  repeat, if the model has at least two repetitions; 0 otherwise (the blocks run as a loop)."""
+  kinds = [cfg.experts_in_layer(i) for i in range(cfg.num_layers)]
+  for p in range(1, cfg.num_layers // 2 + 1):
+    if cfg.num_layers % p == 0 and all(kinds[i] == kinds[i % p] for i in range(cfg.num_layers)):
+      return p
+  return 0
 
 
 # ---------------------------------------------------------------- pure-dict interface
