@@ -85,7 +85,7 @@ def main() -> None:
       sums.append(summary(spec, sl, rows))
   aot.write_json(args.out, everything, {"summaries": sums, "wall_seconds": time.perf_counter() - t0})
   print(markdown(sums))
-  print(f"wrote {args.out}; step times and MFU are cost-model estimates (lower bounds on time)")
+  print(f"wrote {args.out}; step times and MFU are roofline estimates (lower bounds on time), not measurements")
 
 
 if __name__ == "__main__":

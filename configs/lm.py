@@ -7,8 +7,15 @@ Variants (`--config=configs/lm.py:<variant>`):
   pod    a TPU-pod size: 0.97B total / 0.37B active parameters, d=1024, 16 layers, 16 heads,
          E=8 top-2 experts (d_ff 4096) in every other layer, bfloat16, sequence 2048, batch 512,
          on c4/en. Mesh (data=-1, fsdp=8, expert=8): parameters fully sharded 8 ways, experts
-         split 8 ways (one per chip of an expert group), batch over all chips; needs a multiple of
-         64 chips (e.g. a v4-128 or v5e-64 slice). Launch with experiments/launch_tpu.sh.
+         split 8 ways (one per chip of an expert group: dropless expert parallelism), batch over
+         all chips; needs a multiple of 64 chips. Per-block remat, splash attention (TPU), the
+         blocks scanned (8 x a dense + MoE pair). Compiled ahead of time
+         (python -m moegrow.aot --config=configs/lm.py:pod --topology=<slice>), per chip:
+           v5e-64   10.73 / 16 GiB (33% headroom), train step compiles in 102 s
+           v4-128   22.38 / 32 GiB (30% headroom), 61-74 s
+           v5p-128  10.33 / 95 GiB (89% headroom), 85-102 s
+         roofline estimate 0.29 / 0.21 / 0.12 s per step (benchmarks/README.md, "TPU slices").
+         Launch with experiments/launch_tpu.sh.
 Append `,moe` for E=8 top-2 MoE MLPs in every other layer (e.g. `small,moe`).
 
 Command:

@@ -14,9 +14,11 @@ TPU is needed. For each program it reports, per chip:
   FLOPs    `cost_analysis()['flops']` next to the `moegrow.flops` formula's share of one chip;
   traffic  count and result bytes of all-gather, reduce-scatter, all-reduce, all-to-all and
            ragged all-to-all in the compiled HLO;
-  time     XLA's cost-model step time (`optimal_seconds`) and the MFU it implies. Both are
-           ESTIMATES and the time is a lower bound: the cost model does not see inside Pallas
-           kernels (splash attention) and ignores most overlap effects;
+  time     ESTIMATES, lower bounds: a roofline of the train step (the formula's FLOPs, times
+           remat's recompute, at the chip's peak, or the collective bytes at its ICI rate,
+           whichever is longer, with perfect overlap and HBM traffic ignored) and the MFU it
+           implies; XLA's cost-model time (`optimal_seconds`) where it gives one (it does not
+           for programs with custom calls such as Pallas kernels, or loops);
   compile  seconds spent compiling.
 
 A program the compiler refuses for memory is reported as not fitting, with the compiler's words.
@@ -51,13 +53,18 @@ from moegrow.train.steps import Program, build_program, params_sharding
 from moegrow.train.validate import validate_config
 
 GIB = 2 ** 30
-# Per chip: HBM (GiB) and peak bf16 matmul TFLOP/s (public spec sheets).
+# Per chip, from the public spec sheets: HBM (GiB), peak bf16 matmul TFLOP/s, and the ICI rate the
+# roofline uses (GB/s): the pod's all-reduce bandwidth over its chips where published (v4 1.1 PB/s
+# / 4096, v5e 51.2 TB/s / 256, v6e 102.4 TB/s / 256), half the bidirectional per-chip ICI for v5p
+# (1200 GB/s), as that ratio holds for v5e and v6e.
 CHIPS = {
-    "v4": {"hbm_gib": 32, "peak_tflops": 275, "chip_config": "megacore", "cores_per_chip": 2},
-    "v5e": {"hbm_gib": 16, "peak_tflops": 197, "chip_config": "default", "cores_per_chip": 1},
-    "v5p": {"hbm_gib": 95, "peak_tflops": 459, "chip_config": "megacore", "cores_per_chip": 2},
-    "v6e": {"hbm_gib": 32, "peak_tflops": 918, "chip_config": "default", "cores_per_chip": 1},
+    "v4": {"hbm_gib": 32, "peak_tflops": 275, "ici_gbs": 269, "chip_config": "megacore", "cores_per_chip": 2},
+    "v5e": {"hbm_gib": 16, "peak_tflops": 197, "ici_gbs": 200, "chip_config": "default", "cores_per_chip": 1},
+    "v5p": {"hbm_gib": 95, "peak_tflops": 459, "ici_gbs": 600, "chip_config": "megacore", "cores_per_chip": 2},
+    "v6e": {"hbm_gib": 32, "peak_tflops": 918, "ici_gbs": 400, "chip_config": "default", "cores_per_chip": 1},
 }
+# Train FLOPs as a multiple of forward + backward: "block" remat runs every block's forward twice.
+REMAT_COMPUTE = {"none": 1.0, "dots": 1.0, "block": 4.0 / 3.0}
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "ragged-all-to-all",
                "collective-permute")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
@@ -92,6 +99,10 @@ class Slice:
   @property
   def peak_flops(self) -> float:
     return CHIPS[self.generation]["peak_tflops"] * 1e12
+
+  @property
+  def ici_bytes_per_second(self) -> float:
+    return CHIPS[self.generation]["ici_gbs"] * 1e9
 
 
 def _grid_for(generation: str, chips: int) -> str:
@@ -151,20 +162,66 @@ def topology_devices(sl: Slice) -> list:
   return list(topo.devices)
 
 
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+  """{computation name: its instruction lines} of HLO text ('ENTRY' for the entry)."""
+  comps, name = {}, None
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+    if head and not line.startswith(" "):
+      name = "ENTRY" if head.group(1) else head.group(2)
+      comps[name] = []
+    elif name is not None and line.startswith(" "):
+      comps[name].append(line)
+  return comps
+
+
+def _multiplicity(comps: dict[str, list[str]]) -> dict[str, int]:
+  """How many times each computation runs per program execution: a while loop's body runs its
+  trip count (the constant its condition compares the counter with), anything else once per call."""
+  calls: dict[str, list[tuple[str, int]]] = {c: [] for c in comps}
+  for c, lines in comps.items():
+    for line in lines:
+      body = re.search(r"\bbody=%([\w.\-]+)", line)
+      cond = re.search(r"\bcondition=%([\w.\-]+)", line)
+      trips = 1
+      if body and cond and cond.group(1) in comps:
+        consts = [int(v) for l in comps[cond.group(1)] for v in re.findall(r"s32\[\][^=]*?constant\((\d+)\)", l)]
+        trips = consts[0] if len(consts) == 1 else 1
+      for attr, callee in re.findall(r"\b(calls|to_apply|body|condition)=%([\w.\-]+)", line):
+        calls[c].append((callee, trips if attr == "body" else 1))
+      for group in re.findall(r"(?:branch_computations|called_computations)=\{([^}]*)\}", line):
+        calls[c] += [(callee, 1) for callee in re.findall(r"%([\w.\-]+)", group)]
+  mult = {c: 0 for c in comps}
+
+  def visit(c, m, depth=0):
+    if c not in mult or depth > 64:
+      return
+    mult[c] += m
+    for callee, k in calls.get(c, ()):
+      visit(callee, m * k, depth + 1)
+  visit("ENTRY", 1)
+  return mult
+
+
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-  """{op: {'count', 'bytes'}} of the collectives in compiled HLO text; bytes are the results'
+  """{op: {'count', 'bytes'}} of the collectives one execution of compiled HLO runs, loops
+  unrolled (a scanned layer's collectives count once per repetition); bytes are the results'
   sizes on one chip (for an async '-start' op, its largest buffer)."""
   out = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
   pat = re.compile(r"=\s*(\(.*?\)|\w+\[[\d,]*\]\S*)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
-  for line in hlo_text.splitlines():
-    m = pat.search(line)
-    if not m:
-      continue
-    sizes = [_BYTES.get(dt, 4) * math.prod(int(n) for n in dims.split(",") if n)
-             for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", m.group(1))]
-    op = m.group(2)
-    out[op]["count"] += 1
-    out[op]["bytes"] += (max(sizes) if m.group(3) else sum(sizes)) if sizes else 0
+  comps = _computations(hlo_text)
+  mult = _multiplicity(comps) if "ENTRY" in comps else {}
+  for c, lines in (comps.items() if comps else [("", hlo_text.splitlines())]):
+    times = mult.get(c, 1) if mult else 1
+    for line in lines:
+      m = pat.search(line)
+      if not m or not times:
+        continue
+      sizes = [_BYTES.get(dt, 4) * math.prod(int(n) for n in dims.split(",") if n)
+               for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", m.group(1))]
+      op = m.group(2)
+      out[op]["count"] += times
+      out[op]["bytes"] += times * ((max(sizes) if m.group(3) else sum(sizes)) if sizes else 0)
   return out
 
 
@@ -192,7 +249,7 @@ def _oom_words(e: Exception) -> str | None:
 
 
 def compile_one(name: str, kind: str, jitted, args: tuple, sl: Slice, formula_flops: float | None,
-                headroom: float) -> dict[str, Any]:
+                headroom: float, remat: str = "none") -> dict[str, Any]:
   """Lower and compile one program for the slice; the report row (see the module docstring)."""
   t0 = time.perf_counter()
   row: dict[str, Any] = {"program": name, "kind": kind, "slice": sl.name, "chips": sl.chips,
@@ -212,13 +269,21 @@ def compile_one(name: str, kind: str, jitted, args: tuple, sl: Slice, formula_fl
   row["headroom"] = 1.0 - mem["total"] / sl.hbm_bytes
   row["fits"] = mem["total"] <= sl.hbm_bytes
   row["fits_with_headroom"] = row["headroom"] >= headroom
-  row["flops_per_chip"] = cost["flops"]
+  row["flops_per_chip"] = cost["flops"]  # XLA's count: a loop body (scanned layers) counts once
   row["formula_flops_per_chip"] = formula_flops
-  # The cost model gives no usable time for some programs (e.g. loops): None, not a number.
-  row["estimated_step_seconds"] = cost["optimal_seconds"] if cost["optimal_seconds"] > 0 else None
-  if formula_flops and cost["optimal_seconds"] > 0:
-    row["estimated_mfu"] = formula_flops / (cost["optimal_seconds"] * sl.peak_flops)
+  # XLA's cost-model time where it gives one (it returns a negative sentinel for programs with ops
+  # it cannot cost, e.g. custom calls and loops).
+  row["xla_step_seconds"] = cost["optimal_seconds"] if cost["optimal_seconds"] > 0 else None
   row["collectives"] = collectives(compiled.as_text())
+  comm_s = sum(c["bytes"] for c in row["collectives"].values()) / sl.ici_bytes_per_second
+  row["collective_seconds"] = comm_s
+  if formula_flops:
+    # Roofline lower bound: the formula's FLOPs (times remat's recompute) at peak, or the chip's
+    # collective bytes at its ICI rate, whichever is longer (perfect overlap; HBM traffic ignored).
+    compute_s = formula_flops * REMAT_COMPUTE.get(remat, 1.0) / sl.peak_flops
+    row["estimated_step_seconds"] = max(compute_s, comm_s)
+    row["estimated_mfu"] = formula_flops / (row["estimated_step_seconds"] * sl.peak_flops)
+    row["bound"] = "compute" if compute_s >= comm_s else "collectives"
   return row
 
 
@@ -295,7 +360,8 @@ def compile_config(config, sl: Slice, headroom: float = 0.10, log=print) -> list
       ctx = _ctx_abstract(prog)
       if ctx is not None:
         args = args + (ctx,)
-      row = compile_one(f"stage{st.index}/train_step", "train", prog.train_step, args, sl, formula, headroom)
+      row = compile_one(f"stage{st.index}/train_step", "train", prog.train_step, args, sl, formula, headroom,
+                        st.cfg.remat)
       _log_row(row, log)
       rows.append(row)
       eval_rows = int(tr.eval_batch_size)
@@ -320,7 +386,7 @@ def _log_row(row: dict, log) -> None:
 def table(rows: list[dict]) -> str:
   """The report as a markdown table."""
   head = ("| program | slice | fits | per-chip GiB (arg + out - alias + temp) | headroom | TFLOP/chip "
-          "(compiled / formula) | est. step s | est. MFU | collectives (count, GiB) | compile s |")
+          "(compiled / formula) | est. step s (roofline) | est. MFU | collectives (count, GiB) | compile s |")
   lines = [head, "|" + "---|" * 10]
   for r in rows:
     if "memory_gib" not in r:
@@ -333,11 +399,11 @@ def table(rows: list[dict]) -> str:
       fl += f" / {r['formula_flops_per_chip'] / 1e12:.2f}"
     coll = ", ".join(f"{op} {c['count']} ({c['bytes'] / GIB:.2f})" for op, c in r["collectives"].items()
                      if c["count"])
-    mfu = f"{100 * r['estimated_mfu']:.0f}%" if r.get("estimated_mfu") else ""
+    mfu = f"{100 * r['estimated_mfu']:.0f}% ({r['bound']}-bound)" if r.get("estimated_mfu") else ""
     lines.append(f"| {r['program']} | {r['slice']} | {'yes' if r['fits'] else '**no**'} | "
                  f"{m['total']:.2f} ({m['argument']:.2f} + {m['output']:.2f} - {m['alias']:.2f} + "
                  f"{m['temporary']:.2f}) / {r['hbm_gib']:.0f} | {100 * r['headroom']:.0f}% | {fl} | "
-                 f"{_secs(r['estimated_step_seconds'])} | {mfu} | {coll or 'none'} | {r['compile_seconds']:.0f} |")
+                 f"{_secs(r.get('estimated_step_seconds'))} | {mfu} | {coll or 'none'} | {r['compile_seconds']:.0f} |")
   return "\n".join(lines)
 
 
@@ -362,8 +428,8 @@ def main(config, topology: str, num_slices: int = 1, json_path: str = "", headro
         f"{sl.hbm_bytes / GIB:.0f} GiB HBM each)", flush=True)
   rows = compile_config(config, sl, headroom, log=lambda s: print(s, flush=True))
   print(table(rows))
-  print("Step times and MFU are XLA cost-model estimates (lower bounds on time; Pallas kernels are opaque to "
-        "the cost model).")
+  print("Step times and MFU are estimates: a roofline lower bound on time (formula FLOPs with remat at peak, "
+        "or collective bytes at the ICI rate); not measurements.")
   if json_path:
     write_json(json_path, rows, {"topology": topology, "num_slices": num_slices, "slice": sl.name,
                                  "chips": sl.chips, "headroom": headroom, "jax": jax.__version__})

@@ -178,3 +178,71 @@ def test_collectives_parser_counts_and_sizes():
   assert got["reduce-scatter"] == {"count": 1, "bytes": 32}
   assert got["all-reduce"] == {"count": 1, "bytes": 32 + 8}
   assert got["all-to-all"]["count"] == 0
+
+
+def test_collectives_in_a_loop_count_once_per_trip():
+  """A while loop's body runs its trip count (the constant its condition compares with): its
+  collectives, and those of computations it calls, are counted that many times."""
+  hlo = """HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%inner (p: f32[8]) -> f32[8] {
+  %ar = f32[8]{0} all-reduce(%p), to_apply=%add
+}
+
+%body (t: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ag = f32[16]{0} all-gather(%x), dimensions={0}
+  %f = f32[8]{0} fusion(%x), kind=kLoop, calls=%inner
+}
+
+%cond (t: (s32[], f32[8])) -> pred[] {
+  %c = s32[]{:T(128)} constant(3)
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+ENTRY %main (x: f32[8]) -> f32[8] {
+  %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body
+  %rs = f32[4]{0} reduce-scatter(%x), dimensions={0}
+}
+"""
+  got = aot.collectives(hlo)
+  assert got["all-gather"] == {"count": 3, "bytes": 3 * 64}
+  assert got["all-reduce"] == {"count": 3, "bytes": 3 * 32}
+  assert got["reduce-scatter"] == {"count": 1, "bytes": 16}
+
+
+def test_scanned_step_counts_the_body_per_repetition():
+  mesh = sharding.make_mesh({"fsdp": 2, "expert": 2}, devices("v5e:2x2"))
+  c = tiny_config(num_layers=4, scan_layers=True)
+  prog = steps.build_program(plan.model_config(c), c.train, mesh)
+  text = prog.train_step.lower(prog.abstract_state, aot._batch_abstract(prog, 8, c.data.seq_len)).compile().as_text()
+  mult = aot._multiplicity(aot._computations(text))
+  assert 2 in mult.values()  # the loop over 2 repetitions of (dense, MoE)
+  once = sum(1 for l in text.splitlines() if re.search(r"=\s*\S+\s+all-gather\(", l))
+  assert aot.collectives(text)["all-gather"]["count"] > once
+
+
+def test_cli_prints_the_table_writes_json_and_refuses_an_unknown_topology(tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "aot.json"
+  cmd = [sys.executable, "-m", "moegrow.aot", "--config=configs/grow.py:tiny", "--topology=v5e-4",
+         "--config.mesh.data=4", f"--json={out}"]
+  p = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-2000:]
+  report = json.loads(out.read_text())
+  programs = [r["program"] for r in report["programs"]]
+  # Both stages' steps and the boundary's growth (dense -> upcycled MoE), each fitting.
+  assert programs == ["stage0/train_step", "stage0/eval_step", "stage1/growth", "stage1/train_step",
+                      "stage1/eval_step"]
+  assert all(r["fits"] for r in report["programs"])
+  assert "| stage1/growth | v5e-4 | yes |" in p.stdout
+  bad = subprocess.run(cmd[:4] + ["--topology=v9:2x2"], cwd=repo, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 1
+  assert "moegrow: error: topology 'v9:2x2'" in bad.stderr
