@@ -15,6 +15,8 @@ from moegrow.model import moe
 from moegrow.model import transformer as tf
 from moegrow.train import plan, steps
 
+pytestmark = pytest.mark.slow  # slow tier: ahead-of-time TPU compiles
+
 
 def devices(topology):
   return aot.topology_devices(aot.parse_topology(topology))

@@ -171,6 +171,7 @@ def test_offline_grow_across_meshes(tmp_path, data_dir, src_mesh, dst_mesh):
   assert float(jnp.max(jnp.abs(before - after))) <= 1e-5
 
 
+@pytest.mark.slow  # slow tier: runs the CLI in fresh processes
 def test_offline_grow_cli_and_errors(tmp_path, data_dir):
   src = str(tmp_path / "src")
   stages.train_and_evaluate(staged(data_dir, stop_after_steps=6), src)

@@ -12,6 +12,8 @@ import pytest
 from experiments import harness
 from experiments.upcycling import figure as upcycling
 
+pytestmark = pytest.mark.slow  # slow tier: the figures' --quick runs
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 UPCYCLING_ARMS = {"dense", "upcycled", "moe_scratch"}

@@ -67,8 +67,8 @@ def test_expert_parallel_equals_the_naive_layer_with_gradients(exchange, impl):
   np.testing.assert_allclose(np.asarray(y_ND), naive(w, x_ND, gates_NK, idx_NK), rtol=1e-5, atol=1e-5)
   assert float(dropped) == 0.0  # the default buffer is the worst case
   loss = lambda fn: (lambda w, x, g: jnp.sum(jnp.sin(fn(w, x, g))))
-  ref = jax.grad(loss(lambda w, x, g: moe.dropless_blocks(w, x, g, idx_NK, "swiglu")), argnums=(0, 1, 2))
-  got = jax.grad(loss(lambda w, x, g: f(w, x, g, idx_NK)[0]), argnums=(0, 1, 2))
+  ref = jax.jit(jax.grad(loss(lambda w, x, g: moe.dropless_blocks(w, x, g, idx_NK, "swiglu")), argnums=(0, 1, 2)))
+  got = jax.jit(jax.grad(loss(lambda w, x, g: f(w, x, g, idx_NK)[0]), argnums=(0, 1, 2)))
   for a, b in zip(jax.tree_util.tree_leaves(got(w, x_ND, gates_NK)), jax.tree_util.tree_leaves(ref(w, x_ND, gates_NK))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
@@ -81,7 +81,7 @@ def test_small_buffer_drops_exactly_the_overflow_and_counts_it(exchange):
   w, x_ND, gates_NK, _ = layer(n=64)
   idx_NK = jnp.tile(jnp.array([[0, 1]], jnp.int32), (64, 1))
   fn, kw = EXCHANGES[exchange]
-  y_ND, dropped = sharded(mesh, fn, "blocks", factor=1.0, **kw)(w, x_ND, gates_NK, idx_NK)
+  y_ND, dropped = jax.jit(sharded(mesh, fn, "blocks", factor=1.0, **kw))(w, x_ND, gates_NK, idx_NK)
   # Per expert group (4 chips of 8 tokens each, K=2): 64 assignments all go to chip 0, whose buffer
   # holds 1.0 x 8 x 2 = 16 rows: 48 of 64 are dropped in each of the 2 groups.
   assert float(dropped) == pytest.approx(48 / 64)

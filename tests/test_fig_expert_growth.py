@@ -15,6 +15,8 @@ from experiments import harness
 from experiments.expert_growth import config as eg_config
 from experiments.expert_growth import figure as eg
 
+pytestmark = pytest.mark.slow  # slow tier: a figure's --quick run
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = (0, 1)
 ARMS = ("e2", "e4", "grow25", "grow50", "grow75")

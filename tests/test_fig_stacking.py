@@ -15,6 +15,8 @@ from experiments import harness
 from _tiny import check_png, csv_rows, num
 from experiments.stacking import figure as stacking
 
+pytestmark = pytest.mark.slow  # slow tier: a figure's --quick run
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = (0, 1)
 DOMAINS = ("python_stdlib", "shakespeare_plays")

@@ -124,6 +124,7 @@ def test_the_untouched_configs_pass():
     assert validate.validate_config(c, num_devices=jax.device_count())
 
 
+@pytest.mark.slow  # slow tier: runs the CLI in fresh processes
 def test_cli_refuses_bad_configs_before_training(tmp_path, data_dir):
   for i, (flag, key) in enumerate([("--config.train.keep_checkpoints=0", "train.keep_checkpoints"),
                                    ("--config.model.top_k=0", "model.top_k"),
@@ -160,6 +161,7 @@ def test_nan_never_reaches_a_checkpoint(tmp_path, data_dir):
 
 # ---------------------------------------------------------------- 3. one run per workdir
 
+@pytest.mark.slow  # slow tier: runs the CLI in fresh processes
 def test_second_process_on_a_locked_workdir_is_refused(tmp_path, data_dir):
   wd = tmp_path / "shared"
   endless = ["--config.train.steps=100000", "--config.train.log_every=1", "--config.train.eval_every=0",
@@ -195,6 +197,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, capfd):
 
 # ---------------------------------------------------------------- 4. metrics.jsonl through kills
 
+@pytest.mark.slow  # slow tier: runs the CLI in fresh processes
 def test_sigkill_then_resume_keeps_each_step_once_and_repairs_a_torn_line(tmp_path, data_dir):
   wd = tmp_path / "killed"
   p = cli(wd, data_dir, "--config.train.steps=16", "--config.train.checkpoint_every=4", "--config.train.log_every=1",
@@ -215,6 +218,7 @@ def test_sigkill_then_resume_keeps_each_step_once_and_repairs_a_torn_line(tmp_pa
 
 # ---------------------------------------------------------------- 5. SIGTERM during growth
 
+@pytest.mark.slow  # slow tier: runs the CLI in fresh processes
 def test_sigterm_during_growth_exits_cleanly_and_the_rerun_finishes(tmp_path, data_dir):
   wd = tmp_path / "grow"
   args = ["--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.checkpoint_every=4",

@@ -33,6 +33,8 @@ from moegrow.surgery import apply as surgery  # noqa: E402
 from moegrow.train import stages  # noqa: E402
 from moegrow.train.steps import build_program  # noqa: E402
 
+pytestmark = pytest.mark.slow  # slow tier: against transformers (torch)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 300  # >= 259: byte tokens fit (the training test)
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 12)).astype(np.int64)

@@ -20,6 +20,8 @@ from moegrow.train import stages, steps
 from moegrow.data.corpora import _file_lock
 from moegrow.configs import grow as grow_config, lm
 
+pytestmark = pytest.mark.slow  # slow tier: two processes on loopback
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, STOP = 12, 6  # first invocation stops after STOP steps, the second resumes to STEPS
 TRAIN = ("--config.train.log_every=1", f"--config.train.eval_every={STOP}", "--config.train.checkpoint_every=100")

@@ -6,6 +6,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow  # slow tier: executes the notebooks
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "01_grow_a_model.ipynb")
 NOTEBOOK_02 = os.path.join(REPO, "notebooks", "02_continual.ipynb")

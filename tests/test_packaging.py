@@ -14,6 +14,8 @@ import pytest
 
 from _tiny import read_metrics
 
+pytestmark = pytest.mark.slow  # slow tier: builds and installs the wheel
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIS = ("moegrow.main", "moegrow.grow", "moegrow.merge", "moegrow.hf.__main__")
 SUBPACKAGES = ("moegrow", "moegrow/model", "moegrow/surgery", "moegrow/data", "moegrow/train", "moegrow/configs")

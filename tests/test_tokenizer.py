@@ -225,3 +225,17 @@ def test_bytes_is_the_default_and_unchanged(data_dir):
                             'parts': {'shakespeare_plays': {'doc_state': {'next_index': 1}, 'pos': 98166}}}
   ev = data.eval_batches('shakespeare_plays', seq_len=1023, batch_size=16, num_batches=20, data_dir=data_dir)
   assert _digest(ev) == BYTES_EVAL and sum(b['num_bytes'] for b in ev) == 327356
+
+
+def test_vocab_error_of_a_staged_config_names_the_tokenizer_not_a_stage(data_dir):
+  """The vocab check runs after the stages are checked: its message must name data.tokenizer's own
+  value (a staged config once printed the last stage's dict there)."""
+  from moegrow.configs import grow
+  c = grow.get_config("tiny")
+  c.data.data_dir = data_dir
+  c.model.vocab_size = 258
+  with pytest.raises(ConfigError) as err:
+    validate_config(c, num_devices=1)
+  assert err.value.key == "data.tokenizer"
+  assert str(err.value).startswith("config: data.tokenizer='bytes' is not allowed: data.tokenizer=bytes has 259 tokens")
+  assert "moe8" not in str(err.value) and "steps" not in str(err.value)

@@ -44,6 +44,7 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow  # slow tier: runs the CLI in fresh processes
 def test_exact_resume_in_a_fresh_process(tmp_path, data_dir):
   n = 20
   straight = tiny(data_dir, steps=2 * n, checkpoint_every=100, eval_every=0, log_every=5)
@@ -65,6 +66,7 @@ def test_exact_resume_in_a_fresh_process(tmp_path, data_dir):
   assert la == lb and max(la) == 2 * n
 
 
+@pytest.mark.slow  # slow tier: runs the CLI in fresh processes
 def test_sigterm_saves_exits_zero_and_resumes(tmp_path, data_dir):
   wd = tmp_path / "run"
   p = cli(wd, data_dir, "--config.train.steps=100000", "--config.train.log_every=1",
@@ -120,6 +122,7 @@ def test_config_files_load_and_build(variant):
     assert shapes["blocks"]["1"]["mlp"]["wact_EDF"].shape == (8, cfg.d_model, cfg.expert_d_ff)
 
 
+@pytest.mark.slow  # slow tier: runs the CLI in fresh processes
 def test_cli_runs_tiny_writes_outputs_and_learns(tmp_path, data_dir):
   wd = tmp_path / "run"
   code, out = cli(wd, data_dir)

@@ -5,5 +5,6 @@ as checkpoints `transformers` loads with no custom code.
             the target class cannot represent exactly, naming the field)
   weights   tensor names and layouts: HF state dict <-> moegrow params (pure functions)
   files     sharded safetensors: read tensor by tensor, write atomically with the index
-  convert   the two commands (`python -m moegrow.hf import|export`) and their certificates
+  convert   the two commands and their certificates
+  __main__  the command line, `python -m moegrow.hf import|export`
 """

@@ -1,3 +1,5 @@
-"""Training: compiled steps (`steps`), the optimizer (`optim`), the stage loop (`loop`),
-measurements (`probes`), run output (`logbook`, `plot`) and the orchestrator of stages and
-growth boundaries (`stages`)."""
+"""Training. The machinery: compiled steps (`steps`), the optimizer (`optim`), loss terms against
+forgetting (`continual`), the stage loop (`loop`), measurements (`probes`), the forgetting report
+(`forgetting`), run output (`logbook`, `plot`) and the config check (`validate`). The
+orchestrators: a config's stages (`plan`), growth at a boundary (`boundary`), the run of stages
+(`stages`), merging finished runs (`merging`) and Branch-Train-MiX (`branching`)."""

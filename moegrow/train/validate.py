@@ -136,11 +136,11 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> list[Mo
   _int(config, "data.seq_len", 1)
   _int(config, "data.shards", 0)
   _mixture(config, "data.mixture")
-  spec = config.data.get("tokenizer", "bytes")
+  tok_spec = config.data.get("tokenizer", "bytes")
   try:
-    tok = tokenizer.load(spec)
+    tok = tokenizer.load(tok_spec)
   except ValueError as e:
-    raise ConfigError("data.tokenizer", spec,
+    raise ConfigError("data.tokenizer", tok_spec,
                       f"'bytes' or a usable tokenizer.json, or a folder holding one ({e})") from e
   # train
   tr = "train"
@@ -241,7 +241,7 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> list[Mo
   try:
     tokenizer.check_vocab(tok, min(c.vocab_size for c in cfgs))
   except ValueError as e:
-    raise ConfigError("data.tokenizer", spec, str(e)) from e
+    raise ConfigError("data.tokenizer", tok_spec, str(e)) from e
   return cfgs
 
 
