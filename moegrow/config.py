@@ -116,7 +116,7 @@ class ModelConfig:
   expert_output_scale: float = 1.0
   aux_loss_weight: float = 0.01
   z_loss_weight: float = 1e-3
-  # LoRA adapters (moegrow.model.lora) under params['lora']: W + (lora_alpha / lora_rank) A B on
+  # LoRA adapters (moegrow.lora) under params['lora']: W + (lora_alpha / lora_rank) A B on
   # every weight whose path matches a regex in lora_targets; lora_rank 0: no adapters.
   lora_rank: int = 0
   lora_alpha: float = 16.0

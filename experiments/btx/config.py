@@ -9,12 +9,8 @@ branches 2.326; hidden-state routing sends 80% / 61% of Shakespeare / Python tok
 own branch's expert at the mix. See experiments/btx/README.md.
 """
 from experiments.btx import figure
+from experiments.harness import size_arm_config
 
 
 def get_config(arg: str = "small,btx"):
-  parts = (arg or "small,btx").split(",")
-  cfgs = figure.configs(parts[0]) if len(parts) == 2 else {}
-  if len(parts) != 2 or parts[1] not in cfgs:
-    raise ValueError(f"experiments/btx/config.py: expected '<size>,<arm>' with arm in {sorted(cfgs)}, "
-                     f"got {arg!r}")
-  return cfgs[parts[1]]
+  return size_arm_config("experiments/btx/config.py", arg or "small,btx", figure.SIZES, figure.configs)

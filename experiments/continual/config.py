@@ -9,12 +9,8 @@ except ewc_hi and grow_freeze_distill (2.71), lora_4 (2.80) and lora_16 (2.58).
 See experiments/continual/README.md.
 """
 from experiments.continual import figure
+from experiments.harness import size_arm_config
 
 
 def get_config(arg: str = "small,plain"):
-  parts = (arg or "small,plain").split(",")
-  cfgs = figure.configs(parts[0]) if len(parts) == 2 else {}
-  if len(parts) != 2 or parts[1] not in cfgs:
-    raise ValueError(f"experiments/continual/config.py: expected '<size>,<arm>' with arm in {sorted(cfgs)}, "
-                     f"got {arg!r}")
-  return cfgs[parts[1]]
+  return size_arm_config("experiments/continual/config.py", arg or "small,plain", figure.SIZES, figure.configs)

@@ -9,12 +9,8 @@ vs best ingredient 2.326; task arithmetic 2.387, TIES (density 0.4) 2.470. See
 experiments/merging/README.md.
 """
 from experiments.merging import figure
+from experiments.harness import size_arm_config
 
 
 def get_config(arg: str = "small,base"):
-  parts = (arg or "small,base").split(",")
-  cfgs = figure.configs(parts[0]) if len(parts) == 2 else {}
-  if len(parts) != 2 or parts[1] not in cfgs:
-    raise ValueError(f"experiments/merging/config.py: expected '<size>,<arm>' with arm in {sorted(cfgs)}, "
-                     f"got {arg!r}")
-  return cfgs[parts[1]]
+  return size_arm_config("experiments/merging/config.py", arg or "small,base", figure.SIZES, figure.configs)

@@ -6,7 +6,7 @@ Everything outside this module (checkpoints, growth, training) sees parameters a
 nested dicts with string keys, e.g. `params["blocks"]["3"]["mlp"]["wact_EDF"]`:
   init_params(cfg, seed) -> params      apply(cfg, params, tokens_BT) -> (logits_BTV, aux)
   logical_axes(cfg) -> same tree of logical-axis tuples;   abstract_params(cfg) -> ShapeDtypeStructs
-With cfg.lora_rank > 0 the params also hold LoRA adapters under params['lora'] (moegrow.model.lora);
+With cfg.lora_rank > 0 the params also hold LoRA adapters under params['lora'] (moegrow.lora);
 `apply` folds them into the weights before the layers run, so the kernels are unchanged. With
 cfg.ramps (ramped growth, moegrow.ramp) the params hold the ramps' masks under params['ramp']
 (float32 scalars); `apply` masks the ramped slices the same way, after the adapters.
