@@ -98,9 +98,11 @@ def rank_of(adapters: Mapping) -> int:
   return ranks.pop()
 
 
-def delta(path: str, w, a_EIR, b_ERO):
-  """(A B) for one weight, in its own shape: per expert [in, r] x [r, out] (float32)."""
-  prod = jnp.einsum("eir,ero->eio", a_EIR.astype(jnp.float32), b_ERO.astype(jnp.float32))
+def delta(path: str, w, a, b):
+  """(A B) for one weight, in its own shape: per expert [in, r] x [r, out] (float32). `a` is
+  [E, in, r] and `b` [E, r, out] over the weight's flattened input and output axes, which have no
+  letter of their own (docs/letters.md), so the names carry none."""
+  prod = jnp.einsum("eir,ero->eio", a.astype(jnp.float32), b.astype(jnp.float32))
   return prod.reshape(w.shape)
 
 
