@@ -183,3 +183,18 @@ def test_microbatches_accumulate_the_same_update():
   assert abs(out[4][1] - out[1][1]) <= 1e-4 * out[1][1]
   for a, b in zip(jax.tree_util.tree_leaves(out[4][2]), jax.tree_util.tree_leaves(out[1][2])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_program_is_reused_across_cadence_changes_but_not_across_optimizer_or_seed():
+  """Logging, evaluation and checkpoint cadence never reach the compiled steps: changing them reuses
+  the Program (no recompilation); the seed, the learning rate or the schedule length do not."""
+  c = lm.get_config("tiny")
+  cfg = stages.model_config(c)
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  base = steps.build_program(cfg, c.train, mesh)
+  c.train.update(log_every=7, eval_every=13, checkpoint_every=5, keep_checkpoints=9, stop_at_step=3)
+  assert steps.build_program(cfg, c.train, mesh) is base
+  for key, value in (("seed", 1), ("lr", 2e-3), ("steps", 123), ("microbatches", 2)):
+    other = lm.get_config("tiny")
+    other.train[key] = value
+    assert steps.build_program(cfg, other.train, mesh) is not base, key

@@ -128,6 +128,19 @@ def params_sharding(cfg: ModelConfig, mesh: Mesh):
 
 
 _PROGRAMS: "collections.OrderedDict[Any, Program]" = collections.OrderedDict()
+# The train-config fields a Program is built from (optimizer, schedule, frozen slices, the step's
+# rng seed, gradient accumulation); the others (logging, evaluation and checkpoint cadence, stop
+# steps, ...) never reach the compiled steps, so changing them reuses the program.
+PROGRAM_FIELDS = ("lr", "steps", "warmup_steps", "schedule", "min_lr_ratio", "b1", "b2", "weight_decay",
+                  "grad_clip", "frozen", "seed", "microbatches")
+
+
+def program_fields(train_cfg) -> dict:
+  """The part of a train config that its Program depends on (PROGRAM_FIELDS)."""
+  d = train_cfg.to_dict() if hasattr(train_cfg, "to_dict") else dict(train_cfg)
+  return {k: d.get(k) for k in PROGRAM_FIELDS}
+
+
 _MAX_PROGRAMS = 8
 
 
@@ -135,8 +148,7 @@ def build_program(cfg: ModelConfig, train_cfg, mesh: Mesh, objective: Objective 
   """The `Program` of (model, train config, mesh, objective). Programs are immutable; the last
   few built are kept, so a stage boundary that needs the previous stage's program again (growth,
   a teacher) or a resumed stage reuses its compiled steps instead of compiling them again."""
-  train = json.dumps(train_cfg.to_dict() if hasattr(train_cfg, "to_dict") else dict(train_cfg), sort_keys=True,
-                     default=str)
+  train = json.dumps(program_fields(train_cfg), sort_keys=True, default=str)
   key = (cfg, train, mesh, objective if objective is not None and objective.active else None)
   if key in _PROGRAMS:
     _PROGRAMS.move_to_end(key)
