@@ -1,4 +1,4 @@
-"""What moegrow guarantees (README "What moegrow guarantees"): bad input is refused before anything
+"""What moegrow guarantees (docs/guarantees.md): bad input is refused before anything
 runs, with a message naming the key; no poisoned state is saved; one run per workdir;
 metrics.jsonl stays consistent through kills; SIGTERM at any point (growth included) leaves a
 resumable state; crafted checkpoint files and corrupt corpora are refused naming the path."""

@@ -18,7 +18,7 @@ sharing a directory. At a boundary (docs/growth.md):
 The source checkpoint is never written to; a crash before step 4 completes leaves the source
 as the latest checkpoint, so a restart simply grows again.
 
-Continual learning (growth stages; README "Continual pre-training"): `replay` mixes in the
+Continual learning (growth stages; docs/continual.md): `replay` mixes in the
 previous stage's data, `ewc` measures the diagonal Fisher of the finished stage at the boundary
 and penalises moving away from its params (the Fisher is remapped through growth and saved as the
 checkpoint item `ewc`), `distill` uses the previous stage's final model as a frozen teacher in the
