@@ -1,11 +1,11 @@
 """Pod configs x TPU slices, compiled ahead of time on this host (no TPU): does each program fit,
-per-chip memory, XLA's estimated step time and MFU, collective traffic, compile seconds.
+per-chip memory, a roofline step-time estimate and its MFU, collective traffic, compile seconds.
 
   python -m benchmarks.tpu [--configs=configs/lm.py:pod,configs/grow.py:pod] [--slices=v5e-64,v4-128,v5p-128]
 
 Needs the TPU compiler (`pip install -e ".[tpu]"`). One process compiles everything (libtpu is
-loaded once). Step times and MFU are the TPU cost model's estimates: lower bounds on time (the
-cost model does not see inside Pallas kernels such as splash attention), not measurements.
+loaded once). Step times and MFU are estimates, lower bounds on time (moegrow.aot: the formula's
+FLOPs at peak or the collective bytes at the ICI rate, whichever is longer), not measurements.
 Writes benchmarks/results/tpu.json and prints the summary table of benchmarks/README.md.
 """
 from __future__ import annotations
@@ -85,7 +85,7 @@ def main() -> None:
       sums.append(summary(spec, sl, rows))
   aot.write_json(args.out, everything, {"summaries": sums, "wall_seconds": time.perf_counter() - t0})
   print(markdown(sums))
-  print(f"wrote {args.out}; step times and MFU are roofline estimates (lower bounds on time), not measurements")
+  print(f"wrote {os.path.relpath(args.out)}; step times and MFU are roofline estimates (lower bounds on time), not measurements")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Modules: `config` (ModelConfig), `sharding` (logical axes and meshes), `trees` (
 `flops` (the one FLOPs formula), `checkpoint` (Orbax checkpoints and their metadata), `lora` and
 `ramp` (adapter and ramp-mask arithmetic on plain dicts), `distributed` (multi-process start-up),
 `workdir_lock` (one run per workdir), `cli` (user errors as one message), `aot` (ahead-of-time
-TPU compiles), and the commands `main`, `grow`, `merge`.
+TPU compiles), `hlo` (the collectives in compiled HLO), and the commands `main`, `grow`, `merge`.
 Imports go one way (docs/architecture.md): commands -> train -> {surgery, checkpoint, data} ->
 model -> {config, sharding, trees}.
 """

@@ -13,7 +13,7 @@ TPU is needed. For each program it reports, per chip:
            aliased bytes count once), against the chip's HBM, with the headroom left;
   FLOPs    `cost_analysis()['flops']` next to the `moegrow.flops` formula's share of one chip;
   traffic  count and result bytes of all-gather, reduce-scatter, all-reduce, all-to-all and
-           ragged all-to-all in the compiled HLO;
+           ragged all-to-all in the compiled HLO (`moegrow.hlo`);
   time     ESTIMATES, lower bounds: a roofline of the train step (the formula's FLOPs, times
            remat's recompute, at the chip's peak, or the collective bytes at its ICI rate,
            whichever is longer, with perfect overlap and HBM traffic ignored) and the MFU it
@@ -46,6 +46,7 @@ import numpy as np
 
 from moegrow import flops, sharding
 from moegrow.cli import run_command
+from moegrow.hlo import collectives
 from moegrow.model import transformer as tf
 from moegrow.train import plan
 from moegrow.train.boundary import growth_fn, with_loads
@@ -65,10 +66,6 @@ CHIPS = {
 }
 # Train FLOPs as a multiple of forward + backward: "block" remat runs every block's forward twice.
 REMAT_COMPUTE = {"none": 1.0, "dots": 1.0, "block": 4.0 / 3.0}
-COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "ragged-all-to-all",
-               "collective-permute")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
-          "s64": 8, "u64": 8, "f64": 8}
 
 
 class AotError(ValueError):
@@ -110,11 +107,9 @@ def _grid_for(generation: str, chips: int) -> str:
   if chips < 1 or chips & (chips - 1):
     raise AotError(f"topology: {chips} chips is not a power of two; name the grid instead (e.g. {generation}:4x4)")
   dims = [1, 1] if generation in ("v5e", "v6e") else [1, 1, 1]
-  i = 0
   while math.prod(dims) < chips:  # double the smallest axis, the last ones first (4x8, 4x4x8, ...)
     j = min(range(len(dims)), key=lambda a: (dims[a], -a))
     dims[j] *= 2
-    i += 1
   return "x".join(str(d) for d in sorted(dims))
 
 
@@ -160,69 +155,6 @@ def topology_devices(sl: Slice) -> list:
       hint = "; another process holds libtpu: wait for it, or set ALLOW_MULTIPLE_LIBTPU_LOAD=1"
     raise AotError(f"cannot load the TPU topology {sl.generation}:{sl.grid} x{sl.num_slices}: {msg}{hint}") from e
   return list(topo.devices)
-
-
-def _computations(hlo_text: str) -> dict[str, list[str]]:
-  """{computation name: its instruction lines} of HLO text ('ENTRY' for the entry)."""
-  comps, name = {}, None
-  for line in hlo_text.splitlines():
-    head = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
-    if head and not line.startswith(" "):
-      name = "ENTRY" if head.group(1) else head.group(2)
-      comps[name] = []
-    elif name is not None and line.startswith(" "):
-      comps[name].append(line)
-  return comps
-
-
-def _multiplicity(comps: dict[str, list[str]]) -> dict[str, int]:
-  """How many times each computation runs per program execution: a while loop's body runs its
-  trip count (the constant its condition compares the counter with), anything else once per call."""
-  calls: dict[str, list[tuple[str, int]]] = {c: [] for c in comps}
-  for c, lines in comps.items():
-    for line in lines:
-      body = re.search(r"\bbody=%([\w.\-]+)", line)
-      cond = re.search(r"\bcondition=%([\w.\-]+)", line)
-      trips = 1
-      if body and cond and cond.group(1) in comps:
-        consts = [int(v) for l in comps[cond.group(1)] for v in re.findall(r"s32\[\][^=]*?constant\((\d+)\)", l)]
-        trips = consts[0] if len(consts) == 1 else 1
-      for attr, callee in re.findall(r"\b(calls|to_apply|body|condition)=%([\w.\-]+)", line):
-        calls[c].append((callee, trips if attr == "body" else 1))
-      for group in re.findall(r"(?:branch_computations|called_computations)=\{([^}]*)\}", line):
-        calls[c] += [(callee, 1) for callee in re.findall(r"%([\w.\-]+)", group)]
-  mult = {c: 0 for c in comps}
-
-  def visit(c, m, depth=0):
-    if c not in mult or depth > 64:
-      return
-    mult[c] += m
-    for callee, k in calls.get(c, ()):
-      visit(callee, m * k, depth + 1)
-  visit("ENTRY", 1)
-  return mult
-
-
-def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-  """{op: {'count', 'bytes'}} of the collectives one execution of compiled HLO runs, loops
-  unrolled (a scanned layer's collectives count once per repetition); bytes are the results'
-  sizes on one chip (for an async '-start' op, its largest buffer)."""
-  out = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
-  pat = re.compile(r"=\s*(\(.*?\)|\w+\[[\d,]*\]\S*)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
-  comps = _computations(hlo_text)
-  mult = _multiplicity(comps) if "ENTRY" in comps else {}
-  for c, lines in (comps.items() if comps else [("", hlo_text.splitlines())]):
-    times = mult.get(c, 1) if mult else 1
-    for line in lines:
-      m = pat.search(line)
-      if not m or not times:
-        continue
-      sizes = [_BYTES.get(dt, 4) * math.prod(int(n) for n in dims.split(",") if n)
-               for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", m.group(1))]
-      op = m.group(2)
-      out[op]["count"] += times
-      out[op]["bytes"] += times * ((max(sizes) if m.group(3) else sum(sizes)) if sizes else 0)
-  return out
 
 
 def _memory(compiled) -> dict[str, int]:

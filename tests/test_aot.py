@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from moegrow import aot, flops, sharding
+from moegrow.hlo import collectives, computations, multiplicity
 from moegrow.configs import lm
 from moegrow.model import moe
 from moegrow.model import transformer as tf
@@ -139,7 +140,7 @@ def test_expert_parallel_step_gathers_no_expert_table(exchange):
     cfg = plan.model_config(c)
     prog = steps.build_program(cfg, c.train, mesh)
     text = prog.train_step.lower(prog.abstract_state, aot._batch_abstract(prog, 8, c.data.seq_len)).compile().as_text()
-    hlo[e] = (expert_table_gathers(text, cfg), aot.collectives(text))
+    hlo[e] = (expert_table_gathers(text, cfg), collectives(text))
   assert hlo[4][0] == [], hlo[4][0][:2]
   assert hlo[3][0], "the replicated layout should gather whole expert tables"
   if exchange == "ragged":
@@ -175,7 +176,7 @@ def test_collectives_parser_counts_and_sizes():
   %ar = (f32[8]{0}, bf16[4]{0}) all-reduce(%a, %b), channel_id=4
   %x = f32[8]{0} add(%a, %b)
   """
-  got = aot.collectives(hlo)
+  got = collectives(hlo)
   assert got["all-gather"] == {"count": 2, "bytes": 64 * 256 * 2 + 16 * 8 * 4}
   assert got["reduce-scatter"] == {"count": 1, "bytes": 32}
   assert got["all-reduce"] == {"count": 1, "bytes": 32 + 8}
@@ -210,7 +211,7 @@ ENTRY %main (x: f32[8]) -> f32[8] {
   %rs = f32[4]{0} reduce-scatter(%x), dimensions={0}
 }
 """
-  got = aot.collectives(hlo)
+  got = collectives(hlo)
   assert got["all-gather"] == {"count": 3, "bytes": 3 * 64}
   assert got["all-reduce"] == {"count": 3, "bytes": 3 * 32}
   assert got["reduce-scatter"] == {"count": 1, "bytes": 16}
@@ -221,10 +222,10 @@ def test_scanned_step_counts_the_body_per_repetition():
   c = tiny_config(num_layers=4, scan_layers=True)
   prog = steps.build_program(plan.model_config(c), c.train, mesh)
   text = prog.train_step.lower(prog.abstract_state, aot._batch_abstract(prog, 8, c.data.seq_len)).compile().as_text()
-  mult = aot._multiplicity(aot._computations(text))
+  mult = multiplicity(computations(text))
   assert 2 in mult.values()  # the loop over 2 repetitions of (dense, MoE)
   once = sum(1 for l in text.splitlines() if re.search(r"=\s*\S+\s+all-gather\(", l))
-  assert aot.collectives(text)["all-gather"]["count"] > once
+  assert collectives(text)["all-gather"]["count"] > once
 
 
 def test_cli_prints_the_table_writes_json_and_refuses_an_unknown_topology(tmp_path):

@@ -1,8 +1,9 @@
 """Expert parallelism for dropless MoE dispatch: each chip holds E/ne experts, tokens travel.
 
 Runs inside `shard_map` (moegrow.model.moe.MoeMlp) over the mesh axis `expert` of size ne. A chip
-holds the experts [r * O, (r + 1) * O) of the layer (O = E / ne, r its index on the axis) and routes its own N tokens; the K choices of every token go to the chips that own
-their experts and the outputs come back. Two exchanges, one interface:
+holds the experts [r * O, (r + 1) * O) of the layer (O = E / ne, r its index on the axis) and
+routes its own N tokens; the K choices of every token go to the chips that own their experts and
+the outputs come back. Two exchanges, one interface:
 
   gather  (runs everywhere, the CPU default): all-gather the group's tokens, choices and gates
           (W = ne * N tokens), compute the rows for the local experts, and reduce-scatter the
@@ -31,7 +32,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from moegrow.model.grouped_ffn import chunk_sizes, expert_ffn
+from moegrow.model.grouped_ffn import chunk_sizes, expert_ffn, sort_by_key
 
 
 def buffer_rows(n_tokens: int, k: int, ne: int, factor: float) -> int:
@@ -69,15 +70,6 @@ def local_ffn(w, xs_PD, start_O, size_O, act_fn, impl: str):
   return y_PD[:xs_PD.shape[0]]
 
 
-def _sort(key_M, buckets: int):
-  """Stable sort of keys in [0, buckets): (order_M, start, size, pos_M = each one's sorted row)."""
-  m = key_M.shape[0]
-  order_M = jnp.argsort(key_M, stable=True).astype(jnp.int32)
-  size = jnp.zeros((buckets,), jnp.int32).at[key_M].add(1)
-  pos_M = jnp.zeros((m,), jnp.int32).at[order_M].set(jnp.arange(m, dtype=jnp.int32))
-  return order_M, jnp.cumsum(size) - size, size, pos_M
-
-
 def gather_dispatch(w, x_ND, gates_NK, idx_NK, act_fn, impl: str, axis: str, factor: float = 0.0):
   """Dropless expert-parallel MoE with the all-gather / reduce-scatter exchange: (y_ND, dropped),
   `dropped` the fraction of the group's assignments past the buffer (0 with the default buffer)."""
@@ -92,7 +84,7 @@ def gather_dispatch(w, x_ND, gates_NK, idx_NK, act_fn, impl: str, axis: str, fac
   local_WK = idx_WK - first
   mine_WK = (local_WK >= 0) & (local_WK < el)
   key_M = jnp.where(mine_WK, local_WK, el).reshape(g * k)  # not mine: one bucket past the local experts
-  order_M, start_O, size_O, pos_M = _sort(key_M, el + 1)
+  order_M, start_O, size_O, pos_M = sort_by_key(key_M, el + 1)
   r = buffer_rows(n, k, ne, factor)
   start_O, size_O = start_O[:el], size_O[:el]
   size_O = jnp.clip(jnp.minimum(size_O, r - start_O), 0)  # groups cut at the buffer's end
@@ -159,7 +151,7 @@ def ragged_dispatch(w, x_ND, gates_NK, idx_NK, act_fn, impl: str, axis: str, fac
   r = buffer_rows(n, k, ne, factor)
   m = n * k
   # My assignments sorted by expert, so each receiver's are contiguous and in its expert order.
-  order_M, start_E, size_E, pos_M = _sort(idx_NK.reshape(m), e)
+  order_M, start_E, size_E, pos_M = sort_by_key(idx_NK.reshape(m), e)
   xs_MD = _take(x_ND, order_M // k)
   count_ZE = jax.lax.all_gather(size_E, axis)  # every sender's count per expert
   c_ZZO = count_ZE.reshape(ne, ne, el)  # [sender, receiver, local expert of the receiver]
@@ -179,7 +171,7 @@ def ragged_dispatch(w, x_ND, gates_NK, idx_NK, act_fn, impl: str, axis: str, fac
   bounds_ZO = jnp.cumsum(c_ZZO[:, me, :], axis=-1)  # cumulative counts of each sender's chunk
   local_P = jnp.sum(within_P[:, None] >= bounds_ZO[sender_P], axis=-1)
   key_P = jnp.where(jnp.any(inside_ZP, axis=0), local_P, el)
-  order_P, start_O, size_O, pos_P = _sort(key_P, el + 1)
+  order_P, start_O, size_O, pos_P = sort_by_key(key_P, el + 1)
   out_PD = local_ffn(w, _take(got_PD, order_P), start_O[:el], size_O[:el], act_fn, impl)
   back_MD = _send(a2a, axis, m, _take(out_PD, pos_P), bwd, fwd)
   # A sorted row of mine came back iff it fit its receiver's buffer: position < src + fit there.

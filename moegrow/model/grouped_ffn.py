@@ -43,6 +43,17 @@ def chunk_sizes(m: int, e: int) -> tuple[int, ...]:
   return tuple(out)
 
 
+def sort_by_key(key_M, buckets: int):
+  """Rows sorted by key (an expert, or a bucket past the experts), stable: (order_M, start, size,
+  pos_M) where order_M lists the row indices in key order, start/size are each key's range of
+  sorted rows and pos_M is each row's sorted position. The layout the grouped FFN reads."""
+  m = key_M.shape[0]
+  order_M = jnp.argsort(key_M, stable=True).astype(jnp.int32)
+  size = jnp.zeros((buckets,), jnp.int32).at[key_M].add(1)
+  pos_M = jnp.zeros((m,), jnp.int32).at[order_M].set(jnp.arange(m, dtype=jnp.int32))
+  return order_M, jnp.cumsum(size) - size, size, pos_M
+
+
 def _chunks(n, sizes, fn, carry):
   """carry = fn(offset, R, carry) over [0, n) in chunks: the big sizes while they fit, then the
   last size covers the tail (its last chunk may run past n)."""

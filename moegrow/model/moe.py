@@ -35,7 +35,7 @@ from flax import nnx
 from moegrow.config import ModelConfig
 from moegrow.config import fan_in_std
 from moegrow.model import expert_parallel
-from moegrow.model.grouped_ffn import chunk_sizes, expert_ffn
+from moegrow.model.grouped_ffn import chunk_sizes, expert_ffn, sort_by_key
 from moegrow.model.layers import Mlp, activation, param
 from moegrow import sharding
 from moegrow.sharding import constrain
@@ -109,12 +109,8 @@ def _expert_ffn(w, x_EQD, act: str, impl: str):
 def _sort_by_expert(idx_NK, e: int):
   """Assignments sorted by expert: (order_M, start_E, size_E, dest_NK), where order_M lists
   flat (token, choice) indices in expert order and dest_NK is each one's sorted row."""
-  m = idx_NK.size
-  e_M = idx_NK.reshape(m)
-  order_M = jnp.argsort(e_M, stable=True).astype(jnp.int32)
-  size_E = jnp.zeros((e,), jnp.int32).at[e_M].add(1)
-  dest_M = jnp.zeros((m,), jnp.int32).at[order_M].set(jnp.arange(m, dtype=jnp.int32))
-  return order_M, jnp.cumsum(size_E) - size_E, size_E, dest_M.reshape(idx_NK.shape)
+  order_M, start_E, size_E, dest_M = sort_by_key(idx_NK.reshape(idx_NK.size), e)
+  return order_M, start_E, size_E, dest_M.reshape(idx_NK.shape)
 
 
 def _take(a, i):

@@ -155,8 +155,7 @@ def make_mesh_from(config, devices) -> Mesh:
   """The config's mesh over `devices` (e.g. a TPU slice's abstract devices, moegrow.aot), or the
   first `mesh.num_devices` of them."""
   n = int(config.mesh.get("num_devices", 0) or 0)
-  return sharding.make_mesh({k: v for k, v in dict(config.mesh).items() if k != "num_devices"},
-                            devices=list(devices)[:n] if n else list(devices))
+  return sharding.make_mesh(dict(config.mesh), devices=list(devices)[:n] if n else list(devices))
 
 
 def data_dir(config) -> str:
