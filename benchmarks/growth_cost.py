@@ -115,18 +115,19 @@ class Phases:
 def child_make(args) -> dict:
   import jax
   from moegrow import checkpoint
-  from moegrow.train import loop, stages, steps
-  from moegrow.trees import to_plain
+  from moegrow.orchestrate import parts
+  from moegrow.params.trees import to_plain
+  from moegrow.train import loop, steps
   config = _config(args.size)
-  plan = stages.resolve_stages(config, stages.model_config(config))
+  plan = parts.resolve_stages(config, parts.model_config(config))
   tr = config.train
-  mesh = stages.make_mesh(config)
+  mesh = parts.make_mesh(config)
   old, new = (steps.build_program(st.cfg, tr, mesh) for st in plan[:2])
   state = old.init(jax.random.key(tr.seed))
-  it = stages.train_iter(config)
+  it = parts.train_iter(config)
   state, _ = old.train_step(state, steps.to_global(old, next(it)))  # dense, non-zero Adam moments
-  meta = stages.checkpoint_meta(plan[0], [], step=0)
-  mngr = stages.manager(os.path.join(args.dir, "src"), 0, tr)
+  meta = parts.checkpoint_meta(plan[0], [], step=0)
+  mngr = parts.manager(os.path.join(args.dir, "src"), 0, tr)
   checkpoint.save(mngr, int(state["step"]), state, meta, loop.global_data_state(it))
   mngr.wait_until_finished()
   mngr.close()
@@ -147,14 +148,15 @@ def child_idle(args) -> dict:
   import jax.numpy as jnp
   import orbax.checkpoint  # noqa: F401
   from moegrow import checkpoint  # noqa: F401
-  from moegrow.train import stages  # noqa: F401
+  from moegrow.orchestrate import stages  # noqa: F401
   jax.block_until_ready(jnp.zeros(()) + 1)  # start the backend
   return {}
 
 
 def child_grow(args) -> dict:
   from moegrow import checkpoint
-  from moegrow.train import boundary, probes, stages
+  from moegrow.orchestrate import boundary, stages
+  from moegrow.train import probes
   config = _config(args.size)
   ph = Phases()
   ph.wrap(stages, "eval_sets", "load held-out batches", "setup: read meta, build programs")
@@ -181,12 +183,13 @@ def child_grow(args) -> dict:
 def child_baseline(args) -> dict:
   import jax
   from moegrow import checkpoint
-  from moegrow.train import stages, steps
+  from moegrow.orchestrate import parts
+  from moegrow.train import steps
   config = _config(args.size)
   src_dir, prefix, step = checkpoint.locate(args.workdir)
   src = checkpoint.manager(src_dir, read_only=True, step_prefix=prefix)
   meta = checkpoint.read_meta(src, step)
-  prog = steps.build_program(checkpoint.model_config(meta), config.train, stages.make_mesh(config))
+  prog = steps.build_program(checkpoint.model_config(meta), config.train, parts.make_mesh(config))
   dst = checkpoint.manager(args.dst, keep=config.train.keep_checkpoints, step_prefix=prefix)
   t0 = time.perf_counter()
   state, meta, data_state = checkpoint.restore(src, step, prog.abstract_state)

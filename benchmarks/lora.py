@@ -20,12 +20,13 @@ import ml_collections
 import numpy as np
 
 from benchmarks.common import TRAIN, header, print_table, time_interleaved, write_json
-from moegrow import lora, sharding, trees
+from moegrow import sharding
 from moegrow.config import ModelConfig
 from moegrow.flops import train_flops_per_token
 from moegrow.model import transformer as tf
+from moegrow.orchestrate.validate import BASE_FROZEN
+from moegrow.params import lora, trees
 from moegrow.train import steps
-from moegrow.train.validate import BASE_FROZEN
 
 
 def mib(tree) -> float:

@@ -8,11 +8,11 @@ A figure is declarative (see experiments/upcycling/figure.py):
 `run(figure, argv)` is the whole command line (`--quick`, `--seeds 0,1,2`, `--workdir`,
 `--data_dir`, `--stop_after_steps`):
   * every (arm, seed) is an ordinary moegrow workdir `<workdir>/<arm>/seed<k>`, trained by
-    `moegrow.train.stages.train_and_evaluate` (growth stages included). A run that finished writes
+    `moegrow.orchestrate.stages.train_and_evaluate` (growth stages included). A run that finished writes
     `done.json` and is never redone; an interrupted one resumes from its newest checkpoint. An arm
     with `start_from` begins from a copy of that arm's checkpoint (same seed) at `start_step`.
   * an arm's config may hold a `merge` section (merged once into step 0, then trained) or a `btx`
-    section (moegrow.train.branching: branches, mix, MoE training); checkpoint paths in them
+    section (moegrow.orchestrate.branching: branches, mix, MoE training); checkpoint paths in them
     written 'arm:<arm>/<rest>' name that arm's run of the same seed.
   * `plan.json` pins the figure's plan: a workdir written by another plan is refused.
   * compiled XLA programs are kept in `<workdir>/.xla_cache` (unless JAX_COMPILATION_CACHE_DIR
@@ -43,7 +43,7 @@ import numpy as np
 from moegrow import checkpoint
 from moegrow.config import ModelConfig
 from moegrow.flops import train_flops_per_token
-from moegrow.train import stages
+from moegrow.orchestrate import parts, stages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,11 +98,11 @@ def matched_steps(flops: float, cfg: ModelConfig, config) -> int:
   return int(round(flops / flops_per_step(cfg, config)))
 
 
-def flops_at(config, step: int, plan: Sequence[stages.Stage] | None = None) -> float:
+def flops_at(config, step: int, plan: Sequence[parts.Stage] | None = None) -> float:
   """Training FLOPs a run of `config` has spent at global `step`, summed over its stages
   (`plan`: the config's resolved stages, if already at hand)."""
   total = 0.0
-  for st in plan or stages.resolve_stages(config, stages.model_config(config)):
+  for st in plan or parts.resolve_stages(config, parts.model_config(config)):
     total += max(0, min(step, st.end) - st.start) * flops_per_step(st.cfg, config)
   return total
 
@@ -150,7 +150,7 @@ def arm_config(fig: Figure, arm: Arm, seed: int, data_dir: str, root: str = "") 
 def trained_config(config) -> ml_collections.ConfigDict:
   """The config whose steps the run trains: a BTX config's mixed MoE run, else itself."""
   if "btx" in config:
-    from moegrow.train import branching
+    from moegrow.orchestrate import branching
     return branching.mixed_run_config(config)
   return config
 
@@ -160,13 +160,13 @@ def end_step(arm: Arm, config) -> int:
   if arm.end_step is not None:
     return arm.end_step
   config = trained_config(config)
-  return stages.resolve_stages(config, stages.model_config(config))[-1].end
+  return parts.resolve_stages(config, parts.model_config(config))[-1].end
 
 
 def train(config, workdir: str) -> dict:
   """Run one config: a BTX config end to end; a merge config merges (once), then trains; any
-  other config trains (moegrow.train.stages)."""
-  from moegrow.train import branching, merging
+  other config trains (moegrow.orchestrate.stages)."""
+  from moegrow.orchestrate import branching, merging
   if "btx" in config:
     return branching.btx_run(config, workdir)
   if "merge" in config and not os.path.isdir(os.path.join(workdir, "checkpoints")):
@@ -266,7 +266,7 @@ def collect(fig: Figure, root: str, seeds: Sequence[int], data_dir: str = "") ->
       continue
     for seed in seeds:
       config = trained_config(arm_config(fig, arm, seed, data_dir, root))
-      plan = stages.resolve_stages(config, stages.model_config(config))
+      plan = parts.resolve_stages(config, parts.model_config(config))
       end = end_step(arm, config)
       ev = {s: e for s, e in read_evals(run_dir(root, arm.name, seed)).items() if s <= end}
       start = certificate_eval(run_dir(root, arm.name, seed))

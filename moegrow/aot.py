@@ -48,10 +48,10 @@ from moegrow import flops, sharding
 from moegrow.cli import run_command
 from moegrow.hlo import collectives
 from moegrow.model import transformer as tf
-from moegrow.train import plan
-from moegrow.train.boundary import growth_fn, with_loads
+from moegrow.orchestrate import parts
+from moegrow.orchestrate.boundary import growth_fn, with_loads
+from moegrow.orchestrate.validate import validate_config
 from moegrow.train.steps import Program, build_program, params_sharding
-from moegrow.train.validate import validate_config
 
 GIB = 2 ** 30
 # Per chip, from the public spec sheets: HBM (GiB), peak bf16 matmul TFLOP/s, and the ICI rate the
@@ -260,18 +260,18 @@ def compile_config(config, sl: Slice, headroom: float = 0.10, log=print) -> list
   validate_config(config, num_devices=sl.chips, process_count=max(1, sl.chips // 4))
   devices = topology_devices(sl)
   try:
-    mesh = plan.make_mesh_from(config, devices)
+    mesh = parts.make_mesh_from(config, devices)
   except ValueError as e:
     raise AotError(f"mesh {dict(config.mesh)} on {sl.name} ({sl.chips} chips): {e}") from e
   tr = config.train
-  stages = plan.resolve_stages(config, plan.model_config(config))
+  stages = parts.resolve_stages(config, parts.model_config(config))
   seq = int(config.data.seq_len)
   rows = []
   with sharding.use_mesh(mesh):
     programs = []
     for st in stages:
-      obj = plan.objective(st, stages)
-      programs.append(build_program(st.cfg, plan.stage_train(tr, st), mesh, obj))
+      obj = parts.objective(st, stages)
+      programs.append(build_program(st.cfg, parts.stage_train(tr, st), mesh, obj))
     for st, prog in zip(stages, programs):
       if st.index > 0:  # the boundary into this stage: growth from the previous stage's state
         old_cfg, old = stages[st.index - 1].cfg, programs[st.index - 1]

@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from moegrow.config import ModelConfig
-from moegrow.trees import check_tree, flatten
+from moegrow.params.trees import check_tree, flatten
 
 STATE, META, DATA, EWC = "state", "meta", "data", "ewc"
 SEEDED_BASE = "base-"  # name prefix of an adapter checkpoint's base copied along by `seed_workdir`

@@ -23,7 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 QK_NORMS = ("none", "head", "proj")
 # LoRA's default targets: attention projections and dense / shared / expert MLP weights.
 LORA_TARGETS = (r"blocks/\d+/attn/w[qkvo]_\w+", r"blocks/\d+/mlp/(shared/)?w(act|lin|o)_\w+")
-RAMP_KINDS = ("scale", "logbias")  # how a ramp's mask m acts on its slice (see moegrow.ramp)
+RAMP_KINDS = ("scale", "logbias")  # how a ramp's mask m acts on its slice (see moegrow.params.ramp)
 
 
 def ramp_entries(ramps) -> tuple:
@@ -116,12 +116,12 @@ class ModelConfig:
   expert_output_scale: float = 1.0
   aux_loss_weight: float = 0.01
   z_loss_weight: float = 1e-3
-  # LoRA adapters (moegrow.lora) under params['lora']: W + (lora_alpha / lora_rank) A B on
+  # LoRA adapters (moegrow.params.lora) under params['lora']: W + (lora_alpha / lora_rank) A B on
   # every weight whose path matches a regex in lora_targets; lora_rank 0: no adapters.
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_targets: Any = LORA_TARGETS
-  # Ramped growth (moegrow.ramp; MSG, Yao et al. 2024): entries (name, steps N, targets), each target
+  # Ramped growth (moegrow.params.ramp; MSG, Yao et al. 2024): entries (name, steps N, targets), each target
   # (kind, param path, axis, start, stop): the slice [start, stop) along `axis` of that weight is
   # masked by m = params['ramp'][name], which training moves 0 -> 1 over N steps. (): no ramps.
   ramps: Any = ()

@@ -8,7 +8,7 @@ from ml_collections import config_flags
 
 from moegrow.cli import run_command
 from moegrow.distributed import init_distributed
-from moegrow.train import stages
+from moegrow.orchestrate import boundary, stages
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config whose stage the checkpoint grows into.")
@@ -28,7 +28,7 @@ def main(argv):
 def grow() -> None:
   init_distributed(FLAGS.config)  # multi-host: every process runs this command
   cert = stages.grow_offline(FLAGS.config, FLAGS["from"].value, FLAGS.workdir, FLAGS.stage)
-  print(stages.certificate_text(cert), flush=True)
+  print(boundary.certificate_text(cert), flush=True)
   if cert.get("preempted"):
     print("SIGTERM during growth: the grown checkpoint is saved; exiting", flush=True)
 

@@ -18,7 +18,8 @@ import jax
 
 from moegrow.cli import run_command
 from moegrow.distributed import init_distributed
-from moegrow.train import plot, stages
+from moegrow.orchestrate import stages
+from moegrow.train import plot
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config(arg)).", lock_config=True)

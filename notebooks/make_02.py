@@ -23,7 +23,7 @@ A small MoE learns English (Shakespeare); then Python arrives. We continue train
 * **protected**: grow the expert table 2 -> 4, freeze the old experts and their router columns
   (Lifelong-MoE), add EWC (a Fisher-weighted pull towards the English model) and replay 5% English.
 
-Both are ordinary `moegrow` runs: stage options in a config, run by `moegrow.train.stages`. At the end of
+Both are ordinary `moegrow` runs: stage options in a config, run by `moegrow.orchestrate.stages`. At the end of
 the Python stage each run writes a **forgetting report**: the English validation loss now minus before the
 shift, the **routing drift** (the fraction of English tokens now routed to a new expert) and a heatmap of
 the per-expert load per domain. About two minutes on 2 CPU cores."""),
@@ -43,7 +43,7 @@ import numpy as np
 from IPython.display import Image, display
 
 from moegrow.configs import lm
-from moegrow.train import stages
+from moegrow.orchestrate import boundary, parts, stages
 
 data_dir = os.environ.get("MOEGROW_DATA_DIR") or tempfile.mkdtemp(prefix="moegrow_data_")
 root = tempfile.mkdtemp(prefix="moegrow_continual_")
@@ -101,12 +101,12 @@ display(Image(os.path.join(root, "protected", "continual", "stage1_loads.png")))
 The old experts (0 and 1) and their router columns of the protected run are bit-identical to the English
 model's, after 40 steps of AdamW with weight decay 0.1 and momentum: moegrow masks the optimizer's final
 updates, not the gradients. The English model is read back from its own checkpoint, the same one the
-distillation teacher would come from (`stages.teacher_params`)."""),
+distillation teacher would come from (`boundary.teacher_params`)."""),
     ("code", """\
 config = make("protected")
-plan = stages.resolve_stages(config, stages.model_config(config))
-english = jax.device_get(stages.teacher_params(os.path.join(root, "protected"), plan, plan[1], config.train,
-                                               stages.make_mesh(config)))
+plan = parts.resolve_stages(config, parts.model_config(config))
+english = jax.device_get(boundary.teacher_params(os.path.join(root, "protected"), plan, plan[1], config.train,
+                                               parts.make_mesh(config)))
 final = jax.device_get(results["protected"]["state"]["params"])
 old, new = english["blocks"]["1"]["mlp"], final["blocks"]["1"]["mlp"]
 same = all(np.array_equal(old[k], new[k][:2]) for k in ("wact_EDF", "wlin_EDF", "wo_EFD"))

@@ -44,9 +44,10 @@ from IPython.display import Image, display
 
 from moegrow.configs import lm
 from moegrow.model import transformer as tf
+from moegrow.orchestrate import merging, parts, stages
 from moegrow.surgery import btx
 from moegrow.surgery.merge import greedy_soup, merge
-from moegrow.train import merging, probes, stages
+from moegrow.train import probes
 from moegrow.train.steps import build_program
 
 data_dir = os.environ.get("MOEGROW_DATA_DIR") or tempfile.mkdtemp(prefix="moegrow_data_")
@@ -101,8 +102,8 @@ model, not noise), which ingredients the greedy soup keeps or drops, and that on
 guarantee: a uniform soup of poor ingredients can fall below the best one."""),
     ("code", """\
 config = make()
-mesh, cfg = stages.make_mesh(config), stages.model_config(config)
-evals = stages.eval_sets(config)  # {domain: 8 validation batches of 8 x 64 bytes}
+mesh, cfg = parts.make_mesh(config), parts.model_config(config)
+evals = parts.eval_sets(config)  # {domain: 8 validation batches of 8 x 64 bytes}
 program = build_program(cfg, config.train, mesh)
 params = {name: merging.restore_params(wd, mesh, config.train)[0] for name, wd in runs.items()}
 

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from moegrow import aot, flops, sharding
-from moegrow.hlo import collectives, computations, multiplicity
 from moegrow.configs import lm
+from moegrow.hlo import collectives, computations, multiplicity
 from moegrow.model import moe
 from moegrow.model import transformer as tf
-from moegrow.train import plan, steps
+from moegrow.orchestrate import parts
+from moegrow.train import steps
 
 pytestmark = pytest.mark.slow  # slow tier: ahead-of-time TPU compiles
 
@@ -71,7 +72,7 @@ def test_multislice_mesh_puts_data_across_slices():
 def test_kernels_follow_the_mesh_platform():
   v5e = sharding.make_mesh({"expert": 4}, devices("v5e:2x2"))
   v4 = sharding.make_mesh({"expert": 4}, devices("v4:2x2x1"))
-  cfg = plan.model_config(tiny_config())
+  cfg = parts.model_config(tiny_config())
   assert moe.default_impl() == "blocks" and moe.exchange_of(cfg) == "gather"  # this CPU host
   with sharding.use_mesh(v5e):
     assert moe.default_impl() == "ragged_dot"
@@ -108,7 +109,7 @@ def test_tiny_train_step_compiles_and_argument_bytes_are_the_shards(tiny_v5e):
   train = rows["stage0/train_step"]
   assert train["fits"] and train["fits_with_headroom"]
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, expert=4), devices("v5e:2x2"))
-  prog = steps.build_program(plan.model_config(c), c.train, mesh)
+  prog = steps.build_program(parts.model_config(c), c.train, mesh)
   batch = aot._batch_abstract(prog, 8, c.data.seq_len)
   got = train["memory_gib"]["argument"] * aot.GIB
   # Every chip holds its shards of the state and the batch (TPU pads arrays to tiles): a replicated
@@ -137,7 +138,7 @@ def test_expert_parallel_step_gathers_no_expert_table(exchange):
   hlo = {}
   for e in (4, 3):
     c = tiny_config(expert_exchange=exchange, num_experts=e)
-    cfg = plan.model_config(c)
+    cfg = parts.model_config(c)
     prog = steps.build_program(cfg, c.train, mesh)
     text = prog.train_step.lower(prog.abstract_state, aot._batch_abstract(prog, 8, c.data.seq_len)).compile().as_text()
     hlo[e] = (expert_table_gathers(text, cfg), collectives(text))
@@ -156,7 +157,7 @@ def test_dense_compiled_flops_match_the_formula():
   sl = aot.parse_topology("v5e:2x2")
   rows = {r["program"]: r for r in aot.compile_config(c, sl, log=None)}
   train = rows["stage0/train_step"]
-  want = flops.train_flops_per_token(plan.model_config(c), 256) * 8 * 256 / 4
+  want = flops.train_flops_per_token(parts.model_config(c), 256) * 8 * 256 / 4
   assert train["formula_flops_per_chip"] == pytest.approx(want)
   assert abs(train["flops_per_chip"] / want - 1) <= 0.10, (train["flops_per_chip"], want)
 
@@ -220,7 +221,7 @@ ENTRY %main (x: f32[8]) -> f32[8] {
 def test_scanned_step_counts_the_body_per_repetition():
   mesh = sharding.make_mesh({"fsdp": 2, "expert": 2}, devices("v5e:2x2"))
   c = tiny_config(num_layers=4, scan_layers=True)
-  prog = steps.build_program(plan.model_config(c), c.train, mesh)
+  prog = steps.build_program(parts.model_config(c), c.train, mesh)
   text = prog.train_step.lower(prog.abstract_state, aot._batch_abstract(prog, 8, c.data.seq_len)).compile().as_text()
   mult = multiplicity(computations(text))
   assert 2 in mult.values()  # the loop over 2 repetitions of (dense, MoE)

@@ -13,11 +13,12 @@ import optax
 import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
-from moegrow import flops, sharding, trees
+from moegrow import flops, sharding
 from moegrow.config import ModelConfig
 from moegrow.model import layers
 from moegrow.model import transformer as tf
 from moegrow.model.layers import Attention, attend, causal_attention
+from moegrow.params import trees
 from moegrow.surgery import apply as surgery
 
 KEY = jax.random.PRNGKey(3)

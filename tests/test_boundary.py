@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from moegrow import checkpoint, data, sharding
-from moegrow.surgery import apply as surgery
-from moegrow.train import boundary, optim, stages, steps
-from moegrow.model import transformer as tf
 from moegrow.configs import grow as grow_config
+from moegrow.model import transformer as tf
+from moegrow.orchestrate import boundary, parts, stages
+from moegrow.surgery import apply as surgery
+from moegrow.train import optim, steps
 from test_grow import EXACT, KEY, random_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,10 +80,10 @@ def test_exact_ops_on_8_device_mesh_with_experts_sharded(name, data_dir):
 
 def test_upcycle_through_trainer_carries_moments_and_next_step_loss(data_dir):
   c = staged(data_dir)
-  dense_cfg = stages.model_config(c)
+  dense_cfg = parts.model_config(c)
   mesh = sharding.make_mesh({"data": 1})
   dense = steps.build_program(dense_cfg, c.train, mesh)
-  it = stages.train_iter(c)
+  it = parts.train_iter(c)
   state = dense.init(jax.random.key(0))
   for _ in range(3):
     state, _ = dense.train_step(state, steps.to_global(dense, next(it)))
@@ -111,10 +112,10 @@ def test_upcycle_through_trainer_carries_moments_and_next_step_loss(data_dir):
 
 
 def _final_params(workdir, config):
-  plan = stages.resolve_stages(config, stages.model_config(config))
-  idx, step = stages.latest(workdir, plan, config.train)
-  prog = steps.build_program(plan[idx].cfg, config.train, stages.make_mesh(config))
-  mngr = stages.manager(workdir, idx, config.train, read_only=True)
+  plan = parts.resolve_stages(config, parts.model_config(config))
+  idx, step = parts.latest(workdir, plan, config.train)
+  prog = steps.build_program(plan[idx].cfg, config.train, parts.make_mesh(config))
+  mngr = parts.manager(workdir, idx, config.train, read_only=True)
   state, meta, _ = checkpoint.restore(mngr, step, prog.abstract_state)
   return idx, step, jax.device_get(state), meta
 
@@ -162,12 +163,12 @@ def test_offline_grow_across_meshes(tmp_path, data_dir, src_mesh, dst_mesh):
   assert (idx, step) == (1, 6)
   assert state["params"]["blocks"]["1"]["mlp"]["wact_EDF"].shape[0] == 8
   # Logits of the grown checkpoint equal the dense checkpoint's on a real batch.
-  dense_cfg = stages.model_config(src_cfg)
+  dense_cfg = parts.model_config(src_cfg)
   mngr = checkpoint.manager(os.path.join(src, "checkpoints"), read_only=True)
   dense_state, _, _ = checkpoint.restore(mngr, 6, steps.build_program(dense_cfg, src_cfg.train, sharding.make_mesh({"data": 1})).abstract_state)
   toks = jnp.asarray(real_batch(data_dir)["inputs"])
   before = tf.apply(dense_cfg, dense_state["params"], toks)[0]
-  after = tf.apply(stages.resolve_stages(dst_cfg, dense_cfg)[1].cfg, state["params"], toks)[0]
+  after = tf.apply(parts.resolve_stages(dst_cfg, dense_cfg)[1].cfg, state["params"], toks)[0]
   assert float(jnp.max(jnp.abs(before - after))) <= 1e-5
 
 
@@ -192,11 +193,11 @@ def test_offline_grow_cli_and_errors(tmp_path, data_dir):
     stages.grow_offline(staged(data_dir), os.path.join(src, "checkpoints", "stage1_6"), str(tmp_path / "y"))
   # Shrinking E and ops on layers that do not exist fail before anything is written.
   with pytest.raises(ValueError, match=r"layer 1 has 8 experts; cannot shrink to 4"):
-    stages.resolve_stages(staged(data_dir, ops=(dict(op="upcycle", layers=[1], num_experts=8),
-                                                  dict(op="add_experts", num_experts=4))), stages.model_config(staged(data_dir)))
+    parts.resolve_stages(staged(data_dir, ops=(dict(op="upcycle", layers=[1], num_experts=8),
+                                                  dict(op="add_experts", num_experts=4))), parts.model_config(staged(data_dir)))
   with pytest.raises(ValueError, match=r"layer\(s\) \[7\] do not exist"):
-    stages.resolve_stages(staged(data_dir, ops=(dict(op="upcycle", layers=[7], num_experts=8),)),
-                            stages.model_config(staged(data_dir)))
+    parts.resolve_stages(staged(data_dir, ops=(dict(op="upcycle", layers=[7], num_experts=8),)),
+                            parts.model_config(staged(data_dir)))
   # A corrupt checkpoint (a copy with its array data removed) names its path.
   import shutil
   corrupt = tmp_path / "corrupt" / "checkpoints"

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moegrow import trees
 from moegrow.model import transformer as tf
+from moegrow.params import trees
 from moegrow.surgery import btx
 from _tiny import model
 

@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from moegrow import trees
-from moegrow.train import branching, merging, probes, stages
+from moegrow.orchestrate import branching, merging, parts, stages
+from moegrow.params import trees
+from moegrow.train import probes
 from _tiny import digest, read_metrics, train_config
 
 OLD, NEW = "shakespeare_plays", "python_stdlib"
@@ -48,7 +49,7 @@ def test_branches_are_ordinary_runs_from_the_seed(btx_run):
 
 def test_the_mix_maps_branch_e_to_expert_e_and_routes_by_domain(btx_run):
   c, wd, _, _, result = btx_run
-  mesh = stages.make_mesh(c)
+  mesh = parts.make_mesh(c)
   seed_step = 4
   branch = [trees.flatten(jax.device_get(merging.restore_params(
       os.path.join(branching.branch_dir(wd, b["name"]), "checkpoints"), mesh,
@@ -62,9 +63,9 @@ def test_the_mix_maps_branch_e_to_expert_e_and_routes_by_domain(btx_run):
   for k in ("embed_VD", "blocks/0/mlp/wact_DF"):
     np.testing.assert_allclose(mixed[k], (branch[0][k] + branch[1][k]) / 2, rtol=1e-6, err_msg=k)
   # the hidden-state router columns, recomputed by hand from the branches' average
-  evals = stages.eval_sets(moe, [OLD, NEW])
+  evals = parts.eval_sets(moe, [OLD, NEW])
   avg = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, *[trees.unflatten(b) for b in branch])
-  means = probes.mlp_input_means(stages.model_config(c), avg, evals, mesh)
+  means = probes.mlp_input_means(parts.model_config(c), avg, evals, mesh)
   cols = []
   for e, dom in enumerate((OLD, NEW)):
     c_e, c_o = np.asarray(means["1"][dom], np.float64), np.asarray(means["1"][(NEW, OLD)[e]], np.float64)

@@ -11,7 +11,7 @@ import pytest
 from moegrow import flops
 from moegrow.config import ModelConfig
 from moegrow.model import transformer as tf
-from moegrow.trees import flatten
+from moegrow.params.trees import flatten
 
 from _tiny import model, moe
 

@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from moegrow import trees
 from moegrow.model import transformer as tf
+from moegrow.params import trees
 from moegrow.surgery import apply as surgery
 from moegrow.train import continual, probes
 from _tiny import model, moe

@@ -12,12 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moegrow import checkpoint, data, trees
+from moegrow import checkpoint, data
 from moegrow.configs import lm
 from moegrow.model import transformer as tf
+from moegrow.orchestrate import boundary, parts, stages
+from moegrow.orchestrate.validate import ConfigError, validate_config
+from moegrow.params import trees
 from moegrow.surgery import apply as surgery
-from moegrow.train import continual, probes, stages, steps
-from moegrow.train.validate import ConfigError, validate_config
+from moegrow.train import continual, probes, steps
 from _tiny import moe, read_metrics
 
 OLD = {"shakespeare_plays": 1.0}
@@ -177,11 +179,11 @@ def seeded(src_wd, dst_wd):
 
 
 def final_params(wd, c):
-  plan = stages.resolve_stages(c, stages.model_config(c))
-  prog = steps.build_program(plan[1].cfg, stages.stage_train(c.train, plan[1]), stages.make_mesh(c))
-  mngr = stages.manager(wd, 1, c.train, read_only=True)
+  plan = parts.resolve_stages(c, parts.model_config(c))
+  prog = steps.build_program(plan[1].cfg, parts.stage_train(c.train, plan[1]), parts.make_mesh(c))
+  mngr = parts.manager(wd, 1, c.train, read_only=True)
   state, _, _ = checkpoint.restore(mngr, END, prog.abstract_state)
-  ewc = checkpoint.restore_item(mngr, END, checkpoint.EWC, stages.ewc_abstract(plan[1].cfg, stages.make_mesh(c)))
+  ewc = checkpoint.restore_item(mngr, END, checkpoint.EWC, boundary.ewc_abstract(plan[1].cfg, parts.make_mesh(c)))
   mngr.close()
   return trees.flatten(jax.device_get(state["params"])), trees.flatten(jax.device_get(ewc))
 
@@ -213,9 +215,9 @@ def test_ewc_item_fisher_zero_on_new_experts_anchor_is_the_grown_model(continual
   f = ewc["fisher/blocks/1/mlp/wact_EDF"]
   assert np.all(f[2:] == 0) and f[:2].max() > 0
   assert np.all(ewc["fisher/blocks/1/mlp/router_bias_E"][2:] == 0)
-  plan = stages.resolve_stages(c, stages.model_config(c))
-  prog = steps.build_program(plan[1].cfg, stages.stage_train(c.train, plan[1]), stages.make_mesh(c))
-  mngr = stages.manager(wd, 1, c.train, read_only=True)
+  plan = parts.resolve_stages(c, parts.model_config(c))
+  prog = steps.build_program(plan[1].cfg, parts.stage_train(c.train, plan[1]), parts.make_mesh(c))
+  mngr = parts.manager(wd, 1, c.train, read_only=True)
   grown, _, _ = checkpoint.restore(mngr, START, prog.abstract_state)
   mngr.close()
   for k, v in trees.flatten(jax.device_get(grown["params"])).items():
@@ -310,13 +312,13 @@ def test_add_experts_routes_the_new_domain_to_new_experts_from_its_centroid(cont
   r = stages.train_and_evaluate(c, wd)
   cert = r["certificates"][0]
   assert np.shape(cert["ops"][0]["centroids"]["1"]) == (2, 32)  # measured at the boundary, recorded
-  plan = stages.resolve_stages(c, stages.model_config(c))
-  mesh = stages.make_mesh(c)
-  prog = steps.build_program(plan[1].cfg, stages.stage_train(c.train, plan[1]), mesh)
-  mngr = stages.manager(wd, 1, c.train, read_only=True)
+  plan = parts.resolve_stages(c, parts.model_config(c))
+  mesh = parts.make_mesh(c)
+  prog = steps.build_program(plan[1].cfg, parts.stage_train(c.train, plan[1]), mesh)
+  mngr = parts.manager(wd, 1, c.train, read_only=True)
   state, _, _ = checkpoint.restore(mngr, START, prog.abstract_state)  # the grown checkpoint, before training
   mngr.close()
-  evals = stages.eval_sets(c, ["shakespeare_plays", "python_stdlib"])
+  evals = parts.eval_sets(c, ["shakespeare_plays", "python_stdlib"])
   to_new = {d: probes.routing_drift(probes.router_choices(plan[1].cfg, state["params"], b, mesh)["1"], 2)
             for d, b in evals.items()}
   assert to_new["python_stdlib"] > 0.5 > to_new["shakespeare_plays"], to_new

@@ -16,7 +16,8 @@ import pytest
 from moegrow import checkpoint
 from moegrow.configs import lm
 from moegrow.model import transformer as tf
-from moegrow.train import optim, stages, steps
+from moegrow.orchestrate import parts, stages
+from moegrow.train import optim, steps
 from _tiny import moe
 
 OLD = 2  # experts 0..1 of layer 1 are "old"
@@ -116,8 +117,8 @@ def test_freeze_old_experts_through_a_growth_stage(tmp_path, data_dir):
                    ops=(dict(op="add_experts", num_experts=4, mode="copy_noise", noise_std=0.1),)))
   wd = str(tmp_path / "run")
   stages.train_and_evaluate(c, wd)
-  plan = stages.resolve_stages(c, stages.model_config(c))
-  prog = steps.build_program(plan[1].cfg, stages.stage_train(c.train, plan[1]), stages.make_mesh(c))
+  plan = parts.resolve_stages(c, parts.model_config(c))
+  prog = steps.build_program(plan[1].cfg, parts.stage_train(c.train, plan[1]), parts.make_mesh(c))
   mngr = checkpoint.manager(os.path.join(wd, "checkpoints"), read_only=True, step_prefix="stage1")
   grown, _, _ = checkpoint.restore(mngr, 6, prog.abstract_state)
   final, meta, _ = checkpoint.restore(mngr, 12, prog.abstract_state)

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moegrow import trees
 from moegrow.config import ModelConfig
 from moegrow.model import transformer as tf
+from moegrow.params import trees
 from moegrow.surgery import apply as surgery
 from moegrow.surgery import rules as T
 

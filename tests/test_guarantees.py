@@ -18,7 +18,8 @@ import pytest
 from moegrow import checkpoint, data
 from moegrow.configs import grow as grow_config
 from moegrow.configs import lm
-from moegrow.train import stages, validate
+from moegrow.orchestrate import parts, stages, validate
+from moegrow.train import steps
 from moegrow.workdir_lock import WorkdirLock
 from _tiny import read_metrics, train_config
 
@@ -152,7 +153,7 @@ def test_nan_never_reaches_a_checkpoint(tmp_path, data_dir):
   assert "parameters" in msg and "at step 5" in msg and msg.endswith(os.path.join(wd, "checkpoints", "4")), msg
   mngr = checkpoint.manager(os.path.join(wd, "checkpoints"), read_only=True)
   assert sorted(mngr.all_steps()) == [2, 4]
-  prog = stages.build_program(stages.model_config(c), c.train, stages.make_mesh(c))
+  prog = steps.build_program(parts.model_config(c), c.train, parts.make_mesh(c))
   for step in mngr.all_steps():
     state, _, _ = checkpoint.restore(mngr, step, prog.abstract_state)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state)), step

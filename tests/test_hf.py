@@ -24,13 +24,14 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from moegrow import checkpoint, trees  # noqa: E402
+from moegrow import checkpoint  # noqa: E402
 from moegrow.configs import lm  # noqa: E402
 from moegrow.hf import arch as archs  # noqa: E402
 from moegrow.hf import convert, files  # noqa: E402
 from moegrow.model import transformer as tf  # noqa: E402
+from moegrow.orchestrate import parts, stages  # noqa: E402
+from moegrow.params import trees  # noqa: E402
 from moegrow.surgery import apply as surgery  # noqa: E402
-from moegrow.train import stages  # noqa: E402
 from moegrow.train.steps import build_program  # noqa: E402
 
 pytestmark = pytest.mark.slow  # slow tier: against transformers (torch)
@@ -173,12 +174,12 @@ def assert_bit_identical(got: dict, want: dict):
 def save_run(workdir, cfg, params):
   """Write `params` of `cfg` as step 0 of a new moegrow run (as convert.import_model does)."""
   config = convert.run_config(cfg, base())
-  program = build_program(cfg, config.train, stages.make_mesh(config))
+  program = build_program(cfg, config.train, parts.make_mesh(config))
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
   with jax.disable_jit():  # op by op: cheaper than compiling the optimizer's init for every config
     state = {"params": params, "step": jnp.zeros((), jnp.int32), "opt_state": program.tx.init(params)}
   state = jax.device_put(state, program.state_sharding)
-  mngr = stages.manager(str(workdir), 0, config.train)
+  mngr = parts.manager(str(workdir), 0, config.train)
   try:
     checkpoint.save(mngr, 0, state, {"model": cfg.to_dict(), "stage": 0, "lineage": []}, None)
     mngr.wait_until_finished()

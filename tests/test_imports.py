@@ -17,15 +17,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Package directories of the shipped package (setup.py: configs/ ships as moegrow.configs).
 ROOTS = {"moegrow": os.path.join(REPO, "moegrow"), "moegrow.configs": os.path.join(REPO, "configs")}
 
-CLIS = ("moegrow.main", "moegrow.grow", "moegrow.merge", "moegrow.hf.__main__")
+CLIS = ("moegrow.main", "moegrow.grow", "moegrow.merge", "moegrow.btx", "moegrow.hf.__main__")
 NEVER = [  # (importer, imported): no module within the first may import one within the second
-    *[("moegrow.surgery", t) for t in ("moegrow.model", "moegrow.sharding", "moegrow.checkpoint", "moegrow.train")],
-    *[("moegrow.model", t) for t in ("moegrow.train", "moegrow.data", "moegrow.checkpoint")],
+    *[("moegrow.surgery", t) for t in ("moegrow.model", "moegrow.sharding", "moegrow.checkpoint", "moegrow.train",
+                                        "moegrow.orchestrate")],
+    *[("moegrow.model", t) for t in ("moegrow.train", "moegrow.orchestrate", "moegrow.data", "moegrow.checkpoint")],
     ("moegrow.data", "moegrow.model"),
-    *[(a, b) for a in ("moegrow.train.steps", "moegrow.train.loop")
-      for b in ("moegrow.train.plan", "moegrow.train.boundary", "moegrow.train.stages")],
-    ("moegrow.train.plan", "moegrow.train.boundary"),
-    *[(a, "moegrow.train.stages") for a in ("moegrow.train.plan", "moegrow.train.boundary")],
+    ("moegrow.train", "moegrow.orchestrate"),  # the training machinery never reaches up to the orchestrators
+    *[("moegrow.params", t) for t in ("moegrow.model", "moegrow.surgery", "moegrow.train", "moegrow.orchestrate",
+                                       "moegrow.data", "moegrow.checkpoint", "moegrow.sharding")],
+    ("moegrow.orchestrate.parts", "moegrow.orchestrate.boundary"),
+    *[(a, "moegrow.orchestrate.stages") for a in ("moegrow.orchestrate.parts", "moegrow.orchestrate.boundary")],
 ]
 
 
@@ -181,16 +183,16 @@ def test_graph_covers_the_package(graph):
   edges, _ = graph
   expected = {"moegrow", "moegrow.model", "moegrow.surgery", "moegrow.data", "moegrow.train", "moegrow.configs",
               "moegrow.main", "moegrow.grow", "moegrow.model.transformer", "moegrow.surgery.rules",
-              "moegrow.train.stages", "moegrow.configs.lm", "moegrow.configs.grow"}
+              "moegrow.orchestrate.stages", "moegrow.configs.lm", "moegrow.configs.grow"}
   assert expected <= set(edges)
   n_files = sum(f.endswith(".py") for root in ROOTS.values() for _, _, fs in os.walk(root) for f in fs)
   assert len(edges) == n_files
   # A few arrows that exist, so an empty graph cannot pass.
   assert {"moegrow.surgery.apply", "moegrow.checkpoint", "moegrow.data", "moegrow.model.transformer"} <= \
-      edges["moegrow.train.boundary"]
-  assert {"moegrow.train.plan", "moegrow.train.boundary", "moegrow.train.loop"} <= edges["moegrow.train.stages"]
+      edges["moegrow.orchestrate.boundary"]
+  assert {"moegrow.orchestrate.parts", "moegrow.orchestrate.boundary", "moegrow.train.loop"} <= edges["moegrow.orchestrate.stages"]
   assert "moegrow.configs.lm" in edges["moegrow.configs.grow"]
-  assert "moegrow.train.stages" in edges["moegrow.main"]
+  assert "moegrow.orchestrate.stages" in edges["moegrow.main"]
 
 
 def test_no_import_cycles(graph):
@@ -277,24 +279,25 @@ def test_every_moegrow_import_names_an_existing_module_and_name():
 
 # ---------------------------------------------------------------- the checker can fail
 
-KNOWN = {"moegrow", "moegrow.config", "moegrow.checkpoint", "moegrow.trees", "moegrow.data", "moegrow.data.corpora",
-         "moegrow.model", "moegrow.model.transformer", "moegrow.surgery", "moegrow.surgery.rules",
-         "moegrow.surgery.op", "moegrow.surgery.apply", "moegrow.train", "moegrow.train.stages"}
+KNOWN = {"moegrow", "moegrow.config", "moegrow.checkpoint", "moegrow.params.trees", "moegrow.data",
+         "moegrow.data.corpora", "moegrow.model", "moegrow.model.transformer", "moegrow.surgery", "moegrow.surgery.rules",
+         "moegrow.surgery.op", "moegrow.surgery.apply", "moegrow.train", "moegrow.orchestrate.stages"}
 
 SOURCE = '''
 import os
 import numpy as np
 import moegrow.model.transformer as tf
-from moegrow import data, trees
+from moegrow import data
 from moegrow.config import ModelConfig
 from moegrow.data.corpora import build
+from moegrow.params import trees
 from . import rules
 from .op import Plan
 from .. import checkpoint
-from ..train import stages
+from ..orchestrate import stages
 
 def later():
-  from moegrow.train import stages
+  from moegrow.orchestrate import stages
   import moegrow
 '''
 
@@ -302,14 +305,14 @@ def later():
 def test_parser_resolves_every_import_form():
   got = imports_of(SOURCE, "moegrow.surgery.apply", False, KNOWN)
   assert [(m, lazy) for m, _, lazy in got] == [
-      ("moegrow.model.transformer", False), ("moegrow.data", False), ("moegrow.trees", False),
-      ("moegrow.config", False), ("moegrow.data.corpora", False), ("moegrow.surgery.rules", False),
-      ("moegrow.surgery.op", False), ("moegrow.checkpoint", False), ("moegrow.train.stages", False),
-      ("moegrow.train.stages", True), ("moegrow", True)]
-  assert [line for _, line, _ in got][-2:] == [14, 15]
+      ("moegrow.model.transformer", False), ("moegrow.data", False), ("moegrow.config", False),
+      ("moegrow.data.corpora", False), ("moegrow.params.trees", False), ("moegrow.surgery.rules", False),
+      ("moegrow.surgery.op", False), ("moegrow.checkpoint", False), ("moegrow.orchestrate.stages", False),
+      ("moegrow.orchestrate.stages", True), ("moegrow", True)]
+  assert [line for _, line, _ in got][-2:] == [15, 16]
   # In a package's __init__, '.' is the package itself.
-  got = imports_of("from . import rules\nfrom .. import trees\n", "moegrow.surgery", True, KNOWN)
-  assert [m for m, _, _ in got] == ["moegrow.surgery.rules", "moegrow.trees"]
+  got = imports_of("from . import rules\nfrom .. import checkpoint\n", "moegrow.surgery", True, KNOWN)
+  assert [m for m, _, _ in got] == ["moegrow.surgery.rules", "moegrow.checkpoint"]
 
 
 def test_checker_reports_cycles_and_forbidden_arrows():
@@ -318,8 +321,8 @@ def test_checker_reports_cycles_and_forbidden_arrows():
       "moegrow.self": {"moegrow.self"}, "moegrow.config": set(),
       "moegrow.surgery.op": {"moegrow.model.transformer", "moegrow.config"},
       "moegrow.model.moe": {"moegrow.data"}, "moegrow.data.pipeline": {"moegrow.model"},
-      "moegrow.train.loop": {"moegrow.train.stages", "moegrow.main"}, "moegrow.train.steps": {"moegrow.grow"},
-      "moegrow.model.transformer": set(), "moegrow.train.stages": set(), "moegrow.main": set(), "moegrow.grow": set(),
+      "moegrow.train.loop": {"moegrow.orchestrate.stages", "moegrow.main"}, "moegrow.train.steps": {"moegrow.grow"},
+      "moegrow.model.transformer": set(), "moegrow.orchestrate.stages": set(), "moegrow.main": set(), "moegrow.grow": set(),
       "moegrow.data": set(), "moegrow.model": set(),
   }
   assert find_cycles(edges) == [["moegrow.a", "moegrow.b", "moegrow.c", "moegrow.a"], ["moegrow.self", "moegrow.self"]]
@@ -328,7 +331,7 @@ def test_checker_reports_cycles_and_forbidden_arrows():
       "moegrow.model.moe -> moegrow.data (no moegrow.model -> moegrow.data)",
       "moegrow.surgery.op -> moegrow.model.transformer (no moegrow.surgery -> moegrow.model)",
       "moegrow.train.loop -> moegrow.main (nothing imports the CLIs)",
-      "moegrow.train.loop -> moegrow.train.stages (no moegrow.train.loop -> moegrow.train.stages)",
+      "moegrow.train.loop -> moegrow.orchestrate.stages (no moegrow.train -> moegrow.orchestrate)",
       "moegrow.train.steps -> moegrow.grow (nothing imports the CLIs)",
   ]
   # A prefix is a package boundary, not a string prefix: moegrow.models is not moegrow.model.
@@ -378,8 +381,8 @@ def test_the_architecture_table_is_the_code(graph):
   assert not wrong, wrong
 
 
-@pytest.mark.parametrize("package", ["moegrow", "moegrow.model", "moegrow.surgery", "moegrow.train", "moegrow.data",
-                                     "moegrow.hf"])
+@pytest.mark.parametrize("package", ["moegrow", "moegrow.model", "moegrow.surgery", "moegrow.train",
+                                     "moegrow.orchestrate", "moegrow.params", "moegrow.data", "moegrow.hf"])
 def test_package_docstrings_list_their_modules(package):
   """Every module (and subpackage) of a package is named in backticks in its docstring, or listed
   by name at the start of a line (moegrow.hf)."""

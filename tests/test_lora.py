@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moegrow import trees
-from moegrow import lora
 from moegrow.model import transformer as tf
+from moegrow.params import trees
+from moegrow.params import lora
 from _tiny import moe
 
 ALPHA = 8.0
@@ -122,10 +122,11 @@ def test_bad_adapters_name_the_problem():
 
 def _restore(wd, c, stage, step):
   from moegrow import checkpoint
-  from moegrow.train import stages, steps
-  plan = stages.resolve_stages(c, stages.model_config(c))
-  prog = steps.build_program(plan[stage].cfg, stages.stage_train(c.train, plan[stage]), stages.make_mesh(c))
-  mngr = stages.manager(wd, stage, c.train, read_only=True)
+  from moegrow.orchestrate import parts
+  from moegrow.train import steps
+  plan = parts.resolve_stages(c, parts.model_config(c))
+  prog = steps.build_program(plan[stage].cfg, parts.stage_train(c.train, plan[stage]), parts.make_mesh(c))
+  mngr = parts.manager(wd, stage, c.train, read_only=True)
   state, _, _ = checkpoint.restore(mngr, step, prog.abstract_state)
   mngr.close()
   return jax.device_get(state), plan[stage].cfg
@@ -133,7 +134,7 @@ def _restore(wd, c, stage, step):
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, data_dir):
-  from moegrow.train import stages
+  from moegrow.orchestrate import stages
   from _tiny import train_config
   c = train_config(data_dir, steps=0, eval_every=3, eval_batches=1, checkpoint_every=3, keep_checkpoints=8,
                    log_every=1)
@@ -191,7 +192,7 @@ def test_lora_on_the_eight_device_mesh_gives_the_same_losses(lora_run, tmp_path)
   expert 2: experts and their adapters sharded) logs the same losses as on 1 device."""
   import copy
   import shutil
-  from moegrow.train import stages
+  from moegrow.orchestrate import stages
   from _tiny import read_metrics
   c, wd, _ = lora_run
   c8 = copy.deepcopy(c)
@@ -228,7 +229,7 @@ def test_adapter_checkpoints_resume_exactly_next_to_a_pinned_base(lora_run, tmp_
   import copy
   import json
   import shutil
-  from moegrow.train import stages
+  from moegrow.orchestrate import stages
   from _tiny import read_metrics
   c, wd, _ = lora_run
   c2 = copy.deepcopy(c)
@@ -260,12 +261,13 @@ def test_adapters_refuse_a_different_base(lora_run, tmp_path):
   error naming both checkpoints; the genuine pair restores."""
   import shutil
   from moegrow import checkpoint
-  from moegrow.train import stages, steps
+  from moegrow.orchestrate import parts
+  from moegrow.train import steps
   c, wd, _ = lora_run
   ck = str(tmp_path / "checkpoints")
   shutil.copytree(os.path.join(wd, "checkpoints"), ck)
-  plan = stages.resolve_stages(c, stages.model_config(c))
-  prog = steps.build_program(plan[1].cfg, stages.stage_train(c.train, plan[1]), stages.make_mesh(c))
+  plan = parts.resolve_stages(c, parts.model_config(c))
+  prog = steps.build_program(plan[1].cfg, parts.stage_train(c.train, plan[1]), parts.make_mesh(c))
   mngr = checkpoint.manager(ck, read_only=True, step_prefix="stage1")
   state, meta, _ = checkpoint.restore(mngr, 6, prog.abstract_state)  # adapters + their base
   base, base_meta, data_state = checkpoint.restore(mngr, 3, prog.abstract_state)
@@ -287,10 +289,11 @@ def test_adapters_refuse_a_different_base(lora_run, tmp_path):
 
 def test_seeding_a_workdir_from_adapters_brings_their_base(lora_run, tmp_path):
   from moegrow import checkpoint
-  from moegrow.train import stages, steps
+  from moegrow.orchestrate import parts
+  from moegrow.train import steps
   c, wd, _ = lora_run
-  plan = stages.resolve_stages(c, stages.model_config(c))
-  prog = steps.build_program(plan[1].cfg, stages.stage_train(c.train, plan[1]), stages.make_mesh(c))
+  plan = parts.resolve_stages(c, parts.model_config(c))
+  prog = steps.build_program(plan[1].cfg, parts.stage_train(c.train, plan[1]), parts.make_mesh(c))
   src = os.path.join(wd, "checkpoints", "stage1_6")
   new = str(tmp_path / "seeded")
   assert checkpoint.seed_workdir(src, new, 6)
@@ -331,7 +334,7 @@ def test_task_arithmetic_on_adapters_is_the_sum_of_their_products():
 
 
 def test_lora_dropout_is_refused_with_the_reason():
-  from moegrow.train import validate
+  from moegrow.orchestrate import validate
   cfg = moe()
   ops, frozen = validate.lora_stage(dict(rank=2, dropout=0.0), cfg, (), (), 1)
   assert ops == (dict(op="add_lora", rank=2),) and frozen == (validate.BASE_FROZEN,)
@@ -343,15 +346,15 @@ def test_a_stage_can_grow_and_add_adapters_at_one_boundary():
   """stage 1 = add_experts 4 -> 8 (exact) + lora: the adapters sit on the grown model, every
   expert (old and new) has its own, and the boundary is exact (logits equal the old model's)."""
   import ml_collections
+  from moegrow.orchestrate import parts
   from moegrow.surgery import apply as surgery
-  from moegrow.train import stages
   cfg = moe()
   c = ml_collections.ConfigDict({"train": {"steps": 0}})
   c.stages = (dict(name="a", steps=1), dict(name="b", steps=1, ops=(dict(op="add_experts", num_experts=8),),
                                            lora=dict(rank=2)))
-  st = stages.resolve_stages(c, cfg)[1]
+  st = parts.resolve_stages(c, cfg)[1]
   assert [o["op"] for o in st.ops] == ["add_experts", "add_lora"] and st.cfg.lora_rank == 2
-  assert st.cfg.num_experts == 8 and stages.adapter_stage(st)
+  assert st.cfg.num_experts == 8 and parts.adapter_stage(st)
   params = tf.init_params(cfg, 0)
   grown, new_cfg, _ = surgery.apply_ops({"params": params}, cfg, st.ops, jax.random.key(1), shapes=tf.abstract_params)
   assert new_cfg == st.cfg

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from moegrow.model import transformer as tf
+from moegrow.params import trees
 from moegrow.surgery import merge as M
-from moegrow import trees
 from _tiny import moe
 
 

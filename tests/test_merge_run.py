@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from moegrow import trees
-from moegrow.train import merging, stages
+from moegrow.orchestrate import merging, parts, stages
+from moegrow.params import trees
 from _tiny import digest, train_config
 
 
@@ -23,7 +23,7 @@ def test_merge_two_runs_then_train_the_result(tmp_path, data_dir):
   assert [digest(r) for r in runs] == before  # sources are only read
   assert set(cert["loss_result"]) == {"shakespeare_plays", "python_stdlib"} and len(cert["loss_sources"]) == 2
   # the saved params are the weighted average of the sources' (by hand)
-  mesh = stages.make_mesh(c)
+  mesh = parts.make_mesh(c)
   srcs = [trees.flatten(jax.device_get(merging.restore_params(r, mesh, c.train)[0])) for r in runs]
   got = trees.flatten(jax.device_get(merging.restore_params(out, mesh, c.train)[0]))
   for k in got:

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moegrow.model import transformer as tf
 from moegrow.config import ModelConfig
+from moegrow.model import transformer as tf
 from moegrow.model.grouped_ffn import expert_ffn
 from moegrow.model.layers import Mlp, activation
 from moegrow.model.moe import MoeMlp, router_losses
-from moegrow.trees import to_plain
+from moegrow.params.trees import to_plain
 
 D, F, E, K = 16, 24, 4, 2
 

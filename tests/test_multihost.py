@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from moegrow import checkpoint
-from moegrow.train import stages, steps
-from moegrow.data.corpora import _file_lock
 from moegrow.configs import grow as grow_config, lm
+from moegrow.data.corpora import _file_lock
+from moegrow.orchestrate import parts, stages
+from moegrow.train import steps
 
 pytestmark = pytest.mark.slow  # slow tier: two processes on loopback
 
@@ -93,7 +94,7 @@ def restore(workdir, config, step, prefix=None):
   """(state, data state) of a checkpoint, on this process's mesh of `config`."""
   mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), read_only=True, step_prefix=prefix)
   cfg = checkpoint.model_config(checkpoint.read_meta(mngr, step))
-  program = steps.build_program(cfg, config.train, stages.make_mesh(config))
+  program = steps.build_program(cfg, config.train, parts.make_mesh(config))
   state, meta, data_state = checkpoint.restore(mngr, step, program.abstract_state)
   mngr.close()
   return jax.device_get(state), data_state

@@ -17,8 +17,9 @@ from _tiny import read_metrics
 pytestmark = pytest.mark.slow  # slow tier: builds and installs the wheel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLIS = ("moegrow.main", "moegrow.grow", "moegrow.merge", "moegrow.hf.__main__")
-SUBPACKAGES = ("moegrow", "moegrow/model", "moegrow/surgery", "moegrow/data", "moegrow/train", "moegrow/configs")
+CLIS = ("moegrow.main", "moegrow.grow", "moegrow.merge", "moegrow.btx", "moegrow.hf.__main__")
+SUBPACKAGES = ("moegrow", "moegrow/model", "moegrow/params", "moegrow/surgery", "moegrow/data", "moegrow/train",
+               "moegrow/orchestrate", "moegrow/hf", "moegrow/configs")
 # Not part of a source tree to build from: version control, environments, build and run outputs.
 IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
                                 "runs", "workdir", "*.pyc")

@@ -1,4 +1,4 @@
-"""Ramped growth (MSG, Yao et al. 2024; moegrow.ramp): with ramp_steps the new units are random and
+"""Ramped growth (MSG, Yao et al. 2024; moegrow.params.ramp): with ramp_steps the new units are random and
 sit behind a mask m = 0 -> 1. At m = 0 the grown model is the old one, at m = 1 the plain grown
 model, at m = 0.5 a model with the new output slices halved (router bias + log 0.5) built by hand;
 the trainer advances m with the step, checkpoints it and resumes mid-ramp bit-identically."""
@@ -11,9 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from moegrow import ramp, trees
 from moegrow.config import ModelConfig
 from moegrow.model import transformer as tf
+from moegrow.params import ramp, trees
 from moegrow.surgery import apply as surgery
 from moegrow.surgery.shape_ops import add_heads
 from _tiny import model, moe, read_metrics
@@ -181,7 +181,7 @@ STEPS0, STEPS1, N = 2, 5, 4
 
 @pytest.fixture(scope="module")
 def ramp_run(tmp_path_factory, data_dir):
-  from moegrow.train import stages
+  from moegrow.orchestrate import stages
   from _tiny import train_config
   c = train_config(data_dir, steps=0, eval_every=100, eval_batches=1, checkpoint_every=1, keep_checkpoints=20,
                    log_every=1)
@@ -195,10 +195,11 @@ def ramp_run(tmp_path_factory, data_dir):
 
 def _restore(wd, c, stage, step):
   from moegrow import checkpoint
-  from moegrow.train import stages, steps
-  plan = stages.resolve_stages(c, stages.model_config(c))
-  prog = steps.build_program(plan[stage].cfg, stages.stage_train(c.train, plan[stage]), stages.make_mesh(c))
-  mngr = stages.manager(wd, stage, c.train, read_only=True)
+  from moegrow.orchestrate import parts
+  from moegrow.train import steps
+  plan = parts.resolve_stages(c, parts.model_config(c))
+  prog = steps.build_program(plan[stage].cfg, parts.stage_train(c.train, plan[stage]), parts.make_mesh(c))
+  mngr = parts.manager(wd, stage, c.train, read_only=True)
   state, _, _ = checkpoint.restore(mngr, step, prog.abstract_state)
   mngr.close()
   return jax.device_get(state), plan[stage].cfg
@@ -228,7 +229,7 @@ def test_the_trainer_ramps_m_and_the_boundary_is_exact(ramp_run):
 
 
 def test_a_run_stopped_mid_ramp_resumes_bit_identically(ramp_run, tmp_path):
-  from moegrow.train import stages
+  from moegrow.orchestrate import stages
   c, wd, _ = ramp_run
   c2 = copy.deepcopy(c)
   c2.train.stop_at_step = STEPS0 + 2  # m = 0.5 in the checkpoint it stops at

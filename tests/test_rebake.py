@@ -9,11 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moegrow import checkpoint, trees
+from moegrow import checkpoint
 from moegrow.configs import lm
 from moegrow.model import transformer as tf
+from moegrow.orchestrate import boundary, parts, stages
+from moegrow.params import trees
 from moegrow.surgery import apply as surgery
-from moegrow.train import boundary, stages, steps
+from moegrow.train import steps
 from _tiny import model, moe, read_metrics
 
 KEY = jax.random.key(3)
@@ -200,9 +202,9 @@ def test_rebake_stage_distils_a_dense_student_from_the_moe(tmp_path, data_dir):
   c = rebake_config(data_dir)
   result = stages.train_and_evaluate(c, wd)
   assert result["stage"] == 1 and result["step"] == END and not result["stopped_early"]
-  plan = stages.resolve_stages(c, stages.model_config(c))
-  mesh = stages.make_mesh(c)
-  mngr = stages.manager(wd, 1, c.train, read_only=True)
+  plan = parts.resolve_stages(c, parts.model_config(c))
+  mesh = parts.make_mesh(c)
+  mngr = parts.manager(wd, 1, c.train, read_only=True)
   student_cfg = checkpoint.model_config(checkpoint.read_meta(mngr, END))
   assert student_cfg.moe_layer_ids == () and student_cfg.d_ff == 64 and student_cfg == plan[1].cfg
   # the boundary: loads measured and passed in, the top-2 experts by load concatenated, wo / 2
@@ -211,15 +213,15 @@ def test_rebake_stage_distils_a_dense_student_from_the_moe(tmp_path, data_dir):
   assert len(loads) == 4 and sum(loads) == pytest.approx(1.0)
   kept = cert["reports"][0]["kept_experts"]["0"]
   assert kept == sorted(range(4), key=lambda e: (-loads[e], e))[:2]
-  prog = steps.build_program(plan[1].cfg, stages.stage_train(c.train, plan[1]), mesh)
+  prog = steps.build_program(plan[1].cfg, parts.stage_train(c.train, plan[1]), mesh)
   grown, _, data_state = checkpoint.restore(mngr, START, prog.abstract_state)
   mngr.close()
-  teacher = stages.teacher_params(wd, plan, plan[1], c.train, mesh)  # stage 0's final MoE
+  teacher = boundary.teacher_params(wd, plan, plan[1], c.train, mesh)  # stage 0's final MoE
   t, g = layer(jax.device_get(teacher), 0), layer(jax.device_get(grown["params"]), 0)
   np.testing.assert_array_equal(g["wact_DF"], np.concatenate([t["wact_EDF"][e] for e in kept], 1))
   np.testing.assert_allclose(g["wo_FD"], np.concatenate([t["wo_EFD"][e] / 2 for e in kept], 0), rtol=1e-7)
   # the first student step: KL(frozen MoE || grown dense student) on stage 1's first batch, by hand
-  it = stages.train_iter(c, *stages.stage_data(c, plan)[1])
+  it = parts.train_iter(c, *parts.stage_data(c, plan)[1])
   it.set_state(data_state)
   x = jnp.asarray(next(it)["inputs"])
   p = jax.nn.softmax(jax.jit(lambda w: tf.apply(plan[0].cfg, w, x)[0])(teacher), axis=-1)

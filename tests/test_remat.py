@@ -11,9 +11,9 @@ import optax
 import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
-from moegrow import trees
 from moegrow.config import REMATS, ModelConfig
 from moegrow.model import transformer as tf
+from moegrow.params import trees
 
 B, T = 2, 32
 DENSE = dict(vocab_size=259, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=48)

@@ -1,5 +1,5 @@
 """The surgery rules engine (moegrow.surgery.rules), action by action against hand-computed arrays,
-and the plain-tree helpers of moegrow.trees. (Whole growth ops are tested in test_grow.py.)"""
+and the plain-tree helpers of moegrow.params.trees. (Whole growth ops are tested in test_grow.py.)"""
 import json
 
 import jax
@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from moegrow import trees
+from moegrow.params import trees
 from moegrow.surgery import rules as T
 
 KEY = jax.random.PRNGKey(3)
@@ -284,7 +284,7 @@ def test_actions_jit_like_eager():
       np.testing.assert_allclose(np.asarray(trees.flatten(jitted)[p]), np.asarray(x), rtol=1e-6, err_msg=p)
 
 
-# ---------------------------------------------------------------- moegrow.trees
+# ---------------------------------------------------------------- moegrow.params.trees
 
 def test_flatten_unflatten_round_trip():
   tree = {"embed": 1, "blocks": {"0": {"mlp": {"w": 2, "b": None}}, "10": {"attn": {"q": 3}}}, "z": {"y": {"x": 4}}}

@@ -5,9 +5,10 @@ import optax
 import pytest
 
 from moegrow import sharding
-from moegrow.train import stages, steps
-from moegrow.model import transformer as tf
 from moegrow.configs import lm
+from moegrow.model import transformer as tf
+from moegrow.orchestrate import parts
+from moegrow.train import steps
 
 MESHES = {
     "data=8": {"data": 8},
@@ -58,8 +59,8 @@ def one_device_results(data_dir):
   out = {}
   for dispatch in ("dropless", "capacity"):
     c = config(data_dir, dispatch)
-    cfg = stages.model_config(c)
-    batch = next(stages.train_iter(c))
+    cfg = parts.model_config(c)
+    batch = next(parts.train_iter(c))
     prog = steps.build_program(cfg, c.train, sharding.make_mesh({"data": 1}))
     state, m = prog.train_step(prog.init(jax.random.key(0)), steps.to_global(prog, batch))
     out[dispatch] = (batch, float(m["loss"]), jax.device_get(state["params"]), float(m["moe"]["1"]["dropped"]))
@@ -70,7 +71,7 @@ def one_device_results(data_dir):
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_train_step_matches_one_device_and_shards_as_declared(mesh_name, dispatch, data_dir, one_device_results):
   c = config(data_dir, dispatch)
-  cfg = stages.model_config(c)
+  cfg = parts.model_config(c)
   batch, loss1, params1, dropped1 = one_device_results[dispatch]
   mesh = sharding.make_mesh(MESHES[mesh_name])
   assert mesh.size == 8

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from moegrow import data
 from moegrow.configs import lm
-from moegrow.train.validate import ConfigError, validate_config
+from moegrow.orchestrate.validate import ConfigError, validate_config
 from _tiny import train_config
 
 MIX = {'shakespeare_plays': 0.5, 'python_stdlib': 0.5}

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from moegrow import checkpoint, data, sharding
-from moegrow.train import stages, steps
+from moegrow.orchestrate import parts, stages
+from moegrow.train import steps
 from _tiny import read_metrics as metrics, train_config as tiny
 from moegrow.configs import lm
 
@@ -29,8 +30,8 @@ def cli(workdir, data_dir, *overrides, wait=True, config="configs/lm.py:tiny"):
 
 
 def latest_state(workdir, config):
-  cfg = stages.model_config(config)
-  program = steps.build_program(cfg, config.train, stages.make_mesh(config))
+  cfg = parts.model_config(config)
+  program = steps.build_program(cfg, config.train, parts.make_mesh(config))
   mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), read_only=True)
   step = mngr.latest_step()
   state, meta, data_state = checkpoint.restore(mngr, step, program.abstract_state)
@@ -94,8 +95,8 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path, data_dir):
 def test_data_parallel_step_matches_one_device(data_dir):
   assert len(jax.devices()) == 8
   config = tiny(data_dir)
-  cfg = stages.model_config(config).replace(moe_layers="every_other", num_experts=4)
-  batch = next(stages.train_iter(config))
+  cfg = parts.model_config(config).replace(moe_layers="every_other", num_experts=4)
+  batch = next(parts.train_iter(config))
   results = []
   for n in (1, 8):
     mesh = sharding.make_mesh({"data": n})
@@ -115,7 +116,7 @@ def test_data_parallel_step_matches_one_device(data_dir):
 def test_config_files_load_and_build(variant):
   from moegrow.model import transformer as tf
   c = lm.get_config(variant)
-  cfg = stages.model_config(c)
+  cfg = parts.model_config(c)
   shapes = jax.eval_shape(lambda: tf.init_params(cfg, 0))
   assert shapes["embed_VD"].shape == (cfg.vocab_size, cfg.d_model)
   if "moe" in variant or variant == "pod":
@@ -168,7 +169,7 @@ def test_microbatches_accumulate_the_same_update():
   params equal one full-batch step (a dense model: the loss is a mean over rows)."""
   c = lm.get_config("tiny")
   c.train.update(batch_size=32, grad_clip=0.0)
-  cfg = stages.model_config(c)
+  cfg = parts.model_config(c)
   mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 259, (32, 65), dtype=np.int32)
@@ -189,7 +190,7 @@ def test_program_is_reused_across_cadence_changes_but_not_across_optimizer_or_se
   """Logging, evaluation and checkpoint cadence never reach the compiled steps: changing them reuses
   the Program (no recompilation); the seed, the learning rate or the schedule length do not."""
   c = lm.get_config("tiny")
-  cfg = stages.model_config(c)
+  cfg = parts.model_config(c)
   mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
   base = steps.build_program(cfg, c.train, mesh)
   c.train.update(log_every=7, eval_every=13, checkpoint_every=5, keep_checkpoints=9, stop_at_step=3)

@@ -1,6 +1,6 @@
 """One arm of the btx figure as an ordinary moegrow config.
 
-  python -m moegrow.merge --config=experiments/btx/config.py:small,btx --workdir=runs/b \
+  python -m moegrow.btx --config=experiments/btx/config.py:small,btx --workdir=runs/b \
       --config.btx.seed=<a seed run's checkpoint>
 (`python -m experiments.btx.run` runs every arm, the seed included, for 3 seeds.)
 Expected (3 seeds, mean validation loss over both domains): dense continuation 2.164, sparse

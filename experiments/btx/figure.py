@@ -32,8 +32,8 @@ import numpy as np
 
 from experiments.harness import Arm, Claim, Figure, flops_per_step, mean_se, run_dir, write_csv
 from moegrow.configs import lm
-from moegrow.train import stages
-from moegrow.train.branching import mixed_run_config
+from moegrow.orchestrate import parts
+from moegrow.orchestrate.branching import mixed_run_config
 
 OLD, NEW = "shakespeare_plays", "python_stdlib"
 MIX = {OLD: 0.5, NEW: 0.5}
@@ -98,7 +98,7 @@ def figure(quick: bool = False) -> Figure:
   size = "quick" if quick else "small"
   s, cfgs = SIZES[size], configs(size)
   n, m = s["seed_steps"], s["branch_steps"]
-  dense_step = flops_per_step(stages.model_config(cfgs["seed"]), cfgs["seed"])
+  dense_step = flops_per_step(parts.model_config(cfgs["seed"]), cfgs["seed"])
   make = lambda name: (lambda seed: copy.deepcopy(cfgs[name]))
   before = (n + 2 * m) * dense_step  # the seed's and both branches' FLOPs
   arms = [Arm("seed", make("seed"), end_step=n, plotted=False),
@@ -134,7 +134,8 @@ def figure(quick: bool = False) -> Figure:
 def routing_rows(fig: Figure, root: str, seed: int) -> list[dict]:
   """Per routed arm, layer, domain and expert: the fraction of the domain's validation tokens whose
   top-1 expert it is, at the end of training and (BTX arms) at the mix."""
-  from moegrow.train import merging, probes
+  from moegrow.orchestrate import merging
+  from moegrow.train import probes
 
   size = fig.plan["size"]
   rows = []
@@ -143,11 +144,11 @@ def routing_rows(fig: Figure, root: str, seed: int) -> list[dict]:
     config.train.seed = seed
     if "btx" in config:
       config = mixed_run_config(config)
-    cfg = stages.resolve_stages(config, stages.model_config(config))[-1].cfg
-    mesh = stages.make_mesh(config)
-    evals = stages.eval_sets(config, [OLD, NEW])
-    params = merging.restore_params(run_dir(root, arm, seed), mesh, stages.stage_train(
-        config.train, stages.resolve_stages(config, stages.model_config(config))[-1]))[0]
+    cfg = parts.resolve_stages(config, parts.model_config(config))[-1].cfg
+    mesh = parts.make_mesh(config)
+    evals = parts.eval_sets(config, [OLD, NEW])
+    params = merging.restore_params(run_dir(root, arm, seed), mesh, parts.stage_train(
+        config.train, parts.resolve_stages(config, parts.model_config(config))[-1]))[0]
     report = probes.routing_report(cfg, params, evals, mesh, {})
     for dom, layers in report.items():
       for layer, v in layers.items():

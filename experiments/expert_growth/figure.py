@@ -39,7 +39,7 @@ import numpy as np
 
 from experiments.harness import Arm, Claim, Figure, mean_se, read_evals, run_dir, write_csv
 from moegrow.configs import lm
-from moegrow.train import stages
+from moegrow.orchestrate import parts
 
 SMALL, BIG = "e2", "e4"
 E_SMALL, E_BIG, TOP_K = 2, 4, 2
@@ -95,12 +95,12 @@ def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
 def _check(cfgs: dict) -> None:
   """The grown model is e4's model; a grown arm's first stage is e2's run (so it may start from
   e2's checkpoint)."""
-  e2, e4 = stages.model_config(cfgs[SMALL]), stages.model_config(cfgs[BIG])
+  e2, e4 = parts.model_config(cfgs[SMALL]), parts.model_config(cfgs[BIG])
   for name in SWITCHES:
-    plan = stages.resolve_stages(cfgs[name], stages.model_config(cfgs[name]))
+    plan = parts.resolve_stages(cfgs[name], parts.model_config(cfgs[name]))
     if plan[0].cfg != e2 or plan[-1].cfg != e4 or plan[-1].end != cfgs[SMALL].train.steps:
       raise ValueError(f"experiments/expert_growth: arm {name} does not grow e2 into e4 over the same steps: "
-                       + stages.config_diff(plan[-1].cfg, e4))
+                       + parts.config_diff(plan[-1].cfg, e4))
 
 
 def figure(quick: bool = False) -> Figure:

@@ -100,17 +100,18 @@ def barrier(alphas, losses) -> float:
 
 def seed_points(fig: Figure, root: str, seed: int) -> list[dict]:
   """Every merge of one seed's final checkpoints, evaluated: rows (seed, panel, method, x, domain, loss)."""
+  from moegrow.orchestrate import merging, parts
   from moegrow.surgery import merge as merge_ops
-  from moegrow.train import merging, probes, stages
+  from moegrow.train import probes
   from moegrow.train.steps import build_program
 
   s = SIZES[fig.plan["size"]]
   config = configs(fig.plan["size"])["base"]
   config.train.seed = seed
-  mesh, tr = stages.make_mesh(config), config.train
-  evals = stages.eval_sets(config)
+  mesh, tr = parts.make_mesh(config), config.train
+  evals = parts.eval_sets(config)
   p = {a.name: merging.restore_params(run_dir(root, a.name, seed), mesh, tr)[0] for a in fig.arms}
-  program = build_program(stages.model_config(config), tr, mesh)
+  program = build_program(parts.model_config(config), tr, mesh)
   rows = []
 
   def measure(params, panel, method, x):

@@ -56,7 +56,7 @@ import numpy as np
 from experiments import harness
 from experiments.harness import Arm, Claim, Figure, mean_se, read_evals, run_dir, write_csv
 from moegrow.configs import lm
-from moegrow.train import stages as stages_mod
+from moegrow.orchestrate import parts
 
 SIZES = {
     "small": dict(d_model=64, num_heads=2, d_ff=128, small_steps=150, grown_steps=150, ramp_steps=20,
@@ -130,7 +130,7 @@ def grown_config(arm: str, size: str) -> ml_collections.ConfigDict:
 def scratch_config(arm: str, size: str) -> ml_collections.ConfigDict:
   """The grown architecture of `arm`'s kind from scratch, for the steps that spend its FLOPs."""
   grown = grown_config("wide_exact" if arm == "wide_scratch" else "deep_exact", size)
-  plan = stages_mod.resolve_stages(grown, stages_mod.model_config(grown))
+  plan = parts.resolve_stages(grown, parts.model_config(grown))
   c = base_config(size)
   big = plan[-1].cfg
   c.model.update(d_ff=big.d_ff, num_layers=big.num_layers)

@@ -24,7 +24,7 @@ import ml_collections
 from experiments.harness import Arm, Claim, Figure, flops_per_step, matched_steps
 from moegrow.configs import grow as grow_configs
 from moegrow.configs import lm
-from moegrow.train import stages
+from moegrow.orchestrate import parts
 
 UPCYCLE = dict(op="upcycle", layers="every_other", num_experts=8, top_k=2, gating="topk_softmax")
 # size -> base variant of configs/lm.py, N dense steps, M upcycled steps, cadence, evaluation set.
@@ -45,11 +45,11 @@ def plan(size: str) -> dict:
     raise ValueError(f"experiments/upcycling: unknown size {size!r}; use {sorted(SIZES)}")
   s = SIZES[size]
   dense_c, moe_c = _base(s), _base(s, ",moe")
-  f_dense = flops_per_step(stages.model_config(dense_c), dense_c)
-  f_moe = flops_per_step(stages.model_config(moe_c), moe_c)
+  f_dense = flops_per_step(parts.model_config(dense_c), dense_c)
+  f_moe = flops_per_step(parts.model_config(moe_c), moe_c)
   n, m = s["dense_steps"], s["moe_steps"]
-  m_dense = matched_steps(m * f_moe, stages.model_config(dense_c), dense_c)
-  scratch = matched_steps(n * f_dense + m * f_moe, stages.model_config(moe_c), moe_c)
+  m_dense = matched_steps(m * f_moe, parts.model_config(dense_c), dense_c)
+  scratch = matched_steps(n * f_dense + m * f_moe, parts.model_config(moe_c), moe_c)
   return {"size": size, "base": s["base"], "dense_steps": n, "moe_steps": m, "dense_extra_steps": m_dense,
           "scratch_steps": scratch, "flops_per_step": {"dense": f_dense, "moe": f_moe}, "sunk_flops": n * f_dense,
           "extra_flops": m * f_moe, "eval_batches": s["eval_batches"],
@@ -87,10 +87,10 @@ def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
 def figure(quick: bool = False) -> Figure:
   size = "quick" if quick else "small"
   p, cfgs = plan(size), configs(size)
-  up_cfg = stages.resolve_stages(cfgs["upcycled"], stages.model_config(cfgs["upcycled"]))[-1].cfg
-  if up_cfg != stages.model_config(cfgs["moe_scratch"]):
+  up_cfg = parts.resolve_stages(cfgs["upcycled"], parts.model_config(cfgs["upcycled"]))[-1].cfg
+  if up_cfg != parts.model_config(cfgs["moe_scratch"]):
     raise ValueError("the scratch MoE differs from the upcycled model: "
-                     + stages.config_diff(stages.model_config(cfgs["moe_scratch"]), up_cfg))
+                     + parts.config_diff(parts.model_config(cfgs["moe_scratch"]), up_cfg))
   n = p["dense_steps"]
   make = lambda name: (lambda seed: copy.deepcopy(cfgs[name]))
   arms = (Arm("dense_base", make("dense_base"), end_step=n, plotted=False),

@@ -24,16 +24,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moegrow import checkpoint, ramp
+from moegrow import checkpoint
 from moegrow.config import DTYPES, ModelConfig
 from moegrow.data import tokenizer as tokenization
 from moegrow.hf import arch as archs
 from moegrow.hf import files
 from moegrow.hf.weights import BENIGN, import_plan, export_tensors
 from moegrow.model import transformer as tf
-from moegrow.train.plan import make_mesh, manager
+from moegrow.orchestrate.parts import make_mesh, manager
+from moegrow.params import ramp
+from moegrow.params.trees import flatten, unflatten
 from moegrow.train.steps import build_program
-from moegrow.trees import flatten, unflatten
 from moegrow.workdir_lock import WorkdirLock
 
 PROMPT_LEN = 16

@@ -6,9 +6,9 @@ Everything outside this module (checkpoints, growth, training) sees parameters a
 nested dicts with string keys, e.g. `params["blocks"]["3"]["mlp"]["wact_EDF"]`:
   init_params(cfg, seed) -> params      apply(cfg, params, tokens_BT) -> (logits_BTV, aux)
   logical_axes(cfg) -> same tree of logical-axis tuples;   abstract_params(cfg) -> ShapeDtypeStructs
-With cfg.lora_rank > 0 the params also hold LoRA adapters under params['lora'] (moegrow.lora);
+With cfg.lora_rank > 0 the params also hold LoRA adapters under params['lora'] (moegrow.params.lora);
 `apply` folds them into the weights before the layers run, so the kernels are unchanged. With
-cfg.ramps (ramped growth, moegrow.ramp) the params hold the ramps' masks under params['ramp']
+cfg.ramps (ramped growth, moegrow.params.ramp) the params hold the ramps' masks under params['ramp']
 (float32 scalars); `apply` masks the ramped slices the same way, after the adapters.
 cfg.remat ("none", "block", "dots") rematerialises each Block's forward in the backward (`Block`).
 """
@@ -20,12 +20,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moegrow.config import ModelConfig
-from moegrow import lora
-from moegrow import ramp
 from moegrow.model.layers import Attention, Mlp, RMSNorm, param
 from moegrow.model.moe import MoeMlp
+from moegrow.params import lora
+from moegrow.params import ramp
+from moegrow.params.trees import check_tree, to_plain
 from moegrow.sharding import constrain
-from moegrow.trees import check_tree, to_plain
 
 
 # cfg.remat -> what a block's forward keeps for the backward (None: everything, no remat).
@@ -196,7 +196,7 @@ def model_from_params(cfg: ModelConfig, params: dict) -> TransformerLM:
 
 
 def fold_ramps(cfg: ModelConfig, params: dict) -> dict:
-  """The params with every ramp mask params['ramp'] applied to its slices (moegrow.ramp.apply):
+  """The params with every ramp mask params['ramp'] applied to its slices (moegrow.params.ramp.apply):
   the effective weights the layers run on, without 'ramp'."""
   if ramp.KEY not in params:
     raise ValueError(f"params have no '{ramp.KEY}' masks but the model has ramps {ramp.names(cfg)}")

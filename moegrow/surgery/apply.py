@@ -13,7 +13,7 @@ leaf that is not an unmodified copy gets zero moments. 'count' (the Adam step) p
 Reports are JSON-serialisable: op, args, opt_state, exact, note, old/new config and `map`
 {target path: {'action', 'from': [source paths]}}.
 
-Ramps (ramped growth, `moegrow.ramp`): an op given `ramp_steps` leaves its new units behind a mask
+Ramps (ramped growth, `moegrow.params.ramp`): an op given `ramp_steps` leaves its new units behind a mask
 (params['ramp'], cfg.ramps). Before any other op runs on a model that carries ramps, `plans`
 inserts the op `fold_ramps`, which bakes the masks into the weights (exact for any m; after a
 finished ramp the weights are bit-identical) and drops them. A ramped op must therefore be the
@@ -27,21 +27,21 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from moegrow import ramp
 from moegrow.config import ModelConfig
+from moegrow.params import ramp
+from moegrow.params.trees import check_tree, flatten, json_leaf, to_plain, unflatten
 from moegrow.surgery import rules as R
-from moegrow.surgery.moe_ops import add_experts, drop_upcycle, granular_upcycle, upcycle
 from moegrow.surgery.lora_ops import add_lora, merge_lora
+from moegrow.surgery.moe_ops import add_experts, drop_upcycle, granular_upcycle, upcycle
 from moegrow.surgery.op import Plan, growth_op
 from moegrow.surgery.rebake import to_dense
 from moegrow.surgery.shape_ops import add_heads, insert_blocks, stack, widen_mlp, widen_model
-from moegrow.trees import check_tree, flatten, json_leaf, to_plain, unflatten
 
 
 
 @growth_op
 def fold_ramps(cfg) -> Plan:
-  """Bake every ramp's mask into its weights (`moegrow.ramp.fold`): the stored weights become the
+  """Bake every ramp's mask into its weights (`moegrow.params.ramp.fold`): the stored weights become the
   effective ones (W * m, b + max(log m, -1e4)) and params['ramp'] and cfg.ramps go. Exact for any
   m, bit-identical after a finished ramp (m = 1). Moments (and a Fisher) are carried unchanged;
   the masks have none. `plans` runs it before any other op on a model that carries ramps."""

@@ -18,10 +18,10 @@ from typing import Any, Mapping, Sequence
 import jax.numpy as jnp
 
 from moegrow.config import ModelConfig
+from moegrow.params.trees import check_tree, flatten, unflatten
 from moegrow.surgery.apply import Shapes, apply_ops, grown_config
 from moegrow.surgery.merge import check_models, merge
 from moegrow.surgery.op import resolve_layers
-from moegrow.trees import check_tree, flatten, unflatten
 
 MLP_TO_EXPERT = {"wact_DF": "wact_EDF", "wlin_DF": "wlin_EDF", "wo_FD": "wo_EFD"}
 

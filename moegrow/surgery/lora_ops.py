@@ -6,7 +6,7 @@
 Both are exact: `merge_lora`'s weights are the very sums `moegrow.model.transformer.apply` forms
 from the adapters (same float32 arithmetic, same cast), so logits are bit-identical. Other growth
 ops refuse a model that carries adapters (merge them first): they would need rules for every
-adapter of every weight they reshape. Adapter math: `moegrow.lora`.
+adapter of every weight they reshape. Adapter math: `moegrow.params.lora`.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from typing import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from moegrow import lora
 from moegrow.config import LORA_TARGETS
+from moegrow.params import lora
 from moegrow.surgery import merge as merging
 from moegrow.surgery import rules as R
 from moegrow.surgery.op import Plan, growth_op

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moegrow import ramp
 from moegrow.config import fan_in_std
+from moegrow.params import ramp
 from moegrow.surgery import rules as R
 from moegrow.surgery.op import (Layers, Plan, expert_counts, growth_op, mlp_names, moe_fields, resolve_counts,
                                 resolve_layers)
@@ -199,7 +199,7 @@ def add_experts(cfg, *, num_experts: int | Sequence[int] | Mapping[Any, int],
   ramp_steps=N > 0 (ramped growth, MSG; modes exact / copy_noise): the new experts are the
     copy_noise ones (noise_std default 0.01), with router bias 0 (router_init='hidden': its
     bias), behind a mask m = 0 -> 1 over N steps that adds max(log m, -1e4) to their router bias
-    (their gate weight times m): exact at m = 0, the plain grown model at m = 1 (moegrow.ramp).
+    (their gate weight times m): exact at m = 0, the plain grown model at m = 1 (moegrow.params.ramp).
   Moments: copies carry their source's moments.
   """
   op = "add_experts"

@@ -1,6 +1,6 @@
 """A small declarative rules engine for checkpoint surgery on plain nested dicts.
 
-A leaf's path is its keys joined by '/' (`blocks/1/mlp/wact_EDF`, see `moegrow.trees`).
+A leaf's path is its keys joined by '/' (`blocks/1/mlp/wact_EDF`, see `moegrow.params.trees`).
 A rule set maps every TARGET leaf to how it is made:
 
   rules = [(r"blocks/(\\d+)/mlp/wact_EDF", stack(r"blocks/\\1/mlp/wact_DF", n=8)),
@@ -31,7 +31,7 @@ from typing import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from moegrow.trees import flatten, natural_key, unflatten
+from moegrow.params.trees import flatten, natural_key, unflatten
 KINDS = ("params", "mu", "nu", "fisher")
 SQUARED = ("nu", "fisher")  # kinds that scale like a squared gradient: a scale c gives c**2
 DISTS = ("normal", "zeros", "ones", "constant")

@@ -11,8 +11,8 @@ from typing import Literal, Sequence
 import jax
 import jax.numpy as jnp
 
-from moegrow import ramp
 from moegrow.config import ModelConfig, fan_in_std
+from moegrow.params import ramp
 from moegrow.surgery import rules as R
 from moegrow.surgery.moe_ops import _refuse_ramped
 from moegrow.surgery.op import Plan, expert_counts, growth_op, mlp_names, moe_fields
@@ -73,7 +73,7 @@ def insert_blocks(cfg, *, positions: int | Sequence[int], num_experts: int = 0, 
   Old MoE layers keep their expert counts at their shifted indices. New leaves: zero moments.
   ramp_steps=N > 0 (ramped growth, MSG): the output projections are at init scale too, and the
   new blocks' whole output projections are times a mask m = 0 -> 1 over N steps: exact at m = 0,
-  the plain grown model at m = 1 (moegrow.ramp).
+  the plain grown model at m = 1 (moegrow.params.ramp).
   init="random" (an ablation: NOT function-preserving): the output projections at init scale and
   no mask, so the new blocks change the function at once."""
   _refuse_ramped(cfg, "insert_blocks")
@@ -156,7 +156,7 @@ def widen_mlp(cfg, *, d_ff: int | None = None, expert_d_ff: int | None = None,
   ramp_steps=N > 0 (ramped growth, MSG): no copies; the old units stay as they are and the new
   ones are fresh at init scale (input columns N(0, 1/d), output rows N(0, 1/f')), their output
   rows times a mask m = 0 -> 1 over N steps: exact at m = 0, the plain grown model at m = 1
-  (moegrow.ramp; `method` is unused). New slices: zero moments.
+  (moegrow.params.ramp; `method` is unused). New slices: zero moments.
   method="fresh" without a ramp (an ablation: NOT function-preserving): the same fresh new units,
   unmasked, so they change the function at once."""
   _refuse_ramped(cfg, "widen_mlp")
@@ -251,7 +251,7 @@ def add_heads(cfg, *, num_heads: int, ramp_steps: int = 0) -> Plan:
   new heads change every head's normaliser. New slices: zero moments.
   ramp_steps=N > 0 (ramped growth, MSG): the new output-projection heads are at init scale too
   (N(0, 1/(H' A))), times a mask m = 0 -> 1 over N steps: exact at m = 0, the plain grown model
-  at m = 1 (moegrow.ramp)."""
+  at m = 1 (moegrow.params.ramp)."""
   _refuse_ramped(cfg, "add_heads")
   if num_heads < cfg.num_heads:
     raise ValueError(f"add_heads: cannot shrink num_heads {cfg.num_heads} -> {num_heads}")

@@ -15,11 +15,11 @@ import numpy as np
 import optax
 
 from moegrow.config import ModelConfig
-from moegrow.trees import flatten, to_plain, unflatten
+from moegrow.params.trees import flatten, to_plain, unflatten
 
 
 SCHEDULES = ("cosine", "constant", "rsqrt")
-RAMP_FROZEN = r"^ramp/"  # ramp masks (params['ramp'], moegrow.ramp): state advanced by the train step
+RAMP_FROZEN = r"^ramp/"  # ramp masks (params['ramp'], moegrow.params.ramp): state advanced by the train step
 
 
 def make_schedule(lr: float, steps: int, warmup_steps: int = 0, schedule: str = "cosine",

@@ -8,7 +8,7 @@ A continual-learning `Objective` adds terms to the loss in the same jitted step:
 `ctx['teacher']`, sharded by the teacher's own model config). The step is then
 `train_step(state, batch, ctx)`; with no objective it is `train_step(state, batch)`.
 
-A model with ramps (ramped growth, `moegrow.ramp`) keeps their masks in params['ramp']: they get no
+A model with ramps (ramped growth, `moegrow.params.ramp`) keeps their masks in params['ramp']: they get no
 gradient and no optimizer state (`optim.make_optimizer` freezes them), and every train step
 advances them after the optimizer update (m <- min(1, m + 1/N)). They are saved with the params,
 so a run resumed mid-ramp continues bit-identically.
@@ -26,10 +26,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from moegrow import ramp
 from moegrow import sharding
 from moegrow.config import ModelConfig
 from moegrow.model import transformer as tf
+from moegrow.params import ramp
 from moegrow.train import continual, optim
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Stages: a run is a list of stages; growth happens at their boundaries (the orchestrator).
 
 This module applies the load order and runs the stages; what each stage is comes from
-`moegrow.train.plan`, and the growth at a boundary is `moegrow.train.boundary.grow_checkpoint`.
+`moegrow.orchestrate.parts`, and the growth at a boundary is `moegrow.orchestrate.boundary.grow_checkpoint`.
 
 A config may hold `stages`: stage 0 trains; each later stage names its growth `ops` (see
 `moegrow.surgery.apply.OPS`; none = continue the same model, e.g. on new data), its `steps`, and
@@ -36,14 +36,14 @@ import ml_collections
 
 from moegrow import checkpoint, data
 from moegrow.train import forgetting, loop
-from moegrow.train.boundary import (certificate_text, ewc_abstract, fisher_batches, grow_checkpoint,
+from moegrow.orchestrate.boundary import (certificate_text, ewc_abstract, fisher_batches, grow_checkpoint,
                                     teacher_params)
 from moegrow.train.logbook import Logbook
-from moegrow.train.plan import (Stage, adapter_stage, checkpoint_meta, config_diff, eval_sets, growth_key,
+from moegrow.orchestrate.parts import (Stage, adapter_stage, checkpoint_meta, config_diff, eval_sets, growth_key,
                                 latest, make_mesh, manager, model_config, objective, resolve_stages,
                                 stage_data, stage_train, state_bytes, train_iter)
+from moegrow.orchestrate.validate import validate_config
 from moegrow.train.steps import build_program
-from moegrow.train.validate import validate_config
 from moegrow.workdir_lock import WorkdirLock
 
 

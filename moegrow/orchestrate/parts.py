@@ -4,7 +4,7 @@
 declared config changes, no arrays); the rest builds a stage's pieces from the config: its train
 config (frozen entries), data (mixture and replay), objective (EWC, distillation), checkpoint
 manager, mesh, evaluation sets and training iterator. Pure bookkeeping: nothing here trains or
-grows (`moegrow.train.boundary` grows, `moegrow.train.stages` runs).
+grows (`moegrow.orchestrate.boundary` grows, `moegrow.orchestrate.stages` runs).
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ from jax.sharding import Mesh
 
 from moegrow import checkpoint, data, sharding
 from moegrow.config import ModelConfig
+from moegrow.orchestrate.validate import BASE_FROZEN, STAGE_KEYS, continual_options, lora_stage
+from moegrow.params.trees import to_plain
 from moegrow.surgery import apply as surgery
 from moegrow.train import optim
 from moegrow.train.steps import Objective
-from moegrow.train.validate import BASE_FROZEN, STAGE_KEYS, continual_options, lora_stage
-from moegrow.trees import to_plain
 
 
 @dataclasses.dataclass(frozen=True)

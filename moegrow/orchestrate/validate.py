@@ -16,10 +16,10 @@ import numpy as np
 from moegrow.config import ModelConfig
 from moegrow.data import tokenizer
 from moegrow.model import transformer as tf
+from moegrow.params.trees import flatten, to_plain
 from moegrow.sharding import MESH_AXES, mesh_sizes
 from moegrow.surgery import apply as surgery
 from moegrow.train import optim
-from moegrow.trees import flatten, to_plain
 
 STAGE_KEYS = ("name", "steps", "ops", "mixture", "frozen", "freeze_old_experts", "replay", "ewc", "distill", "lora")
 # Continual-learning stage options (growth stages only), with their defaults.

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moegrow.config import LORA_TARGETS as DEFAULT_TARGETS
-from moegrow.trees import flatten, unflatten
+from moegrow.params.trees import flatten, unflatten
 
 ROUTER = r"blocks/\d+/mlp/router_DE"  # the router is opt-in: add it to the targets
 

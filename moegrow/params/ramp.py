@@ -19,7 +19,7 @@ shifted by log m multiplies its softmax weight by m; at m = 0 the shift is the -
 Outside its slice a weight is returned unchanged (bit for bit), and at m = 1 so is the slice
 (x * 1.0 == x, b + log 1 == b), so a finished ramp is bit-identical to the plain model.
 
-Pure functions on plain dicts, like `moegrow.lora`: `apply` (the effective weights the model runs
+Pure functions on plain dicts, like `moegrow.params.lora`: `apply` (the effective weights the model runs
 on), `fold` (bake the masks in for good), `advance` (one training step of every ramp).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moegrow.config import ModelConfig
-from moegrow.trees import flatten, unflatten
+from moegrow.params.trees import flatten, unflatten
 
 KEY = "ramp"  # params[KEY][name]: the mask of ramp `name`
 LOG_FLOOR = -1e4  # log m is clipped here: m = 0 gives add_experts' "never selected" bias

@@ -1,7 +1,7 @@
 """Growth at a stage boundary: restore the finished stage's checkpoint at its own shapes, apply
 the next stage's ops to params and Adam moments in one jit, certify and save (docs/growth.md).
 
-`grow_checkpoint` is the one place that grows a checkpoint; `moegrow.train.stages` calls it at a
+`grow_checkpoint` is the one place that grows a checkpoint; `moegrow.orchestrate.stages` calls it at a
 boundary during a run and from `grow_offline`. The data-dependent inputs of the ops (expert
 loads, router centroids, EWC's Fisher) are measured here on the source model and passed to the
 pure surgery functions as arguments. The source checkpoint is never written to.
@@ -20,10 +20,10 @@ from moegrow.config import ModelConfig
 from moegrow.model import transformer as tf
 from moegrow.surgery import apply as surgery
 from moegrow.train import continual, optim, probes
-from moegrow.train.plan import (Stage, checkpoint_meta, config_diff, manager, stage_data, stage_train,
+from moegrow.orchestrate.parts import (Stage, checkpoint_meta, config_diff, manager, stage_data, stage_train,
                                 train_iter)
+from moegrow.params.trees import to_plain
 from moegrow.train.steps import build_program, params_sharding
-from moegrow.trees import to_plain
 
 
 def own_buffers(state):

@@ -1,6 +1,6 @@
 """Branch-Train-MiX as one config (Sukhbaatar et al. 2024): seed -> N branches -> mix -> MoE.
 
-    python -m moegrow.merge --config=<run config with a `btx` section> --workdir=<new dir>
+    python -m moegrow.btx --config=<run config with a `btx` section> --workdir=<new dir>
 
 config.btx:
   seed        the seed model's checkpoint: a run's workdir, its checkpoints dir or one step's dir
@@ -35,13 +35,14 @@ import numpy as np
 
 from moegrow import checkpoint
 from moegrow.model import transformer as tf
+from moegrow.orchestrate import merging, parts, stages
+from moegrow.params.trees import to_plain
 from moegrow.surgery import btx
 from moegrow.surgery import merge as merge_ops
 from moegrow.surgery.op import resolve_layers
-from moegrow.train import merging, plan, probes, stages
+from moegrow.train import probes
 from moegrow.train.logbook import print_table
 from moegrow.train.steps import build_program
-from moegrow.trees import to_plain
 from moegrow.workdir_lock import WorkdirLock
 
 DEFAULTS = dict(seed="", branches=(), layers="all", top_k=2, gating="topk_softmax", router="hidden",
@@ -96,7 +97,7 @@ def mixed_run_config(config) -> ml_collections.ConfigDict:
   """The mixed MoE's run config: the config with the model `btx.mix` produces."""
   s = spec(config)
   c = _without_btx(config)
-  cfg = btx.mixed_config(plan.model_config(config), len(s["branches"]), s["layers"], s["top_k"], s["gating"])
+  cfg = btx.mixed_config(parts.model_config(config), len(s["branches"]), s["layers"], s["top_k"], s["gating"])
   c.model = ml_collections.ConfigDict(cfg.to_dict())
   return c
 
@@ -124,9 +125,9 @@ def btx_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     seed_step_dir = checkpoint.step_dir(mngr, seed_step)
   finally:
     mngr.close()
-  if seed_cfg != plan.model_config(config):
+  if seed_cfg != parts.model_config(config):
     raise ValueError(f"btx: the seed checkpoint {seed_step_dir} holds a different model than config.model: "
-                     f"{plan.config_diff(seed_cfg, plan.model_config(config))}")
+                     f"{parts.config_diff(seed_cfg, parts.model_config(config))}")
   for b in s["branches"]:
     wd = branch_dir(workdir, b["name"])
     if jax.process_index() == 0:
@@ -159,12 +160,12 @@ def branch_centroids(means: dict, mixtures: list[dict], layers) -> dict[int, np.
 def mix_into(config, workdir: str, s: dict, seed_step_dir: str) -> dict[str, Any]:
   """Restore the finished branches, mix them (`moegrow.surgery.btx.mix`), save step 0 of the MoE
   run with a fresh optimizer state, write `<workdir>/btx.json`. Returns the certificate."""
-  cfg = plan.model_config(config)
+  cfg = parts.model_config(config)
   moe_config = mixed_run_config(config)
-  tr, mesh = moe_config.train, plan.make_mesh(moe_config)
+  tr, mesh = moe_config.train, parts.make_mesh(moe_config)
   branches = s["branches"]
   with WorkdirLock(workdir, enabled=jax.process_index() == 0):
-    out = plan.manager(workdir, 0, tr)
+    out = parts.manager(workdir, 0, tr)
     try:
       if out.latest_step() is not None:
         with open(os.path.join(workdir, "btx.json")) as f:
@@ -173,7 +174,7 @@ def mix_into(config, workdir: str, s: dict, seed_step_dir: str) -> dict[str, Any
       params = [merging.restore_params(branch_dir(workdir, b["name"]), mesh,
                                        branch_config(config, b, seed_step).train)[0] for b in branches]
       domains = list(dict.fromkeys(d for b in branches for d in b["mixture"]))
-      evals = plan.eval_sets(moe_config, domains)
+      evals = parts.eval_sets(moe_config, domains)
       layers = resolve_layers(cfg, s["layers"], "btx.mix")
       routers = biases = None
       if s["router"] == "hidden":
@@ -183,12 +184,12 @@ def mix_into(config, workdir: str, s: dict, seed_step_dir: str) -> dict[str, Any
         centroids = branch_centroids(means, [b["mixture"] for b in branches], layers)
         routers = {i: btx.router_from_centroids(c) for i, c in centroids.items()}
         biases = {i: btx.router_bias_from_centroids(c, routers[i]) for i, c in centroids.items()}
-      key = plan.growth_key(int(tr.seed), 0)
+      key = parts.growth_key(int(tr.seed), 0)
       mixed, new_cfg, report = btx.mix(params, cfg, key, shapes=tf.abstract_params, layers=layers,
                                        top_k=s["top_k"], router_std=s["router_std"], routers=routers,
                                        router_biases=biases, gating=s["gating"])
-      if new_cfg != plan.model_config(moe_config):
-        raise ValueError(f"btx: the mix gives {plan.config_diff(new_cfg, plan.model_config(moe_config))}")
+      if new_cfg != parts.model_config(moe_config):
+        raise ValueError(f"btx: the mix gives {parts.config_diff(new_cfg, parts.model_config(moe_config))}")
       dense = build_program(cfg, tr, mesh)
       seed_params = merging.restore_params(seed_step_dir, mesh, tr)[0]
       losses = {"seed": {d: v["loss"] for d, v in probes.domain_losses(dense, seed_params, evals).items()}}

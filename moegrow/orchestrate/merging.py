@@ -10,7 +10,7 @@ The sources are restored at their own (identical) model config on the current me
 state and lineage naming every source and the method: `moegrow.main` with the same config and
 workdir then trains it, and later stages grow it. The per-domain validation loss of every source
 and of the result is printed and written to `<workdir>/merge.json` with the source -> target
-path map. A config with a `btx` section instead runs Branch-Train-MiX (moegrow.train.branching). Sources are only read.
+path map. A config with a `btx` section instead runs Branch-Train-MiX (moegrow.orchestrate.branching). Sources are only read.
 """
 from __future__ import annotations
 
@@ -22,11 +22,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from moegrow import checkpoint
+from moegrow.orchestrate import parts, stages
+from moegrow.params.trees import flatten, to_plain
 from moegrow.surgery import merge as merge_ops
-from moegrow.train import loop, plan, probes, stages
+from moegrow.train import loop, probes
 from moegrow.train.logbook import print_table
 from moegrow.train.steps import build_program
-from moegrow.trees import flatten, to_plain
 from moegrow.workdir_lock import WorkdirLock
 
 
@@ -55,9 +56,9 @@ def merge_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   sources = list(m.sources)
   if not sources:
     raise ValueError("config: merge.sources is empty; name the checkpoints to merge")
-  tr, mesh = config.train, plan.make_mesh(config)
+  tr, mesh = config.train, parts.make_mesh(config)
   with WorkdirLock(workdir, enabled=jax.process_index() == 0), loop.Preempted():
-    out = plan.manager(workdir, 0, tr)
+    out = parts.manager(workdir, 0, tr)
     try:
       if out.latest_step() is not None:
         raise ValueError(f"{workdir} already holds checkpoints; merge into a new --workdir")
@@ -66,19 +67,19 @@ def merge_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
       cfgs = {c for _, c, _ in restored + ([base] if base else [])}
       if len(cfgs) > 1:
         first = restored[0][1]
-        odd = [(w, plan.config_diff(c, first)) for _, c, w in restored + ([base] if base else []) if c != first]
+        odd = [(w, parts.config_diff(c, first)) for _, c, w in restored + ([base] if base else []) if c != first]
         raise ValueError(f"merge: the checkpoints hold different models: {odd[0][0]} differs from "
                          f"{restored[0][2]} in {odd[0][1]}")
       cfg = restored[0][1]
-      if cfg != plan.model_config(config):
+      if cfg != parts.model_config(config):
         raise ValueError(f"merge: the sources' model differs from the config's: "
-                         f"{plan.config_diff(cfg, plan.model_config(config))}")
+                         f"{parts.config_diff(cfg, parts.model_config(config))}")
       program = build_program(cfg, tr, mesh)
       merged = merge_ops.merge(m.method, [p for p, _, _ in restored], base[0] if base else None,
                                overrides=[tuple(o) for o in m.get("overrides", ())],
                                key=jax.random.key(int(m.get("seed", 0))), **to_plain(m.get("params", {})))
       state = fresh_state(program, merged)
-      evals = plan.eval_sets(config)
+      evals = parts.eval_sets(config)
       losses = {w: {d: v["loss"] for d, v in probes.domain_losses(program, p, evals).items()} for p, _, w in restored}
       result = {d: v["loss"] for d, v in probes.domain_losses(program, state["params"], evals).items()}
       entry = {"merge": m.method, "params": to_plain(m.get("params", {})), "sources": [w for _, _, w in restored],
