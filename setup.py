@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="moegrow",
-    version="0.5.0",
+    version="0.6.0",
     license="Apache-2.0",
     description="Grow sparse Mixture-of-Experts language models in JAX: upcycle, add experts, "
                 "deepen and widen at checkpoint boundaries while training goes on.",

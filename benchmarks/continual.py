@@ -63,10 +63,10 @@ def main():
 
   cands = {
       "plain": (None, lambda s: None),
-      "EWC": (steps.Objective(ewc_lambda=1.0), lambda s: {"ewc": ewc_ctx(s)}),
-      "distill": (steps.Objective(distill_alpha=0.5, temperature=2.0, teacher_cfg=teacher),
+      "EWC": (steps.Objective(ewc_weight=1.0), lambda s: {"ewc": ewc_ctx(s)}),
+      "distill": (steps.Objective(distill_weight=0.5, temperature=2.0, teacher_cfg=teacher),
                   lambda s: {"teacher": teacher_params}),
-      "EWC + distill": (steps.Objective(ewc_lambda=1.0, distill_alpha=0.5, temperature=2.0, teacher_cfg=teacher),
+      "EWC + distill": (steps.Objective(ewc_weight=1.0, distill_weight=0.5, temperature=2.0, teacher_cfg=teacher),
                         lambda s: {"ewc": ewc_ctx(s), "teacher": teacher_params}),
   }
   batch, seq = 16, 256

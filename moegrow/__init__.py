@@ -14,4 +14,4 @@ Imports go one way (docs/architecture.md): commands -> orchestrate -> train -> {
 checkpoint, data} -> model -> {config, sharding, params}.
 """
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"

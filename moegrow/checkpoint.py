@@ -151,7 +151,7 @@ def with_adapters(meta: dict, cfg: ModelConfig, base_dir: str, step: int, params
   """`meta` of a LoRA stage's checkpoints: the adapters' config and their base's identity (the
   checkpoint `base_dir`, at `step`, holding `params`)."""
   ident = base_identity(dict(meta, _dir=base_dir), step, params)
-  return dict(meta, adapters={"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": list(cfg.lora_targets),
+  return dict(meta, adapters={"rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "targets": list(cfg.lora_targets),
                               "base": ident})
 
 

@@ -68,7 +68,7 @@ def make(arm):
   if arm == "protected":
     python.update(ops=(dict(op="add_experts", num_experts=4, mode="copy_noise"),),
                   freeze_old_experts=True,
-                  ewc=dict(lam=30.0, batches=4, batch_size=16),
+                  ewc=dict(weight=30.0, batches=4, batch_size=16),
                   replay=dict(fraction=0.05))
   c.stages = (dict(name="english", steps=60, mixture={ENGLISH: 1.0}), python)
   return c

@@ -4,6 +4,7 @@ same losses on the 8-device mesh."""
 import inspect
 import json
 import os
+import re
 import shutil
 import textwrap
 
@@ -53,7 +54,7 @@ def test_distill_after_exact_growth_has_zero_kl_and_the_teacher_matters():
   ops = [{"op": "add_experts", "num_experts": 4, "mode": "exact"}]
   grown, new_cfg, _ = surgery.apply_ops({"params": old}, old_cfg, ops, jax.random.key(1), shapes=tf.abstract_params,
                                         jit=True)
-  obj = steps.Objective(distill_alpha=0.3, temperature=2.0, teacher_cfg=old_cfg)
+  obj = steps.Objective(distill_weight=0.3, temperature=2.0, teacher_cfg=old_cfg)
   batch = tokens()
   loss_fn = jax.jit(lambda p, t: steps.lm_loss(new_cfg, p, batch, objective=obj, ctx={"teacher": t}))
   loss, m = loss_fn(grown["params"], old)
@@ -70,7 +71,7 @@ def test_distill_replay_only_weights_only_replayed_rows():
   cfg = moe(num_experts=2, top_k=1)
   student, teacher = tf.init_params(cfg, 0), tf.init_params(cfg, 1)
   batch = tokens()
-  obj = steps.Objective(distill_alpha=1.0, temperature=1.0, distill_replay_only=True, teacher_cfg=cfg)
+  obj = steps.Objective(distill_weight=1.0, temperature=1.0, distill_replay_only=True, teacher_cfg=cfg)
   none = dict(batch, replay=jnp.zeros((4,)))
   loss0, m0 = steps.lm_loss(cfg, student, none, objective=obj, ctx={"teacher": teacher})
   assert float(loss0) == pytest.approx(float(m0["ce"]) + float(tf.apply(cfg, student, batch["inputs"])[1]["loss"]),
@@ -164,9 +165,9 @@ def staged(data_dir, mesh=None, **stage1):
   c.train.update(steps=0, batch_size=8, log_every=1, eval_every=START, eval_batches=1, checkpoint_every=START,
                  keep_checkpoints=8, weight_decay=0.1)
   spec = dict(name="python", steps=END - START, mixture=NEW, ops=(dict(op="add_experts", num_experts=4, mode="exact"),),
-              freeze_old_experts=True, replay=dict(fraction=0.25, ramp_steps=2),
-              ewc=dict(lam=100.0, batches=2, batch_size=4, gamma=0.5),
-              distill=dict(alpha=0.5, temperature=2.0))
+              freeze_old_experts=True, replay=dict(fraction=0.25, warmin_steps=2),
+              ewc=dict(weight=100.0, batches=2, batch_size=4, gamma=0.5),
+              distill=dict(weight=0.5, temperature=2.0))
   spec.update(stage1)
   c.stages = (dict(name="shakespeare", steps=START, mixture=OLD), spec)
   return c
@@ -283,23 +284,35 @@ def test_eight_device_mesh_gives_the_same_losses(continual_run, tmp_path, data_d
 
 
 def test_continual_options_are_validated_by_name(data_dir):
-  for bad, key in [(dict(ewc=dict(lam=-1.0)), "stages[1].ewc.lam"),
-                   (dict(ewc=dict(lam=1.0, labels="gold")), "stages[1].ewc.labels"),
+  for bad, key in [(dict(ewc=dict(weight=-1.0)), "stages[1].ewc.weight"),
+                   (dict(ewc=dict(weight=1.0, labels="gold")), "stages[1].ewc.labels"),
                    (dict(replay=dict(fraction=1.5)), "stages[1].replay.fraction"),
-                   (dict(distill=dict(alpha=0.5, tau=2)), "stages[1].distill"),
+                   (dict(distill=dict(weight=0.5, tau=2)), "stages[1].distill"),
                    (dict(replay=None, distill=dict(replay_only=True)), "stages[1].distill.replay_only")]:
     with pytest.raises(ConfigError) as e:
       validate_config(staged(data_dir, **bad), 8)
     assert e.value.key == key, (bad, e.value)
 
 
+def test_keys_renamed_in_0_6_are_refused_with_their_new_name(data_dir):
+  for bad, key, new in [(dict(replay=dict(fraction=0.5, ramp_steps=4)), "stages[1].replay.ramp_steps",
+                         "stages[1].replay.warmin_steps"),
+                        (dict(ewc=dict(lam=1.0)), "stages[1].ewc.lam", "stages[1].ewc.weight"),
+                        (dict(distill=dict(alpha=0.5)), "stages[1].distill.alpha", "stages[1].distill.weight")]:
+    with pytest.raises(ConfigError, match=rf"{re.escape(new)} \(renamed in moegrow 0\.6\.0\)") as e:
+      validate_config(staged(data_dir, **bad), 8)
+    assert e.value.key == key, (bad, e.value)
+  # The new names are accepted with the same meaning.
+  assert validate_config(staged(data_dir, replay=dict(fraction=0.5, warmin_steps=4)), 8)
+
+
 def test_ewc_batch_must_split_over_data_shards(data_dir):
-  c = staged(data_dir, ewc=dict(lam=1.0, batch_size=3))
+  c = staged(data_dir, ewc=dict(weight=1.0, batch_size=3))
   c.data.shards = 2
   with pytest.raises(ConfigError) as e:
     validate_config(c, 8)
   assert e.value.key == "stages[1].ewc.batch_size"
-  c.stages = (c.stages[0], dict(c.stages[1], ewc=dict(lam=1.0, batch_size=4)))
+  c.stages = (c.stages[0], dict(c.stages[1], ewc=dict(weight=1.0, batch_size=4)))
   validate_config(c, 8)
 
 

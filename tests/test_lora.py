@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from moegrow.model import transformer as tf
-from moegrow.params import trees
-from moegrow.params import lora
+from moegrow.params import lora, trees
 from _tiny import moe
 
 ALPHA = 8.0
@@ -139,7 +138,7 @@ def lora_run(tmp_path_factory, data_dir):
   c = train_config(data_dir, steps=0, eval_every=3, eval_batches=1, checkpoint_every=3, keep_checkpoints=8,
                    log_every=1)
   c.model.update(moe_layers="every_other", num_experts=4, top_k=2)
-  c.stages = (dict(name="base", steps=3), dict(name="lora", steps=3, lora=dict(rank=4, alpha=8.0)),
+  c.stages = (dict(name="base", steps=3), dict(name="lora", steps=3, lora=dict(rank=4, lora_alpha=8.0)),
               dict(name="merged", steps=1, ops=(dict(op="merge_lora"),)))
   wd = str(tmp_path_factory.mktemp("lora") / "run")
   return c, wd, stages.train_and_evaluate(c, wd)
@@ -247,7 +246,7 @@ def test_adapter_checkpoints_resume_exactly_next_to_a_pinned_base(lora_run, tmp_
   assert _dir_bytes(os.path.join(ck, "stage1_5", "state")) < _dir_bytes(os.path.join(ck, "stage1_3", "state"))
   with open(os.path.join(ck, "stage1_5", "meta", "metadata")) as f:
     ad = json.load(f)["adapters"]
-  assert (ad["rank"], ad["alpha"], ad["base"]["checkpoint"], ad["base"]["step"]) == (4, 8.0, "stage1_3", 3)
+  assert (ad["rank"], ad["lora_alpha"], ad["base"]["checkpoint"], ad["base"]["step"]) == (4, 8.0, "stage1_3", 3)
   c2.train.stop_at_step = 0
   stages.train_and_evaluate(c2, wd2)
   one = {r["step"]: r["loss"] for r in read_metrics(wd) if "loss" in r}
@@ -327,7 +326,7 @@ def test_task_arithmetic_on_adapters_is_the_sum_of_their_products():
   for p in want:
     np.testing.assert_allclose(np.asarray(got[p], np.float64), want[p], atol=2e-6, err_msg=p)
   assert not np.allclose(got["blocks/0/attn/wq_DHA"], params["blocks"]["0"]["attn"]["wq_DHA"])
-  with pytest.raises(ValueError, match="2 adapter sets but 3 alphas"):
+  with pytest.raises(ValueError, match="2 adapter sets but 3 lora_alpha values"):
     merge_adapters("ties", params, [ad1, ad2], [1.0, 2.0, 3.0])
   with pytest.raises(ValueError, match="'slerp' does not merge task vectors"):
     merge_adapters("slerp", params, [ad1, ad2], 1.0)
@@ -340,6 +339,17 @@ def test_lora_dropout_is_refused_with_the_reason():
   assert ops == (dict(op="add_lora", rank=2),) and frozen == (validate.BASE_FROZEN,)
   with pytest.raises(ValueError, match=r"stages\[1\]\.lora\.dropout=0\.1: LoRA dropout is not supported.*folded"):
     validate.lora_stage(dict(rank=2, dropout=0.1), cfg, (), (), 1)
+
+
+def test_lora_alpha_under_its_old_name_is_refused_with_the_new_one():
+  from moegrow.orchestrate import validate
+  from moegrow.surgery import apply as surgery
+  with pytest.raises(ValueError, match=r"stages\[1\]\.lora\.alpha.*stages\[1\]\.lora\.lora_alpha \(renamed"):
+    validate.lora_stage(dict(rank=2, alpha=4.0), moe(), (), (), 1)
+  with pytest.raises(ValueError, match=r"add_lora: argument\(s\) renamed in moegrow 0\.6\.0: alpha is now lora_alpha"):
+    surgery.grown_config(moe(), [dict(op="add_lora", rank=2, alpha=4.0)])
+  ops, _ = validate.lora_stage(dict(rank=2, lora_alpha=4.0), moe(), (), (), 1)
+  assert surgery.grown_config(moe(), list(ops)).lora_alpha == 4.0
 
 
 def test_a_stage_can_grow_and_add_adapters_at_one_boundary():

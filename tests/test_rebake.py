@@ -193,7 +193,7 @@ def rebake_config(data_dir):
                  keep_checkpoints=4, warmup_steps=1)
   c.stages = (dict(name="moe", steps=START),
               dict(name="dense", steps=END - START, ops=(dict(op="to_dense", mode="concat_topk", k=2),),
-                   distill=dict(alpha=1.0, temperature=1.0)))
+                   distill=dict(weight=1.0, temperature=1.0)))
   return c
 
 

@@ -14,7 +14,7 @@ top-1 Switch gating ('softmax_topk': the expert's output times its router probab
               merge, Branch-Train-Merge-style), then K steps on the mixture;
   rebake      the distilled re-bake: btx's final MoE -> a dense student of the seed's size
               (`to_dense`, k=1: each layer's most-loaded expert), trained R more steps with
-              distillation from the frozen btx MoE (alpha 0.5, T 1);
+              distillation from the frozen btx MoE (weight 0.5, T 1);
   rebake_plain  the same student, the same R steps and tokens, no teacher.
 Every arm trains on 2M + K batches after the seed (the branches' tokens included); the x axis
 counts training FLOPs after the seed (moegrow.flops). `routing_report` measures, at the end, the
@@ -83,11 +83,11 @@ def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
   btm.merge = dict(sources=["arm:btx/branches/shakespeare", "arm:btx/branches/python"], base="", method="linear",
                    params={}, overrides=[], seed=0)
   out["btm"] = btm
-  for name, alpha in (("rebake", 0.5), ("rebake_plain", 0.0)):
+  for name, kl_weight in (("rebake", 0.5), ("rebake_plain", 0.0)):
     c = mixed_run_config(out["btx"])
     rebake = dict(name="rebake", steps=s["rebake_steps"], ops=(dict(op="to_dense", k=1),))
-    if alpha:
-      rebake["distill"] = dict(alpha=alpha, temperature=1.0)
+    if kl_weight:
+      rebake["distill"] = dict(weight=kl_weight, temperature=1.0)
     c.stages = (dict(name="btx", steps=s["mix_steps"]), rebake)
     c.train.steps = 0  # the stages' total
     out[name] = c

@@ -48,16 +48,16 @@ def stage1(name: str) -> dict:
   if name.startswith("replay_"):
     spec["replay"] = dict(fraction=int(name.split("_")[1]) / 100)
   elif name in EWC:
-    spec["ewc"] = dict(lam=EWC[name], batches=4, batch_size=16)
+    spec["ewc"] = dict(weight=EWC[name], batches=4, batch_size=16)
   elif name.startswith("grow_freeze"):
     spec.update(ops=GROW, freeze_old_experts=True)
     if name.endswith("distill"):
-      spec["distill"] = dict(alpha=0.5, temperature=2.0)
+      spec["distill"] = dict(weight=0.5, temperature=2.0)
     if name.endswith("replay5"):
       spec["replay"] = dict(fraction=0.05)
   elif name.startswith("lora_"):
     rank = int(name.split("_")[1])
-    spec["lora"] = dict(rank=rank, alpha=2.0 * rank)
+    spec["lora"] = dict(rank=rank, lora_alpha=2.0 * rank)
   elif name != "plain":
     raise ValueError(f"experiments/continual: unknown arm {name!r}")
   return spec

@@ -100,20 +100,20 @@ def _seed_for(seed: int, name: str) -> int:
 
 class Replay:
   """Replay of earlier data within a stage: a `fraction` of the rows comes from `mixture` (the
-  old domains), ramped linearly from 0 over the stage's first `ramp_steps` steps (0: at once).
-  Row weights at step s: (1 - r_s) * new + r_s * old, r_s = fraction * min(1, s / ramp_steps)."""
+  old domains), warmed in linearly from 0 over the stage's first `warmin_steps` steps (0: at once).
+  Row weights at step s: (1 - r_s) * new + r_s * old, r_s = fraction * min(1, s / warmin_steps)."""
 
-  def __init__(self, mixture: Mapping[str, float], fraction: float, ramp_steps: int = 0):
+  def __init__(self, mixture: Mapping[str, float], fraction: float, warmin_steps: int = 0):
     if not 0 <= fraction <= 1:
       raise ValueError(f'replay fraction={fraction} must be in [0, 1]')
-    if ramp_steps < 0:
-      raise ValueError(f'replay ramp_steps={ramp_steps} must be >= 0')
+    if warmin_steps < 0:
+      raise ValueError(f'replay warmin_steps={warmin_steps} must be >= 0')
     self.mixture = _check_mixture(mixture)
-    self.fraction, self.ramp_steps = float(fraction), int(ramp_steps)
+    self.fraction, self.warmin_steps = float(fraction), int(warmin_steps)
 
   def at(self, step: int) -> float:
-    if self.ramp_steps and step < self.ramp_steps:
-      return self.fraction * step / self.ramp_steps
+    if self.warmin_steps and step < self.warmin_steps:
+      return self.fraction * step / self.warmin_steps
     return self.fraction
 
 

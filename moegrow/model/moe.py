@@ -32,8 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moegrow.config import ModelConfig
-from moegrow.config import fan_in_std
+from moegrow.config import ModelConfig, fan_in_std
 from moegrow.model import expert_parallel
 from moegrow.model.grouped_ffn import chunk_sizes, expert_ffn, sort_by_key
 from moegrow.model.layers import Mlp, activation, param

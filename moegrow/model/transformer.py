@@ -22,8 +22,7 @@ from flax import nnx
 from moegrow.config import ModelConfig
 from moegrow.model.layers import Attention, Mlp, RMSNorm, param
 from moegrow.model.moe import MoeMlp
-from moegrow.params import lora
-from moegrow.params import ramp
+from moegrow.params import lora, ramp
 from moegrow.params.trees import check_tree, to_plain
 from moegrow.sharding import constrain
 

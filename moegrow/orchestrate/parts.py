@@ -38,9 +38,9 @@ class Stage:
   mixture: dict | None  # None: the config's data.mixture
   cfg: ModelConfig  # the model trained in this stage
   frozen: tuple = ()  # entries added to train.frozen in this stage (see optim.make_optimizer)
-  replay: dict | None = None  # {'fraction', 'ramp_steps'}: rows from the previous stage's mixture
+  replay: dict | None = None  # {'fraction', 'warmin_steps'}: rows from the previous stage's mixture
   ewc: dict | None = None  # {'lam', 'batches', 'batch_size', 'labels', 'gamma'}
-  distill: dict | None = None  # {'alpha', 'temperature', 'replay_only'}: the previous model teaches
+  distill: dict | None = None  # {'weight', 'temperature', 'replay_only'}: the previous model teaches
 
 
 def stage_train(tr, stage: Stage):
@@ -91,7 +91,7 @@ def stage_data(config, stages: list[Stage]) -> list[tuple[dict, data.Replay | No
     mixture = dict(st.mixture or config.data.mixture)
     replay = None
     if st.replay and st.replay["fraction"] > 0:
-      replay = data.Replay(prev, st.replay["fraction"], st.replay["ramp_steps"])
+      replay = data.Replay(prev, st.replay["fraction"], st.replay["warmin_steps"])
     norm = {n: w / sum(mixture.values()) for n, w in mixture.items()}
     if replay is None:
       prev = {n: w for n, w in norm.items() if w > 0}
@@ -110,8 +110,8 @@ def objective(stage: Stage, stages: list[Stage]) -> Objective | None:
   if not (stage.ewc or stage.distill):
     return None
   d = stage.distill or {}
-  return Objective(ewc_lambda=float(stage.ewc["lam"]) if stage.ewc else 0.0,
-                   distill_alpha=float(d.get("alpha", 0.0)), temperature=float(d.get("temperature", 1.0)),
+  return Objective(ewc_weight=float(stage.ewc["weight"]) if stage.ewc else 0.0,
+                   distill_weight=float(d.get("weight", 0.0)), temperature=float(d.get("temperature", 1.0)),
                    distill_replay_only=bool(d.get("replay_only", False)),
                    teacher_cfg=stages[stage.index - 1].cfg if d else None)
 

@@ -24,13 +24,21 @@ from moegrow.train import optim
 STAGE_KEYS = ("name", "steps", "ops", "mixture", "frozen", "freeze_old_experts", "replay", "ewc", "distill", "lora")
 # Continual-learning stage options (growth stages only), with their defaults.
 CONTINUAL = {
-    # A fraction of rows replayed from the previous stage's mixture, ramped over ramp_steps.
-    "replay": {"fraction": 0.0, "ramp_steps": 0},
+    # A fraction of rows replayed from the previous stage's mixture, warmed in over warmin_steps.
+    "replay": {"fraction": 0.0, "warmin_steps": 0},
     # EWC: Fisher on `batches` x `batch_size` rows of the previous stage's data at its end;
     # gamma: online EWC's decay of the earlier Fisher (None: only the newest one).
-    "ewc": {"lam": 0.0, "batches": 4, "batch_size": 8, "labels": "data", "gamma": None},
+    "ewc": {"weight": 0.0, "batches": 4, "batch_size": 8, "labels": "data", "gamma": None},
     # Distillation from the previous stage's final model (the teacher).
-    "distill": {"alpha": 0.5, "temperature": 1.0, "replay_only": False},
+    "distill": {"weight": 0.5, "temperature": 1.0, "replay_only": False},
+}
+# Keys renamed in 0.6.0 (one meaning per name): a config that still uses the old key is refused with
+# the new one. {option: {old key: new key}}.
+RENAMED = {
+    "replay": {"ramp_steps": "warmin_steps"},  # "ramp" is ramped growth (MSG); this is replay's warm-in
+    "ewc": {"lam": "weight"},  # `lam` is also a merge method's scale
+    "distill": {"alpha": "weight"},  # `alpha` is also LoRA's scale
+    "lora": {"alpha": "lora_alpha"},
 }
 
 
@@ -102,19 +110,21 @@ def _mixture(tree, key: str) -> dict[str, float]:
   return {str(k): float(v) for k, v in mix.items()}
 
 
-LORA_KEYS = ("rank", "alpha", "targets", "dropout")
+LORA_KEYS = ("rank", "lora_alpha", "targets", "dropout")
 BASE_FROZEN = r"^(?!lora/)"  # every parameter but the adapters
 
 
 def lora_stage(spec, cfg: ModelConfig, ops: tuple, frozen: tuple, i: int) -> tuple[tuple, tuple]:
-  """A stage's `lora=dict(rank, alpha, targets, dropout=0.0)`: add_lora after the stage's ops (unless
+  """A stage's `lora=dict(rank, lora_alpha, targets, dropout=0.0)`: add_lora after the stage's ops (unless
   the model already carries adapters, which then train on), and the base frozen (no optimizer
   state). Dropout on the adapter path is refused (see the error)."""
   spec = to_plain(spec)
+  if isinstance(spec, dict):
+    _refuse_renamed("lora", spec, f"stages[{i}].lora")
   unknown = sorted(set(spec) - set(LORA_KEYS)) if isinstance(spec, dict) else None
   spec = dict(spec) if isinstance(spec, dict) else spec
   if unknown is None or unknown or (not cfg.lora_rank and "rank" not in spec):
-    raise ValueError(f"stages[{i}].lora={spec!r}: expected dict(rank=, alpha=, targets=) with keys among "
+    raise ValueError(f"stages[{i}].lora={spec!r}: expected dict(rank=, lora_alpha=, targets=) with keys among "
                      f"{LORA_KEYS}" + (f" (unknown: {unknown})" if unknown else ""))
   dropout = spec.pop("dropout", 0.0)
   if dropout:
@@ -123,9 +133,9 @@ def lora_stage(spec, cfg: ModelConfig, ops: tuple, frozen: tuple, i: int) -> tup
                      "leaves no separate x A B path to drop; use dropout=0.0")
   if not cfg.lora_rank:
     ops = ops + (dict(op="add_lora", **spec),)
-  elif any(spec.get(k, v) != v for k, v in (("rank", cfg.lora_rank), ("alpha", cfg.lora_alpha))):
+  elif any(spec.get(k, v) != v for k, v in (("rank", cfg.lora_rank), ("lora_alpha", cfg.lora_alpha))):
     raise ValueError(f"stages[{i}].lora={spec}: the model already carries adapters of rank {cfg.lora_rank}, "
-                     f"alpha {cfg.lora_alpha}; they train on as they are (merge_lora first to start new ones)")
+                     f"lora_alpha {cfg.lora_alpha}; they train on as they are (merge_lora first to start new ones)")
   return ops, frozen + (BASE_FROZEN,)
 
 
@@ -282,6 +292,14 @@ def _check_frozen(entries: list, key: str, cfgs: list[ModelConfig]) -> None:
         raise ConfigError(k, e, str(err).split(": ", 1)[-1]) from err
 
 
+def _refuse_renamed(option: str, given: dict, key: str) -> None:
+  """ConfigError for a key renamed in 0.6.0, naming the new key."""
+  for old, new in RENAMED.get(option, {}).items():
+    if old in given:
+      raise ConfigError(f"{key}.{old}", given[old], f"the same setting under its new name, {key}.{new} "
+                        f"(renamed in moegrow 0.6.0)")
+
+
 def continual_options(spec: dict, i: int) -> dict[str, dict | None]:
   """A stage spec's replay / ewc / distill options, each filled with its defaults (None: off).
   ConfigError naming `stages[i].<option>.<field>` for anything out of range."""
@@ -299,6 +317,7 @@ def continual_options(spec: dict, i: int) -> dict[str, dict | None]:
     if not hasattr(given, "items"):
       raise ConfigError(key, given, f"a dict with keys among {sorted(defaults)}")
     given = to_plain(given)
+    _refuse_renamed(name, given, key)
     unknown = sorted(set(given) - set(defaults))
     if unknown:
       raise ConfigError(key, given, f"keys among {sorted(defaults)} (unknown: {unknown})")
@@ -306,11 +325,11 @@ def continual_options(spec: dict, i: int) -> dict[str, dict | None]:
     if name == "replay":
       if not (_is_num(opt["fraction"]) and 0 <= opt["fraction"] <= 1):
         raise ConfigError(f"{key}.fraction", opt["fraction"], "a number in [0, 1]")
-      if not (_is_int(opt["ramp_steps"]) and opt["ramp_steps"] >= 0):
-        raise ConfigError(f"{key}.ramp_steps", opt["ramp_steps"], "an integer >= 0")
+      if not (_is_int(opt["warmin_steps"]) and opt["warmin_steps"] >= 0):
+        raise ConfigError(f"{key}.warmin_steps", opt["warmin_steps"], "an integer >= 0")
     elif name == "ewc":
-      if not (_is_num(opt["lam"]) and opt["lam"] > 0):
-        raise ConfigError(f"{key}.lam", opt["lam"], "a finite number > 0 (the penalty's weight)")
+      if not (_is_num(opt["weight"]) and opt["weight"] > 0):
+        raise ConfigError(f"{key}.weight", opt["weight"], "a finite number > 0 (the penalty's weight)")
       for f in ("batches", "batch_size"):
         if not (_is_int(opt[f]) and opt[f] >= 1):
           raise ConfigError(f"{key}.{f}", opt[f], "an integer >= 1")
@@ -319,8 +338,8 @@ def continual_options(spec: dict, i: int) -> dict[str, dict | None]:
       if opt["gamma"] is not None and not (_is_num(opt["gamma"]) and 0 <= opt["gamma"] <= 1):
         raise ConfigError(f"{key}.gamma", opt["gamma"], "None (offline EWC) or a number in [0, 1] (online EWC)")
     else:
-      if not (_is_num(opt["alpha"]) and 0 < opt["alpha"] <= 1):
-        raise ConfigError(f"{key}.alpha", opt["alpha"], "a number in (0, 1]")
+      if not (_is_num(opt["weight"]) and 0 < opt["weight"] <= 1):
+        raise ConfigError(f"{key}.weight", opt["weight"], "a number in (0, 1] (the distillation term's weight)")
       if not (_is_num(opt["temperature"]) and opt["temperature"] > 0):
         raise ConfigError(f"{key}.temperature", opt["temperature"], "a finite number > 0")
       if not isinstance(opt["replay_only"], bool):

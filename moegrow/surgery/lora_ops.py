@@ -1,8 +1,8 @@
 """LoRA adapters as growth ops: `add_lora` (exact: B = 0) and `merge_lora` (folds them in).
 
-    add_lora(cfg, rank=8, alpha=16.0, targets=None)   params['lora'] appears: A ~ N(0, 1/in), B = 0
-    merge_lora(cfg)                                  W <- W + (alpha / r) A B; params['lora'] goes
-    merge_adapters(method, base, adapters, alpha)    several adapters combined by a merge method
+    add_lora(cfg, rank=8, lora_alpha=16.0, targets=None)  params['lora'] appears: A ~ N(0, 1/in), B = 0
+    merge_lora(cfg)                                     W <- W + (lora_alpha / r) A B; params['lora'] goes
+    merge_adapters(method, base, adapters, lora_alpha)  several adapters combined by a merge method
 Both are exact: `merge_lora`'s weights are the very sums `moegrow.model.transformer.apply` forms
 from the adapters (same float32 arithmetic, same cast), so logits are bit-identical. Other growth
 ops refuse a model that carries adapters (merge them first): they would need rules for every
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from moegrow.config import LORA_TARGETS
 from moegrow.params import lora
-from moegrow.surgery import merge as merging
+from moegrow.surgery import merge as merge_ops
 from moegrow.surgery import rules as R
 from moegrow.surgery.op import Plan, growth_op
 
@@ -32,7 +32,7 @@ def _a_init() -> R.Action:
 
 
 @growth_op
-def add_lora(cfg, *, rank: int, alpha: float = 16.0, targets: Sequence[str] | None = None) -> Plan:
+def add_lora(cfg, *, rank: int, lora_alpha: float = 16.0, targets: Sequence[str] | None = None) -> Plan:
   """Adapters on every weight matched by `targets` (default: attention q/k/v/o and dense, shared
   and expert MLP weights; one A, B per expert). Exact: B starts at 0."""
   if cfg.lora_rank:
@@ -40,7 +40,7 @@ def add_lora(cfg, *, rank: int, alpha: float = 16.0, targets: Sequence[str] | No
                      "fold them in with merge_lora first")
   if rank < 1:
     raise ValueError(f"add_lora: rank={rank} must be >= 1")
-  new_cfg = cfg.replace(lora_rank=int(rank), lora_alpha=float(alpha), lora_targets=tuple(targets or LORA_TARGETS))
+  new_cfg = cfg.replace(lora_rank=int(rank), lora_alpha=float(lora_alpha), lora_targets=tuple(targets or LORA_TARGETS))
 
   def rules(key):
     return [(r"lora/.+/A", _a_init()), (r"lora/.+/B", R.init("zeros")), (".*", R.copy())]
@@ -69,19 +69,21 @@ def merge_lora(cfg) -> Plan:
   return Plan(base, rules, exact=True, note="the merged weights are the sums the adapter model computes")
 
 
-def merge_adapters(method: str, base: Mapping, adapters: Sequence[Mapping], alpha: float | Sequence[float], *,
+def merge_adapters(method: str, base: Mapping, adapters: Sequence[Mapping],
+                   lora_alpha: float | Sequence[float], *,
                    key=None, **params) -> dict:
   """Combine adapters trained on one base (task arithmetic on adapters): each adapter set is a
-  task vector tau_i = (alpha_i / r_i) A_i B_i on its weights (zero elsewhere), and `method` (any
+  task vector tau_i = (lora_alpha_i / r_i) A_i B_i on its weights (zero elsewhere), and `method` (any
   of `moegrow.surgery.merge.METHODS` that takes a base, e.g. task_arithmetic, ties, dare_ties)
   merges the models base + tau_i. Returns plain params (no adapters). The adapters' product, not
   A and B separately, is merged: sum_i A_i B_i is not (sum_i A_i)(sum_i B_i)."""
   if not adapters:
     raise ValueError("merge_adapters: no adapters given")
-  alphas = [float(alpha)] * len(adapters) if isinstance(alpha, (int, float)) else [float(a) for a in alpha]
+  alphas = ([float(lora_alpha)] * len(adapters) if isinstance(lora_alpha, (int, float))
+            else [float(a) for a in lora_alpha])
   if len(alphas) != len(adapters):
-    raise ValueError(f"merge_adapters: {len(adapters)} adapter sets but {len(alphas)} alphas")
-  if method not in merging.NEEDS_BASE:
-    raise ValueError(f"merge_adapters: {method!r} does not merge task vectors; use one of {merging.NEEDS_BASE}")
+    raise ValueError(f"merge_adapters: {len(adapters)} adapter sets but {len(alphas)} lora_alpha values")
+  if method not in merge_ops.NEEDS_BASE:
+    raise ValueError(f"merge_adapters: {method!r} does not merge task vectors; use one of {merge_ops.NEEDS_BASE}")
   models = [lora.apply(base, ad, a) for ad, a in zip(adapters, alphas)]
-  return merging.merge(method, models, base, key=key, **params)
+  return merge_ops.merge(method, models, base, key=key, **params)

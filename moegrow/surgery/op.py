@@ -62,6 +62,10 @@ def conforms(v, tp) -> bool:
   return isinstance(v, tp)
 
 
+# Op arguments renamed in 0.6.0: {op: {old: new}}. An old name is refused with the new one.
+RENAMED_ARGS = {"add_lora": {"alpha": "lora_alpha"}}
+
+
 def growth_op(fn):
   """Checks an op's keyword arguments (names and types from its annotations) and its config."""
   sig = inspect.signature(fn)
@@ -71,6 +75,10 @@ def growth_op(fn):
   @functools.wraps(fn)
   def wrapper(cfg, **args) -> Plan:
     unknown = sorted(set(args) - set(names))
+    renamed = {k: v for k, v in RENAMED_ARGS.get(fn.__name__, {}).items() if k in unknown}
+    if renamed:
+      raise ValueError(f"{fn.__name__}: argument(s) renamed in moegrow 0.6.0: "
+                       + ", ".join(f"{k} is now {v}" for k, v in renamed.items()))
     if unknown:
       raise ValueError(f"{fn.__name__}: unknown argument(s) {unknown}; valid: {names}")
     for n, v in args.items():

@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 
 
-def ewc_penalty(params, fisher, anchor, lam: float) -> jax.Array:
-  """lam/2 * sum_i F_i (theta_i - theta*_i)^2 (Kirkpatrick et al. 2017, eq. 3), in float32."""
+def ewc_penalty(params, fisher, anchor, weight: float) -> jax.Array:
+  """weight/2 * sum_i F_i (theta_i - theta*_i)^2 (Kirkpatrick et al. 2017, eq. 3), in float32."""
   terms = jax.tree_util.tree_map(
       lambda p, f, a: jnp.sum(f.astype(jnp.float32) * jnp.square(p.astype(jnp.float32) - a.astype(jnp.float32))),
       params, fisher, anchor)
-  return 0.5 * lam * sum(jax.tree_util.tree_leaves(terms), jnp.zeros((), jnp.float32))
+  return 0.5 * weight * sum(jax.tree_util.tree_leaves(terms), jnp.zeros((), jnp.float32))
 
 
 def online_fisher(old, new, gamma: float):

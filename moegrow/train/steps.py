@@ -36,20 +36,20 @@ from moegrow.train import continual, optim
 class Objective:
   """Loss terms against forgetting (all off by default; see moegrow.train.continual).
 
-  ewc_lambda: weight of the EWC penalty lam/2 sum F (theta - theta*)^2 (needs ctx['ewc']).
-  distill_alpha, temperature: loss (1 - a) CE + a T^2 KL(teacher_T || student_T) per token.
+  ewc_weight: w in the EWC penalty w/2 sum F (theta - theta*)^2 (needs ctx['ewc']).
+  distill_weight (a), temperature (T): loss (1 - a) CE + a T^2 KL(teacher_T || student_T) per token.
   distill_replay_only: distil only on rows of replayed domains (the batch's 'replay' row mask).
-  teacher_cfg: the teacher's model config (the pre-growth model); needed when distill_alpha > 0.
+  teacher_cfg: the teacher's model config (the pre-growth model); needed when distill_weight > 0.
   """
-  ewc_lambda: float = 0.0
-  distill_alpha: float = 0.0
+  ewc_weight: float = 0.0
+  distill_weight: float = 0.0
   temperature: float = 1.0
   distill_replay_only: bool = False
   teacher_cfg: ModelConfig | None = None
 
   @property
   def active(self) -> bool:
-    return self.ewc_lambda > 0 or self.distill_alpha > 0
+    return self.ewc_weight > 0 or self.distill_weight > 0
 
 
 def lm_loss(cfg: ModelConfig, params, batch, rng=None, objective: Objective | None = None, ctx=None):
@@ -60,19 +60,19 @@ def lm_loss(cfg: ModelConfig, params, batch, rng=None, objective: Objective | No
   moe = {i: {k: m[k] for k in ("load", "dropped", "router_entropy")} for i, m in aux["layers"].items()}
   metrics = {"ce": ce, "aux_loss": aux["aux_loss"], "z_loss": aux["z_loss"], "moe": moe}
   task = ce
-  if objective is not None and objective.distill_alpha > 0:
+  if objective is not None and objective.distill_weight > 0:
     teacher_BTV, _ = tf.apply(objective.teacher_cfg, jax.lax.stop_gradient(ctx["teacher"]), batch["inputs"])
     kl_BT = continual.distill_kl(teacher_BTV, logits_BTV, objective.temperature)
-    weight_BT = jnp.full(ce_BT.shape, objective.distill_alpha, jnp.float32)
+    weight_BT = jnp.full(ce_BT.shape, objective.distill_weight, jnp.float32)
     if objective.distill_replay_only:
       weight_BT = weight_BT * batch["replay"][:, None]
     t2 = objective.temperature ** 2
     task = jnp.mean((1.0 - weight_BT) * ce_BT + weight_BT * t2 * kl_BT)  # Hinton et al. 2015, sec. 2
     metrics["distill_kl"] = jnp.sum(kl_BT * (weight_BT > 0)) / jnp.maximum(jnp.sum(weight_BT > 0), 1)
   loss = task + aux["loss"]
-  if objective is not None and objective.ewc_lambda > 0:
+  if objective is not None and objective.ewc_weight > 0:
     metrics["ewc_penalty"] = continual.ewc_penalty(params, ctx["ewc"]["fisher"], ctx["ewc"]["anchor"],
-                                                   objective.ewc_lambda)
+                                                   objective.ewc_weight)
     loss = loss + metrics["ewc_penalty"]
   return loss, metrics
 
@@ -170,12 +170,12 @@ def _build_program(cfg: ModelConfig, train_cfg, mesh: Mesh, objective: Objective
   objective = objective if objective is not None and objective.active else None
   ctx_sh = None
   if objective is not None:
-    if objective.distill_alpha > 0 and objective.teacher_cfg is None:
-      raise ValueError("Objective: distill_alpha > 0 needs the teacher's model config (teacher_cfg)")
+    if objective.distill_weight > 0 and objective.teacher_cfg is None:
+      raise ValueError("Objective: distill_weight > 0 needs the teacher's model config (teacher_cfg)")
     ctx_sh = {}
-    if objective.ewc_lambda > 0:
+    if objective.ewc_weight > 0:
       ctx_sh["ewc"] = {"fisher": sh["params"], "anchor": sh["params"]}
-    if objective.distill_alpha > 0:
+    if objective.distill_weight > 0:
       ctx_sh["teacher"] = params_sharding(objective.teacher_cfg, mesh)
 
   def init(key):
