@@ -142,7 +142,24 @@ def lora_stage(spec, cfg: ModelConfig, ops: tuple, frozen: tuple, i: int) -> tup
 def validate_config(config, num_devices: int, process_count: int = 1) -> list[ModelConfig]:
   """Check the whole run config; return the model config of every stage. Raises ConfigError."""
   cfg = model_config(config)
-  # data
+  tok_spec, tok = _check_data(config)
+  _check_train(config)
+  data_parallel = _check_mesh(config, num_devices)
+  _check_batches(config, data_parallel, process_count)
+  specs = list(config.get("stages", None) or ())
+  cfgs = _check_stages(config, specs, cfg)
+  _check_frozen(list(config.train.get("frozen", ()) or ()), "train.frozen", cfgs)
+  _check_stage_options(config, specs, cfgs)
+  # the tokenizer's ids must all have embedding rows, in every stage's model
+  try:
+    tokenizer.check_vocab(tok, min(c.vocab_size for c in cfgs))
+  except ValueError as e:
+    raise ConfigError("data.tokenizer", tok_spec, str(e)) from e
+  return cfgs
+
+
+def _check_data(config) -> tuple[Any, Any]:
+  """data.*: sequence length, shards, mixture; load the tokenizer. Returns (its spec, the tokenizer)."""
   _int(config, "data.seq_len", 1)
   _int(config, "data.shards", 0)
   _mixture(config, "data.mixture")
@@ -152,24 +169,31 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> list[Mo
   except ValueError as e:
     raise ConfigError("data.tokenizer", tok_spec,
                       f"'bytes' or a usable tokenizer.json, or a folder holding one ({e})") from e
-  # train
-  tr = "train"
+  return tok_spec, tok
+
+
+def _check_train(config) -> None:
+  """train.*: counts, optimizer numbers and the schedule (the batch sizes against the mesh come later)."""
   for k in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size"):
-    _int(config, f"{tr}.{k}", 1)
-  _int(config, f"{tr}.eval_batches", 0, what="an integer >= 1, or 0 (the whole validation split)")
+    _int(config, f"train.{k}", 1)
+  _int(config, "train.eval_batches", 0, what="an integer >= 1, or 0 (the whole validation split)")
   for k in ("warmup_steps", "eval_every", "stop_after_steps", "stop_at_step"):
     if k in config.train:
-      _int(config, f"{tr}.{k}", 0)
-  _int(config, f"{tr}.seed")
-  _num(config, f"{tr}.lr", 0, lo_open=True)
-  _num(config, f"{tr}.min_lr_ratio", 0, 1)
-  _num(config, f"{tr}.b1", 0, 1, hi_open=True)
-  _num(config, f"{tr}.b2", 0, 1, hi_open=True)
-  _num(config, f"{tr}.weight_decay", 0)
-  _num(config, f"{tr}.grad_clip", 0)
+      _int(config, f"train.{k}", 0)
+  _int(config, "train.seed")
+  _num(config, "train.lr", 0, lo_open=True)
+  _num(config, "train.min_lr_ratio", 0, 1)
+  _num(config, "train.b1", 0, 1, hi_open=True)
+  _num(config, "train.b2", 0, 1, hi_open=True)
+  _num(config, "train.weight_decay", 0)
+  _num(config, "train.grad_clip", 0)
   if config.train.schedule not in optim.SCHEDULES:
     raise ConfigError("train.schedule", config.train.schedule, f"one of {optim.SCHEDULES}")
-  # mesh: every axis an int, at most one -1, the product equal to the devices used
+
+
+def _check_mesh(config, num_devices: int) -> int:
+  """mesh.*: every axis an int, at most one -1, the product equal to the devices used.
+  Returns the data-parallel size (data x fsdp x expert)."""
   sizes = {}
   for a in MESH_AXES:
     v = _get(config, f"mesh.{a}")
@@ -186,7 +210,11 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> list[Mo
   if math.prod(sizes.values()) != devices:
     raise ConfigError("mesh", sizes, f"axis sizes whose product is the {devices} devices used "
                       f"(set mesh.num_devices to use fewer than the {num_devices} present)")
-  data_parallel = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+  return sizes["data"] * sizes["fsdp"] * sizes["expert"]
+
+
+def _check_batches(config, data_parallel: int, process_count: int) -> None:
+  """train.batch_size, eval_batch_size and microbatches split evenly over the data-parallel devices."""
   for k in ("batch_size", "eval_batch_size"):
     b = int(config.train[k])
     if b % data_parallel or b % process_count:
@@ -197,62 +225,72 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> list[Mo
           and int(config.train.batch_size) % (mb * data_parallel) == 0):
     raise ConfigError("train.microbatches", mb, f"an integer >= 1 such that batch_size={config.train.batch_size} "
                       f"is a multiple of microbatches x the data-parallel size {data_parallel}")
-  # stages: lengths, mixtures, ops (their declared config changes)
-  specs = list(config.get("stages", None) or ())
+
+
+def _check_stages(config, specs: list, cfg: ModelConfig) -> list[ModelConfig]:
+  """stages: lengths, mixtures, ops (their declared config changes). Returns every stage's model
+  config (just `cfg` without stages, when train.steps sets the length)."""
   if not specs:
-    _int(config, f"{tr}.steps", 1)
-    cfgs = [cfg]
-  else:
-    cfgs, total = [], 0
-    for i, spec in enumerate(specs):
-      spec = to_plain(spec)
-      key = f"stages[{i}]"
-      unknown = sorted(set(spec) - set(STAGE_KEYS))
-      if unknown:
-        raise ConfigError(key, sorted(spec), f"keys among {', '.join(STAGE_KEYS)} (unknown: {unknown})")
-      if not (_is_int(spec.get("steps")) and spec["steps"] >= 1):
-        raise ConfigError(f"{key}.steps", spec.get("steps"), "an integer >= 1")
-      total += int(spec["steps"])
-      if spec.get("mixture"):
-        _mixture({key: spec}, f"{key}.mixture")
-      ops = spec.get("ops") or []
-      if i == 0 and (ops or spec.get("lora")):
-        raise ConfigError(f"{key}.ops", ops, "none in stage 0 (it trains the initial model), nor lora")
-      try:
-        if spec.get("lora"):
-          ops, _ = lora_stage(spec["lora"], surgery.grown_config(cfg, ops), tuple(ops), (), i)
-        cfg = surgery.grown_config(cfg, ops)
-      except (TypeError, ValueError) as e:
-        raise ConfigError(f"{key}.ops", ops, str(e)) from e
-      cfgs.append(cfg)
-    steps = config.train.get("steps")
-    if steps not in (None, 0, total):
-      raise ConfigError("train.steps", steps, f"the stages' total {total} (with stages the length comes from "
-                        "them; set train.steps to that total or to 0)")
-  # frozen entries (train.frozen and each stage's): valid, each matching at least one parameter
-  _check_frozen(list(config.train.get("frozen", ()) or ()), "train.frozen", cfgs)
+    _int(config, "train.steps", 1)
+    return [cfg]
+  cfgs, total = [], 0
+  for i, spec in enumerate(specs):
+    spec = to_plain(spec)
+    cfg = _check_stage(spec, i, cfg)
+    total += int(spec["steps"])
+    cfgs.append(cfg)
+  steps = config.train.get("steps")
+  if steps not in (None, 0, total):
+    raise ConfigError("train.steps", steps, f"the stages' total {total} (with stages the length comes from "
+                      "them; set train.steps to that total or to 0)")
+  return cfgs
+
+
+def _check_stage(spec: dict, i: int, cfg: ModelConfig) -> ModelConfig:
+  """One stage's keys, steps, mixture and ops; returns its model config (`cfg` grown by the ops)."""
+  key = f"stages[{i}]"
+  unknown = sorted(set(spec) - set(STAGE_KEYS))
+  if unknown:
+    raise ConfigError(key, sorted(spec), f"keys among {', '.join(STAGE_KEYS)} (unknown: {unknown})")
+  if not (_is_int(spec.get("steps")) and spec["steps"] >= 1):
+    raise ConfigError(f"{key}.steps", spec.get("steps"), "an integer >= 1")
+  if spec.get("mixture"):
+    _mixture({key: spec}, f"{key}.mixture")
+  ops = spec.get("ops") or []
+  if i == 0 and (ops or spec.get("lora")):
+    raise ConfigError(f"{key}.ops", ops, "none in stage 0 (it trains the initial model), nor lora")
+  try:
+    if spec.get("lora"):
+      ops, _ = lora_stage(spec["lora"], surgery.grown_config(cfg, ops), tuple(ops), (), i)
+    return surgery.grown_config(cfg, ops)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"{key}.ops", ops, str(e)) from e
+
+
+def _check_stage_options(config, specs: list, cfgs: list[ModelConfig]) -> None:
+  """Each stage's frozen entries (with freeze_old_experts' slices), each matching at least one
+  parameter, and its replay / ewc / distill options."""
   for i, spec in enumerate(specs):
     spec = to_plain(spec)
     entries = list(spec.get("frozen", ()) or ())
     if spec.get("freeze_old_experts"):
-      if i == 0:
-        raise ConfigError(f"stages[{i}].freeze_old_experts", True, "only in a growth stage (i >= 1)")
-      try:
-        entries += list(optim.old_expert_slices(cfgs[i - 1], spec.get("ops") or []))
-      except ValueError as e:
-        raise ConfigError(f"stages[{i}].freeze_old_experts", True, str(e)) from e
+      entries += _old_expert_entries(spec, i, cfgs)
     _check_frozen(entries, f"stages[{i}].frozen", cfgs[i:i + 1])
     opts = continual_options(spec, i)
     shards = int(config.data.get("shards", 0) or 0)
     if opts["ewc"] and shards and opts["ewc"]["batch_size"] % shards:
       raise ConfigError(f"stages[{i}].ewc.batch_size", opts["ewc"]["batch_size"],
                         f"a multiple of data.shards={shards} (the Fisher reads whole global batches)")
-  # the tokenizer's ids must all have embedding rows, in every stage's model
+
+
+def _old_expert_entries(spec: dict, i: int, cfgs: list[ModelConfig]) -> list:
+  """freeze_old_experts of growth stage i: the slice entries freezing the experts stage i-1 had."""
+  if i == 0:
+    raise ConfigError(f"stages[{i}].freeze_old_experts", True, "only in a growth stage (i >= 1)")
   try:
-    tokenizer.check_vocab(tok, min(c.vocab_size for c in cfgs))
+    return list(optim.old_expert_slices(cfgs[i - 1], spec.get("ops") or []))
   except ValueError as e:
-    raise ConfigError("data.tokenizer", tok_spec, str(e)) from e
-  return cfgs
+    raise ConfigError(f"stages[{i}].freeze_old_experts", True, str(e)) from e
 
 
 def _check_frozen(entries: list, key: str, cfgs: list[ModelConfig]) -> None:
@@ -322,30 +360,44 @@ def continual_options(spec: dict, i: int) -> dict[str, dict | None]:
     if unknown:
       raise ConfigError(key, given, f"keys among {sorted(defaults)} (unknown: {unknown})")
     opt = dict(defaults, **given)
-    if name == "replay":
-      if not (_is_num(opt["fraction"]) and 0 <= opt["fraction"] <= 1):
-        raise ConfigError(f"{key}.fraction", opt["fraction"], "a number in [0, 1]")
-      if not (_is_int(opt["warmin_steps"]) and opt["warmin_steps"] >= 0):
-        raise ConfigError(f"{key}.warmin_steps", opt["warmin_steps"], "an integer >= 0")
-    elif name == "ewc":
-      if not (_is_num(opt["weight"]) and opt["weight"] > 0):
-        raise ConfigError(f"{key}.weight", opt["weight"], "a finite number > 0 (the penalty's weight)")
-      for f in ("batches", "batch_size"):
-        if not (_is_int(opt[f]) and opt[f] >= 1):
-          raise ConfigError(f"{key}.{f}", opt[f], "an integer >= 1")
-      if opt["labels"] not in ("data", "model"):
-        raise ConfigError(f"{key}.labels", opt["labels"], "'data' (empirical Fisher) or 'model' (sampled labels)")
-      if opt["gamma"] is not None and not (_is_num(opt["gamma"]) and 0 <= opt["gamma"] <= 1):
-        raise ConfigError(f"{key}.gamma", opt["gamma"], "None (offline EWC) or a number in [0, 1] (online EWC)")
-    else:
-      if not (_is_num(opt["weight"]) and 0 < opt["weight"] <= 1):
-        raise ConfigError(f"{key}.weight", opt["weight"], "a number in (0, 1] (the distillation term's weight)")
-      if not (_is_num(opt["temperature"]) and opt["temperature"] > 0):
-        raise ConfigError(f"{key}.temperature", opt["temperature"], "a finite number > 0")
-      if not isinstance(opt["replay_only"], bool):
-        raise ConfigError(f"{key}.replay_only", opt["replay_only"], "True or False")
+    _OPTION_CHECKS[name](opt, key)
     out[name] = opt
   if out["distill"] and out["distill"]["replay_only"] and not (out["replay"] and out["replay"]["fraction"] > 0):
     raise ConfigError(f"stages[{i}].distill.replay_only", True, "a stage with replay.fraction > 0 (no row "
                       "would be distilled)")
   return out
+
+
+def _check_replay(opt: dict, key: str) -> None:
+  """replay: fraction in [0, 1], warmin_steps >= 0."""
+  if not (_is_num(opt["fraction"]) and 0 <= opt["fraction"] <= 1):
+    raise ConfigError(f"{key}.fraction", opt["fraction"], "a number in [0, 1]")
+  if not (_is_int(opt["warmin_steps"]) and opt["warmin_steps"] >= 0):
+    raise ConfigError(f"{key}.warmin_steps", opt["warmin_steps"], "an integer >= 0")
+
+
+def _check_ewc(opt: dict, key: str) -> None:
+  """ewc: weight > 0, batches and batch_size >= 1, labels, gamma."""
+  if not (_is_num(opt["weight"]) and opt["weight"] > 0):
+    raise ConfigError(f"{key}.weight", opt["weight"], "a finite number > 0 (the penalty's weight)")
+  for f in ("batches", "batch_size"):
+    if not (_is_int(opt[f]) and opt[f] >= 1):
+      raise ConfigError(f"{key}.{f}", opt[f], "an integer >= 1")
+  if opt["labels"] not in ("data", "model"):
+    raise ConfigError(f"{key}.labels", opt["labels"], "'data' (empirical Fisher) or 'model' (sampled labels)")
+  if opt["gamma"] is not None and not (_is_num(opt["gamma"]) and 0 <= opt["gamma"] <= 1):
+    raise ConfigError(f"{key}.gamma", opt["gamma"], "None (offline EWC) or a number in [0, 1] (online EWC)")
+
+
+def _check_distill(opt: dict, key: str) -> None:
+  """distill: weight in (0, 1], temperature > 0, replay_only a bool."""
+  if not (_is_num(opt["weight"]) and 0 < opt["weight"] <= 1):
+    raise ConfigError(f"{key}.weight", opt["weight"], "a number in (0, 1] (the distillation term's weight)")
+  if not (_is_num(opt["temperature"]) and opt["temperature"] > 0):
+    raise ConfigError(f"{key}.temperature", opt["temperature"], "a finite number > 0")
+  if not isinstance(opt["replay_only"], bool):
+    raise ConfigError(f"{key}.replay_only", opt["replay_only"], "True or False")
+
+
+# The range checks of each continual option (filled with its defaults), keyed as CONTINUAL.
+_OPTION_CHECKS = {"replay": _check_replay, "ewc": _check_ewc, "distill": _check_distill}
