@@ -1,6 +1,9 @@
 """Test session set-up: 8 simulated CPU devices (set before jax is imported) and shared fixtures."""
+import contextlib
+import fcntl
 import getpass
 import os
+import shutil
 import tempfile
 
 # LLVM at -O0 unless XLA_FLAGS sets a level: the suite's programs are tiny, so compiling them
@@ -23,11 +26,40 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 import pytest  # noqa: E402
 
 
+@contextlib.contextmanager
+def _exclusive(path):
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def built_once(tmp_path_factory, name: str, build) -> str:
+  """A directory that `build(path)` fills once per test session, shared by every xdist worker (the
+  first worker to ask builds it under a file lock; the others wait, then reuse it). Read-only for
+  tests: copy it before writing."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the session's directory, above the workers' own
+  path = os.path.join(str(root), f"built-once-{name}")
+  with _exclusive(path + ".lock"):
+    if not os.path.exists(os.path.join(path, ".complete")):
+      shutil.rmtree(path, ignore_errors=True)  # a build that failed part-way
+      os.makedirs(path)
+      build(path)
+      open(os.path.join(path, ".complete"), "w").close()
+  return path
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-  """Both real corpora built once per test session (shared by every test that trains)."""
+  """Both real corpora, built once per test session for every worker (shared by every test that
+  trains; nothing writes into it)."""
   from moegrow import data
-  d = str(tmp_path_factory.mktemp("tfds"))
-  for name in data.LOCAL_DATASETS:
-    data.build(name, d)
-  return d
+
+  def build(d):
+    for name in data.LOCAL_DATASETS:
+      data.build(name, d)
+  return built_once(tmp_path_factory, "tfds", build)

@@ -188,7 +188,8 @@ def test_microbatches_accumulate_the_same_update():
 
 def test_program_is_reused_across_cadence_changes_but_not_across_optimizer_or_seed():
   """Logging, evaluation and checkpoint cadence never reach the compiled steps: changing them reuses
-  the Program (no recompilation); the seed, the learning rate or the schedule length do not."""
+  the Program (no recompilation); the seed, the learning rate or the schedule length do not. The
+  seed is the train step's argument: another seed is another Program on the same compiled step."""
   c = lm.get_config("tiny")
   cfg = parts.model_config(c)
   mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
@@ -199,3 +200,27 @@ def test_program_is_reused_across_cadence_changes_but_not_across_optimizer_or_se
     other = lm.get_config("tiny")
     other.train[key] = value
     assert steps.build_program(cfg, other.train, mesh) is not base, key
+    assert (steps.build_program(cfg, other.train, mesh).train_step.step is base.train_step.step) == (key == "seed")
+
+
+def test_the_seed_is_data_the_step_is_the_one_it_was():
+  """A step with the seed as an argument computes what a step with the seed baked in computes
+  (independent reference: the same loss with jax.random.key(seed + 1) as a constant), for two
+  seeds on one compiled step, and the two seeds differ where the model draws random numbers."""
+  c = lm.get_config("tiny")
+  c.model.update(moe_layers="every_other", num_experts=4, top_k=2, router_jitter=0.5)
+  cfg = parts.model_config(c)
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  toks = np.random.default_rng(0).integers(0, 256, (4, 17), dtype=np.int32)
+  losses = {}
+  for seed in (0, 5):
+    c.train.seed = seed
+    prog = steps.build_program(cfg, c.train, mesh)
+    state = prog.init(jax.random.key(0))
+    batch = steps.to_global(prog, {"inputs": toks[:, :-1], "targets": toks[:, 1:]})
+    rng = jax.random.fold_in(jax.random.key(seed + 1), state["step"])
+    want, _ = steps.lm_loss(cfg, state["params"], batch, rng)
+    _, m = prog.train_step(state, batch)
+    assert float(m["loss"]) == pytest.approx(float(want), rel=1e-6), seed
+    losses[seed] = float(m["loss"])
+  assert losses[0] != losses[5]

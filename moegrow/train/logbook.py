@@ -36,6 +36,20 @@ def flatten_metrics(tree: dict, prefix: str = "") -> dict[str, float]:
   return out
 
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch whenever it is
+  installed, only to accept torch tensors (seconds of start-up for every run); we log floats."""
+  hidden = "torch" not in sys.modules
+  if hidden:
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if hidden:
+      del sys.modules["torch"]
+  return SummaryWriter
+
+
 class Logbook:
   """Writes on process 0 only; every other process gets a silent logbook."""
 
@@ -47,8 +61,7 @@ class Logbook:
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       self._repair()
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
     self._t0 = time.perf_counter()
     self._steps0 = None
 

@@ -88,12 +88,46 @@ class Program:
   state_sharding: Any
   batch_sharding: NamedSharding
   init: Callable  # key -> state
-  train_step: Callable  # (state, batch) -> (state, metrics)
+  train_step: Callable  # (state, batch[, ctx]) -> (state, metrics); a SeededStep
   eval_step: Callable  # (params, batch) -> (sum_nll, count)
   all_finite: Callable  # params -> bool scalar: every parameter finite
   objective: Objective | None = None
   ctx_sharding: Any = None  # shardings of the train step's `ctx` (None: no ctx)
   batch_keys: tuple = ("inputs", "targets")
+
+
+@dataclasses.dataclass(frozen=True)
+class SeededStep:
+  """A compiled train step whose rng seed is an argument, not a constant baked into the program:
+  runs that differ only in their seed (a figure's seeds) share one compilation, in memory and in
+  the persistent compilation cache. Called like the step itself: (state, batch[, ctx])."""
+  step: Callable  # jitted (state, batch, seed, ctx=None) -> (state, metrics)
+  seed: jax.Array  # uint32 scalar, replicated
+
+  def __call__(self, state, batch, ctx=None):
+    return self.step(state, batch, self.seed) if ctx is None else self.step(state, batch, self.seed, ctx)
+
+  def lower(self, state, batch, ctx=None):
+    """The lowered step, seed bound: `.compile()` gives a step called as (state, batch[, ctx])."""
+    args = (state, batch, self.seed) if ctx is None else (state, batch, self.seed, ctx)
+    return _SeedBound(self.step.lower(*args), self.seed)
+
+
+class _SeedBound:
+  """A lowered or compiled train step with its seed bound; every other attribute (as_text,
+  memory_analysis, cost_analysis, ...) is the wrapped object's."""
+
+  def __init__(self, inner, seed):
+    self._inner, self._seed = inner, seed
+
+  def compile(self, *args, **kw):
+    return _SeedBound(self._inner.compile(*args, **kw), self._seed)
+
+  def __call__(self, state, batch, ctx=None):
+    return self._inner(state, batch, self._seed) if ctx is None else self._inner(state, batch, self._seed, ctx)
+
+  def __getattr__(self, name):
+    return getattr(self._inner, name)
 
 
 def state_shardings(cfg: ModelConfig, tx, mesh: Mesh):
@@ -129,7 +163,8 @@ def params_sharding(cfg: ModelConfig, mesh: Mesh):
 
 _PROGRAMS: "collections.OrderedDict[Any, Program]" = collections.OrderedDict()
 # The train-config fields a Program is built from (optimizer, schedule, frozen slices, the step's
-# rng seed, gradient accumulation); the others (logging, evaluation and checkpoint cadence, stop
+# rng seed, gradient accumulation; the seed is the step's argument, so it selects a Program but
+# not a compilation); the others (logging, evaluation and checkpoint cadence, stop
 # steps, ...) never reach the compiled steps, so changing them reuses the program.
 PROGRAM_FIELDS = ("lr", "steps", "warmup_steps", "schedule", "min_lr_ratio", "b1", "b2", "weight_decay",
                   "grad_clip", "frozen", "seed", "microbatches")
@@ -148,12 +183,20 @@ def build_program(cfg: ModelConfig, train_cfg, mesh: Mesh, objective: Objective 
   """The `Program` of (model, train config, mesh, objective). Programs are immutable; the last
   few built are kept, so a stage boundary that needs the previous stage's program again (growth,
   a teacher) or a resumed stage reuses its compiled steps instead of compiling them again."""
-  train = json.dumps(program_fields(train_cfg), sort_keys=True, default=str)
-  key = (cfg, train, mesh, objective if objective is not None and objective.active else None)
+  fields = program_fields(train_cfg)
+  seed = int(fields.pop("seed"))
+  train = json.dumps(fields, sort_keys=True, default=str)
+  compiled_key = (cfg, train, mesh, objective if objective is not None and objective.active else None)
+  key = (compiled_key, seed)
   if key in _PROGRAMS:
     _PROGRAMS.move_to_end(key)
     return _PROGRAMS[key]
-  program = _build_program(cfg, train_cfg, mesh, objective)
+  same = next((p for (k, _), p in reversed(_PROGRAMS.items()) if k == compiled_key), None)
+  if same is None:
+    same = _build_program(cfg, train_cfg, mesh, objective)
+  replicated = NamedSharding(mesh, P())
+  seed_arr = jax.device_put(np.asarray(seed + 1, np.uint32), replicated)
+  program = dataclasses.replace(same, train_step=SeededStep(same.train_step.step, seed_arr))
   _PROGRAMS[key] = program
   while len(_PROGRAMS) > _MAX_PROGRAMS:
     _PROGRAMS.popitem(last=False)
@@ -166,7 +209,6 @@ def _build_program(cfg: ModelConfig, train_cfg, mesh: Mesh, objective: Objective
   abstract, sh = state_shardings(cfg, tx, mesh)
   batch_sh = NamedSharding(mesh, sharding.logical_to_spec(("batch", None), mesh=mesh))
   row_sh = NamedSharding(mesh, sharding.logical_to_spec(("batch",), mesh=mesh))
-  seed = int(train_cfg.seed)
   objective = objective if objective is not None and objective.active else None
   ctx_sh = None
   if objective is not None:
@@ -205,9 +247,9 @@ def _build_program(cfg: ModelConfig, train_cfg, mesh: Mesh, objective: Objective
     mean = lambda t: jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), t)
     return (jnp.mean(loss), mean(aux)), jax.tree_util.tree_map(lambda g: g / microbatches, grads)
 
-  def train_step(state, batch, ctx=None):
+  def train_step(state, batch, seed, ctx=None):  # seed: uint32 scalar (the train config's seed + 1)
     with sharding.use_mesh(mesh):
-      rng = jax.random.fold_in(jax.random.key(seed + 1), state["step"])
+      rng = jax.random.fold_in(jax.random.key(seed), state["step"])
       if microbatches > 1:
         (loss, aux), grads = accumulated(state["params"], batch, rng, ctx)
       else:
@@ -229,12 +271,13 @@ def _build_program(cfg: ModelConfig, train_cfg, mesh: Mesh, objective: Objective
   if objective is not None and objective.distill_replay_only:
     batch_tree["replay"] = row_sh
   replicated = NamedSharding(mesh, P())  # metrics: readable on every process
-  in_sh = (sh, batch_tree) if ctx_sh is None else (sh, batch_tree, ctx_sh)
+  in_sh = (sh, batch_tree, replicated) if ctx_sh is None else (sh, batch_tree, replicated, ctx_sh)
   return Program(
       cfg=cfg, mesh=mesh, tx=tx, schedule=schedule, abstract_state=abstract, state_sharding=sh,
       batch_sharding=batch_sh, objective=objective, ctx_sharding=ctx_sh, batch_keys=tuple(batch_tree),
       init=jax.jit(init, out_shardings=sh),
-      train_step=jax.jit(train_step, in_shardings=in_sh, out_shardings=(sh, replicated), donate_argnums=0),
+      train_step=SeededStep(jax.jit(train_step, in_shardings=in_sh, out_shardings=(sh, replicated), donate_argnums=0),
+                            jax.device_put(np.asarray(int(train_cfg.seed) + 1, np.uint32), replicated)),
       eval_step=jax.jit(eval_step, in_shardings=(sh["params"], eval_tree), out_shardings=replicated),
       all_finite=jax.jit(all_finite, in_shardings=(sh["params"],), out_shardings=replicated))
 
