@@ -8,6 +8,7 @@ pure surgery functions as arguments. The source checkpoint is never written to.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -112,64 +113,108 @@ def growth_fn(old_cfg: ModelConfig, ops: list[dict], new, with_fisher: bool = Fa
   return run, (new.state_sharding, {"fisher": p_sh, "anchor": p_sh} if with_fisher else None), box
 
 
-def grow_checkpoint(src_mngr, src_step: int, stage: Stage, tr, mesh, held: dict, dst_mngr, workdir: str,
-                    key, src_tr=None, fisher_batches=None, evals=None) -> tuple[dict, Any, dict, dict | None]:
-  """Restore `src_step` at its own shapes, apply `stage.ops`, save as `stage`'s first checkpoint.
+@dataclasses.dataclass(frozen=True)
+class GrowthSource:
+  """The checkpoint a boundary grows from: its manager (never written to), its step, and the train
+  config of the stage that wrote it (its optimizer state's; None: the new stage's)."""
+  mngr: Any
+  step: int
+  tr: Any = None
 
-  `held`: {domain: [batch]} for the certificate; `evals` (optional): {domain: [batch]} on which
-  the source model's loss is recorded as the reference for forgetting (`eval_before`).
-  With `stage.ewc`, `fisher_batches` (global batches of the source stage's data) give the
-  source's diagonal Fisher; online EWC adds gamma times the source checkpoint's own Fisher. The
-  Fisher goes through the ops' rules (kind 'fisher': new slices 0) and the anchor is the grown
-  params (the ops' image of the source's). Returns (grown state, data iterator state of the
-  new stage, growth certificate, ewc item or None). Memory: the old state is released before the
-  save, and the new optimizer state is built in the same jit as its moments."""
-  held = _certificate_rows(held, mesh)
-  meta = checkpoint.read_meta(src_mngr, src_step)
-  old_cfg = checkpoint.model_config(meta)
-  old = build_program(old_cfg, tr if src_tr is None else src_tr, mesh)  # the source stage's optimizer
-  state, meta, data_state = checkpoint.restore(src_mngr, src_step, old.abstract_state)
-  before = {d: m["loss"] for d, m in probes.domain_losses(old, state["params"], held).items()}
-  eval_before = ({d: m["loss"] for d, m in probes.domain_losses(old, state["params"], evals).items()}
-                 if evals else None)
-  fisher = None
-  if stage.ewc:
-    fisher = probes.fisher_diagonal(old_cfg, state["params"], fisher_batches, labels=stage.ewc["labels"],
-                                    key=jax.random.fold_in(key, 77))
-    if stage.ewc["gamma"] is not None and checkpoint.has_item(src_mngr, src_step, checkpoint.EWC):
-      earlier = checkpoint.restore_item(src_mngr, src_step, checkpoint.EWC, ewc_abstract(old_cfg, mesh))
-      fisher = continual.online_fisher(earlier["fisher"], fisher, float(stage.ewc["gamma"]))  # Schwarz et al. 2018
-      del earlier
-  params_before = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(state["params"])))
-  old_params = state["params"]
+
+@dataclasses.dataclass(frozen=True)
+class GrowthData:
+  """What the source model is measured on at a boundary. `held`: {domain: [batch]} for the
+  certificate; `evals` (optional): {domain: [batch]} on which the source's loss is recorded as the
+  reference for forgetting (`eval_before`); `fisher_batches`: global batches of the source stage's
+  data for EWC's Fisher (with `stage.ewc`)."""
+  held: dict
+  evals: dict | None = None
+  fisher_batches: list | None = None
+
+
+def grow_checkpoint(src: GrowthSource, stage: Stage, tr, mesh, measure: GrowthData, dst_mngr, workdir: str,
+                    key) -> tuple[dict, Any, dict, dict | None]:
+  """Restore `src` at its own shapes, apply `stage.ops`, save as `stage`'s first checkpoint.
+
+  With `stage.ewc`, `measure.fisher_batches` give the source's diagonal Fisher; online EWC adds
+  gamma times the source checkpoint's own Fisher. The Fisher goes through the ops' rules (kind
+  'fisher': new slices 0) and the anchor is the grown params (the ops' image of the source's).
+  Returns (grown state, data iterator state of the new stage, growth certificate, ewc item or
+  None). Memory: the old state is released before the save, and the new optimizer state is built
+  in the same jit as its moments."""
+  held = _certificate_rows(measure.held, mesh)
+  old_cfg, old, state, meta, data_state = _restore_source(src, tr, mesh)
+  before = _domain_losses(old, state["params"], held)
+  eval_before = _domain_losses(old, state["params"], measure.evals) if measure.evals else None
+  fisher = _source_fisher(src, stage, old_cfg, state["params"], measure.fisher_batches, key, mesh)
+  params_before = _param_count(state["params"])
+  ops = _measured_ops(src.step, stage, old_cfg, state["params"], held, measure.evals, mesh)
+  new = build_program(stage.cfg, stage_train(tr, stage), mesh)
+  run, out_sh, box = growth_fn(old_cfg, ops, new, with_fisher=fisher is not None)
+  new_state, ewc = jax.jit(run, out_shardings=out_sh)(state, key, fisher)
+  del state, fisher  # the old state is no longer needed: free it before the save
+  new_state, ewc = own_buffers((new_state, ewc))
+  after = _domain_losses(new, new_state["params"], held)
+  new_meta = checkpoint_meta(stage, meta.get("lineage", []), src.step, ops)
+  cert = {"step": int(src.step), "stage": stage.index, "name": stage.name,
+          "source": checkpoint.step_dir(src.mngr, src.step), "ops": to_plain(ops),
+          "loss_before": before, "loss_after": after, "loss_change": {d: after[d] - before[d] for d in before},
+          "eval_before": eval_before,
+          "params_before": params_before,
+          "params_after": _param_count(new_state["params"]),
+          "reports": box["reports"]}
+  if jax.process_index() == 0:
+    checkpoint.write_json(os.path.join(workdir, "growth", f"{int(src.step)}.json"), cert)
+  if data_state is not None:  # the new stage's stream: every domain resumes by name, rows from 0
+    data_state = data.stage_start(data_state)
+  checkpoint.save(dst_mngr, src.step, new_state, new_meta, data_state, ewc=ewc)
+  dst_mngr.wait_until_finished()
+  return new_state, data_state, cert, ewc
+
+
+def _restore_source(src: GrowthSource, tr, mesh) -> tuple:
+  """The source checkpoint restored at its own shapes (from its stored model config) on `mesh`:
+  (its model config, its Program, state, metadata, data iterator state)."""
+  old_cfg = checkpoint.model_config(checkpoint.read_meta(src.mngr, src.step))
+  old = build_program(old_cfg, tr if src.tr is None else src.tr, mesh)  # the source stage's optimizer
+  state, meta, data_state = checkpoint.restore(src.mngr, src.step, old.abstract_state)
+  return old_cfg, old, state, meta, data_state
+
+
+def _domain_losses(program, params, batches: dict) -> dict[str, float]:
+  """{domain: held-out loss} of `params` on {domain: [batch]}."""
+  return {d: m["loss"] for d, m in probes.domain_losses(program, params, batches).items()}
+
+
+def _param_count(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def _source_fisher(src: GrowthSource, stage: Stage, old_cfg: ModelConfig, params, batches, key, mesh):
+  """EWC's diagonal Fisher of the source model on `batches` (None without `stage.ewc`); online EWC
+  (gamma set) adds gamma times the source checkpoint's own Fisher, if it has one."""
+  if not stage.ewc:
+    return None
+  fisher = probes.fisher_diagonal(old_cfg, params, batches, labels=stage.ewc["labels"],
+                                  key=jax.random.fold_in(key, 77))
+  if stage.ewc["gamma"] is not None and checkpoint.has_item(src.mngr, src.step, checkpoint.EWC):
+    earlier = checkpoint.restore_item(src.mngr, src.step, checkpoint.EWC, ewc_abstract(old_cfg, mesh))
+    fisher = continual.online_fisher(earlier["fisher"], fisher, float(stage.ewc["gamma"]))  # Schwarz et al. 2018
+  return fisher
+
+
+def _measured_ops(src_step: int, stage: Stage, old_cfg: ModelConfig, params, held: dict, evals, mesh) -> list[dict]:
+  """The stage's ops with the data they need measured on the source model (`with_loads`);
+  ValueError if they do not grow the checkpoint's model into the stage's."""
   ops = with_loads(list(stage.ops), lambda: probes.expert_loads(
-      old_cfg, old_params, [b for bs in held.values() for b in bs], mesh),
-      lambda: probes.mlp_input_means(old_cfg, old_params, evals or held, mesh))
+      old_cfg, params, [b for bs in held.values() for b in bs], mesh),
+      lambda: probes.mlp_input_means(old_cfg, params, evals or held, mesh))
   grown_cfg = surgery.grown_config(old_cfg, ops)
   if grown_cfg != stage.cfg:
     raise ValueError(f"stage {stage.index} ({stage.name}): growing the checkpoint at step {src_step} gives "
                      f"{config_diff(grown_cfg, stage.cfg)}; the checkpoint's model differs from the config's")
-  new = build_program(stage.cfg, stage_train(tr, stage), mesh)
-  run, out_sh, box = growth_fn(old_cfg, ops, new, with_fisher=fisher is not None)
-  new_state, ewc = jax.jit(run, out_shardings=out_sh)(state, key, fisher)
-  del state, old_params, fisher  # the old state is no longer needed: free it before the save
-  new_state, ewc = own_buffers((new_state, ewc))
-  after = {d: m["loss"] for d, m in probes.domain_losses(new, new_state["params"], held).items()}
-  new_meta = checkpoint_meta(stage, meta.get("lineage", []), src_step, ops)
-  cert = {"step": int(src_step), "stage": stage.index, "name": stage.name,
-          "source": checkpoint.step_dir(src_mngr, src_step), "ops": to_plain(ops),
-          "loss_before": before, "loss_after": after, "loss_change": {d: after[d] - before[d] for d in before},
-          "eval_before": eval_before,
-          "params_before": params_before,
-          "params_after": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(new_state["params"]))),
-          "reports": box["reports"]}
-  if jax.process_index() == 0:
-    checkpoint.write_json(os.path.join(workdir, "growth", f"{int(src_step)}.json"), cert)
-  if data_state is not None:  # the new stage's stream: every domain resumes by name, rows from 0
-    data_state = data.stage_start(data_state)
-  checkpoint.save(dst_mngr, src_step, new_state, new_meta, data_state, ewc=ewc)
-  dst_mngr.wait_until_finished()
-  return new_state, data_state, cert, ewc
+  return ops
 
 
 def certificate_text(cert: dict) -> str:

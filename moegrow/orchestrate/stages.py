@@ -36,8 +36,8 @@ import ml_collections
 
 from moegrow import checkpoint, data
 from moegrow.train import forgetting, loop
-from moegrow.orchestrate.boundary import (certificate_text, ewc_abstract, fisher_batches, grow_checkpoint,
-                                    teacher_params)
+from moegrow.orchestrate.boundary import (GrowthData, GrowthSource, certificate_text, ewc_abstract, fisher_batches,
+                                          grow_checkpoint, teacher_params)
 from moegrow.train.logbook import Logbook
 from moegrow.orchestrate.parts import (Stage, adapter_stage, checkpoint_meta, config_diff, eval_sets, growth_key,
                                 latest, make_mesh, manager, model_config, objective, resolve_stages,
@@ -108,9 +108,10 @@ def grow_offline(config, source: str, workdir: str, stage: int | None = None) ->
     evals = eval_sets(config, [n for n, w in dict(stages[stage].mixture or config.data.mixture).items() if w > 0])
     held = {d: b[:1] for d, b in evals.items()}
     try:
-      _, _, cert, _ = grow_checkpoint(src, step, stages[stage], tr, make_mesh(config), held, dst, workdir,
-                                      growth_key(tr.seed, stage), src_tr=stage_train(tr, stages[stage - 1]),
-                                      fisher_batches=fisher_batches(config, stages, stage))
+      mesh = make_mesh(config)
+      source = GrowthSource(src, step, stage_train(tr, stages[stage - 1]))
+      measure = GrowthData(held, fisher_batches=fisher_batches(config, stages, stage))
+      _, _, cert, _ = grow_checkpoint(source, stages[stage], tr, mesh, measure, dst, workdir, growth_key(tr.seed, stage))
     finally:
       dst.close()
       src.close()
@@ -163,10 +164,10 @@ def _run_stages(config, workdir: str, pre: loop.Preempted) -> dict[str, Any]:
         src = manager(workdir, st.index - 1, tr, read_only=True)
         book.say(f"growing {checkpoint.step_dir(src, src.latest_step())} into stage {st.index} ({st.name}): "
                  f"{', '.join(o['op'] for o in st.ops) or 'no ops (same model)'}")
-        state, data_state, cert, ewc = grow_checkpoint(
-            src, src.latest_step(), st, tr, mesh, held, mngr, workdir, growth_key(tr.seed, st.index),
-            src_tr=stage_train(tr, stages[st.index - 1]), fisher_batches=fisher_batches(config, stages, st.index),
-            evals=evals)
+        source = GrowthSource(src, src.latest_step(), stage_train(tr, stages[st.index - 1]))
+        measure = GrowthData(held, evals, fisher_batches(config, stages, st.index))
+        state, data_state, cert, ewc = grow_checkpoint(source, st, tr, mesh, measure, mngr, workdir,
+                                                       growth_key(tr.seed, st.index))
         src.close()
         book.say(certificate_text(cert))
         where = checkpoint.step_dir(mngr, int(state["step"]))
