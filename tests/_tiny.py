@@ -64,10 +64,15 @@ def num(v) -> float:
   return float("nan") if v in ("", "nan") else float(v)
 
 
-def check_png(path) -> None:
-  """A real, non-blank PNG."""
+FIGURE_SIZE = (200, 400)  # a figure's PNG is at least this many pixels (height, width)
+
+
+def check_png(path, min_size=(0, 0)) -> None:
+  """A real, non-blank PNG of at least `min_size` pixels (height, width)."""
   with open(path, "rb") as f:
     assert f.read(8) == PNG_MAGIC, f"{path} is not a PNG"
   import matplotlib.image
   img = matplotlib.image.imread(path)
+  assert img.ndim == 3 and img.shape[0] >= min_size[0] and img.shape[1] >= min_size[1], \
+      f"{path}: image of shape {img.shape}"
   assert img[..., :3].std() > 0.01, f"{path} is blank"

@@ -21,7 +21,7 @@ from moegrow.orchestrate.validate import ConfigError, validate_config
 from moegrow.params import trees
 from moegrow.surgery import apply as surgery
 from moegrow.train import continual, probes, steps
-from _tiny import moe, read_metrics
+from _tiny import check_png, moe, read_metrics
 
 OLD = {"shakespeare_plays": 1.0}
 NEW = {"python_stdlib": 1.0}
@@ -246,8 +246,7 @@ def test_forgetting_report_and_heatmap(continual_run):
   assert report["first_new_expert"] == {"1": 2}
   loads = report["routing"]["shakespeare_plays"]["1"]["load"]
   assert len(loads) == 4 and sum(loads) == pytest.approx(1.0)
-  with open(os.path.join(wd, "continual", "stage1_loads.png"), "rb") as f:
-    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  check_png(os.path.join(wd, "continual", "stage1_loads.png"))
 
 
 def test_resume_mid_stage_with_ewc_and_distillation_is_bit_identical(continual_run, tmp_path, data_dir):

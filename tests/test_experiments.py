@@ -11,11 +11,11 @@ import pytest
 
 from experiments import harness
 from experiments.upcycling import figure as upcycling
+from _tiny import FIGURE_SIZE, check_png, csv_rows
 
 pytestmark = pytest.mark.slow  # slow tier: the figures' --quick runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 UPCYCLING_ARMS = {"dense", "upcycled", "moe_scratch"}
 SEEDS = (0, 1)
 
@@ -30,8 +30,7 @@ def run_module(module, *args, timeout=600, ok=True):
 
 def check_results_csv(path, arms, seeds):
   """Every arm and seed, finite losses, >= 2 points per (arm, seed, domain), strictly increasing x."""
-  with open(path) as f:
-    rows = list(csv.DictReader(f))
+  rows = csv_rows(path)
   assert rows, f"{path} has no rows"
   assert {r["arm"] for r in rows} == set(arms), f"arms {sorted({r['arm'] for r in rows})}"
   assert {int(r["seed"]) for r in rows} == set(seeds)
@@ -46,16 +45,6 @@ def check_results_csv(path, arms, seeds):
         assert len(xs) >= 2, f"{a}/{s}/{d}: {len(xs)} points"
         assert all(b > x for x, b in zip(xs, xs[1:])), f"{a}/{s}/{d}: x not increasing: {xs}"
   return rows
-
-
-def check_png(path):
-  with open(path, "rb") as f:
-    blob = f.read()
-  assert blob[:8] == PNG_MAGIC, f"{path} is not a PNG"
-  import matplotlib.image
-  img = matplotlib.image.imread(path)
-  assert img.ndim == 3 and img.shape[0] >= 200 and img.shape[1] >= 400, f"{path}: image of shape {img.shape}"
-  assert img[..., :3].std() > 0.01, f"{path} is blank"
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +107,7 @@ def test_summary_standard_error_is_the_hand_computation(tmp_path):
 def test_upcycling_quick_writes_csv_png_and_summary(upcycling_quick):
   workdir, out = upcycling_quick
   check_results_csv(os.path.join(workdir, "upcycling.csv"), UPCYCLING_ARMS, SEEDS)
-  check_png(os.path.join(workdir, "upcycling.png"))
+  check_png(os.path.join(workdir, "upcycling.png"), FIGURE_SIZE)
   assert "growth certificate" in out  # the upcycled runs grew the shared dense checkpoint
   # The shared dense checkpoint is copied, never modified: dense_base still ends at its own step.
   for s in SEEDS:
@@ -129,8 +118,7 @@ def test_upcycling_quick_writes_csv_png_and_summary(upcycling_quick):
   # The summary's numbers are the CSV's: recompute one claim from the written table.
   rows = harness.read_csv(os.path.join(workdir, "upcycling.csv"))
   _, claims = harness.summarize(rows, upcycling.figure(quick=True).claims)
-  with open(os.path.join(workdir, "summary.csv")) as f:
-    written = [r for r in csv.DictReader(f) if r["kind"] == "claim"]
+  written = [r for r in csv_rows(os.path.join(workdir, "summary.csv")) if r["kind"] == "claim"]
   assert [float(r["effect"]) for r in written] == pytest.approx([c["effect"] for c in claims], abs=1e-12)
 
 
@@ -171,8 +159,7 @@ def test_a_different_plan_is_refused(upcycling_quick, data_dir, tmp_path):
 def test_results_csv_check_rejects_bad_tables(upcycling_quick, tmp_path, corruption):
   """The CSV check above can fail: it rejects each kind of broken table."""
   workdir, _ = upcycling_quick
-  with open(os.path.join(workdir, "upcycling.csv")) as f:
-    rows = list(csv.DictReader(f))
+  rows = csv_rows(os.path.join(workdir, "upcycling.csv"))
   fields = list(rows[0])
   if corruption == "drop_arm":
     rows = [r for r in rows if r["arm"] != "moe_scratch"]
@@ -197,10 +184,10 @@ def test_png_check_rejects_non_png(upcycling_quick, tmp_path):
   (tmp_path / "empty.png").write_bytes(b"")
   (tmp_path / "csv.png").write_bytes(open(os.path.join(workdir, "upcycling.csv"), "rb").read())
   shutil.copy(os.path.join(workdir, "upcycling.png"), tmp_path / "good.png")
-  check_png(tmp_path / "good.png")
+  check_png(tmp_path / "good.png", FIGURE_SIZE)
   for name in ("empty.png", "csv.png"):
     with pytest.raises(AssertionError):
-      check_png(tmp_path / name)
+      check_png(tmp_path / name, FIGURE_SIZE)
 
 
 # ---------------------------------------------------------------- the continual frontier
@@ -212,9 +199,8 @@ def test_continual_quick_writes_the_frontier(tmp_path, data_dir):
                  "--seeds=0,1")
   arms = set(continual.QUICK_ARMS)
   check_results_csv(os.path.join(workdir, "continual.csv"), arms, SEEDS)
-  check_png(os.path.join(workdir, "frontier.png"))
-  with open(os.path.join(workdir, "frontier.csv")) as f:
-    rows = list(csv.DictReader(f))
+  check_png(os.path.join(workdir, "frontier.png"), FIGURE_SIZE)
+  rows = csv_rows(os.path.join(workdir, "frontier.csv"))
   assert {(r["arm"], int(r["seed"])) for r in rows} == {(a, s) for a in arms for s in SEEDS}
   base = harness.read_evals(os.path.join(workdir, "base", "seed0"))[continual.SIZES["quick"]["base_steps"]]
   for r in rows:
@@ -243,7 +229,7 @@ def test_merging_quick_merges_and_its_numbers_follow_from_the_csv(tmp_path, data
   from experiments.merging import figure as merging
   workdir = str(tmp_path / "merging")
   run_module("experiments.merging.run", "--quick", f"--workdir={workdir}", f"--data_dir={data_dir}", "--seeds=0,1")
-  check_png(os.path.join(workdir, "merging_merges.png"))
+  check_png(os.path.join(workdir, "merging_merges.png"), FIGURE_SIZE)
   rows = harness.read_csv_rows(os.path.join(workdir, "merging_points.csv"))
   at = lambda seed, panel, method, x=None, dom="mean": [
       r["loss"] for r in rows if r["seed"] == seed and r["panel"] == panel and r["method"] == method
@@ -279,8 +265,8 @@ def test_btx_quick_trains_every_arm_and_measures_routing(tmp_path, data_dir):
   run_module("experiments.btx.run", "--quick", f"--workdir={workdir}", f"--data_dir={data_dir}", "--seeds=0,1")
   arms = set(btx.QUICK_ARMS) - {"seed"}
   rows = check_results_csv(os.path.join(workdir, "btx.csv"), arms, SEEDS)
-  check_png(os.path.join(workdir, "btx.png"))
-  check_png(os.path.join(workdir, "btx_routing.png"))
+  check_png(os.path.join(workdir, "btx.png"), FIGURE_SIZE)
+  check_png(os.path.join(workdir, "btx_routing.png"), FIGURE_SIZE)
   # matched training tokens after the seed: every arm ends at (nearly) the same FLOPs
   ends = {a: max(float(r["x"]) for r in rows if r["arm"] == a) for a in ("dense", "btx", "btm")}
   assert max(ends.values()) / min(ends.values()) < 1.01, ends

@@ -1,7 +1,6 @@
 """The expert-growth figure (experiments/expert_growth) run end to end in its --quick mode on the
 real corpora: its curves, its gap closure recomputed from the runs' own evaluations, and the
 growth certificate of every grown arm at its switch step."""
-import csv
 import json
 import math
 import os
@@ -14,6 +13,7 @@ import pytest
 from experiments import harness
 from experiments.expert_growth import config as eg_config
 from experiments.expert_growth import figure as eg
+from _tiny import FIGURE_SIZE, check_png, csv_rows
 
 pytestmark = pytest.mark.slow  # slow tier: a figure's --quick run
 
@@ -36,8 +36,7 @@ def quick(tmp_path_factory, data_dir):
 
 def test_the_figure_has_every_arm_and_seed(quick):
   workdir, stdout = quick
-  with open(os.path.join(workdir, "expert_growth.csv")) as f:
-    rows = list(csv.DictReader(f))
+  rows = csv_rows(os.path.join(workdir, "expert_growth.csv"))
   assert {r["arm"] for r in rows} == set(ARMS)
   assert {int(r["seed"]) for r in rows} == set(SEEDS)
   assert {r["domain"] for r in rows} == DOMAINS | {"mean"}
@@ -50,12 +49,8 @@ def test_the_figure_has_every_arm_and_seed(quick):
                and r["domain"] == d]
         assert len(pts) >= 2 and pts[-1][0] == t, f"{a}/{s}/{d}: {pts}"
         assert all(b[1] > x[1] for x, b in zip(pts, pts[1:])), f"{a}/{s}/{d}: x not increasing: {pts}"
-  with open(os.path.join(workdir, "expert_growth.png"), "rb") as f:
-    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  import matplotlib.image
   for png in ("expert_growth.png", "gap_closure.png"):
-    img = matplotlib.image.imread(os.path.join(workdir, png))
-    assert img.ndim == 3 and img.shape[0] >= 200 and img.shape[1] >= 400 and img[..., :3].std() > 0.01, png
+    check_png(os.path.join(workdir, png), FIGURE_SIZE)
   summary = open(os.path.join(workdir, "summary.md")).read()
   for a in ARMS:
     assert f"| {a} | mean | 2 |" in summary, a

@@ -37,14 +37,12 @@ def quick(tmp_path_factory, data_dir):
   return fig, workdir, p.stdout
 
 
-_rows, _num, _png = csv_rows, num, check_png
-
 
 def test_outputs_hold_every_arm_and_seed(quick):
   fig, root, stdout = quick
   arms = {a.name for a in fig.arms}
   assert arms == {"small", *preserving.GROWN}
-  rows = _rows(os.path.join(root, "preserving.csv"))
+  rows = csv_rows(os.path.join(root, "preserving.csv"))
   assert {(r["arm"], int(r["seed"])) for r in rows} == {(a, s) for a in arms for s in SEEDS}
   assert all(math.isfinite(float(r["loss"])) for r in rows)
   assert {"mean", *DOMAINS} == {r["domain"] for r in rows}
@@ -52,8 +50,8 @@ def test_outputs_hold_every_arm_and_seed(quick):
     for s in SEEDS:
       xs = [float(r["x"]) for r in rows if r["arm"] == a and int(r["seed"]) == s and r["domain"] == "mean"]
       assert len(xs) >= 2 and all(b > x for x, b in zip(xs, xs[1:])), f"{a}/{s}: {xs}"
-  _png(os.path.join(root, "preserving.png"))
-  _png(os.path.join(root, "spike.png"))
+  check_png(os.path.join(root, "preserving.png"))
+  check_png(os.path.join(root, "spike.png"))
   summary = open(os.path.join(root, "summary.md")).read()
   assert all(f"| {a} | mean | 2 |" in summary for a in arms), summary
   assert all(c.text in summary for c in fig.claims)
@@ -93,7 +91,7 @@ def test_spike_numbers_follow_from_the_logs(quick):
   fig, root, _ = quick
   p = fig.plan
   S, w, K = p["small_steps"], p["window"], p["ramp_steps"]
-  rows = _rows(os.path.join(root, "spike.csv"))
+  rows = csv_rows(os.path.join(root, "spike.csv"))
   assert {(r["arm"], int(r["seed"])) for r in rows} == {(a.name, s) for a in fig.arms for s in SEEDS}
   for r in rows:
     arm, seed = r["arm"], int(r["seed"])
@@ -123,16 +121,16 @@ def test_spike_numbers_follow_from_the_logs(quick):
             "train_before": before, "train_next": log[S + 1], "train_peak": peak, "spike": peak - before,
             "final_loss": np.mean(list(ev[end].values())), "final_flops": harness.flops_at(config, end)}
     for k, v in want.items():
-      assert _num(r[k]) == pytest.approx(v, rel=1e-6, abs=1e-9), f"{arm}/{seed} {k}: {r[k]} vs {v}"
+      assert num(r[k]) == pytest.approx(v, rel=1e-6, abs=1e-9), f"{arm}/{seed} {k}: {r[k]} vs {v}"
     assert int(r["growth_step"]) == S and end == S + p["grown_steps"]
-    got = _num(r["recover_steps"])
+    got = num(r["recover_steps"])
     assert (math.isnan(got) and math.isnan(recover)) or got == recover, f"{arm}/{seed} recover {got} vs {recover}"
   # a preserving growth computes the same function: its first training batch (the same data as
   # small's, same seed) has small's loss
   by = {(r["arm"], int(r["seed"])): r for r in rows}
   for s in SEEDS:
-    ref = _num(by[("small", s)]["train_next"])
+    ref = num(by[("small", s)]["train_next"])
     for arm in EXACT[1:]:
-      assert _num(by[(arm, s)]["train_next"]) == pytest.approx(ref, abs=1e-4), f"{arm}/{s}"
+      assert num(by[(arm, s)]["train_next"]) == pytest.approx(ref, abs=1e-4), f"{arm}/{s}"
     for arm in RANDOM:
-      assert abs(_num(by[(arm, s)]["train_next"]) - ref) > 1e-3, f"{arm}/{s}"
+      assert abs(num(by[(arm, s)]["train_next"]) - ref) > 1e-3, f"{arm}/{s}"

@@ -34,14 +34,12 @@ def quick(tmp_path_factory, data_dir):
   return stacking.figure(True), workdir, p.stdout
 
 
-_rows, _num, _png = csv_rows, num, check_png
-
 
 def test_outputs_hold_every_arm_and_seed(quick):
   fig, root, stdout = quick
   arms = {a.name for a in fig.arms}
   assert arms == {"shallow", "deep_scratch", "stack10", "stack25", "stack50"}
-  rows = _rows(os.path.join(root, "stacking.csv"))
+  rows = csv_rows(os.path.join(root, "stacking.csv"))
   assert {(r["arm"], int(r["seed"])) for r in rows} == {(a, s) for a in arms for s in SEEDS}
   assert all(math.isfinite(float(r["loss"])) for r in rows)
   assert {"mean", *DOMAINS} == {r["domain"] for r in rows}
@@ -61,7 +59,7 @@ def test_outputs_hold_every_arm_and_seed(quick):
   end_flops = {a: float(next(r["flops"] for r in rows if r["arm"] == a and int(r["seed"]) == 0
                              and int(r["step"]) == T)) for a in ("deep_scratch", *stacking.GROWN)}
   assert end_flops["deep_scratch"] > end_flops["stack10"] > end_flops["stack25"] > end_flops["stack50"], end_flops
-  _png(os.path.join(root, "stacking.png"))
+  check_png(os.path.join(root, "stacking.png"))
   summary = open(os.path.join(root, "summary.md")).read()
   assert all(f"| {a} | mean | 2 |" in summary for a in arms), summary
   assert all(c.text in summary for c in fig.claims)
@@ -110,8 +108,8 @@ def test_flops_saved_follows_from_the_runs(quick):
   fig, root, _ = quick
   sw, T = fig.plan["switch_steps"], fig.plan["total_steps"]
   flops = {(r["arm"], int(r["seed"]), int(r["step"])): float(r["flops"])
-           for r in _rows(os.path.join(root, "stacking.csv")) if r["domain"] == "mean"}
-  rows = _rows(os.path.join(root, "flops_saved.csv"))
+           for r in csv_rows(os.path.join(root, "stacking.csv")) if r["domain"] == "mean"}
+  rows = csv_rows(os.path.join(root, "flops_saved.csv"))
   assert {(r["arm"], int(r["seed"])) for r in rows} == {(a, s) for a in stacking.GROWN for s in SEEDS}
   checked = 0
   for r in rows:
@@ -133,7 +131,7 @@ def test_flops_saved_follows_from_the_runs(quick):
     want = {"switch_step": S, "L_star": L_star, "F_scratch": F_scratch, "F_grown": F_grown,
             "saved": 1 - F_grown / F_scratch, "final_loss": grown[-1][1], "final_flops": grown[-1][0]}
     for k, v in want.items():
-      got = _num(r[k])
+      got = num(r[k])
       if math.isnan(v):
         assert math.isnan(got), f"{arm}/{seed} {k}: {r[k]} vs never"
       else:
@@ -144,7 +142,7 @@ def test_flops_saved_follows_from_the_runs(quick):
   # the summary's 'never' counts are those of the CSV
   md = open(os.path.join(root, "flops_saved_summary.md")).read()
   for a in stacking.GROWN:
-    never = sum(1 for r in rows if r["arm"] == a and math.isnan(_num(r["F_grown"])))
+    never = sum(1 for r in rows if r["arm"] == a and math.isnan(num(r["F_grown"])))
     assert f"| {a} | {sw[a]} | 2 | {never}/2 |" in md, md
 
 
