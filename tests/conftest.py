@@ -63,3 +63,10 @@ def data_dir(tmp_path_factory):
     for name in data.LOCAL_DATASETS:
       data.build(name, d)
   return built_once(tmp_path_factory, "tfds", build)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Slow-tier tests first (a stable sort). With `--dist loadfile` (pyproject.toml) xdist hands
+  whole files to the workers in this order, so the long files start first and the short ones fill
+  in at the end, instead of one long file starting last."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
