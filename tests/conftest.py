@@ -70,3 +70,25 @@ def pytest_collection_modifyitems(config, items):
   whole files to the workers in this order, so the long files start first and the short ones fill
   in at the end, instead of one long file starting last."""
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+TINY_RUN = dict(steps=4, eval_every=0, checkpoint_every=4)  # the shared runs' train settings
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, data_dir):
+  """Finished tiny dense runs (configs/lm.py:tiny on one device with TINY_RUN: 4 steps, one
+  checkpoint at step 4), seeds 0 and 1, trained once per test session for every worker.
+  `tiny_run(seed, dest)` copies seed's workdir to `dest` and returns it: tests get their own copy."""
+  from _tiny import train_config
+
+  def build(root):
+    from moegrow.orchestrate import stages
+    for seed in (0, 1):
+      stages.train_and_evaluate(train_config(data_dir, seed=seed, **TINY_RUN), os.path.join(root, f"seed{seed}"))
+  root = built_once(tmp_path_factory, "tiny-runs", build)
+
+  def copy(seed: int, dest) -> str:
+    shutil.copytree(os.path.join(root, f"seed{seed}"), dest)
+    return str(dest)
+  return copy

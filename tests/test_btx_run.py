@@ -24,10 +24,9 @@ def btx_config(data_dir, seed_dir, router="hidden"):
 
 
 @pytest.fixture(scope="module")
-def btx_run(tmp_path_factory, data_dir):
+def btx_run(tmp_path_factory, data_dir, tiny_run):
   root = tmp_path_factory.mktemp("btx")
-  seed_dir = str(root / "seed")
-  stages.train_and_evaluate(train_config(data_dir, steps=4, eval_every=0, checkpoint_every=4), seed_dir)
+  seed_dir = tiny_run(0, root / "seed")  # a finished dense run: 4 steps, a checkpoint at step 4
   before = digest(seed_dir)
   c = btx_config(data_dir, seed_dir)
   wd = str(root / "btx")

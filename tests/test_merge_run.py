@@ -9,12 +9,8 @@ from moegrow.params import trees
 from _tiny import digest, train_config
 
 
-def test_merge_two_runs_then_train_the_result(tmp_path, data_dir):
-  runs = []
-  for seed in (0, 1):
-    wd = str(tmp_path / f"src{seed}")
-    stages.train_and_evaluate(train_config(data_dir, steps=3, seed=seed, eval_every=0, checkpoint_every=3), wd)
-    runs.append(wd)
+def test_merge_two_runs_then_train_the_result(tmp_path, data_dir, tiny_run):
+  runs = [tiny_run(seed, tmp_path / f"src{seed}") for seed in (0, 1)]  # finished runs of two seeds
   before = [digest(r) for r in runs]
   c = train_config(data_dir, steps=5, eval_every=5, checkpoint_every=5)
   c.merge = dict(sources=runs, base="", method="linear", params=dict(weights=[1.0, 3.0]), overrides=[], seed=0)
