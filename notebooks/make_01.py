@@ -1,7 +1,8 @@
-"""Generates notebooks/01_grow_a_model.ipynb (stored without outputs).
+"""Generates notebooks/01_grow_a_model.ipynb, stored executed: outputs and plots included.
 
-  python notebooks/make_01.py            # rewrite the notebook from the cells below
-  python notebooks/make_01.py --check    # exit 1 if the stored notebook differs
+  python notebooks/nbmake.py             # rebuild and execute every notebook (see nbmake.py)
+  python notebooks/make_01.py            # this one only: build from the cells below, execute, store
+  python notebooks/make_01.py --check    # exit 1 if the stored cells differ from the cells below
 
 Edit the cells here, not in the .ipynb. Cells tagged `dense-train` and `certificate` are parsed by
 tests/test_notebooks.py: keep their printed formats (`step N  loss X`, `domain  before  after`).
@@ -79,7 +80,7 @@ print(f"\\n{n_params:,} parameters (flops.count_params: {count_params(cfg)})")""
 
 Two local corpora (Shakespeare's plays and the Python standard library, bytes as tokens) are built
 as TFDS datasets on first use, in about a second. `MOEGROW_DATA_DIR` points at an existing data dir
-(the tests set it); otherwise a temporary one is used."""),
+(the tests and `notebooks/nbmake.py` set it); otherwise a temporary one is used."""),
     ("code", """\
 data_dir = os.environ.get("MOEGROW_DATA_DIR") or tempfile.mkdtemp(prefix="moegrow_data_")
 mixture = {"shakespeare_plays": 0.5, "python_stdlib": 0.5}
@@ -202,4 +203,4 @@ chain in one `apply_ops` call; `moegrow.main` runs the same growth at checkpoint
 
 
 if __name__ == "__main__":
-  sys.exit(nbmake.main(PATH, CELLS, sys.argv[1:]))
+  sys.exit(nbmake.main(["01", *sys.argv[1:]]))

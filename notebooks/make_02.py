@@ -1,7 +1,8 @@
-"""Generates notebooks/02_continual.ipynb (stored without outputs).
+"""Generates notebooks/02_continual.ipynb, stored executed: outputs and plots included.
 
-  python notebooks/make_02.py            # rewrite the notebook from the cells below
-  python notebooks/make_02.py --check    # exit 1 if the stored notebook differs
+  python notebooks/nbmake.py             # rebuild and execute every notebook (see nbmake.py)
+  python notebooks/make_02.py            # this one only: build from the cells below, execute, store
+  python notebooks/make_02.py --check    # exit 1 if the stored cells differ from the cells below
 
 Edit the cells here, not in the .ipynb. Cells tagged `frontier` and `frozen` are parsed by
 tests/test_notebooks.py: keep their printed formats.
@@ -26,7 +27,9 @@ A small MoE learns English (Shakespeare); then Python arrives. We continue train
 Both are ordinary `moegrow` runs: stage options in a config, run by `moegrow.orchestrate.stages`. At the end of
 the Python stage each run writes a **forgetting report**: the English validation loss now minus before the
 shift, the **routing drift** (the fraction of English tokens now routed to a new expert) and a heatmap of
-the per-expert load per domain. About two minutes on 2 CPU cores."""),
+the per-expert load per domain. About two minutes on 2 CPU cores.
+The stored outputs show the runs' temporary directory as `<root>` and elide the training log's
+wall-clock throughput and ETA (`…`), which differ every run."""),
     ("code", """\
 import json
 import os
@@ -46,8 +49,8 @@ from moegrow.configs import lm
 from moegrow.orchestrate import boundary, parts, stages
 
 data_dir = os.environ.get("MOEGROW_DATA_DIR") or tempfile.mkdtemp(prefix="moegrow_data_")
-root = tempfile.mkdtemp(prefix="moegrow_continual_")
-print("jax", jax.__version__, "on", jax.default_backend(), "| runs in", root)"""),
+root = tempfile.mkdtemp(prefix="moegrow_continual_")  # every run's workdir; <root> in the stored outputs
+print("jax", jax.__version__, "on", jax.default_backend())"""),
     ("md", """\
 ## 1. Two runs that share stage 0
 
@@ -121,4 +124,4 @@ several seeds, is the figure in `experiments/continual/` (`python -m experiments
 ]
 
 if __name__ == "__main__":
-  sys.exit(nbmake.main(PATH, CELLS, sys.argv[1:]))
+  sys.exit(nbmake.main(["02", *sys.argv[1:]]))

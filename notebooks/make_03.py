@@ -1,7 +1,8 @@
-"""Generates notebooks/03_merge_and_mix.ipynb (stored without outputs).
+"""Generates notebooks/03_merge_and_mix.ipynb, stored executed: outputs and plots included.
 
-  python notebooks/make_03.py            # rewrite the notebook from the cells below
-  python notebooks/make_03.py --check    # exit 1 if the stored notebook differs
+  python notebooks/nbmake.py             # rebuild and execute every notebook (see nbmake.py)
+  python notebooks/make_03.py            # this one only: build from the cells below, execute, store
+  python notebooks/make_03.py --check    # exit 1 if the stored cells differ from the cells below
 
 Edit the cells here, not in the .ipynb. Cells tagged `soup`, `ties`, `merge-run` and `btx` are
 parsed by tests/test_notebooks.py: keep their printed formats.
@@ -27,7 +28,8 @@ follow. Then three ways to combine fine-tunes with no further training:
 
 Runs are ordinary `moegrow` runs; merging and mixing are pure functions on params trees
 (`moegrow.surgery.merge`, `moegrow.surgery.btx`) measured with `moegrow.train.probes`. About two minutes
-on 2 CPU cores."""),
+on 2 CPU cores. The stored outputs show the runs' temporary directory as `<root>` and elide the training log's
+wall-clock throughput and ETA (`…`), which differ every run."""),
     ("code", """\
 import os
 import sys
@@ -51,8 +53,8 @@ from moegrow.train import probes
 from moegrow.train.steps import build_program
 
 data_dir = os.environ.get("MOEGROW_DATA_DIR") or tempfile.mkdtemp(prefix="moegrow_data_")
-root = tempfile.mkdtemp(prefix="moegrow_merge_")
-print("jax", jax.__version__, "on", jax.default_backend(), "| runs in", root)"""),
+root = tempfile.mkdtemp(prefix="moegrow_merge_")  # every run's workdir; <root> in the stored outputs
+print("jax", jax.__version__, "on", jax.default_backend())"""),
     ("md", """\
 ## 1. A base and four fine-tunes
 
@@ -230,4 +232,4 @@ common to both domains and the centroids are close, so routing is far from clean
 ]
 
 if __name__ == "__main__":
-  sys.exit(nbmake.main(PATH, CELLS, sys.argv[1:]))
+  sys.exit(nbmake.main(["03", *sys.argv[1:]]))

@@ -1,12 +1,12 @@
-"""Executes the notebooks in a fresh kernel and checks what they printed."""
+"""Executes the notebooks in a fresh kernel and checks what they printed (slow tier); checks that the
+stored notebooks are up to date with their make scripts, executed and free of machine paths (fast)."""
+import importlib.util
 import os
 import re
 import sys
 import time
 
 import pytest
-
-pytestmark = pytest.mark.slow  # slow tier: executes the notebooks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "01_grow_a_model.ipynb")
@@ -16,40 +16,19 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
+_spec = importlib.util.spec_from_file_location("nbmake", os.path.join(REPO, "notebooks", "nbmake.py"))
+nbmake = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(nbmake)
+
 STEP_RE = re.compile(r"^step\s+(\d+)\s+loss\s+([-+0-9.eE]+|nan|inf)", re.M)
 CERT_RE = re.compile(r"^(\S+)\s+([-+0-9.eE]+|nan|inf)\s+([-+0-9.eE]+|nan|inf)\s+\S+\s*$", re.M)
 
 
-def _kernel_manager_class():
-  """'python3' = ipykernel in THIS interpreter (sys.executable), whatever kernel specs the machine
-  has installed (a user-level python3 spec may point at another Python)."""
-  from jupyter_client.kernelspec import KernelSpecManager
-  from jupyter_client.manager import KernelManager
-
-  class HereKernelManager(KernelManager):
-    def __init__(self, **kw):
-      kw.setdefault("kernel_spec_manager", KernelSpecManager(kernel_dirs=[]))
-      super().__init__(**kw)
-  return HereKernelManager
-
-
-def execute(path, env, timeout=600):
-  """Runs the notebook at `path` with extra environment `env`; returns the executed notebook."""
-  nb = nbformat.read(path, as_version=4)
-  old = {k: os.environ.get(k) for k in env}
-  os.environ.update(env)  # the kernel inherits this process's environment
-  try:
-    client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                                     kernel_manager_class=_kernel_manager_class(),
-                                     resources={"metadata": {"path": REPO}})
-    client.execute()
-  finally:
-    for k, v in old.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
-  return nb
+def kernel_env(data_dir, tmp_path):
+  """Environment of a fresh kernel (nbmake.execute, which also builds the stored notebooks, runs them in
+  a kernel started with it): XLA_FLAGS (8 simulated devices) as set by conftest, the repo on
+  PYTHONPATH, scratch dirs (TMPDIR too) under tmp_path, the session's corpora."""
+  return dict(nbmake.kernel_env(str(tmp_path)), MOEGROW_DATA_DIR=data_dir)
 
 
 def cell_text(nb, tag):
@@ -73,6 +52,7 @@ def check_certificate(text):
     assert abs(after - before) <= 1e-5, f"{domain}: held-out loss {before} before growth, {after} after"
 
 
+@pytest.mark.slow
 def test_checks_reject_bad_outputs():
   """The output checks can fail (no kernel needed)."""
   check_dense_training("step   1  loss 6.0000\nstep  40  loss 3.0000\n")
@@ -94,13 +74,11 @@ def test_checks_reject_bad_outputs():
     check_certificate(good.splitlines()[0])
 
 
+@pytest.mark.slow
 def test_notebook_01_grow_a_model(data_dir, tmp_path):
-  env = {"MOEGROW_DATA_DIR": data_dir,  # XLA_FLAGS (8 simulated devices) is inherited from conftest
-         "PYTHONPATH": os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-         "IPYTHONDIR": str(tmp_path / "ipython"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
-         "MPLBACKEND": "Agg"}
+  env = kernel_env(data_dir, tmp_path)
   t0 = time.perf_counter()
-  nb = execute(NOTEBOOK, env)
+  nb = nbmake.execute(NOTEBOOK, env)
   print(f"notebook executed in {time.perf_counter() - t0:.1f} s with {sys.executable}")
   check_dense_training(cell_text(nb, "dense-train"))
   check_certificate(cell_text(nb, "certificate"))
@@ -127,6 +105,7 @@ def check_frozen(text):
   assert values and all(v >= 0 for v in values) and max(values) > 0, f"EWC penalty not logged > 0:\n{text}"
 
 
+@pytest.mark.slow
 def test_checks_of_notebook_02_reject_bad_outputs():
   good = "arm         python_loss  forgetting   drift\nplain            2.5000      0.4000     nan\nprotected        2.6000      0.1000   0.250\n"
   check_frontier(good)
@@ -140,12 +119,10 @@ def test_checks_of_notebook_02_reject_bad_outputs():
       check_frozen(bad)
 
 
+@pytest.mark.slow
 def test_notebook_02_continual(data_dir, tmp_path):
-  env = {"MOEGROW_DATA_DIR": data_dir,
-         "PYTHONPATH": os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-         "IPYTHONDIR": str(tmp_path / "ipython"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
-         "MPLBACKEND": "Agg"}
-  nb = execute(NOTEBOOK_02, env)
+  env = kernel_env(data_dir, tmp_path)
+  nb = nbmake.execute(NOTEBOOK_02, env)
   check_frontier(cell_text(nb, "frontier"))
   check_frozen(cell_text(nb, "frozen"))
   errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
@@ -213,6 +190,7 @@ def check_btx(text):
       f"in no layer does the hidden-state router send most of each domain's tokens to its own expert:\n{text}")
 
 
+@pytest.mark.slow
 def test_checks_of_notebook_03_reject_bad_outputs():
   head = "model             shakespeare_plays      python_stdlib               mean\n"
   soup = (head + "english    2.6459  3.4806  3.0633\npython     3.0545  3.0342  3.0444\n"
@@ -254,13 +232,11 @@ def test_checks_of_notebook_03_reject_bad_outputs():
       check_btx(bad)
 
 
+@pytest.mark.slow
 def test_notebook_03_merge_and_mix(data_dir, tmp_path):
-  env = {"MOEGROW_DATA_DIR": data_dir,
-         "PYTHONPATH": os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-         "IPYTHONDIR": str(tmp_path / "ipython"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
-         "MPLBACKEND": "Agg"}
+  env = kernel_env(data_dir, tmp_path)
   t0 = time.perf_counter()
-  nb = execute(NOTEBOOK_03, env)
+  nb = nbmake.execute(NOTEBOOK_03, env)
   print(f"notebook executed in {time.perf_counter() - t0:.1f} s")
   check_soup(cell_text(nb, "soup"))
   check_ties(cell_text(nb, "ties"))
@@ -268,3 +244,46 @@ def test_notebook_03_merge_and_mix(data_dir, tmp_path):
   check_btx(cell_text(nb, "btx"))
   errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
   assert not errors
+
+
+# ---------------------------------------------------------------- the stored notebooks (fast: no kernel)
+
+
+def test_stored_notebooks_are_up_to_date_executed_and_clean():
+  """`python notebooks/nbmake.py --check` passes (each stored notebook's cells: type, id, source and tags,
+  are its make script's), and each is stored executed: every code cell run in order, no errors, a plot
+  in 02 and 03, under 1 MB, no wall-clock numbers and nothing that names the machine that ran it."""
+  scripts = nbmake.make_scripts()
+  assert sorted(os.path.basename(p) for p in scripts) == ["01_grow_a_model.ipynb", "02_continual.ipynb",
+                                                          "03_merge_and_mix.ipynb"]
+  for path, cells in scripts.items():
+    nb = nbformat.read(path, as_version=4)
+    stale = nbmake.stale_cells(nb, nbmake.build(cells))
+    assert not stale, f"{path} is stale, run python notebooks/nbmake.py {os.path.basename(path)[:2]}: {stale}"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), (
+        f"{path} is not stored executed: run python notebooks/nbmake.py {os.path.basename(path)[:2]}")
+    outputs = [o for c in code for o in c.outputs]
+    assert outputs and not [o for o in outputs if o.output_type == "error"], path
+    assert not [t for _, t in nbmake.output_texts(nb) if re.search(r"[0-9]k tok/s|ETA [0-9]", t)], path
+    assert nbmake.machine_specific(nb) == [], path
+    assert os.path.getsize(path) < 1_000_000, path
+    if not path.endswith("01_grow_a_model.ipynb"):
+      assert any("image/png" in o.get("data", {}) for o in outputs), f"{path}: no plot stored"
+
+
+def test_nbmake_checks_can_fail():
+  """The --check comparison ignores outputs and counts but sees every cell change; machine paths are found."""
+  cells = [("md", "# title"), ("code", "print(1)", ["tag"])]
+  nb = nbmake.build(cells)
+  nb.cells[1].outputs = [nbformat.v4.new_output("stream", name="stdout", text="1\n")]
+  nb.cells[1].execution_count = 3
+  assert nbmake.stale_cells(nb, nbmake.build(cells)) == []
+  for changed in ([("md", "# title"), ("code", "print(2)", ["tag"])], [("md", "# title"), ("code", "print(1)")],
+                  [("md", "# title"), ("md", "print(1)", ["tag"])], cells[:1], [*cells, ("md", "end")]):
+    assert nbmake.stale_cells(nb, nbmake.build(changed)), changed
+  for text, bad in (("loss 2.5\n", False), ("growing <root>/plain/checkpoints/60\n", False),
+                    (f"wrote {REPO}/x\n", True), ("at /tmp/moegrow_x/1\n", True), ("from /home/someone/x\n", True),
+                    (f"in {os.path.expanduser('~')}/x\n", True)):
+    nb.cells[1].outputs = [nbformat.v4.new_output("stream", name="stdout", text=text)]
+    assert bool(nbmake.machine_specific(nb)) == bad, text
