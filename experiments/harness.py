@@ -24,6 +24,8 @@ A figure is declarative (see experiments/upcycling/figure.py):
     claim, the effect `loss(worse) - loss(better)` paired by seed, its standard error
     `std(differences, ddof=1) / sqrt(n)`, and whether it is separated (|effect| > 2 SE).
 FLOPs come from the one formula in `moegrow.flops` (`matched_steps` does compute matching).
+A figure's own report (`extra_report`) reuses the numbers here (`by_arm`, `mean_se_fields`,
+`paired_effect`, `format_mean_se`, `table_head`, `write_summary`) and draws with experiments/plots.py.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from experiments import plots
 from moegrow import checkpoint
 from moegrow.config import ModelConfig
 from moegrow.flops import train_flops_per_token
@@ -279,7 +282,7 @@ def collect(fig: Figure, root: str, seeds: Sequence[int], data_dir: str = "") ->
       for step in sorted(ev):
         flops = flops_at(config, step, plan) + arm.flops_before
         doms = dict(ev[step])
-        doms["mean"] = float(np.mean(list(doms.values())))
+        doms["mean"] = domain_mean(doms)
         for dom, loss in doms.items():
           rows.append({"arm": arm.name, "seed": int(seed), "step": int(step), "flops": flops,
                        "x": flops - fig.x_origin, "domain": dom, "loss": loss})
@@ -333,12 +336,73 @@ def final_losses(rows: list[dict]) -> dict[tuple[str, str], dict[int, float]]:
   return out
 
 
+def domain_mean(losses: dict[str, float]) -> float:
+  """The mean over domains of one evaluation {domain: loss}."""
+  return float(np.mean(list(losses.values())))
+
+
 def mean_se(xs: Sequence[float]) -> tuple[float, float]:
   """Mean and standard error of the mean, std(ddof=1)/sqrt(n) (nan for one value)."""
   a = np.asarray(list(xs), np.float64)
   if a.size == 0:
     return math.nan, math.nan
   return float(a.mean()), float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else math.nan
+
+
+def mean_se_curve(samples: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
+  """(means, standard errors) of each point's samples, as arrays for `plots.band`; an undefined
+  standard error (one sample) is 0: no band there."""
+  stats = [mean_se(s) for s in samples]
+  return np.array([m for m, _ in stats]), np.nan_to_num(np.array([se for _, se in stats]))
+
+
+def by_arm(rows: Sequence[dict]) -> dict[str, list[dict]]:
+  """Rows grouped by their 'arm', the arms in the order they first appear."""
+  out: dict[str, list[dict]] = {}
+  for r in rows:
+    out.setdefault(r["arm"], []).append(r)
+  return out
+
+
+def mean_se_fields(rows: Sequence[dict], keys: Sequence[str]) -> dict[str, float]:
+  """{key: mean, key + '_se': standard error} over the rows, for each of `keys` (nan, nan where a
+  value is nan)."""
+  out = {}
+  for k in keys:
+    out[k], out[k + "_se"] = mean_se([r[k] for r in rows])
+  return out
+
+
+def paired_effect(better: dict[int, float], worse: dict[int, float], seeds: Sequence[int] | None = None) -> dict:
+  """The effect worse - better paired by seed, over `seeds` (default: the seeds both have,
+  sorted): n, effect, se (its standard error) and separated (|effect| > 2 SE)."""
+  seeds = sorted(set(better) & set(worse)) if seeds is None else list(seeds)
+  effect, se = mean_se([worse[s] - better[s] for s in seeds])
+  return {"n": len(seeds), "effect": effect, "se": se, "separated": bool(se == se and abs(effect) > 2 * se)}
+
+
+def format_mean_se(m: float, se: float, spec: str = ".4f") -> str:
+  """'m ± se' in format `spec`; 'm' alone when the SE is undefined; 'n/a' when the mean is."""
+  if m != m:
+    return "n/a"
+  return f"{m:{spec}}" if se != se else f"{m:{spec}} ± {se:{spec}}"
+
+
+def format_effect(r: dict) -> str:
+  """A `paired_effect` as two markdown cells: 'effect ± SE | yes/no' (separated)."""
+  return f"{r['effect']:+.4f} ± {r['se']:.4f} | {'yes' if r['separated'] else 'no'}"
+
+
+def table_head(*cols: str) -> list[str]:
+  """The two header lines of a markdown table with columns `cols`."""
+  return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+
+def write_summary(path: str, text: str, append: bool = False) -> None:
+  """Write (or append) a markdown summary to `path` and print it."""
+  with open(path, "a" if append else "w") as f:
+    f.write(text)
+  print(text, flush=True)
 
 
 def summarize(rows: list[dict], claims: Sequence[Claim]) -> tuple[list[dict], list[dict]]:
@@ -353,32 +417,25 @@ def summarize(rows: list[dict], claims: Sequence[Claim]) -> tuple[list[dict], li
   out = []
   for c in claims:
     a, b = finals.get((c.better, c.domain), {}), finals.get((c.worse, c.domain), {})
-    seeds = sorted(set(a) & set(b))
-    effect, se = mean_se([b[s] - a[s] for s in seeds])
-    out.append({"claim": c.text, "better": c.better, "worse": c.worse, "domain": c.domain, "n": len(seeds),
-                "effect": effect, "se": se, "separated": bool(se == se and abs(effect) > 2 * se)})
+    out.append({"claim": c.text, "better": c.better, "worse": c.worse, "domain": c.domain, **paired_effect(a, b)})
   return arms, out
 
 
 def summary_text(fig: Figure, arm_rows: list[dict], claim_rows: list[dict]) -> str:
   lines = [f"# {fig.title}", "", "Final validation loss (nats/token), mean ± standard error over seeds:", "",
-           "| arm | domain | seeds | loss |", "|---|---|---|---|"]
+           *table_head("arm", "domain", "seeds", "loss")]
   for r in arm_rows:
     lines.append(f"| {r['arm']} | {r['domain']} | {r['n']} | {r['mean']:.4f} ± {r['se']:.4f} |")
   lines += ["", "Claims (effect = loss(worse) - loss(better), paired by seed; > 0 supports the claim):", "",
-            "| claim | better | worse | domain | seeds | effect ± SE | separated (|effect| > 2 SE) |",
-            "|---|---|---|---|---|---|---|"]
+            *table_head("claim", "better", "worse", "domain", "seeds", "effect ± SE", "separated (|effect| > 2 SE)")]
   for r in claim_rows:
-    lines.append(f"| {r['claim']} | {r['better']} | {r['worse']} | {r['domain']} | {r['n']} | "
-                 f"{r['effect']:+.4f} ± {r['se']:.4f} | {'yes' if r['separated'] else 'no'} |")
+    lines.append(f"| {r['claim']} | {r['better']} | {r['worse']} | {r['domain']} | {r['n']} | {format_effect(r)} |")
   return "\n".join(lines) + "\n"
 
 
 def plot(path: str, fig: Figure, rows: list[dict]) -> None:
   """One panel per domain ('mean' first): mean over seeds vs x, shaded ± standard error."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = plots.pyplot()
   domains = ["mean"] + sorted({r["domain"] for r in rows} - {"mean"})
   labels = {a.name: a.label or a.name for a in fig.arms}
   xmax = max((abs(r["x"]) for r in rows), default=1.0) or 1.0
@@ -393,21 +450,12 @@ def plot(path: str, fig: Figure, rows: list[dict]) -> None:
       nseeds = max(len(v) for v in pts.values())
       steps = [s for s in sorted(pts) if len(pts[s]) == nseeds]  # steps every seed reached
       x = np.array([pts[s][0][0] for s in steps]) / scale
-      stats = [mean_se([p[1] for p in pts[s]]) for s in steps]
-      m = np.array([s[0] for s in stats])
-      se = np.nan_to_num(np.array([s[1] for s in stats]))
-      color = f"C{i}"
-      ax.plot(x, m, color=color, marker="o", ms=3, lw=1.6, label=f"{labels[arm]} (n={nseeds})")
-      ax.fill_between(x, m - se, m + se, color=color, alpha=0.2, lw=0)
-    ax.set_title("mean over domains" if dom == "mean" else dom)
-    ax.set_xlabel(f"{fig.x_label} (x 1e{int(math.log10(scale))})")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.grid(alpha=0.3)
+      m, se = mean_se_curve([[p[1] for p in pts[s]] for s in steps])
+      plots.band(ax, x, m, se, f"C{i}", f"{labels[arm]} (n={nseeds})", marker="o", ms=3, lw=1.6)
+    plots.style_axes(ax, f"{fig.x_label} (x 1e{int(math.log10(scale))})", "validation loss (nats/token)",
+                     "mean over domains" if dom == "mean" else dom)
   axes[0][0].legend(fontsize=8, loc="best")
-  f.suptitle(f"{fig.title}: mean ± standard error over seeds", fontsize=10)
-  f.tight_layout()
-  f.savefig(path, dpi=110)
-  plt.close(f)
+  plots.save(f, path, f"{fig.title}: mean ± standard error over seeds")
 
 
 def report(fig: Figure, root: str, seeds: Sequence[int], data_dir: str = "") -> tuple[list[dict], list[dict]]:
@@ -419,10 +467,7 @@ def report(fig: Figure, root: str, seeds: Sequence[int], data_dir: str = "") -> 
   write_csv(os.path.join(root, "summary.csv"),
             [{"kind": "arm", **r} for r in arm_rows] + [{"kind": "claim", **r} for r in claim_rows],
             ["kind", "arm", "claim", "better", "worse", "domain", "n", "mean", "se", "effect", "separated"])
-  text = summary_text(fig, arm_rows, claim_rows)
-  with open(os.path.join(root, "summary.md"), "w") as f:
-    f.write(text)
-  print(text, flush=True)
+  write_summary(os.path.join(root, "summary.md"), summary_text(fig, arm_rows, claim_rows))
   print(f"wrote {os.path.join(root, fig.name + '.csv')}, {os.path.join(root, fig.name + '.png')}, "
         f"{os.path.join(root, 'summary.md')}", flush=True)
   return arm_rows, claim_rows

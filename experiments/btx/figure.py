@@ -30,7 +30,9 @@ import os
 import ml_collections
 import numpy as np
 
-from experiments.harness import Arm, Claim, Figure, flops_per_step, mean_se, run_dir, write_csv
+from experiments import plots
+from experiments.harness import (Arm, Claim, Figure, flops_per_step, mean_se, run_dir, table_head, write_csv,
+                                 write_summary)
 from moegrow.configs import lm
 from moegrow.orchestrate import parts
 from moegrow.orchestrate.branching import mixed_run_config
@@ -171,7 +173,7 @@ def routing_report(fig: Figure, root: str, seeds) -> list[dict]:
                                                           "fraction"])
   lines = ["", "Routing: fraction of each domain's validation tokens sent to 'its own' expert (expert 0 for",
            "Shakespeare, 1 for Python: the branch it came from), mean over layers, mean ± SE over seeds:", "",
-           "| arm | when | Shakespeare -> expert 0 | Python -> expert 1 |", "|---|---|---|---|"]
+           *table_head("arm", "when", "Shakespeare -> expert 0", "Python -> expert 1")]
   for arm in ROUTED:
     for when in ("mix", "end"):
       own = {}
@@ -182,18 +184,13 @@ def routing_report(fig: Figure, root: str, seeds) -> list[dict]:
         own[dom] = mean_se(per_seed)
       if own[OLD][0] == own[OLD][0]:
         lines.append(f"| {arm} | {when} | {own[OLD][0]:.3f} ± {own[OLD][1]:.3f} | {own[NEW][0]:.3f} ± {own[NEW][1]:.3f} |")
-  text = "\n".join(lines) + "\n"
-  with open(os.path.join(root, "summary.md"), "a") as f:
-    f.write(text)
-  print(text, flush=True)
+  write_summary(os.path.join(root, "summary.md"), "\n".join(lines) + "\n", append=True)
   _plot(os.path.join(root, "btx_routing.png"), fig, rows)
   return rows
 
 
 def _plot(path: str, fig: Figure, rows: list[dict]) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = plots.pyplot()
   panels = [(a, w) for a in ROUTED for w in ("mix", "end") if any(r["arm"] == a and r["when"] == w for r in rows)]
   layers = sorted({r["layer"] for r in rows})
   f, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.2), squeeze=False)
@@ -211,6 +208,4 @@ def _plot(path: str, fig: Figure, rows: list[dict]) -> None:
     ax.set_yticks(range(2 * len(layers)), [f"L{l} {d[:6]}" for l in layers for d in (OLD, NEW)], fontsize=8)
     ax.set_title(f"{arm}, {'at the mix' if when == 'mix' else 'after training'}", fontsize=9)
   f.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="fraction of the domain's tokens (top-1)")
-  f.suptitle(f"{fig.title}: routing per domain (mean over seeds)", fontsize=10)
-  f.savefig(path, dpi=110, bbox_inches="tight")
-  plt.close(f)
+  plots.save(f, path, f"{fig.title}: routing per domain (mean over seeds)", tight_bbox=True)

@@ -28,7 +28,9 @@ import os
 import ml_collections
 import numpy as np
 
-from experiments.harness import Arm, Claim, Figure, mean_se, read_evals, run_dir, write_csv
+from experiments import plots
+from experiments.harness import (Arm, Claim, Figure, by_arm, format_mean_se, mean_se_fields, read_evals, run_dir,
+                                 table_head, write_csv, write_summary)
 from moegrow.configs import lm
 
 OLD, NEW = "shakespeare_plays", "python_stdlib"
@@ -167,33 +169,22 @@ def frontier(fig: Figure, root: str, seeds) -> list[dict]:
   rows = frontier_rows(fig, root, seeds)
   write_csv(os.path.join(root, "frontier.csv"), rows,
             ["arm", "seed", "python_loss", "shakespeare_loss", "forgetting", "drift"])
-  summary = []
-  for arm in dict.fromkeys(r["arm"] for r in rows):
-    mine = [r for r in rows if r["arm"] == arm]
-    entry = {"arm": arm, "n": len(mine)}
-    for k in ("python_loss", "forgetting", "drift"):
-      entry[k], entry[k + "_se"] = mean_se([r[k] for r in mine])
-    summary.append(entry)
+  summary = [{"arm": arm, "n": len(mine), **mean_se_fields(mine, ("python_loss", "forgetting", "drift"))}
+             for arm, mine in by_arm(rows).items()]
   lines = [f"# {fig.title}: the frontier", "",
            "Mean ± standard error over seeds. Forgetting = Shakespeare loss at the end minus base's at "
            f"step {fig.plan['base_steps']}; drift = fraction of Shakespeare tokens routed to a new expert.", "",
-           "| arm | seeds | Python loss | Shakespeare forgetting | routing drift |", "|---|---|---|---|---|"]
-  fmt = lambda m, se: "n/a" if m != m else (f"{m:.4f}" if se != se else f"{m:.4f} ± {se:.4f}")
+           *table_head("arm", "seeds", "Python loss", "Shakespeare forgetting", "routing drift")]
   for e in summary:
-    lines.append(f"| {e['arm']} | {e['n']} | {fmt(e['python_loss'], e['python_loss_se'])} | "
-                 f"{fmt(e['forgetting'], e['forgetting_se'])} | {fmt(e['drift'], e['drift_se'])} |")
-  text = "\n".join(lines) + "\n"
-  with open(os.path.join(root, "frontier_summary.md"), "w") as f:
-    f.write(text)
-  print(text, flush=True)
+    cells = [format_mean_se(e[k], e[k + "_se"]) for k in ("python_loss", "forgetting", "drift")]
+    lines.append(f"| {e['arm']} | {e['n']} | " + " | ".join(cells) + " |")
+  write_summary(os.path.join(root, "frontier_summary.md"), "\n".join(lines) + "\n")
   _plot(os.path.join(root, "frontier.png"), fig, summary)
   return summary
 
 
 def _plot(path: str, fig: Figure, summary: list[dict]) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = plots.pyplot()
   f, (ax, bx) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [3, 2]})
   colors = [plt.cm.tab20(i % 20) for i in range(len(summary))]
   for e, color in zip(summary, colors):
@@ -203,10 +194,8 @@ def _plot(path: str, fig: Figure, summary: list[dict]) -> None:
     ax.annotate(e["arm"].replace("_", " "), (e["python_loss"], e["forgetting"]), fontsize=7,
                 xytext=(4, 4), textcoords="offset points", color=color)
   ax.axhline(0, color="k", lw=0.6)
-  ax.set_xlabel("Python validation loss (learning; lower is better)")
-  ax.set_ylabel("Shakespeare loss increase (forgetting; lower is better)")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, loc="best")
+  plots.style_axes(ax, "Python validation loss (learning; lower is better)",
+                   "Shakespeare loss increase (forgetting; lower is better)", legend_size=7)
   names = [e["arm"] for e in summary]
   drift = [0.0 if e["drift"] != e["drift"] else e["drift"] for e in summary]
   bx.barh(range(len(names)), drift, xerr=[np.nan_to_num(e["drift_se"]) for e in summary], color=colors)
@@ -216,7 +205,4 @@ def _plot(path: str, fig: Figure, summary: list[dict]) -> None:
   bx.set_yticks(range(len(names)), names, fontsize=7)
   bx.set_xlabel("routing drift: Shakespeare tokens to new experts")
   bx.grid(alpha=0.3, axis="x")
-  f.suptitle(f"{fig.title}: mean ± standard error over seeds", fontsize=10)
-  f.tight_layout()
-  f.savefig(path, dpi=110)
-  plt.close(f)
+  plots.save(f, path, f"{fig.title}: mean ± standard error over seeds")

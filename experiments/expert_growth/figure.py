@@ -37,7 +37,9 @@ import os
 import ml_collections
 import numpy as np
 
-from experiments.harness import Arm, Claim, Figure, mean_se, read_evals, run_dir, write_csv
+from experiments import plots
+from experiments.harness import (Arm, Claim, Figure, by_arm, domain_mean, format_mean_se, mean_se, mean_se_fields,
+                                 read_evals, run_dir, table_head, write_csv, write_summary)
 from moegrow.configs import lm
 from moegrow.orchestrate import parts
 
@@ -129,7 +131,7 @@ def figure(quick: bool = False) -> Figure:
 def final_mean_loss(workdir: str, step: int) -> float | None:
   """The mean over domains of the run's evaluation at `step` (None if it has none)."""
   ev = read_evals(workdir).get(step)
-  return float(np.mean(list(ev.values()))) if ev else None
+  return domain_mean(ev) if ev else None
 
 
 def closure(l_small: float, l_big: float, l_grown: float) -> float:
@@ -163,38 +165,30 @@ def gap_closure(fig: Figure, root: str, seeds) -> list[dict]:
   write_csv(os.path.join(root, "gap_closure.csv"), rows,
             ["arm", "seed", "switch_step", "switch_fraction", "L_small", "L_big", "L_grown", "closure"])
   summary = []
-  for arm in dict.fromkeys(r["arm"] for r in rows):
-    mine = [r for r in rows if r["arm"] == arm]
+  for arm, mine in by_arm(rows).items():
     entry = {"arm": arm, "n": len(mine), "switch_step": mine[0]["switch_step"],
-             "switch_fraction": mine[0]["switch_fraction"]}
-    for k in ("closure", "L_grown", "L_small", "L_big"):
-      entry[k], entry[k + "_se"] = mean_se([r[k] for r in mine])
+             "switch_fraction": mine[0]["switch_fraction"],
+             **mean_se_fields(mine, ("closure", "L_grown", "L_small", "L_big"))}
     entry["gap"], entry["gap_se"] = mean_se([r["L_small"] - r["L_big"] for r in mine])
     summary.append(entry)
-  fmt = lambda m, se: "n/a" if m != m else (f"{m:.4f}" if se != se else f"{m:.4f} ± {se:.4f}")
   lines = [f"# {fig.title}: gap closure", "",
            f"Closure = (L_{SMALL} - L_grown) / (L_{SMALL} - L_{BIG}) per seed (paired), L = final validation "
            f"loss at step {fig.plan['steps']} (mean over domains); mean ± standard error over seeds. "
            "1 = the grown model matches 4 experts from the start; 0 = no better than 2 throughout. "
            "The ratio is unstable when the gap L_e2 - L_e4 is not clearly above its SE.", "",
-           "| arm | grows at step | seeds | gap L_e2 - L_e4 | L_grown | gap closure |", "|---|---|---|---|---|---|"]
+           *table_head("arm", "grows at step", "seeds", "gap L_e2 - L_e4", "L_grown", "gap closure")]
   for e in summary:
+    cells = [format_mean_se(e[k], e[k + "_se"]) for k in ("gap", "L_grown", "closure")]
     lines.append(f"| {e['arm']} | {e['switch_step']} ({e['switch_fraction']:.0%}) | {e['n']} | "
-                 f"{fmt(e['gap'], e['gap_se'])} | {fmt(e['L_grown'], e['L_grown_se'])} | "
-                 f"{fmt(e['closure'], e['closure_se'])} |")
-  text = "\n".join(lines) + "\n"
-  with open(os.path.join(root, "gap_closure_summary.md"), "w") as f:
-    f.write(text)
-  print(text, flush=True)
+                 + " | ".join(cells) + " |")
+  write_summary(os.path.join(root, "gap_closure_summary.md"), "\n".join(lines) + "\n")
   if summary:
     _plot(os.path.join(root, "gap_closure.png"), fig, rows, summary)
   return summary
 
 
 def _plot(path: str, fig: Figure, rows: list[dict], summary: list[dict]) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = plots.pyplot()
   f, ax = plt.subplots(figsize=(6, 4.3))
   x = [e["switch_fraction"] for e in summary]
   ax.errorbar(x, [e["closure"] for e in summary], yerr=np.nan_to_num([e["closure_se"] for e in summary]),
@@ -204,11 +198,7 @@ def _plot(path: str, fig: Figure, rows: list[dict], summary: list[dict]) -> None
   ax.axhline(1.0, color="C2", lw=0.8, ls="--", label=f"{E_BIG} experts from the start")
   ax.axhline(0.0, color="C3", lw=0.8, ls="--", label=f"{E_SMALL} experts throughout")
   ax.set_xticks(x, [f"{v:.0%}" for v in x])
-  ax.set_xlabel(f"growth {E_SMALL} -> {E_BIG} at (fraction of the {fig.plan['steps']} steps)")
-  ax.set_ylabel("gap closure")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8, loc="best")
+  plots.style_axes(ax, f"growth {E_SMALL} -> {E_BIG} at (fraction of the {fig.plan['steps']} steps)", "gap closure",
+                   legend_size=8)
   ax.set_title(f"{fig.title}", fontsize=9)
-  f.tight_layout()
-  f.savefig(path, dpi=110)
-  plt.close(f)
+  plots.save(f, path)

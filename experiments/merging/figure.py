@@ -30,7 +30,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from experiments.harness import Arm, Figure, mean_se, run_dir, write_csv
+from experiments import plots
+from experiments.harness import (Arm, Figure, domain_mean, format_effect, mean_se, mean_se_curve, paired_effect,
+                                 run_dir, table_head, write_csv, write_summary)
 from moegrow.configs import lm
 
 SHAKESPEARE, PYTHON = "shakespeare_plays", "python_stdlib"
@@ -116,7 +118,7 @@ def seed_points(fig: Figure, root: str, seed: int) -> list[dict]:
 
   def measure(params, panel, method, x):
     losses = {d: v["loss"] for d, v in probes.domain_losses(program, params, evals).items()}
-    losses["mean"] = float(np.mean(list(losses.values())))
+    losses["mean"] = domain_mean(losses)
     rows.extend({"seed": seed, "panel": panel, "method": method, "x": float(x), "domain": d, "loss": v}
                 for d, v in losses.items())
     return losses["mean"]
@@ -169,7 +171,7 @@ def summary(fig: Figure, rows: list[dict], seeds) -> tuple[str, list[dict]]:
   ]
   out, lines = [], [f"# {fig.title}: merges", "",
                     "Mean validation loss over both domains (nats/token), mean ± standard error over seeds.", "",
-                    "| quantity | seeds | value |", "|---|---|---|"]
+                    *table_head("quantity", "seeds", "value")]
   fmt = lambda m, se: f"{m:.4f}" if se != se else f"{m:.4f} ± {se:.4f}"
   for pair, v in bar.items():
     lines.append(f"| loss barrier, {pair} | {len(v)} | {fmt(*mean_se(v.values()))} |")
@@ -185,12 +187,10 @@ def summary(fig: Figure, rows: list[dict], seeds) -> tuple[str, list[dict]]:
       v = [at(s, "task", name, 1.0, dom) for s in seeds]
       lines.append(f"| {name}, {dom} | {len(v)} | {fmt(*mean_se(v))} |")
   lines += ["", "Claims (effect = worse - better, paired by seed; > 0 supports the claim):", "",
-            "| claim | seeds | effect ± SE | separated (|effect| > 2 SE) |", "|---|---|---|---|"]
+            *table_head("claim", "seeds", "effect ± SE", "separated (|effect| > 2 SE)")]
   for text, worse, better in claims:
-    effect, se = mean_se([worse[s] - better[s] for s in seeds])
-    sep = bool(se == se and abs(effect) > 2 * se)
-    out.append({"claim": text, "n": len(seeds), "effect": effect, "se": se, "separated": sep})
-    lines.append(f"| {text} | {len(seeds)} | {effect:+.4f} ± {se:.4f} | {'yes' if sep else 'no'} |")
+    out.append({"claim": text, **paired_effect(better, worse, seeds)})
+    lines.append(f"| {text} | {out[-1]['n']} | {format_effect(out[-1])} |")
   return "\n".join(lines) + "\n", out
 
 
@@ -210,31 +210,26 @@ def merge_report(fig: Figure, root: str, seeds) -> list[dict]:
     rows += mine
   write_csv(os.path.join(root, "merging_points.csv"), rows, ["seed", "panel", "method", "x", "domain", "loss"])
   text, claims = summary(fig, rows, seeds)
-  with open(os.path.join(root, "merging_summary.md"), "w") as f:
-    f.write(text)
-  print(text, flush=True)
+  write_summary(os.path.join(root, "merging_summary.md"), text)
   _plot(os.path.join(root, "merging_merges.png"), fig, rows)
   return claims
 
 
 def _plot(path: str, fig: Figure, rows: list[dict]) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = plots.pyplot()
 
   def curve(panel, method, domain="mean"):
     xs = sorted({r["x"] for r in rows if r["panel"] == panel and r["method"] == method})
-    stats = [mean_se([r["loss"] for r in rows if r["panel"] == panel and r["method"] == method
-                      and r["domain"] == domain and abs(r["x"] - x) < 1e-9]) for x in xs]
-    return np.array(xs), np.array([m for m, _ in stats]), np.nan_to_num(np.array([se for _, se in stats]))
+    m, se = mean_se_curve([[r["loss"] for r in rows if r["panel"] == panel and r["method"] == method
+                            and r["domain"] == domain and abs(r["x"] - x) < 1e-9] for x in xs])
+    return np.array(xs), m, se
 
   f, (ax, bx, cx) = plt.subplots(1, 3, figsize=(16, 4.6))
   for i, pair in enumerate(("one base", "different inits")):
     x, m, se = curve("interpolation", pair)
-    ax.plot(x, m, "o-", color=f"C{i}", ms=3, label=f"{'ft_0 -> ft_1' if i == 0 else 'ft_0 -> scratch'} ({pair})")
-    ax.fill_between(x, m - se, m + se, color=f"C{i}", alpha=0.2, lw=0)
-  ax.set_xlabel("interpolation weight a"), ax.set_ylabel("validation loss, mean of domains")
-  ax.set_title("linear mode connectivity"), ax.legend(fontsize=8), ax.grid(alpha=0.3)
+    plots.band(ax, x, m, se, f"C{i}", f"{'ft_0 -> ft_1' if i == 0 else 'ft_0 -> scratch'} ({pair})", marker="o", ms=3)
+  plots.style_axes(ax, "interpolation weight a", "validation loss, mean of domains", "linear mode connectivity",
+                   legend_size=8)
   names = [f"ft_{k}" for k in range(fig.plan["ingredients"])] + ["uniform soup", "greedy soup"]
   stats = [curve("soup", n) for n in names]
   bx.bar(range(len(names)), [s[1].mean() for s in stats], yerr=[s[2].mean() for s in stats], capsize=3,
@@ -253,9 +248,6 @@ def _plot(path: str, fig: Figure, rows: list[dict]) -> None:
   for name, style in (("tuned_shakespeare", ":"), ("tuned_python", "--")):
     _, m, _ = curve("task", name)
     cx.axhline(m[0], color="0.5", ls=style, lw=1, label=name.replace("_", " "))
-  cx.set_xlabel("density (fraction of each task vector kept)"), cx.set_ylabel("validation loss, mean of domains")
-  cx.set_title("Shakespeare-tuned + Python-tuned, merged on base"), cx.legend(fontsize=7), cx.grid(alpha=0.3)
-  f.suptitle(f"{fig.title}: mean ± standard error over seeds", fontsize=10)
-  f.tight_layout()
-  f.savefig(path, dpi=110)
-  plt.close(f)
+  plots.style_axes(cx, "density (fraction of each task vector kept)", "validation loss, mean of domains",
+                   "Shakespeare-tuned + Python-tuned, merged on base", legend_size=7)
+  plots.save(f, path, f"{fig.title}: mean ± standard error over seeds")

@@ -53,8 +53,10 @@ import os
 import ml_collections
 import numpy as np
 
-from experiments import harness
-from experiments.harness import Arm, Claim, Figure, mean_se, read_evals, run_dir, write_csv
+from experiments import harness, plots
+from experiments.harness import (Arm, Claim, Figure, by_arm, domain_mean, format_mean_se, mean_se_curve,
+                                 mean_se_fields, paired_effect, read_evals, run_dir, table_head, write_csv,
+                                 write_summary)
 from moegrow.configs import lm
 from moegrow.orchestrate import parts
 
@@ -229,7 +231,7 @@ def spike_rows(fig: Figure, root: str, seeds) -> list[dict]:
       kind, _, method = arm.name.partition("_")
       row = {"arm": arm.name, "seed": int(seed), "kind": "none" if arm.name == "small" else kind,
              "method": "none" if arm.name == "small" else method,
-             "final_loss": float(np.mean(list(ev[end].values()))), "final_flops": harness.flops_at(config, end)}
+             "final_loss": domain_mean(ev[end]), "final_flops": harness.flops_at(config, end)}
       cert = certificate(wd, S)
       if arm.name in SCRATCH or cert is None:
         row.update({k: nan for k in SPIKE_COLS if k not in row and k not in ("growth_step",)})
@@ -249,12 +251,6 @@ def spike_rows(fig: Figure, root: str, seeds) -> list[dict]:
   return rows
 
 
-def _fmt(m: float, se: float, digits: int = 4) -> str:
-  if m != m:
-    return "n/a"
-  return f"{m:.{digits}f}" if se != se else f"{m:.{digits}f} ± {se:.{digits}f}"
-
-
 def spike_report(fig: Figure, root: str, seeds) -> list[dict]:
   """Write spike.csv (per run), spike_summary.md (mean ± SE per arm + the spike's paired
   comparisons) and spike.png (training loss around the growth step); print the summary."""
@@ -263,13 +259,9 @@ def spike_report(fig: Figure, root: str, seeds) -> list[dict]:
   p = fig.plan
   keys = ("cert_change", "train_before", "train_next", "spike", "recover_steps", "final_loss")
   summary = []
-  for arm in dict.fromkeys(r["arm"] for r in rows):
-    mine = [r for r in rows if r["arm"] == arm]
-    e = {"arm": arm, "n": len(mine)}
-    for k in keys:
-      vals = [r[k] for r in mine]
-      e[k], e[k + "_se"] = mean_se(vals) if all(v == v for v in vals) else (math.nan, math.nan)
-      e[k + "_never"] = sum(1 for v in vals if v != v)
+  for arm, mine in by_arm(rows).items():
+    e = {"arm": arm, "n": len(mine), **mean_se_fields(mine, keys)}  # nan, nan where a run has nan
+    e.update({k + "_never": sum(1 for r in mine if r[k] != r[k]) for k in keys})
     summary.append(e)
   lines = [f"# {fig.title}: the loss spike at the growth step", "",
            f"Growth at step S = {p['small_steps']}; mean ± standard error over seeds. Δ cert = held-out loss change "
@@ -277,44 +269,35 @@ def spike_report(fig: Figure, root: str, seeds) -> list[dict]:
            + (f"steps S-{p['window'] - 1}..S" if p["window"] > 1 else "step S") + "; ℓ at S+1 = the grown model's first training batch; spike = max ℓ over "
            f"S+1..S+{p['ramp_steps']} minus ℓ before; recover = steps until the mean of the next {p['window']} "
            "training losses is back at ℓ before; final = last held-out loss (mean over domains).", "",
-           "| arm | seeds | Δ cert | ℓ before | ℓ at S+1 | spike | recover (steps) | final loss |",
-           "|---|---|---|---|---|---|---|---|"]
+           *table_head("arm", "seeds", "Δ cert", "ℓ before", "ℓ at S+1", "spike", "recover (steps)", "final loss")]
+  fmt = lambda e, k, spec=".4f": format_mean_se(e[k], e[k + "_se"], spec)
   for e in summary:
-    rec = _fmt(e["recover_steps"], e["recover_steps_se"], 1)
+    rec = fmt(e, "recover_steps", ".1f")
     if e["recover_steps_never"]:
       rec = f"never in {e['recover_steps_never']}/{e['n']} runs" if e["recover_steps_never"] == e["n"] else \
           f"{e['recover_steps_never']}/{e['n']} never"
-    lines.append(f"| {e['arm']} | {e['n']} | {_fmt(e['cert_change'], e['cert_change_se'], 6)} | "
-                 f"{_fmt(e['train_before'], e['train_before_se'])} | {_fmt(e['train_next'], e['train_next_se'])} | "
-                 f"{_fmt(e['spike'], e['spike_se'])} | {rec} | {_fmt(e['final_loss'], e['final_loss_se'])} |")
+    lines.append(f"| {e['arm']} | {e['n']} | {fmt(e, 'cert_change', '.6f')} | {fmt(e, 'train_before')} | "
+                 f"{fmt(e, 'train_next')} | {fmt(e, 'spike')} | {rec} | {fmt(e, 'final_loss')} |")
   lines += ["", "The spike, paired by seed (effect = value(non-preserving) - value(preserving); > 0 supports the "
             "claim; separated when |effect| > 2 SE):", "",
-            "| comparison | quantity | seeds | effect ± SE | separated |", "|---|---|---|---|---|"]
+            *table_head("comparison", "quantity", "seeds", "effect ± SE", "separated")]
   for kind in ("wide", "deep"):
     for good in ("exact", "ramped"):
       a, b = f"{kind}_{good}", f"{kind}_random"
       for q in ("train_next", "spike", "cert_change"):
-        va = {r["seed"]: r[q] for r in rows if r["arm"] == a}
-        vb = {r["seed"]: r[q] for r in rows if r["arm"] == b}
-        both = sorted(set(va) & set(vb))
-        if not both:
-          continue
-        eff, se = mean_se([vb[s] - va[s] for s in both])
-        sep = "yes" if se == se and abs(eff) > 2 * se else "no"
-        lines.append(f"| {b} vs {a} | {q} | {len(both)} | {_fmt(eff, se)} | {sep} |")
-  text = "\n".join(lines) + "\n"
-  with open(os.path.join(root, "spike_summary.md"), "w") as f:
-    f.write(text)
-  print(text, flush=True)
+        effect = paired_effect({r["seed"]: r[q] for r in rows if r["arm"] == a},
+                               {r["seed"]: r[q] for r in rows if r["arm"] == b})
+        if effect["n"]:
+          lines.append(f"| {b} vs {a} | {q} | {effect['n']} | {format_mean_se(effect['effect'], effect['se'])} | "
+                       f"{'yes' if effect['separated'] else 'no'} |")
+  write_summary(os.path.join(root, "spike_summary.md"), "\n".join(lines) + "\n")
   _plot_spike(os.path.join(root, "spike.png"), fig, root, seeds)
   return summary
 
 
 def _plot_spike(path: str, fig: Figure, root: str, seeds) -> None:
   """Training loss around the growth step (mean over seeds ± SE), one panel per growth kind."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = plots.pyplot()
   p = fig.plan
   S = p["small_steps"]
   lo, hi = max(1, S - 4 * p["ramp_steps"]), S + 6 * p["ramp_steps"]
@@ -332,18 +315,8 @@ def _plot_spike(path: str, fig: Figure, root: str, seeds) -> None:
       if not per_seed:
         continue
       steps = [t for t in range(lo, hi + 1) if all(d.get(t) is not None for d in per_seed)]
-      stats = [mean_se([d[t] for d in per_seed]) for t in steps]
-      m = np.array([x[0] for x in stats])
-      se = np.nan_to_num(np.array([x[1] for x in stats]))
-      ax.plot(steps, m, color=f"C{i}", lw=1.3, label=f"{LABELS.get(name, name)} (n={len(per_seed)})")
-      ax.fill_between(steps, m - se, m + se, color=f"C{i}", alpha=0.2, lw=0)
+      m, se = mean_se_curve([[d[t] for d in per_seed] for t in steps])
+      plots.band(ax, steps, m, se, f"C{i}", f"{LABELS.get(name, name)} (n={len(per_seed)})", lw=1.3)
     ax.axvline(S + 0.5, color="k", lw=0.7, ls="--")
-    ax.set_title(f"{kind} growth at step {S}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-  f.suptitle(f"{fig.title}: training loss around the growth step, mean ± SE over seeds", fontsize=10)
-  f.tight_layout()
-  f.savefig(path, dpi=110)
-  plt.close(f)
+    plots.style_axes(ax, "step", "training loss (nats/token)", f"{kind} growth at step {S}", legend_size=7)
+  plots.save(f, path, f"{fig.title}: training loss around the growth step, mean ± SE over seeds")

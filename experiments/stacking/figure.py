@@ -35,10 +35,10 @@ import math
 import os
 
 import ml_collections
-import numpy as np
 
 from experiments import harness
-from experiments.harness import Arm, Claim, Figure, mean_se, read_evals, run_dir, write_csv
+from experiments.harness import (Arm, Claim, Figure, by_arm, domain_mean, format_mean_se, mean_se_fields, read_evals,
+                                 run_dir, table_head, write_csv, write_summary)
 from moegrow.configs import lm
 
 SIZES = {
@@ -160,10 +160,6 @@ def first_reach(points: list[tuple[float, float]], target: float) -> float:
   return math.nan
 
 
-def _mean_loss(ev: dict[str, float]) -> float:
-  return float(np.mean(list(ev.values())))
-
-
 def curve(fig: Figure, root: str, arm: Arm, seed: int) -> list[tuple[float, float]]:
   """[(training FLOPs, held-out loss mean over domains)] of a run: a grown run starts with its
   source's evaluation at its start step, then its own evaluations after it."""
@@ -174,7 +170,7 @@ def curve(fig: Figure, root: str, arm: Arm, seed: int) -> list[tuple[float, floa
     ev = {s: e for s, e in ev.items() if s > arm.start_step}
     if arm.start_step in src:
       ev[arm.start_step] = src[arm.start_step]
-  return [(harness.flops_at(config, s), _mean_loss(ev[s])) for s in sorted(ev)]
+  return [(harness.flops_at(config, s), domain_mean(ev[s])) for s in sorted(ev)]
 
 
 def saved_rows(fig: Figure, root: str, seeds) -> list[dict]:
@@ -198,12 +194,6 @@ def saved_rows(fig: Figure, root: str, seeds) -> list[dict]:
   return rows
 
 
-def _fmt(m: float, se: float, spec: str = ".4f") -> str:
-  if m != m:
-    return "n/a"
-  return f"{m:{spec}}" if se != se else f"{m:{spec}} ± {se:{spec}}"
-
-
 def flops_saved_report(fig: Figure, root: str, seeds) -> list[dict]:
   """Write flops_saved.csv (per grown run) and flops_saved_summary.md (mean ± SE per arm over the
   seeds that reached L_star, with the count that never did); print the summary."""
@@ -214,24 +204,18 @@ def flops_saved_report(fig: Figure, root: str, seeds) -> list[dict]:
            "deep_scratch first reaches L*; F_grown = the FLOPs at which the grown run first reaches L* "
            "(linear interpolation between evaluations); saved = 1 - F_grown / F_scratch. Mean ± standard "
            "error over the seeds that reached L* within the token budget; 'never' counts the others.", "",
-           "| arm | switch step | seeds | never | L* | F_scratch | F_grown | saved | final loss | final FLOPs |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           *table_head("arm", "switch step", "seeds", "never", "L*", "F_scratch", "F_grown", "saved", "final loss",
+                       "final FLOPs")]
+  specs = {"L_star": ".4f", "F_scratch": ".3e", "F_grown": ".3e", "saved": ".3f", "final_loss": ".4f",
+           "final_flops": ".3e"}
   summary = []
-  for name in dict.fromkeys(r["arm"] for r in rows):
-    mine = [r for r in rows if r["arm"] == name]
+  for name, mine in by_arm(rows).items():
     reached = [r for r in mine if r["F_grown"] == r["F_grown"]]
-    e = {"arm": name, "n": len(mine), "never": len(mine) - len(reached), "switch_step": mine[0]["switch_step"]}
-    for k in ("L_star", "F_scratch", "final_loss", "final_flops"):
-      e[k], e[k + "_se"] = mean_se([r[k] for r in mine])
-    for k in ("F_grown", "saved"):
-      e[k], e[k + "_se"] = mean_se([r[k] for r in reached])
+    e = {"arm": name, "n": len(mine), "never": len(mine) - len(reached), "switch_step": mine[0]["switch_step"],
+         **mean_se_fields(mine, ("L_star", "F_scratch", "final_loss", "final_flops")),
+         **mean_se_fields(reached, ("F_grown", "saved"))}
     summary.append(e)
-    lines.append(f"| {name} | {e['switch_step']} | {e['n']} | {e['never']}/{e['n']} | "
-                 f"{_fmt(e['L_star'], e['L_star_se'])} | {_fmt(e['F_scratch'], e['F_scratch_se'], '.3e')} | "
-                 f"{_fmt(e['F_grown'], e['F_grown_se'], '.3e')} | {_fmt(e['saved'], e['saved_se'], '.3f')} | "
-                 f"{_fmt(e['final_loss'], e['final_loss_se'])} | {_fmt(e['final_flops'], e['final_flops_se'], '.3e')} |")
-  text = "\n".join(lines) + "\n"
-  with open(os.path.join(root, "flops_saved_summary.md"), "w") as f:
-    f.write(text)
-  print(text, flush=True)
+    cells = [format_mean_se(e[k], e[k + "_se"], spec) for k, spec in specs.items()]
+    lines.append(f"| {name} | {e['switch_step']} | {e['n']} | {e['never']}/{e['n']} | " + " | ".join(cells) + " |")
+  write_summary(os.path.join(root, "flops_saved_summary.md"), "\n".join(lines) + "\n")
   return summary
