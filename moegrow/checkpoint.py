@@ -9,6 +9,11 @@ holds the whole model (the base, with fresh adapters); every later one holds onl
 the two and refuses a base whose identity differs, naming both. The stage's manager pins the base
 so that `keep` never deletes it.
 
+Integrity: every save records a checksum of every array leaf it writes (`moegrow.integrity`) in
+the metadata (`integrity`, with `format`); every restore compares the arrays it read and refuses a
+mismatch naming the checkpoint and the parameter. Checkpoints written before checksums existed
+(no `format` field) restore with a one-line note; one of the current format without them is refused.
+
 Restores always name the shapes they expect: `abstract_state` carries shapes, dtypes and the
 shardings of the CURRENT mesh, so a checkpoint written on 1 device restores onto 8 and back.
 Growth restores at the checkpoint's OWN (old) shapes, read from its stored model config, and
@@ -28,10 +33,16 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from moegrow import integrity
 from moegrow.config import ModelConfig
 from moegrow.params.trees import check_tree, flatten
 
 STATE, META, DATA, EWC = "state", "meta", "data", "ewc"
+FORMAT = 2  # metadata format: 2 = array checksums recorded (moegrow 0.6); absent = written before
+
+
+class CorruptCheckpoint(ValueError):
+  """A checkpoint whose arrays are not the ones it recorded (flipped or cut-off bytes)."""
 SEEDED_BASE = "base-"  # name prefix of an adapter checkpoint's base copied along by `seed_workdir`
 _STEP_DIR = re.compile(r"(?:stage(\d+)_)?(\d+)")
 
@@ -102,6 +113,10 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict, meta: dict, data_s
   if free < need * 1.05 + 2**20:
     raise OSError(f"cannot write checkpoint {where}: it needs about {_gib(need)}, {_gib(free)} free on "
                   f"{mngr.directory}; free some space and rerun (the run resumes from its newest checkpoint)")
+  sums = integrity.checksums(state, STATE + "/")
+  if ewc is not None:
+    sums.update(integrity.checksums(ewc, EWC + "/"))
+  meta = dict(meta, format=FORMAT, integrity={"algorithm": integrity.ALGORITHM, "leaves": sums})
   args = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta),
           DATA: ocp.args.JsonSave({"iterator": data_state})}
   if ewc is not None:
@@ -179,7 +194,9 @@ def _restore_base(mngr, step: int, meta: dict, abstract_state: dict, where: str)
     try:
       base = bm.restore(base_step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state)}))
     except Exception as e:  # noqa: BLE001 - re-raised with the path
-      raise ValueError(f"checkpoint {base_where}: restoring the base of {where} failed ({type(e).__name__}: {e})") from e
+      raise CorruptCheckpoint(f"checkpoint {base_where}: restoring the base of {where} failed, its array files "
+                              f"are unreadable ({_brief(e)})") from e
+    verify(base_meta, STATE, base[STATE], base_where)
   finally:
     if not own:
       bm.close()
@@ -242,6 +259,41 @@ def model_config(meta: dict) -> ModelConfig:
   return ModelConfig.from_dict(meta["model"])
 
 
+def verify(meta: dict, item: str, tree: Any, where: str, mngr: ocp.CheckpointManager | None = None) -> None:
+  """Compare the restored `tree` of checkpoint item `item` with the checksums its metadata records.
+  CorruptCheckpoint naming the checkpoint and the first parameters that differ; a current-format
+  checkpoint without checksums is refused; one written before checksums existed gets a note."""
+  record = meta.get("integrity") if isinstance(meta, dict) else None
+  if record is None:
+    if isinstance(meta, dict) and int(meta.get("format", 1)) >= 2:
+      raise CorruptCheckpoint(f"checkpoint {where}: its metadata has no array checksums ('integrity'), which "
+                              f"every checkpoint of format {meta.get('format')} records; refusing to trust it")
+    logging.warning("checkpoint %s predates array checksums (moegrow < 0.6): its arrays are not verified", where)
+    return
+  if record.get("algorithm") != integrity.ALGORITHM or not isinstance(record.get("leaves"), dict):
+    raise CorruptCheckpoint(f"checkpoint {where}: unknown checksum record {str(record)[:120]!r}")
+  bad = integrity.mismatches(tree, record["leaves"], item + "/")
+  if bad:
+    raise CorruptCheckpoint(f"checkpoint {where} is corrupt: {len(bad)} array(s) differ from what was saved, "
+                            f"first {bad[:3]}" + _fallback_hint(mngr, where))
+
+
+def _brief(e: BaseException) -> str:
+  """An exception in one line: TensorStore's errors carry a page of spec after their first line."""
+  text = str(e).split(" See full TensorStore details", 1)[0].splitlines()
+  return f"{type(e).__name__}: {(text[0] if text else '')[:240]}"
+
+
+def _fallback_hint(mngr, where: str) -> str:
+  if mngr is None:
+    return ""
+  others = [s for s in mngr.all_steps() if step_dir(mngr, s) != where]
+  if not others:
+    return "; no other checkpoint in its directory"
+  return (f"; other checkpoints in {mngr.directory}: steps {sorted(others)}. To go on from the newest of them, "
+          f"move {where} out of that directory and rerun")
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict) -> tuple[dict, dict, Any]:
   """(state, meta, data_iterator_state) at `step`, at exactly the shapes/shardings of
   `abstract_state` (a tree of jax.ShapeDtypeStruct with shardings)."""
@@ -259,8 +311,10 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict) -> tup
     out = mngr.restore(int(step), args=ocp.args.Composite(**{
         STATE: ocp.args.StandardRestore(abstract_state), DATA: ocp.args.JsonRestore()}))
   except Exception as e:  # noqa: BLE001 - re-raised with the path
-    raise ValueError(f"checkpoint {where}: restore failed ({type(e).__name__}: {e})") from e
+    raise CorruptCheckpoint(f"checkpoint {where}: restore failed, its array files are unreadable "
+                            f"({_brief(e)})" + _fallback_hint(mngr, where)) from e
   state = out[STATE]
+  verify(meta, STATE, state, where, mngr)
   if adapter_only:
     params = dict(_restore_base(mngr, step, meta, full, where), lora=state["params"]["lora"])
     state = dict(state, params=params)
@@ -284,9 +338,12 @@ def restore_item(mngr: ocp.CheckpointManager, step: int, item: str, abstract: An
   if stored is not None:
     check_tree(_by_path(stored), _by_path(abstract), f"checkpoint {where} item '{item}'", check_dtype=False)
   try:
-    return mngr.restore(int(step), args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}))[item]
+    out = mngr.restore(int(step), args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}))[item]
   except Exception as e:  # noqa: BLE001 - re-raised with the path
-    raise ValueError(f"checkpoint {where}: restoring item '{item}' failed ({type(e).__name__}: {e})") from e
+    raise CorruptCheckpoint(f"checkpoint {where}: restoring item '{item}' failed, its array files are unreadable "
+                            f"({_brief(e)})") from e
+  verify(_raw_meta(mngr, step), item, out, where, mngr)
+  return out
 
 
 def _stored_shapes(mngr, step):

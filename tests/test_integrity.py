@@ -1,0 +1,212 @@
+"""Array checksums (moegrow/integrity.py) against a naive numpy reference, and every restore path
+refusing a corrupt checkpoint: flipped bytes, a cut-off array file, checksums deleted from a
+current-format checkpoint; an untouched checkpoint and one written before checksums restore."""
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from moegrow import checkpoint, integrity
+from moegrow.orchestrate import merging, stages
+from _tiny import digest, train_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RNG = np.random.default_rng(0)
+
+
+def naive(x: np.ndarray) -> str:
+  """The documented sums by a plain loop over the elements' bits (Python integers, mod 2^32)."""
+  bits = x.reshape(-1).view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
+  c1 = c2 = 0
+  for i, b in enumerate(int(v) for v in bits):
+    c1 = (c1 + b * (2 * i + 1)) % 2**32
+    c2 = (c2 + ((((b << 7) | (b >> 25)) % 2**32) ^ i)) % 2**32
+  return f"{c1:08x}:{c2:08x}"
+
+
+def test_checksums_are_the_documented_sums():
+  f32 = RNG.normal(size=(7, 11)).astype(np.float32)
+  bf16 = np.asarray(jnp.asarray(RNG.normal(size=(5, 3)), jnp.bfloat16))
+  tree = {"a": {"w_DF": jnp.asarray(f32)}, "b": jnp.asarray(bf16), "step": jnp.asarray(12345, jnp.int32)}
+  got = integrity.checksums(tree, "state/")
+  assert got == {"state/a/w_DF": "float32:" + naive(f32), "state/b": "bfloat16:" + naive(bf16),
+                 "state/step": "int32:" + naive(np.asarray(12345, np.int32))}
+
+
+def test_checksums_are_the_same_on_any_mesh():
+  x = RNG.normal(size=(16, 24)).astype(np.float32)
+  want = integrity.checksums({"x": jnp.asarray(x)})
+  devices = np.array(jax.devices()[:8])
+  for shape, spec in (((8, 1), P("a", None)), ((2, 4), P("a", "b")), ((4, 2), P("b", "a"))):
+    mesh = Mesh(devices.reshape(shape), ("a", "b"))
+    assert integrity.checksums({"x": jax.device_put(x, NamedSharding(mesh, spec))}) == want, shape
+
+
+def test_any_single_bit_flip_is_caught():
+  x = RNG.normal(size=(32, 16)).astype(np.float32)
+  record = integrity.checksums({"w": jnp.asarray(x)})
+  assert integrity.mismatches({"w": jnp.asarray(x)}, record) == []
+  for i, bit in zip(RNG.integers(0, x.size, 20), RNG.integers(0, 32, 20)):
+    y = x.copy().reshape(-1)
+    y.view(np.uint32)[i] ^= np.uint32(1 << int(bit))
+    assert integrity.mismatches({"w": jnp.asarray(y.reshape(x.shape))}, record) == ["w"], (i, bit)
+
+
+def test_a_leaf_restored_wider_is_checked_at_its_saved_dtype():
+  x = jnp.asarray(RNG.normal(size=(6, 5)), jnp.bfloat16)
+  record = integrity.checksums({"w": x})
+  assert integrity.mismatches({"w": x.astype(jnp.float32)}, record) == []
+  assert integrity.mismatches({"w": x.astype(jnp.float32).at[0, 0].add(1.0)}, record) == ["w"]
+  assert integrity.mismatches({"w": x, "new": x}, record) == ["new"]  # a leaf nothing recorded
+
+
+# ---------------------------------------------------------------- real checkpoints
+
+def corrupt(step_dir: str, how: str) -> str:
+  """Damage the largest array file of a checkpoint's state: flip 4 bytes in its middle, or cut it in
+  half. Returns the file's path."""
+  files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, checkpoint.STATE)) for f in fs]
+  big = max(files, key=os.path.getsize)
+  size = os.path.getsize(big)
+  with open(big, "r+b") as f:
+    if how == "flip":
+      f.seek(size // 2)
+      b = f.read(4)
+      f.seek(size // 2)
+      f.write(bytes(v ^ 0xFF for v in b))
+    else:
+      f.truncate(size // 2)
+  return big
+
+
+def edit_meta(step_dir: str, fn) -> None:
+  path = os.path.join(step_dir, checkpoint.META, "metadata")
+  with open(path) as f:
+    meta = json.load(f)
+  fn(meta)
+  with open(path, "w") as f:
+    json.dump(meta, f)
+
+
+STATE = {"params": {"w_DF": RNG.normal(size=(256, 512)).astype(np.float32)}, "step": np.int32(3)}
+
+
+@pytest.fixture
+def saved(tmp_path):
+  """A real Orbax checkpoint directory with steps 1 and 3 of a small state."""
+  d = str(tmp_path / "ckpt")
+  mngr = checkpoint.manager(d)
+  for step in (1, 3):
+    checkpoint.save(mngr, step, jax.tree_util.tree_map(jnp.asarray, STATE), {"model": {}, "stage": 0, "lineage": []})
+  mngr.wait_until_finished()
+  mngr.close()
+  return d
+
+
+def restore(d, step=3):
+  mngr = checkpoint.manager(d, read_only=True)
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
+      Mesh(np.array(jax.devices()[:1]), ("d",)), P())), STATE)
+  try:
+    return checkpoint.restore(mngr, step, abstract)
+  finally:
+    mngr.close()
+
+
+def test_an_untouched_checkpoint_restores_and_records_every_leaf(saved):
+  state, meta, _ = restore(saved)
+  np.testing.assert_array_equal(np.asarray(state["params"]["w_DF"]), STATE["params"]["w_DF"])
+  assert meta["format"] == checkpoint.FORMAT
+  assert set(meta["integrity"]["leaves"]) == {"state/params/w_DF", "state/step"}
+
+
+@pytest.mark.parametrize("how, says", [("flip", r"is corrupt: 1 array\(s\) differ .*state/params/w_DF"),
+                                       ("truncate", r"unreadable")])
+def test_a_damaged_array_file_is_refused_naming_the_checkpoint(saved, how, says):
+  corrupt(os.path.join(saved, "3"), how)
+  with pytest.raises(checkpoint.CorruptCheckpoint, match=rf"checkpoint {saved}/3.*{says}.*steps \[1\]") as e:
+    restore(saved)
+  assert "TensorStore(" not in str(e.value)  # one line, not the store's spec
+  restore(saved, step=1)  # the older checkpoint is intact
+
+
+def test_checksums_deleted_from_a_current_checkpoint_are_refused(saved):
+  edit_meta(os.path.join(saved, "3"), lambda m: m.pop("integrity"))
+  with pytest.raises(checkpoint.CorruptCheckpoint, match=r"3: its metadata has no array checksums"):
+    restore(saved)
+
+
+def test_a_checkpoint_from_before_checksums_restores_with_a_note(saved, caplog):
+  edit_meta(os.path.join(saved, "3"), lambda m: (m.pop("integrity"), m.pop("format")))
+  with caplog.at_level(logging.WARNING):
+    state, _, _ = restore(saved)
+  np.testing.assert_array_equal(np.asarray(state["params"]["w_DF"]), STATE["params"]["w_DF"])
+  assert any("predates array checksums" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------- every path that restores
+
+def no_checkpoint(workdir) -> bool:
+  d = os.path.join(workdir, "checkpoints")
+  return not os.path.isdir(d) or not any(checkpoint.parse_step_dir(n) for n in os.listdir(d))
+
+
+def test_a_corrupt_newest_checkpoint_stops_a_resume_and_says_how_to_go_on(tmp_path, data_dir):
+  wd = str(tmp_path / "run")
+  c = train_config(data_dir, steps=4, checkpoint_every=2, eval_every=0)
+  stages.train_and_evaluate(c, wd)
+  corrupt(os.path.join(wd, "checkpoints", "4"), "flip")
+  c.train.steps = 6
+  with pytest.raises(checkpoint.CorruptCheckpoint, match=r"checkpoints/4 is corrupt.*steps \[2\].*move .*/4 out"):
+    stages.train_and_evaluate(c, wd)
+  shutil.move(os.path.join(wd, "checkpoints", "4"), str(tmp_path / "corrupt-4"))
+  assert stages.train_and_evaluate(c, wd)["step"] == 6  # resumed from step 2
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_grow_and_merge_refuse_a_corrupt_source_and_write_nothing(tmp_path, data_dir, tiny_run, how):
+  src = tiny_run(0, tmp_path / "src")
+  corrupt(os.path.join(src, "checkpoints", "4"), how)
+  before = digest(src)
+  grow = train_config(data_dir, steps=0, eval_every=0)
+  grow.stages = (dict(name="dense", steps=4),
+                 dict(name="moe", steps=2, ops=(dict(op="upcycle", layers=[1], num_experts=2, top_k=1),)))
+  with pytest.raises(checkpoint.CorruptCheckpoint, match=r"src/checkpoints/4"):
+    stages.grow_offline(grow, src, str(tmp_path / "grown"))
+  assert no_checkpoint(tmp_path / "grown")
+  other = tiny_run(1, tmp_path / "other")
+  merge = train_config(data_dir, steps=2)
+  merge.merge = dict(sources=[other, src], base="", method="linear", params={}, overrides=[], seed=0)
+  with pytest.raises(checkpoint.CorruptCheckpoint, match=r"src/checkpoints/4"):
+    merging.merge_run(merge, str(tmp_path / "merged"))
+  assert no_checkpoint(tmp_path / "merged")
+  assert digest(src) == before  # the source is only read
+
+
+@pytest.mark.slow
+def test_the_command_names_a_truncated_checkpoint_in_its_last_line(tmp_path, data_dir):
+  """In a fresh process: exit 1, the last line names the checkpoint and the way on; none of the
+  checkpointer's echoes (event loop closed, the array store's spec) after it."""
+  wd = str(tmp_path / "run")
+  args = [sys.executable, "-m", "moegrow.main", "--config=configs/lm.py:tiny", f"--workdir={wd}",
+          f"--config.data.data_dir={data_dir}", "--config.train.checkpoint_every=2", "--config.train.eval_every=0",
+          "--config.mesh.num_devices=1", "--config.mesh.data=1"]
+  run = lambda steps: subprocess.run(args + [f"--config.train.steps={steps}"], cwd=REPO, capture_output=True,
+                                     text=True, timeout=600)
+  assert run(4).returncode == 0
+  corrupt(os.path.join(wd, "checkpoints", "4"), "truncate")
+  p = run(6)
+  out = (p.stdout + p.stderr).strip()
+  assert p.returncode == 1, out[-2000:]
+  last = out.splitlines()[-1]
+  assert last.startswith(f"moegrow: error: checkpoint {wd}/checkpoints/4: restore failed, its array files are "
+                         "unreadable") and "steps [2]" in last, last
+  assert "Event loop is closed" not in out and "TensorStore" not in out
