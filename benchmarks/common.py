@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import time
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,23 +60,36 @@ def matmul_peak(dtype=jnp.float32, sizes=(1024, 2048), min_time: float = 1.0) ->
   return out
 
 
-def train_step_fn(cfg, batch: int, seq: int):
-  """(compiled step closure, compile seconds) for `cfg` on one device with random byte tokens."""
+class TrainStep(NamedTuple):
+  """A compiled train step: `run()` takes one step (on a fixed batch) and returns its loss."""
+  run: Callable
+  compile_s: float
+  program: object  # moegrow.train.steps.Program (its abstract_state sizes params and optimizer state)
+
+
+def train_step_fn(cfg, batch: int, seq: int, objective=None, ctx_of=None, frozen: tuple = ()) -> TrainStep:
+  """The train step of `cfg` on one device with random byte tokens, compiled ahead of time.
+  `objective`: a moegrow.train.steps.Objective, `ctx_of(state)` the context it needs (None: none);
+  `frozen`: the train config's frozen parameter patterns (e.g. LoRA's frozen base)."""
   from moegrow import sharding
   from moegrow.train import steps
-  prog = steps.build_program(cfg, TRAIN, sharding.make_mesh({"data": 1}))
+  train = ml_collections.ConfigDict(TRAIN.to_dict())
+  train.frozen = frozen
+  prog = steps.build_program(cfg, train, sharding.make_mesh({"data": 1}), objective)
   state = prog.init(jax.random.key(0))
   toks = np.random.default_rng(0).integers(0, 256, (batch, seq + 1), dtype=np.int32)
   b = jax.device_put({"inputs": toks[:, :-1], "targets": toks[:, 1:]}, prog.batch_sharding)
+  ctx = None if ctx_of is None else ctx_of(state)
+  args = (state, b) if ctx is None else (state, b, ctx)
   t0 = time.perf_counter()
-  compiled = prog.train_step.lower(state, b).compile()
+  compiled = prog.train_step.lower(*args).compile()
   compile_s = time.perf_counter() - t0
   box = [state]
 
   def run():
-    box[0], m = compiled(box[0], b)
+    box[0], m = compiled(box[0], *args[1:])
     return m["loss"]
-  return run, compile_s
+  return TrainStep(run, compile_s, prog)
 
 
 def header(title: str) -> str:

@@ -13,36 +13,14 @@ timed in alternating rounds in one process (median per call); the table reports 
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from benchmarks.common import TRAIN, header, print_table, time_interleaved, write_json
-from moegrow import sharding
+from benchmarks.common import header, print_table, time_interleaved, train_step_fn, write_json
 from moegrow.config import ModelConfig
 from moegrow.model import transformer as tf
 from moegrow.train import steps
-
-
-def step_fn(cfg, objective, ctx_of, batch: int, seq: int):
-  """(compiled step closure, compile seconds) for `cfg` with `objective` on one device."""
-  prog = steps.build_program(cfg, TRAIN, sharding.make_mesh({"data": 1}), objective)
-  state = prog.init(jax.random.key(0))
-  toks = np.random.default_rng(0).integers(0, 256, (batch, seq + 1), dtype=np.int32)
-  b = jax.device_put({"inputs": toks[:, :-1], "targets": toks[:, 1:]}, prog.batch_sharding)
-  ctx = ctx_of(state)
-  args = (state, b) if ctx is None else (state, b, ctx)
-  t0 = time.perf_counter()
-  compiled = prog.train_step.lower(*args).compile()
-  compile_s = time.perf_counter() - t0
-  box = [state]
-
-  def run():
-    box[0], m = compiled(box[0], *args[1:])
-    return m["loss"]
-  return run, compile_s
 
 
 def main():
@@ -72,7 +50,7 @@ def main():
   batch, seq = 16, 256
   fns, compile_s = {}, {}
   for name, (obj, ctx) in cands.items():
-    fns[name], compile_s[name] = step_fn(student, obj, ctx, batch, seq)
+    fns[name], compile_s[name], _ = train_step_fn(student, batch, seq, obj, ctx)
   times = time_interleaved({n: (f, ()) for n, f in fns.items()}, 4 * mt)
   rows = [{"objective": n, "step ms": 1e3 * t, "vs plain": t / times["plain"], "compile s": compile_s[n]}
           for n, t in times.items()]

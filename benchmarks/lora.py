@@ -13,20 +13,16 @@ Candidates are timed in alternating rounds in one process (median per call); rat
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
-import ml_collections
 import numpy as np
 
-from benchmarks.common import TRAIN, header, print_table, time_interleaved, write_json
-from moegrow import sharding
+from benchmarks.common import header, print_table, time_interleaved, train_step_fn, write_json
 from moegrow.config import ModelConfig
 from moegrow.flops import train_flops_per_token
 from moegrow.model import transformer as tf
 from moegrow.orchestrate.validate import BASE_FROZEN
 from moegrow.params import lora, trees
-from moegrow.train import steps
 
 
 def mib(tree) -> float:
@@ -35,21 +31,9 @@ def mib(tree) -> float:
 
 def candidate(cfg: ModelConfig, frozen: tuple, batch: int, seq: int):
   """(step closure, compile seconds, params MiB, optimizer-state MiB)."""
-  tr = ml_collections.ConfigDict(TRAIN.to_dict())
-  tr.frozen = frozen
-  prog = steps.build_program(cfg, tr, sharding.make_mesh({"data": 1}))
-  state = prog.init(jax.random.key(0))
-  toks = np.random.default_rng(0).integers(0, 256, (batch, seq + 1), dtype=np.int32)
-  b = jax.device_put({"inputs": toks[:, :-1], "targets": toks[:, 1:]}, prog.batch_sharding)
-  t0 = time.perf_counter()
-  compiled = prog.train_step.lower(state, b).compile()
-  compile_s = time.perf_counter() - t0
-  box = [state]
-
-  def run():
-    box[0], m = compiled(box[0], b)
-    return m["loss"]
-  return run, compile_s, mib(prog.abstract_state["params"]), mib(prog.abstract_state["opt_state"])
+  step = train_step_fn(cfg, batch, seq, frozen=frozen)
+  state = step.program.abstract_state
+  return step.run, step.compile_s, mib(state["params"]), mib(state["opt_state"])
 
 
 def adapter_flops(cfg: ModelConfig) -> int:

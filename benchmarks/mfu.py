@@ -60,7 +60,7 @@ def main():
   rows = []
   for name, cfg in {"d=256 L=4": ModelConfig(d_model=256, num_layers=4, num_heads=4, d_ff=1024),
                     "d=512 L=8": ModelConfig(d_model=512, num_layers=8, num_heads=8, d_ff=2048)}.items():
-    run, compile_s = train_step_fn(cfg, 16, 256)
+    run, compile_s, _ = train_step_fn(cfg, 16, 256)
     t = time_fn(run, min_time=mt)
     fl = train_flops_per_token(cfg, 256) * 16 * 256
     ceiling = matmul_ceiling(cfg, 16, 256, mt)
@@ -73,7 +73,7 @@ def main():
   for e in (2, 4, 8, 16, 32):
     cfg = ModelConfig(d_model=256, num_layers=4, num_heads=4, d_ff=1024, moe_layers="every_other",
                       num_experts=e, top_k=2)
-    run, compile_s = train_step_fn(cfg, 16, 256)
+    run, compile_s, _ = train_step_fn(cfg, 16, 256)
     steps[e] = (run, ())
     erows.append({"experts": e, "compile_s": compile_s})
   times = time_interleaved(steps, 5 * mt)
@@ -85,7 +85,7 @@ def main():
   srows, steps = [], {}
   cfg = ModelConfig(d_model=256, num_layers=4, num_heads=4, d_ff=1024)
   for seq in (256, 512, 1024, 2048):
-    steps[seq] = (train_step_fn(cfg, 4096 // seq, seq)[0], ())
+    steps[seq] = (train_step_fn(cfg, 4096 // seq, seq).run, ())
   times = time_interleaved(steps, 4 * mt)
   for seq, t in times.items():
     fl = train_flops_per_token(cfg, seq) * 4096

@@ -53,7 +53,7 @@ def main():
       "MoE E=8 k=2 capacity 1.25": ModelConfig(**moe, dispatch="capacity", capacity_factor=1.25),
   }
   batch, seq = 16, 256
-  times = time_interleaved({name: (train_step_fn(cfg, batch, seq)[0], ()) for name, cfg in models.items()}, 4 * mt)
+  times = time_interleaved({name: (train_step_fn(cfg, batch, seq).run, ()) for name, cfg in models.items()}, 4 * mt)
   times["dense equal-active"] = (times["dense d_ff=1024"] + times["dense d_ff=2048"]) / 2
   flops = {n: train_flops_per_token(c, seq) * batch * seq for n, c in models.items()}
   flops["dense equal-active"] = flops["MoE E=8 k=2 dropless"]
