@@ -236,6 +236,30 @@ def make_train_iter(mixture: Mapping[str, float], *, seq_len: int,
     'domain': int32[B], 'replay': float32[B]}`` ('replay' is 1 on rows of
     replayed domains, those only in ``replay.mixture``) with ``B = global_batch // process_count``.
   """
+  local_batch = _local_batch(seq_len, global_batch, process_index, process_count)
+  tok = tokenization.load(tokenizer)
+  if vocab_size is not None:
+    tokenization.check_vocab(tok, vocab_size)
+  domains, new, old = _domain_weights(mixture, replay)
+
+  def weights_at(step: int) -> np.ndarray:
+    r = replay.at(step) if replay is not None else 0.0
+    return (1.0 - r) * new + r * old
+  live = [n for i, n in enumerate(domains) if new[i] > 0 or old[i] > 0]
+  parts = {}
+  for name in live:
+    docs = _process_documents(name, split, data_dir, process_index, process_count, seed)
+    key = 'text' if own_name(name) else text_key
+    parts[name] = _packed_windows(docs, tok, key, seq_len, domains.index(name))
+  keep = np.array([n in live for n in domains])
+  mixed = _MixDataset(parts, lambda s: weights_at(s)[keep], local_batch, _seed_for(seed, '<mix>'), tok)
+  replayed = np.array([i for i, n in enumerate(domains) if new[i] == 0 and old[i] > 0], np.int32)
+  batched = mixed.batch(local_batch, drop_remainder=True).map(lambda b: _split_batch(b, replayed))
+  return batched.__iter__()  # its state is the mixer's: {'rows', 'parts'}
+
+
+def _local_batch(seq_len: int, global_batch: int, process_index: int, process_count: int) -> int:
+  """This process's rows per step; ValueError for sizes that cannot be split so."""
   if seq_len < 1 or global_batch < 1:
     raise ValueError(f'Need seq_len >= 1 and global_batch >= 1, got '
                      f'seq_len={seq_len}, global_batch={global_batch}.')
@@ -245,10 +269,13 @@ def make_train_iter(mixture: Mapping[str, float], *, seq_len: int,
   if global_batch % process_count:
     raise ValueError(f'global_batch={global_batch} is not divisible by '
                      f'process_count={process_count}.')
-  local_batch = global_batch // process_count
-  tok = tokenization.load(tokenizer)
-  if vocab_size is not None:
-    tokenization.check_vocab(tok, vocab_size)
+  return global_batch // process_count
+
+
+def _domain_weights(mixture: Mapping[str, float],
+                    replay: Replay | None) -> tuple[list[str], np.ndarray, np.ndarray]:
+  """(domains in ``domain_order``, the mixture's normalised weight of each, replay's weight of
+  each); a domain missing from one has weight 0 there."""
   weights = _check_mixture(mixture)
   domains = domain_order(mixture, replay)
   old = dict.fromkeys(domains, 0.0)
@@ -256,28 +283,28 @@ def make_train_iter(mixture: Mapping[str, float], *, seq_len: int,
     old.update(replay.mixture)
   new = np.array([weights.get(n, 0.0) for n in domains])
   old = np.array([old[n] for n in domains])
+  return domains, new, old
 
-  def weights_at(step: int) -> np.ndarray:
-    r = replay.at(step) if replay is not None else 0.0
-    return (1.0 - r) * new + r * old
-  live = [n for i, n in enumerate(domains) if new[i] > 0 or old[i] > 0]
-  parts = {}
-  for name in live:
-    key = 'text' if own_name(name) else text_key
-    ds = grain.MapDataset.source(data_source(name, split, data_dir))[process_index::process_count]
-    if len(ds) == 0:  # pylint: disable=g-explicit-length-test
-      raise ValueError(f'Dataset {name!r} split {split!r} has no documents '
-                       f'for process {process_index}/{process_count}.')
-    ds = ds.shuffle(seed=_seed_for(seed, name)).repeat(None)
-    ds = ds.map(lambda ex, key=key: tok.document(text_of(ex, key)))
-    packed = _PackIterDataset(ds.to_iter_dataset(_READ_OPTIONS), seq_len + 1)
-    domain = np.int32(domains.index(name))
-    parts[name] = packed.map(lambda w, d=domain: {'tokens': w, 'domain': d})
-  keep = np.array([n in live for n in domains])
-  mixed = _MixDataset(parts, lambda s: weights_at(s)[keep], local_batch, _seed_for(seed, '<mix>'), tok)
-  replayed = np.array([i for i, n in enumerate(domains) if new[i] == 0 and old[i] > 0], np.int32)
-  batched = mixed.batch(local_batch, drop_remainder=True).map(lambda b: _split_batch(b, replayed))
-  return batched.__iter__()  # its state is the mixer's: {'rows', 'parts'}
+
+def _process_documents(name: str, split: str, data_dir: str, process_index: int, process_count: int,
+                       seed: int) -> grain.MapDataset:
+  """This process's documents ``[process_index::process_count]`` of one dataset split, shuffled
+  (again every epoch) and repeated forever."""
+  ds = grain.MapDataset.source(data_source(name, split, data_dir))[process_index::process_count]
+  if len(ds) == 0:  # pylint: disable=g-explicit-length-test
+    raise ValueError(f'Dataset {name!r} split {split!r} has no documents '
+                     f'for process {process_index}/{process_count}.')
+  return ds.shuffle(seed=_seed_for(seed, name)).repeat(None)
+
+
+def _packed_windows(docs: grain.MapDataset, tok: tokenization.Tokenizer, text_key: str, seq_len: int,
+                    domain: int) -> grain.IterDataset:
+  """Documents tokenized (their text under ``text_key``) and packed into windows of ``seq_len + 1``
+  tokens, each tagged with its domain id: {'tokens', 'domain'}."""
+  ds = docs.map(lambda ex: tok.document(text_of(ex, text_key)))
+  packed = _PackIterDataset(ds.to_iter_dataset(_READ_OPTIONS), seq_len + 1)
+  d = np.int32(domain)
+  return packed.map(lambda w: {'tokens': w, 'domain': d})
 
 
 def domain_order(mixture: Mapping[str, float], replay: 'Replay | None' = None) -> list[str]:
