@@ -27,6 +27,7 @@ report (`moegrow.train.forgetting`) measures loss change per domain and routing 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -119,7 +120,24 @@ def grow_offline(config, source: str, workdir: str, stage: int | None = None) ->
   return cert
 
 
-def _run_stages(config, workdir: str, pre: loop.Preempted) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What every stage of one run shares."""
+  config: Any
+  workdir: str
+  pre: loop.Preempted
+  mesh: Any
+  stages: list[Stage]
+  tr: Any  # the train config, its `steps` the end of the last stage
+  book: Logbook
+  feeds: list  # per stage: (mixture, replay)
+  evals: dict  # {domain: [batch]}
+  held: dict  # {domain: [first batch]}: the growth certificate's rows
+
+
+def _start_run(config, workdir: str, pre: loop.Preempted) -> _Run:
+  """The mesh, the stages, one train config over all of them, the logbook, each stage's data and
+  the evaluation sets of every domain any stage trains on."""
   mesh = make_mesh(config)
   stages = resolve_stages(config, model_config(config))
   tr = ml_collections.ConfigDict(config.train.to_dict())
@@ -130,76 +148,28 @@ def _run_stages(config, workdir: str, pre: loop.Preempted) -> dict[str, Any]:
                                if m.get(n, 0) > 0 or (r is not None and r.mixture.get(n, 0) > 0)))
   evals = eval_sets(config, domains)
   held = {d: b[:1] for d, b in evals.items()}
-  at_stage, at_step = latest(workdir, stages, tr)
-  book.truncate_after(at_step or 0)  # rows past the restored step are replayed: each step once
-  budget = tr.get("stop_after_steps", 0) or None  # steps this invocation may train
-  stop_at = tr.get("stop_at_step", 0) or None  # global step at which this invocation ends
+  return _Run(config, workdir, pre, mesh, stages, tr, book, feeds, evals, held)
+
+
+def _run_stages(config, workdir: str, pre: loop.Preempted) -> dict[str, Any]:
+  """Train every stage not finished yet, from this run's newest checkpoint; the final metrics."""
+  run = _start_run(config, workdir, pre)
+  at_stage, at_step = latest(workdir, run.stages, run.tr)
+  run.book.truncate_after(at_step or 0)  # rows past the restored step are replayed: each step once
+  budget = run.tr.get("stop_after_steps", 0) or None  # steps this invocation may train
+  stop_at = run.tr.get("stop_at_step", 0) or None  # global step at which this invocation ends
   result: dict[str, Any] = {"preempted": False}
-  for st in stages:
-    if st.index < at_stage or (st.index == at_stage and at_step >= st.end and st.index < len(stages) - 1):
+  for st in run.stages:
+    if st.index < at_stage or (st.index == at_stage and at_step >= st.end and st.index < len(run.stages) - 1):
       continue  # finished earlier (a finished stage's successor grows from its checkpoint below)
     if pre.flag:  # SIGTERM before this stage started: what is on disk is resumable as it is
-      book.say(f"SIGTERM: stopping before stage {st.index}; run the same command to resume")
+      run.book.say(f"SIGTERM: stopping before stage {st.index}; run the same command to resume")
       result["preempted"] = True
       break
-    mngr = manager(workdir, st.index, tr, pinned=(st.start,) if adapter_stage(st) else ())
-    ewc = None
-    try:
-      program = build_program(st.cfg, stage_train(tr, st), mesh, objective(st, stages))
-      book.say(f"stage {st.index} ({st.name}): " + state_bytes(program.abstract_state))
-      if st.index == at_stage:
-        where = checkpoint.step_dir(mngr, at_step)
-        stored_cfg = checkpoint.model_config(checkpoint.read_meta(mngr, at_step))  # validated metadata
-        if stored_cfg != st.cfg:
-          raise ValueError(f"checkpoint {where} holds a different model than stage {st.index} of the config: "
-                           f"{config_diff(stored_cfg, st.cfg)}")
-        state, meta, data_state = checkpoint.restore(mngr, at_step, program.abstract_state)
-        if st.ewc:
-          ewc = checkpoint.restore_item(mngr, at_step, checkpoint.EWC, ewc_abstract(st.cfg, mesh))
-        book.say(f"resumed from {where} at step {at_step} (stage {st.index}: {st.name})")
-      elif st.index == 0:
-        state, data_state, where = program.init(jax.random.key(tr.seed)), None, "init"
-        meta = checkpoint_meta(st, [], step=0)
-      else:
-        src = manager(workdir, st.index - 1, tr, read_only=True)
-        book.say(f"growing {checkpoint.step_dir(src, src.latest_step())} into stage {st.index} ({st.name}): "
-                 f"{', '.join(o['op'] for o in st.ops) or 'no ops (same model)'}")
-        source = GrowthSource(src, src.latest_step(), stage_train(tr, stages[st.index - 1]))
-        measure = GrowthData(held, evals, fisher_batches(config, stages, st.index))
-        state, data_state, cert, ewc = grow_checkpoint(source, st, tr, mesh, measure, mngr, workdir,
-                                                       growth_key(tr.seed, st.index))
-        src.close()
-        book.say(certificate_text(cert))
-        where = checkpoint.step_dir(mngr, int(state["step"]))
-        meta = checkpoint.read_meta(mngr, int(state["step"]))
-        result.setdefault("certificates", []).append(cert)
-        if pre.flag:  # SIGTERM during growth: the grown checkpoint is saved; stop here
-          book.say(f"SIGTERM during growth: the grown checkpoint {where} is saved; exiting. Run the same command "
-                   "to resume")
-          result.update(preempted=True, step=int(state["step"]), stage=st.index)
-          break
-      if adapter_stage(st) and "adapters" not in meta:  # the stage's first checkpoint is the adapters' base
-        meta = checkpoint.with_adapters(meta, st.cfg, checkpoint.step_dir(mngr, st.start), st.start, state["params"])
-      ctx = None
-      if program.objective is not None:
-        ctx = {}
-        if st.ewc:
-          ctx["ewc"] = ewc
-        if st.distill:
-          ctx["teacher"] = teacher_params(workdir, stages, st, tr, mesh)
-      it = train_iter(config, *feeds[st.index])
-      if data_state is not None:
-        try:
-          it.set_state(data_state)
-        except (ValueError, KeyError, TypeError) as e:
-          raise ValueError(f"checkpoint {where}: data iterator state refused: {e}") from e
-      begin = int(state["step"])
-      stop = min(st.end, begin + budget if budget is not None else st.end, stop_at or st.end)
-      out = loop.run_loop(program, state, it, mngr, book, evals, meta, tr, end=stop, pre=pre, stage_name=st.name,
-                          ctx=ctx)
-    finally:  # also on errors: finish in-flight async saves so the last good checkpoint is whole
-      mngr.wait_until_finished()
-      mngr.close()
+    ran = _run_stage(run, st, (at_stage, at_step), budget, stop_at, result)
+    if ran is None:  # SIGTERM during growth
+      break
+    out, begin = ran
     result.update({k: v for k, v in out.items() if k != "certificates"}, stage=st.index)
     if budget is not None:
       budget -= out["step"] - begin
@@ -207,23 +177,126 @@ def _run_stages(config, workdir: str, pre: loop.Preempted) -> dict[str, Any]:
       result["stopped_early"] = not out["preempted"]
       break
     if st.index > 0:
-      result["forgetting"] = _forgetting(workdir, st, stages, out, evals, mesh, book)
-  book.close()
+      result["forgetting"] = _forgetting(run, st, out)
+  run.book.close()
   result.setdefault("stopped_early", False)
   return result
 
 
-def _forgetting(workdir, st: Stage, stages, out, evals, mesh, book) -> dict:
+def _run_stage(run: _Run, st: Stage, at: tuple[int, int], budget: int | None, stop_at: int | None,
+               result: dict) -> tuple[dict, int] | None:
+  """Load stage `st`'s state (resumed from `at` = (stage, step), initialised or grown) and train it
+  until its end, the step budget or `stop_at`. Returns (the loop's result, the step it began at),
+  or None after SIGTERM during growth (`result` says so)."""
+  mngr = manager(run.workdir, st.index, run.tr, pinned=(st.start,) if adapter_stage(st) else ())
+  try:
+    program = build_program(st.cfg, stage_train(run.tr, st), run.mesh, objective(st, run.stages))
+    run.book.say(f"stage {st.index} ({st.name}): " + state_bytes(program.abstract_state))
+    loaded = _load_stage(run, st, program, mngr, at, result)
+    if loaded is None:
+      return None
+    state, meta, data_state, where, ewc = loaded
+    if adapter_stage(st) and "adapters" not in meta:  # the stage's first checkpoint is the adapters' base
+      meta = checkpoint.with_adapters(meta, st.cfg, checkpoint.step_dir(mngr, st.start), st.start, state["params"])
+    ctx = _objective_inputs(run, st, program, ewc)
+    it = _stage_iter(run, st, data_state, where)
+    begin = int(state["step"])
+    stop = min(st.end, begin + budget if budget is not None else st.end, stop_at or st.end)
+    out = loop.run_loop(program, state, it, mngr, run.book, run.evals, meta, run.tr, end=stop, pre=run.pre,
+                        stage_name=st.name, ctx=ctx)
+  finally:  # also on errors: finish in-flight async saves so the last good checkpoint is whole
+    mngr.wait_until_finished()
+    mngr.close()
+  return out, begin
+
+
+def _load_stage(run: _Run, st: Stage, program, mngr, at: tuple[int, int], result: dict) -> tuple | None:
+  """Stage `st`'s first state as (state, metadata, data iterator state, where it came from, ewc
+  item): resumed from this run's newest checkpoint `at` = (stage, step), initialised (stage 0), or
+  grown from the previous stage's final checkpoint. None after SIGTERM during growth."""
+  at_stage, at_step = at
+  if st.index == at_stage:
+    return _resume(run, st, program, mngr, at_step)
+  if st.index == 0:
+    state, data_state, where = program.init(jax.random.key(run.tr.seed)), None, "init"
+    return state, checkpoint_meta(st, [], step=0), data_state, where, None
+  return _grow_into(run, st, mngr, result)
+
+
+def _resume(run: _Run, st: Stage, program, mngr, step: int) -> tuple:
+  """Stage `st`'s state restored from its checkpoint at `step` (refused if it holds another model)."""
+  where = checkpoint.step_dir(mngr, step)
+  stored_cfg = checkpoint.model_config(checkpoint.read_meta(mngr, step))  # validated metadata
+  if stored_cfg != st.cfg:
+    raise ValueError(f"checkpoint {where} holds a different model than stage {st.index} of the config: "
+                     f"{config_diff(stored_cfg, st.cfg)}")
+  state, meta, data_state = checkpoint.restore(mngr, step, program.abstract_state)
+  ewc = None
+  if st.ewc:
+    ewc = checkpoint.restore_item(mngr, step, checkpoint.EWC, ewc_abstract(st.cfg, run.mesh))
+  run.book.say(f"resumed from {where} at step {step} (stage {st.index}: {st.name})")
+  return state, meta, data_state, where, ewc
+
+
+def _grow_into(run: _Run, st: Stage, mngr, result: dict) -> tuple | None:
+  """The previous stage's final checkpoint grown into stage `st` and saved as its first checkpoint;
+  the certificate is appended to result['certificates']. None after SIGTERM during growth (the
+  grown checkpoint is saved; `result` records the stop)."""
+  src = manager(run.workdir, st.index - 1, run.tr, read_only=True)
+  run.book.say(f"growing {checkpoint.step_dir(src, src.latest_step())} into stage {st.index} ({st.name}): "
+               f"{', '.join(o['op'] for o in st.ops) or 'no ops (same model)'}")
+  source = GrowthSource(src, src.latest_step(), stage_train(run.tr, run.stages[st.index - 1]))
+  measure = GrowthData(run.held, run.evals, fisher_batches(run.config, run.stages, st.index))
+  state, data_state, cert, ewc = grow_checkpoint(source, st, run.tr, run.mesh, measure, mngr, run.workdir,
+                                                 growth_key(run.tr.seed, st.index))
+  src.close()
+  run.book.say(certificate_text(cert))
+  where = checkpoint.step_dir(mngr, int(state["step"]))
+  meta = checkpoint.read_meta(mngr, int(state["step"]))
+  result.setdefault("certificates", []).append(cert)
+  if run.pre.flag:  # SIGTERM during growth: the grown checkpoint is saved; stop here
+    run.book.say(f"SIGTERM during growth: the grown checkpoint {where} is saved; exiting. Run the same command "
+                 "to resume")
+    result.update(preempted=True, step=int(state["step"]), stage=st.index)
+    return None
+  return state, meta, data_state, where, ewc
+
+
+def _objective_inputs(run: _Run, st: Stage, program, ewc) -> dict | None:
+  """The train step's fixed inputs for the stage's objective (EWC's item, the distillation
+  teacher), or None without an objective."""
+  if program.objective is None:
+    return None
+  ctx = {}
+  if st.ewc:
+    ctx["ewc"] = ewc
+  if st.distill:
+    ctx["teacher"] = teacher_params(run.workdir, run.stages, st, run.tr, run.mesh)
+  return ctx
+
+
+def _stage_iter(run: _Run, st: Stage, data_state, where: str):
+  """Stage `st`'s data iterator, resumed from `data_state` (None: from the start)."""
+  it = train_iter(run.config, *run.feeds[st.index])
+  if data_state is not None:
+    try:
+      it.set_state(data_state)
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"checkpoint {where}: data iterator state refused: {e}") from e
+  return it
+
+
+def _forgetting(run: _Run, st: Stage, out: dict) -> dict:
   """The end-of-stage forgetting report against the source model's loss at the boundary."""
-  cert_path = os.path.join(workdir, "growth", f"{st.start}.json")
+  cert_path = os.path.join(run.workdir, "growth", f"{st.start}.json")
   before = None
   if os.path.exists(cert_path):
     with open(cert_path) as f:
       before = json.load(f).get("eval_before")
-  now = {d: out[f"eval/{d}/loss"] for d in evals if f"eval/{d}/loss" in out}
-  row = forgetting.stage_report(workdir, st.index, out["step"], stages[st.index - 1].cfg, st.cfg,
-                                out["state"]["params"], evals, now, before, mesh)
+  now = {d: out[f"eval/{d}/loss"] for d in run.evals if f"eval/{d}/loss" in out}
+  row = forgetting.stage_report(run.workdir, st.index, out["step"], run.stages[st.index - 1].cfg, st.cfg,
+                                out["state"]["params"], run.evals, now, before, run.mesh)
   if row:
-    book.write(out["step"], row)
-    book.say("forgetting: " + ", ".join(f"{k} {v:+.4f}" for k, v in row.items()))
+    run.book.write(out["step"], row)
+    run.book.say("forgetting: " + ", ".join(f"{k} {v:+.4f}" for k, v in row.items()))
   return row
