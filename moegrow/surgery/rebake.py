@@ -42,25 +42,61 @@ def to_dense(cfg, *, layers: Layers | Literal["moe"] = "moe", mode: Literal["con
   Moments: concatenated slices carry their experts' (wo: mu times s/k, nu times (s/k)^2, like
   a scaled copy); 'average' takes the mean of the experts' moments; 'fresh' starts at zero.
   """
-  op = "to_dense"
-  ids = resolve_layers(cfg, layers, op)
+  ids, counts, kk = _moe_layers(cfg, layers, k)
+  fs = cfg.num_shared_experts * cfg.shared_d_ff
+  width = _dense_width(cfg, ids, mode, kk)
+  kept, missing = _kept_experts(counts, mode, kk, loads)
+  new_cfg = _dense_config(cfg, counts, width)
+
+  def rules(key):
+    if missing:
+      raise ValueError(f"to_dense: mode='concat_topk' needs loads={{layer: vector of experts}} for layers {missing}")
+    scale = cfg.expert_output_scale / (1 if mode == "average" else kk)
+    out = []
+    for i in ids:
+      out += _layer_rules(cfg, i, mode, kept.get(i), scale, width)
+    return out + [(".*", R.copy())]
+
+  note = ("exact only if the kept experts are identical and each token's gates sum to 1 (topk_softmax "
+          "renormalises; e.g. after an exact upcycle) with dropless token-choice dispatch; otherwise the "
+          "start of a distilled re-bake" if mode != "fresh" else "fresh dense MLPs: not function-preserving")
+  return Plan(new_cfg, rules, exact=False, note=note,
+              extra={"kept_experts": {str(i): es for i, es in kept.items()}, "kept": _kept_sources(cfg, kept, fs)})
+
+
+def _moe_layers(cfg, layers, k: int | None) -> tuple[list[int], dict[int, int], int]:
+  """(the layers to convert, {layer: its experts}, k): ValueError unless every layer is MoE and k
+  (default top_k) is in 1..experts of each."""
+  ids = resolve_layers(cfg, layers, "to_dense")
   if not ids:
-    raise ValueError(f"{op}: the model has no MoE layers")
+    raise ValueError("to_dense: the model has no MoE layers")
   dense = [i for i in ids if not cfg.experts_in_layer(i)]
   if dense:
-    raise ValueError(f"{op}: layer(s) {dense} are already dense")
+    raise ValueError(f"to_dense: layer(s) {dense} are already dense")
   counts = {i: cfg.experts_in_layer(i) for i in ids}
   kk = cfg.top_k if k is None else k
   bad = {i: e for i, e in counts.items() if not 1 <= kk <= e}
   if bad:
-    raise ValueError(f"{op}: k={kk} must be in 1..num_experts; layers {sorted(bad)} have experts {bad}")
+    raise ValueError(f"to_dense: k={kk} must be in 1..num_experts; layers {sorted(bad)} have experts {bad}")
+  return ids, counts, kk
+
+
+def _dense_width(cfg, ids: list[int], mode: str, kk: int) -> int:
+  """The converted layers' d_ff (the experts' part, then the shared experts'); ValueError if the
+  model's other dense layers have another (d_ff is one global size)."""
   f, fs = cfg.expert_d_ff, cfg.num_shared_experts * cfg.shared_d_ff
   width = (f if mode == "average" else kk * f) + fs
   others = [i for i in range(cfg.num_layers) if i not in ids and not cfg.experts_in_layer(i)]
   if others and cfg.d_ff != width:
-    raise ValueError(f"{op}: d_ff is one global size; mode={mode!r} makes layers {ids} dense with d_ff={width} "
+    raise ValueError(f"to_dense: d_ff is one global size; mode={mode!r} makes layers {ids} dense with d_ff={width} "
                      f"but dense layers {others} have d_ff={cfg.d_ff} (widen them first: widen_mlp(d_ff={width}), "
                      "exact)")
+  return width
+
+
+def _kept_experts(counts: dict[int, int], mode: str, kk: int, loads) -> tuple[dict[int, list[int]], list[int]]:
+  """({layer: the experts its dense MLP is made of, in order}, layers lacking loads): concat_topk
+  keeps the kk of largest load, average all of them, fresh none."""
   kept, missing = {}, []
   if mode == "concat_topk":
     for i, e in counts.items():
@@ -69,36 +105,31 @@ def to_dense(cfg, *, layers: Layers | Literal["moe"] = "moe", mode: Literal["con
         missing.append(i)
         continue
       if np.shape(load) != (e,) or not np.all(np.isfinite(np.asarray(load, np.float64))):
-        raise ValueError(f"{op}: loads for layer {i} must be a finite vector of {e} (got shape {np.shape(load)})")
+        raise ValueError(f"to_dense: loads for layer {i} must be a finite vector of {e} (got shape {np.shape(load)})")
       kept[i] = top_experts(load, kk)
   elif mode == "average":
     kept = {i: list(range(e)) for i, e in counts.items()}
+  return kept, missing
+
+
+def _dense_config(cfg, counts: dict[int, int], width: int):
+  """The model config with the layers of `counts` dense at d_ff `width`."""
   remaining = {i: e for i, e in expert_counts(cfg).items() if i not in counts}
   fields = moe_fields(remaining, cfg.num_layers)
   if not remaining and isinstance(cfg.num_experts, tuple):
     fields["num_experts"] = max(cfg.num_experts)  # no MoE layer left: one count (unused)
-  new_cfg = cfg.replace(d_ff=width, **fields)
+  return cfg.replace(d_ff=width, **fields)
 
-  def rules(key):
-    if missing:
-      raise ValueError(f"{op}: mode='concat_topk' needs loads={{layer: vector of experts}} for layers {missing}")
-    scale = cfg.expert_output_scale / (1 if mode == "average" else kk)
-    out = []
-    for i in ids:
-      out += _layer_rules(cfg, i, mode, kept.get(i), scale, width)
-    return out + [(".*", R.copy())]
 
+def _kept_sources(cfg, kept: dict[int, list[int]], fs: int) -> dict[str, list[str]]:
+  """{dense leaf: the expert slices (then shared leaf, if any) it is made of}, for the plan's report."""
   sources = {}
   for i, es in kept.items():
     p = f"blocks/{i}/mlp/"
     for nm in mlp_names(cfg) + ("wo",):
       tgt, tab = (f"{nm}_FD", f"{nm}_EFD") if nm == "wo" else (f"{nm}_DF", f"{nm}_EDF")
       sources[p + tgt] = [f"{p}{tab}[{e}]" for e in es] + ([f"{p}shared/{tgt}"] if fs else [])
-  note = ("exact only if the kept experts are identical and each token's gates sum to 1 (topk_softmax "
-          "renormalises; e.g. after an exact upcycle) with dropless token-choice dispatch; otherwise the "
-          "start of a distilled re-bake" if mode != "fresh" else "fresh dense MLPs: not function-preserving")
-  return Plan(new_cfg, rules, exact=False, note=note,
-              extra={"kept_experts": {str(i): es for i, es in kept.items()}, "kept": sources})
+  return sources
 
 
 def _layer_rules(cfg, i: int, mode: str, kept, scale: float, width: int):
