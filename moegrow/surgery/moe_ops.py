@@ -202,70 +202,24 @@ def add_experts(cfg, *, num_experts: int | Sequence[int] | Mapping[Any, int],
     (their gate weight times m): exact at m = 0, the plain grown model at m = 1 (moegrow.params.ramp).
   Moments: copies carry their source's moments.
   """
-  op = "add_experts"
-  _refuse_ramped(cfg, op)
-  if ramp_steps < 0:
-    raise ValueError(f"{op}: ramp_steps={ramp_steps} must be >= 0")
-  if ramp_steps and mode == "split":
-    raise ValueError(f"{op}: mode='split' lowers the old experts' biases, which a ramp on the new experts cannot "
-                     "undo; use mode='exact' or 'copy_noise' with ramp_steps")
-  if ramp_steps and new_bias != -1e4:
-    raise ValueError(f"{op}: new_bias={new_bias} has no effect with ramp_steps (the new experts' bias starts at 0 "
-                     "and the ramp's mask supplies the -1e4)")
-  ids = resolve_layers(cfg, layers, op)
-  dense = [i for i in ids if not cfg.experts_in_layer(i)]
-  if dense:
-    raise ValueError(f"{op}: layer(s) {dense} are dense (no experts); upcycle them first")
-  if not ids:
-    raise ValueError(f"{op}: the model has no MoE layers")
-  counts = resolve_counts(num_experts, ids, op)
-  for i, e2 in counts.items():
-    if e2 < cfg.experts_in_layer(i):
-      raise ValueError(f"{op}: layer {i} has {cfg.experts_in_layer(i)} experts; cannot shrink to {e2}")
+  _refuse_ramped(cfg, "add_experts")
+  _check_ramp_args(ramp_steps, mode, new_bias)
+  counts = _grown_counts(cfg, layers, num_experts)
   sigma = (0.01 if mode == "copy_noise" or ramp_steps else 0.0) if noise_std is None else noise_std
   if router_init == "hidden" and mode != "copy_noise":
-    raise ValueError(f"{op}: router_init='hidden' routes tokens to the new experts: it needs mode='copy_noise' "
+    raise ValueError("add_experts: router_init='hidden' routes tokens to the new experts: it needs mode='copy_noise' "
                      f"(mode={mode!r} keeps the new experts unrouted or shares their source's mass)")
-  new_cfg = cfg.replace(**moe_fields({**expert_counts(cfg), **counts}, cfg.num_layers))
-  name = None
-  if ramp_steps:
-    targets = [ramp.logbias(f"blocks/{i}/mlp/router_bias_E", cfg.experts_in_layer(i), e2)
-               for i, e2 in counts.items() if e2 > cfg.experts_in_layer(i)]
-    if targets:
-      name = f"{op}{len(cfg.ramps)}"
-      new_cfg = new_cfg.replace(ramps=cfg.ramps + (ramp.entry(name, ramp_steps, targets),))
-  # Which old expert each new one copies: fixed by the config for round_robin, by measured loads
-  # (a probe's output, passed in) for most_loaded. The new config does not depend on them.
-  sources, missing = {}, []
-  for i, e2 in counts.items():
-    e = cfg.experts_in_layer(i)
-    if source == "most_loaded":
-      load = None if loads is None else loads.get(str(i), loads.get(i))
-      if load is None:
-        missing.append(i)
-        continue
-      if np.shape(load) != (e,):
-        raise ValueError(f"{op}: loads for layer {i} must be a vector of {e} (got shape {np.shape(load)})")
-      order = np.argsort(-np.asarray(load, np.float64), kind="stable")
-    else:
-      order = np.arange(e)
-    sources[i] = np.asarray([order[j % e] for j in range(e2 - e)], np.int32)
-
-  hidden = {}
-  if router_init == "hidden":
-    for i in counts:
-      c = None if centroids is None else centroids.get(str(i), centroids.get(i))
-      if c is not None and np.shape(c) != (2, cfg.d_model):
-        raise ValueError(f"{op}: centroids for layer {i} must be [old, new] of shape (2, {cfg.d_model}) "
-                         f"(got {np.shape(c)})")
-      hidden[i] = c
+  new_cfg, name = _grown_expert_config(cfg, counts, ramp_steps)
+  sources, missing = _copy_sources(cfg, counts, source, loads)
+  hidden = _hidden_centroids(cfg, counts, centroids) if router_init == "hidden" else {}
 
   def rules(key):
     if missing:
-      raise ValueError(f"{op}: source='most_loaded' needs loads={{layer: vector of experts}} for layers {missing}")
+      raise ValueError(f"add_experts: source='most_loaded' needs loads={{layer: vector of experts}} for layers "
+                       f"{missing}")
     absent = [i for i, c in hidden.items() if c is None]
     if absent:
-      raise ValueError(f"{op}: router_init='hidden' needs centroids={{layer: [old, new] mean MLP inputs}} for "
+      raise ValueError(f"add_experts: router_init='hidden' needs centroids={{layer: [old, new] mean MLP inputs}} for "
                        f"layers {absent} (router_domain={router_domain!r})")
     out = [(f"ramp/{name}", R.init("zeros"))] if name else []
     for i, src in sources.items():
@@ -277,6 +231,80 @@ def add_experts(cfg, *, num_experts: int | Sequence[int] | Mapping[Any, int],
           + (f"; ramp {name!r}: the new experts' gates are times m = 0 -> 1 over {ramp_steps} steps" if name else ""))
   return Plan(new_cfg, rules, exact=exact, note=note,
               extra={"sources": {str(i): s.tolist() for i, s in sources.items()}})
+
+
+def _check_ramp_args(ramp_steps: int, mode: str, new_bias: float) -> None:
+  """ramp_steps >= 0, and with a ramp: a mode the ramp can undo, the default new_bias."""
+  if ramp_steps < 0:
+    raise ValueError(f"add_experts: ramp_steps={ramp_steps} must be >= 0")
+  if ramp_steps and mode == "split":
+    raise ValueError("add_experts: mode='split' lowers the old experts' biases, which a ramp on the new experts "
+                     "cannot undo; use mode='exact' or 'copy_noise' with ramp_steps")
+  if ramp_steps and new_bias != -1e4:
+    raise ValueError(f"add_experts: new_bias={new_bias} has no effect with ramp_steps (the new experts' bias starts "
+                     "at 0 and the ramp's mask supplies the -1e4)")
+
+
+def _grown_counts(cfg, layers, num_experts) -> dict[int, int]:
+  """{MoE layer: its new expert count}; ValueError for dense layers, no MoE layer, or a shrink."""
+  ids = resolve_layers(cfg, layers, "add_experts")
+  dense = [i for i in ids if not cfg.experts_in_layer(i)]
+  if dense:
+    raise ValueError(f"add_experts: layer(s) {dense} are dense (no experts); upcycle them first")
+  if not ids:
+    raise ValueError("add_experts: the model has no MoE layers")
+  counts = resolve_counts(num_experts, ids, "add_experts")
+  for i, e2 in counts.items():
+    if e2 < cfg.experts_in_layer(i):
+      raise ValueError(f"add_experts: layer {i} has {cfg.experts_in_layer(i)} experts; cannot shrink to {e2}")
+  return counts
+
+
+def _grown_expert_config(cfg, counts: dict[int, int], ramp_steps: int) -> tuple[Any, str | None]:
+  """(the config with the new expert counts, the name of the ramp on the new experts' router bias,
+  or None without ramp_steps or new experts)."""
+  new_cfg = cfg.replace(**moe_fields({**expert_counts(cfg), **counts}, cfg.num_layers))
+  if not ramp_steps:
+    return new_cfg, None
+  targets = [ramp.logbias(f"blocks/{i}/mlp/router_bias_E", cfg.experts_in_layer(i), e2)
+             for i, e2 in counts.items() if e2 > cfg.experts_in_layer(i)]
+  if not targets:
+    return new_cfg, None
+  name = f"add_experts{len(cfg.ramps)}"
+  return new_cfg.replace(ramps=cfg.ramps + (ramp.entry(name, ramp_steps, targets),)), name
+
+
+def _copy_sources(cfg, counts: dict[int, int], source: str, loads) -> tuple[dict[int, np.ndarray], list[int]]:
+  """({layer: the old expert each new one copies}, layers lacking loads). Fixed by the config for
+  round_robin, by measured loads (a probe's output, passed in) for most_loaded; the new config
+  does not depend on them."""
+  sources, missing = {}, []
+  for i, e2 in counts.items():
+    e = cfg.experts_in_layer(i)
+    if source == "most_loaded":
+      load = None if loads is None else loads.get(str(i), loads.get(i))
+      if load is None:
+        missing.append(i)
+        continue
+      if np.shape(load) != (e,):
+        raise ValueError(f"add_experts: loads for layer {i} must be a vector of {e} (got shape {np.shape(load)})")
+      order = np.argsort(-np.asarray(load, np.float64), kind="stable")
+    else:
+      order = np.arange(e)
+    sources[i] = np.asarray([order[j % e] for j in range(e2 - e)], np.int32)
+  return sources, missing
+
+
+def _hidden_centroids(cfg, counts: dict[int, int], centroids) -> dict[int, Any]:
+  """{layer: [old, new] mean MLP inputs, or None if not given} for router_init='hidden'."""
+  hidden = {}
+  for i in counts:
+    c = None if centroids is None else centroids.get(str(i), centroids.get(i))
+    if c is not None and np.shape(c) != (2, cfg.d_model):
+      raise ValueError(f"add_experts: centroids for layer {i} must be [old, new] of shape (2, {cfg.d_model}) "
+                       f"(got {np.shape(c)})")
+    hidden[i] = c
+  return hidden
 
 
 def _refuse_ramped(cfg, op: str) -> None:
