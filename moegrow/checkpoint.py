@@ -113,9 +113,13 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict, meta: dict, data_s
   if free < need * 1.05 + 2**20:
     raise OSError(f"cannot write checkpoint {where}: it needs about {_gib(need)}, {_gib(free)} free on "
                   f"{mngr.directory}; free some space and rerun (the run resumes from its newest checkpoint)")
-  sums = integrity.checksums(state, STATE + "/")
+  sums, bad = integrity.survey(state, STATE + "/")
   if ewc is not None:
-    sums.update(integrity.checksums(ewc, EWC + "/"))
+    ewc_sums, ewc_bad = integrity.survey(ewc, EWC + "/")
+    sums, bad = {**sums, **ewc_sums}, bad + ewc_bad
+  if bad:
+    raise FloatingPointError(f"refusing to write checkpoint {where}: {len(bad)} array(s) hold NaN or infinity, "
+                             f"first {bad[:3]}; nothing was written")
   meta = dict(meta, format=FORMAT, integrity={"algorithm": integrity.ALGORITHM, "leaves": sums})
   args = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta),
           DATA: ocp.args.JsonSave({"iterator": data_state})}
@@ -264,18 +268,27 @@ def verify(meta: dict, item: str, tree: Any, where: str, mngr: ocp.CheckpointMan
   CorruptCheckpoint naming the checkpoint and the first parameters that differ; a current-format
   checkpoint without checksums is refused; one written before checksums existed gets a note."""
   record = meta.get("integrity") if isinstance(meta, dict) else None
+  sums, bad = integrity.survey(tree, item + "/")
   if record is None:
     if isinstance(meta, dict) and int(meta.get("format", 1)) >= 2:
       raise CorruptCheckpoint(f"checkpoint {where}: its metadata has no array checksums ('integrity'), which "
                               f"every checkpoint of format {meta.get('format')} records; refusing to trust it")
     logging.warning("checkpoint %s predates array checksums (moegrow < 0.6): its arrays are not verified", where)
+    _refuse_nonfinite(bad, where)
     return
   if record.get("algorithm") != integrity.ALGORITHM or not isinstance(record.get("leaves"), dict):
     raise CorruptCheckpoint(f"checkpoint {where}: unknown checksum record {str(record)[:120]!r}")
-  bad = integrity.mismatches(tree, record["leaves"], item + "/")
+  differ = integrity.mismatches(tree, record["leaves"], item + "/", sums)
+  if differ:
+    raise CorruptCheckpoint(f"checkpoint {where} is corrupt: {len(differ)} array(s) differ from what was saved, "
+                            f"first {differ[:3]}" + _fallback_hint(mngr, where))
+  _refuse_nonfinite(bad, where)
+
+
+def _refuse_nonfinite(bad: list[str], where: str) -> None:
   if bad:
-    raise CorruptCheckpoint(f"checkpoint {where} is corrupt: {len(bad)} array(s) differ from what was saved, "
-                            f"first {bad[:3]}" + _fallback_hint(mngr, where))
+    raise FloatingPointError(f"checkpoint {where} holds NaN or infinity in {len(bad)} array(s), first {bad[:3]}; "
+                             f"refusing to build on it")
 
 
 def _brief(e: BaseException) -> str:

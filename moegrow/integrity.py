@@ -12,6 +12,9 @@ row-major index over the whole array),
   c1 = sum_i b_i * (2 i + 1)   (mod 2^32)   any single-bit change of any element changes c1
   c2 = sum_i rotl(b_i, 7) ^ i  (mod 2^32)
 
+The same pass reports which leaves hold a non-finite value (`nonfinite`): a checkpoint is never
+written with one, nor built on.
+
 `mismatches` compares restored arrays with recorded checksums and returns the paths that differ.
 """
 from __future__ import annotations
@@ -27,7 +30,7 @@ _UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
 
 def _leaf_sums(x: jax.Array) -> jax.Array:
-  """[c1, c2] (uint32) of one array."""
+  """[c1, c2, finite] (uint32) of one array."""
   size = jnp.dtype(x.dtype).itemsize
   if x.dtype == jnp.bool_:
     bits = x.astype(jnp.uint32)
@@ -39,7 +42,8 @@ def _leaf_sums(x: jax.Array) -> jax.Array:
   c1 = jnp.sum(bits * (2 * idx + 1), dtype=jnp.uint32)
   rot = (bits << 7) | (bits >> 25)
   c2 = jnp.sum(rot ^ idx, dtype=jnp.uint32)
-  return jnp.stack([c1, c2])
+  finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+  return jnp.stack([c1, c2, finite.astype(jnp.uint32)])
 
 
 @jax.jit
@@ -57,24 +61,41 @@ def _flat(tree: Any) -> dict[str, Any]:
   return {jax.tree_util.keystr(p, simple=True, separator="/"): v for p, v in leaves if hasattr(v, "dtype")}
 
 
-def checksums(tree: Any, prefix: str = "") -> dict[str, str]:
-  """{prefix + '/'-joined path: 'dtype:c1:c2'} for every array leaf of `tree` (hex sums)."""
+def survey(tree: Any, prefix: str = "") -> tuple[dict[str, str], list[str]]:
+  """One pass over `tree`: ({prefix + '/'-joined path: 'dtype:c1:c2'} for every array leaf (hex
+  sums), [paths of the leaves that hold a NaN or an infinity])."""
   flat = _flat(tree)
   if not flat:
-    return {}
+    return {}, []
   sums = _all_sums(list(flat.values()))
-  out = {}
+  out, bad = {}, []
   for (path, x), s in zip(flat.items(), sums):
-    c1, c2 = (int(v) for v in _host_value(s))
+    c1, c2, finite = (int(v) for v in _host_value(s))
     out[prefix + path] = f"{jnp.dtype(x.dtype).name}:{c1:08x}:{c2:08x}"
-  return out
+    if not finite:
+      bad.append(prefix + path)
+  return out, bad
 
 
-def mismatches(tree: Any, recorded: Mapping[str, str], prefix: str = "") -> list[str]:
+def checksums(tree: Any, prefix: str = "") -> dict[str, str]:
+  """{prefix + '/'-joined path: 'dtype:c1:c2'} for every array leaf of `tree` (hex sums)."""
+  return survey(tree, prefix)[0]
+
+
+def nonfinite(tree: Any, prefix: str = "") -> list[str]:
+  """Paths of `tree`'s leaves holding a NaN or an infinity."""
+  return survey(tree, prefix)[1]
+
+
+def mismatches(tree: Any, recorded: Mapping[str, str], prefix: str = "",
+               sums: Mapping[str, str] | None = None) -> list[str]:
   """Paths (with `prefix`) of `tree`'s leaves whose checksum differs from `recorded`, or that
   `recorded` lacks. A leaf restored at a wider dtype than it was saved at (bfloat16 saved, float32
-  restored: exact) is checked at its saved dtype; one restored narrower cannot be checked."""
+  restored: exact) is checked at its saved dtype; one restored narrower cannot be checked. `sums`:
+  `checksums(tree, prefix)` when already computed."""
   flat = _flat(tree)
+  if sums is not None and all(p in recorded and recorded[p].split(":")[0] == v.split(":")[0] for p, v in sums.items()):
+    return [p for p, v in sums.items() if recorded[p] != v]  # every leaf at its saved dtype: no second pass
   missing = [prefix + p for p in flat if prefix + p not in recorded]
   comparable = {}
   for p, x in flat.items():

@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moegrow import checkpoint, integrity
 from moegrow.orchestrate import merging, stages
+from conftest import TINY_RUN
 from _tiny import digest, train_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -210,3 +211,92 @@ def test_the_command_names_a_truncated_checkpoint_in_its_last_line(tmp_path, dat
   assert last.startswith(f"moegrow: error: checkpoint {wd}/checkpoints/4: restore failed, its array files are "
                          "unreadable") and "steps [2]" in last, last
   assert "Event loop is closed" not in out and "TensorStore" not in out
+
+
+# ---------------------------------------------------------------- no poisoned write
+
+def nan_run(tiny_run, data_dir, dest, value=float("nan")) -> str:
+  """A finished run whose checkpoint holds `value` (NaN) in one weight, written as moegrow 0.5 wrote
+  checkpoints (no checksums, no format): restored, poisoned, saved back through Orbax directly."""
+  from moegrow.orchestrate import parts
+  from moegrow.train import steps
+  wd = tiny_run(0, dest)
+  c = train_config(data_dir, **TINY_RUN)
+  prog = steps.build_program(parts.model_config(c), c.train, parts.make_mesh(c))
+  mngr = checkpoint.manager(os.path.join(wd, "checkpoints"))
+  state, meta, data_state = checkpoint.restore(mngr, 4, prog.abstract_state)
+  mngr.close()
+  state["params"]["embed_VD"] = state["params"]["embed_VD"].at[3, 2].set(value)
+  meta = {k: v for k, v in meta.items() if k not in ("format", "integrity")}
+  shutil.rmtree(os.path.join(wd, "checkpoints", "4"))
+  mngr = checkpoint.manager(os.path.join(wd, "checkpoints"))
+  mngr.save(4, args=checkpoint.ocp.args.Composite(**{
+      checkpoint.STATE: checkpoint.ocp.args.StandardSave(state), checkpoint.META: checkpoint.ocp.args.JsonSave(meta),
+      checkpoint.DATA: checkpoint.ocp.args.JsonSave({"iterator": data_state})}), force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+  return wd
+
+
+def test_a_checkpoint_is_never_written_with_a_nan(tmp_path):
+  mngr = checkpoint.manager(str(tmp_path / "ckpt"))
+  state = jax.tree_util.tree_map(jnp.asarray, STATE)
+  state["params"]["w_DF"] = state["params"]["w_DF"].at[7, 9].set(jnp.inf)
+  with pytest.raises(FloatingPointError, match=r"refusing to write checkpoint .*ckpt/3: 1 array\(s\) hold NaN or "
+                                               r"infinity, first \['state/params/w_DF'\]; nothing was written"):
+    checkpoint.save(mngr, 3, state, {"model": {}, "stage": 0, "lineage": []})
+  mngr.close()
+  assert not os.path.exists(tmp_path / "ckpt" / "3")
+
+
+def test_grow_merge_btx_and_export_of_a_nan_checkpoint_write_nothing(tmp_path, data_dir, tiny_run):
+  from moegrow.configs import lm
+  from moegrow.hf import convert
+  from moegrow.orchestrate import branching
+  src = nan_run(tiny_run, data_dir, tmp_path / "src")
+  before = digest(src)
+  says = rf"checkpoint {src}/checkpoints/4 holds NaN or infinity in 1 array\(s\), first \['state/params/embed_VD'\]"
+  grow = train_config(data_dir, steps=0, eval_every=0)
+  grow.stages = (dict(name="dense", steps=4),
+                 dict(name="moe", steps=2, ops=(dict(op="upcycle", layers=[1], num_experts=2, top_k=1),)))
+  with pytest.raises(FloatingPointError, match=says):
+    stages.grow_offline(grow, src, str(tmp_path / "grown"))
+  assert no_checkpoint(tmp_path / "grown") and not os.path.exists(tmp_path / "grown" / "growth")
+  merge = train_config(data_dir, steps=2)
+  merge.merge = dict(sources=[tiny_run(1, tmp_path / "other"), src], base="", method="linear", params={},
+                     overrides=[], seed=0)
+  with pytest.raises(FloatingPointError, match=says):
+    merging.merge_run(merge, str(tmp_path / "merged"))
+  assert no_checkpoint(tmp_path / "merged")
+  btx = train_config(data_dir, steps=2, eval_every=0, checkpoint_every=2)
+  btx.btx = dict(seed=src, branches=[dict(name="a", mixture={"shakespeare_plays": 1.0}, steps=1),
+                                     dict(name="b", mixture={"python_stdlib": 1.0}, steps=1)],
+                 layers=[1], top_k=1, gating="softmax_topk", router="hidden")
+  with pytest.raises(FloatingPointError, match=r"holds NaN or infinity .*embed_VD"):
+    branching.btx_run(btx, str(tmp_path / "btx"))
+  assert no_checkpoint(tmp_path / "btx")
+  base = lm.get_config("tiny")
+  base.mesh.update(data=1, num_devices=1)
+  with pytest.raises(FloatingPointError, match=says):
+    convert.export_model(src, str(tmp_path / "hf"), base)
+  assert not os.path.exists(tmp_path / "hf")
+  assert digest(src) == before  # the source is only read
+
+
+def test_a_growth_or_merge_whose_loss_is_not_finite_writes_nothing(tmp_path, data_dir, tiny_run):
+  """Finite weights, infinite loss (an embedding row of 3e38 overflows the forward pass): the
+  certificate's loss is not finite, so nothing is written and the error names the source."""
+  big = nan_run(tiny_run, data_dir, tmp_path / "big", value=3e38)
+  grow = train_config(data_dir, steps=0, eval_every=0)
+  grow.stages = (dict(name="dense", steps=4),
+                 dict(name="moe", steps=2, ops=(dict(op="upcycle", layers=[1], num_experts=2, top_k=1),)))
+  with pytest.raises(FloatingPointError, match=rf"growing checkpoint {big}/checkpoints/4: the held-out loss is not "
+                                               r"finite .*nothing was written"):
+    stages.grow_offline(grow, big, str(tmp_path / "grown"))
+  assert no_checkpoint(tmp_path / "grown") and not os.path.exists(tmp_path / "grown" / "growth")
+  merge = train_config(data_dir, steps=2)
+  merge.merge = dict(sources=[tiny_run(1, tmp_path / "other"), big], base="", method="linear", params={},
+                     overrides=[], seed=0)
+  with pytest.raises(FloatingPointError, match=rf"merge: the held-out loss of {big}.* is not finite"):
+    merging.merge_run(merge, str(tmp_path / "merged"))
+  assert no_checkpoint(tmp_path / "merged")

@@ -288,12 +288,21 @@ def export_model(source: str, to: str, base: ml_collections.ConfigDict, arch: st
     raise ValueError(f"export: dtype={dtype!r} not in {DTYPES}")
   hf["dtype"] = dtype
   np_dtype = jnp.dtype(dtype)
-  tensors = ((n, x.astype(np_dtype)) for n, x in export_tensors(cfg, arch, flatten(params)))
+  tensors = (_finite(n, x.astype(np_dtype), where) for n, x in export_tensors(cfg, arch, flatten(params)))
   extra = list(files.iter_files(tok_dir, files.TOKENIZER_FILES)) if tok_dir else []
   files.write(to, hf, tensors, max_shard_bytes=max_shard_bytes, extra_files=extra)
   cert = {"source": where, "architecture": arch, "dtype": dtype, **certificate(cfg, params, to)}
   checkpoint.write_json(os.path.join(to, EXPORT_CERT), cert)
   return cert
+
+
+def _finite(name: str, x, where: str):
+  """(name, x) when every value of the tensor is finite: a cast that overflows (float32 to float16)
+  is refused naming the tensor, and the export leaves nothing behind."""
+  if not np.all(np.isfinite(np.asarray(x, np.float32))):
+    raise FloatingPointError(f"export of checkpoint {where}: tensor {name} holds NaN or infinity as "
+                             f"{np.dtype(x.dtype).name}; nothing was written (export at a wider dtype)")
+  return name, x
 
 
 def _workdir_of(step_dir: str) -> str | None:

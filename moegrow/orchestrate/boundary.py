@@ -164,6 +164,7 @@ def grow_checkpoint(src: GrowthSource, stage: Stage, tr, mesh, measure: GrowthDa
           "params_before": params_before,
           "params_after": _param_count(new_state["params"]),
           "reports": box["reports"]}
+  _refuse_nonfinite_losses(cert)
   if jax.process_index() == 0:
     checkpoint.write_json(os.path.join(workdir, "growth", f"{int(src.step)}.json"), cert)
   if data_state is not None:  # the new stage's stream: every domain resumes by name, rows from 0
@@ -171,6 +172,16 @@ def grow_checkpoint(src: GrowthSource, stage: Stage, tr, mesh, measure: GrowthDa
   checkpoint.save(dst_mngr, src.step, new_state, new_meta, data_state, ewc=ewc)
   dst_mngr.wait_until_finished()
   return new_state, data_state, cert, ewc
+
+
+def _refuse_nonfinite_losses(cert: dict) -> None:
+  """A growth whose held-out loss before or after is not finite writes nothing (no certificate, no
+  checkpoint): the error names the source checkpoint."""
+  bad = {f"{when} {d}": v for when in ("before", "after") for d, v in cert[f"loss_{when}"].items()
+         if not np.isfinite(v)}
+  if bad:
+    raise FloatingPointError(f"growing checkpoint {cert['source']}: the held-out loss is not finite ({bad}); "
+                             f"nothing was written")
 
 
 def _restore_source(src: GrowthSource, tr, mesh) -> tuple:

@@ -14,6 +14,7 @@ path map. A config with a `btx` section instead runs Branch-Train-MiX (moegrow.o
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -49,6 +50,15 @@ def fresh_state(program, params) -> dict:
                  out_shardings=program.state_sharding)(params)
 
 
+def _refuse_nonfinite_losses(sources: dict[str, dict], result: dict[str, float]) -> None:
+  """A merge whose sources or result have a non-finite held-out loss writes nothing; the error names
+  the source checkpoint (or the merge)."""
+  for where, losses in [*sources.items(), ("the merged model", result)]:
+    bad = {d: v for d, v in losses.items() if not math.isfinite(v)}
+    if bad:
+      raise FloatingPointError(f"merge: the held-out loss of {where} is not finite ({bad}); nothing was written")
+
+
 def merge_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Merge `config.merge.sources` into step 0 of `workdir`; returns the merge certificate."""
   stages.prepare(config, workdir)
@@ -82,6 +92,7 @@ def merge_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
       evals = parts.eval_sets(config)
       losses = {w: {d: v["loss"] for d, v in probes.domain_losses(program, p, evals).items()} for p, _, w in restored}
       result = {d: v["loss"] for d, v in probes.domain_losses(program, state["params"], evals).items()}
+      _refuse_nonfinite_losses(losses, result)
       entry = {"merge": m.method, "params": to_plain(m.get("params", {})), "sources": [w for _, _, w in restored],
                "base": base[2] if base else None, "overrides": to_plain(list(m.get("overrides", ())))}
       meta = {"model": cfg.to_dict(), "stage": 0, "lineage": [entry]}
