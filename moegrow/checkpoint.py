@@ -94,8 +94,13 @@ def free_bytes(path: str) -> int:
   return shutil.disk_usage(path).free
 
 
-def _gib(n: float) -> str:
-  return f"{n / 2**30:.2f} GiB"
+def _size(n: float) -> str:
+  """Bytes in the largest unit that keeps the number >= 1 (a tiny model's checkpoint is MiB, not
+  '0.00 GiB')."""
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if abs(n) < 1024 or unit == "GiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+    n /= 1024
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: dict, meta: dict, data_state: Any = None,
@@ -111,7 +116,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict, meta: dict, data_s
   need //= max(jax.process_count(), 1)  # each process writes its own shards
   free = free_bytes(str(mngr.directory))
   if free < need * 1.05 + 2**20:
-    raise OSError(f"cannot write checkpoint {where}: it needs about {_gib(need)}, {_gib(free)} free on "
+    raise OSError(f"cannot write checkpoint {where}: it needs about {_size(need)}, {_size(free)} free on "
                   f"{mngr.directory}; free some space and rerun (the run resumes from its newest checkpoint)")
   sums, bad = integrity.survey(state, STATE + "/")
   if ewc is not None:
@@ -129,7 +134,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict, meta: dict, data_s
     return mngr.save(int(step), args=ocp.args.Composite(**args), force=force)
   except Exception as e:  # noqa: BLE001 - re-raised with the path and the free space
     raise OSError(f"cannot write checkpoint {where} ({type(e).__name__}: {str(e)[:300]}); "
-                  f"{_gib(free_bytes(str(mngr.directory)))} free on {mngr.directory}") from e
+                  f"{_size(free_bytes(str(mngr.directory)))} free on {mngr.directory}") from e
 
 
 # ---------------------------------------------------------------- adapter checkpoints

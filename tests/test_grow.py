@@ -342,6 +342,7 @@ def test_insert_blocks_shifts_moe_mapping():
     (dense4, [{"op": "upcycle", "num_experts": "8"}], r"argument num_experts='8' must be"),
     (dense4, [{"op": "upcycle", "opt_state": "keep"}], r"argument opt_state='keep'"),
     (dense4, [{"op": "granular_upcycle", "granularity": 2, "num_experts": 4, "top_k": 1}], r"multiple of granularity"),
+    (dense4, [{"op": "upcycle", "num_experts": 8, "top_k": 0}], r"top_k=0 must be an integer >= 1"),
     (moe2, [{"op": "add_experts", "num_experts": 6, "source": "most_loaded"}], r"needs loads"),
     (dense4, [{"op": "widen_mlp", "d_ff": 16}], r"cannot shrink d_ff 32 -> 16"),
     (dense4, [{"op": "insert_blocks", "positions": [9]}], r"positions"),

@@ -84,7 +84,19 @@ def _refuse_attention_extras(hf: dict, mtype: str, where: str) -> None:
 
 
 def model_config(hf: dict, where: str = "config.json") -> ModelConfig:
-  """The moegrow ModelConfig of a supported HF config.json dict (exact, or HFConfigError)."""
+  """The moegrow ModelConfig of a supported HF config.json dict (exact, or HFConfigError naming the
+  file and the field: unrepresentable, missing, or of the wrong type)."""
+  try:
+    return _model_config(hf, where)
+  except HFConfigError:
+    raise
+  except KeyError as e:
+    raise HFConfigError(f"{where}: required field {e.args[0]!r} is missing") from e
+  except (TypeError, ValueError) as e:
+    raise HFConfigError(f"{where}: a field has the wrong type or value ({e})") from e
+
+
+def _model_config(hf: dict, where: str) -> ModelConfig:
   arch = architecture(hf, where)
   mtype, moe = ARCHS[arch]
   _refuse_attention_extras(hf, mtype, where)

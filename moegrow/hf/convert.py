@@ -105,8 +105,7 @@ def read_config(src: str) -> dict:
   path = os.path.join(src, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist: not a Hugging Face model directory")
-  with open(path) as f:
-    return json.load(f)
+  return files.read_json(path)
 
 
 def load_params(reader: files.Reader, cfg: ModelConfig, arch: str, shardings: dict | None = None) -> dict:

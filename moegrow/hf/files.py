@@ -22,6 +22,35 @@ SINGLE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
+def read_json(path: str) -> dict:
+  """A JSON file of a model directory; a parse error names the file."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from e
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path} is not a text file: {e}") from e
+
+
+def inside(directory: str, name: str) -> str:
+  """The path of file `name` listed by a model directory's own files, refused when it resolves
+  outside the directory (`../x`, an absolute path, or a link that leads out)."""
+  root = os.path.realpath(directory)
+  path = os.path.realpath(os.path.join(root, name)) if isinstance(name, str) else ""
+  if not path or os.path.commonpath([root, path]) != root:
+    raise ValueError(f"{os.path.join(directory, INDEX)} names the file {name!r}, which is outside {directory}; "
+                     f"refusing to read it")
+  return path
+
+
+def _safe_open(path: str):
+  try:
+    return safe_open(path, framework="flax")
+  except Exception as e:  # noqa: BLE001 - re-raised naming the file
+    raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+
+
 @contextlib.contextmanager
 def _on_host():
   with jax.default_device(jax.local_devices(backend="cpu")[0]):
@@ -36,14 +65,18 @@ class Reader:
     self.directory = directory
     index = os.path.join(directory, INDEX)
     if os.path.exists(index):
-      with open(index) as f:
-        self.file_of = dict(json.load(f)["weight_map"])
+      weight_map = read_json(index).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} has no 'weight_map' dict (tensor name -> shard file)")
+      self.file_of = dict(weight_map)
+      for fn in set(self.file_of.values()):
+        inside(directory, fn)
       missing = sorted({fn for fn in self.file_of.values() if not os.path.exists(os.path.join(directory, fn))})
       if missing:
         raise FileNotFoundError(f"{index} lists shard file(s) that do not exist: "
                                 f"{[os.path.join(directory, m) for m in missing]}")
     elif os.path.exists(os.path.join(directory, SINGLE)):
-      with safe_open(os.path.join(directory, SINGLE), framework="flax") as f:
+      with _safe_open(os.path.join(directory, SINGLE)) as f:
         self.file_of = {k: SINGLE for k in f.keys()}
     else:
       raise FileNotFoundError(f"{directory}: no {SINGLE} and no {INDEX}")
@@ -53,7 +86,7 @@ class Reader:
     return set(self.file_of)
 
   def path(self, name: str) -> str:
-    return os.path.join(self.directory, self.file_of[name])
+    return inside(self.directory, self.file_of[name])
 
   def get(self, name: str) -> np.ndarray:
     """One tensor, as a host numpy array in its stored dtype."""
@@ -63,7 +96,7 @@ class Reader:
   def _handle(self, name: str):
     fn = self.file_of[name]
     if fn not in self._open:
-      self._open[fn] = safe_open(os.path.join(self.directory, fn), framework="flax").__enter__()
+      self._open[fn] = _safe_open(inside(self.directory, fn)).__enter__()
     return self._open[fn]
 
   def close(self) -> None:

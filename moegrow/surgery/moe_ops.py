@@ -38,6 +38,8 @@ def _upcycle(cfg, *, op, layers, num_experts, top_k, gating, granularity, router
   if g < 1 or cfg.d_ff % g:
     raise ValueError(f"{op}: granularity {g} must be >= 1 and divide d_ff={cfg.d_ff}")
   fe = cfg.d_ff // g
+  if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+    raise ValueError(f"{op}: top_k={k!r} must be an integer >= 1 (each token goes to at least one expert)")
   for i, e in counts.items():
     if e < 1 or e % g or k > e or k < 1:
       raise ValueError(f"{op}: layer {i}: num_experts={e} must be a multiple of granularity {g} and >= top_k={k}")
