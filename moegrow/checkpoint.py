@@ -68,6 +68,8 @@ def manager(directory: str, keep: int = 3, async_save: bool = True, save_interva
             read_only: bool = False, step_prefix: str | None = None, pinned: tuple = ()) -> ocp.CheckpointManager:
   """Checkpoints `<directory>/<step>` (or `<directory>/<step_prefix>_<step>`): the newest `keep`
   are kept, and every step in `pinned` (e.g. the base of adapter checkpoints)."""
+  if not read_only:
+    refuse_links(directory)
   handlers = {STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler(),
               DATA: ocp.JsonCheckpointHandler(), EWC: ocp.StandardCheckpointHandler()}
   level = logging.get_verbosity()
@@ -85,6 +87,21 @@ def manager(directory: str, keep: int = 3, async_save: bool = True, save_interva
     return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
   finally:
     logging.set_verbosity(level)
+
+
+def refuse_links(directory: str) -> None:
+  """A checkpoints directory that a run writes to must not be, or hold step directories that are,
+  symbolic links: old checkpoints are deleted as new ones are saved, and a deletion must never reach
+  through a link into another run's files (nor fail on the link and stop every later save)."""
+  links = [directory] if os.path.islink(directory) else []
+  if os.path.isdir(directory):
+    links += [os.path.join(directory, n) for n in sorted(os.listdir(directory))
+              if parse_step_dir(n) and os.path.islink(os.path.join(directory, n))]
+  if links:
+    raise ValueError(f"checkpoint directory {links[0]} is a symbolic link (to {os.path.realpath(links[0])}); a run "
+                     f"deletes its old checkpoints and never deletes through a link. Replace the link with a copy of "
+                     f"what it points to (cp -r --dereference); commands that only read a checkpoint (grow --from, "
+                     f"merge and BTX sources, export) take the link as it is")
 
 
 def free_bytes(path: str) -> int:

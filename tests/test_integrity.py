@@ -300,3 +300,33 @@ def test_a_growth_or_merge_whose_loss_is_not_finite_writes_nothing(tmp_path, dat
   with pytest.raises(FloatingPointError, match=rf"merge: the held-out loss of {big}.* is not finite"):
     merging.merge_run(merge, str(tmp_path / "merged"))
   assert no_checkpoint(tmp_path / "merged")
+
+
+# ---------------------------------------------------------------- symbolic links
+
+@pytest.mark.parametrize("what", ["step", "folder"])
+def test_a_linked_checkpoint_is_refused_at_start_and_its_target_untouched(tmp_path, data_dir, tiny_run, what):
+  """A run whose step directory (or whole checkpoints folder) is a symbolic link stops before
+  training, naming the link; what the link points to is byte-identical afterwards. Reading through
+  the link (growing from it) is allowed."""
+  elsewhere = tiny_run(0, tmp_path / "elsewhere")
+  before = digest(elsewhere)
+  wd = tmp_path / "run"
+  if what == "step":
+    os.makedirs(wd / "checkpoints")
+    os.symlink(os.path.join(elsewhere, "checkpoints", "4"), wd / "checkpoints" / "4")
+    link = wd / "checkpoints" / "4"
+  else:
+    os.makedirs(wd)
+    os.symlink(os.path.join(elsewhere, "checkpoints"), wd / "checkpoints")
+    link = wd / "checkpoints"
+  c = train_config(data_dir, steps=12, checkpoint_every=2, eval_every=0, keep_checkpoints=1)
+  with pytest.raises(ValueError, match=rf"checkpoint directory {link} is a symbolic link .*never deletes through a "
+                                       r"link"):
+    stages.train_and_evaluate(c, str(wd))
+  assert digest(elsewhere) == before
+  grow = train_config(data_dir, steps=0, eval_every=0)
+  grow.stages = (dict(name="dense", steps=4),
+                 dict(name="moe", steps=2, ops=(dict(op="upcycle", layers=[1], num_experts=2, top_k=1),)))
+  cert = stages.grow_offline(grow, str(link), str(tmp_path / "grown"))
+  assert cert["step"] == 4 and digest(elsewhere) == before
