@@ -81,7 +81,8 @@ def plot_loads(path: str, routing: dict, title: str, first_new: dict | None = No
   grid = np.full((len(rows), width), np.nan)
   for r, load in enumerate(rows):
     grid[r, :len(load)] = load
-  fig, ax = plt.subplots(figsize=(1.2 + 0.5 * width, 0.8 + 0.35 * len(rows)))
+  # Room for the row labels, the title and the colorbar's label even with few experts or rows.
+  fig, ax = plt.subplots(figsize=(max(5.0, 2.8 + 0.5 * width), max(2.6, 1.2 + 0.35 * len(rows))))
   im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
   ax.set_xticks(range(width))
   ax.set_yticks(range(len(rows)), labels, fontsize=7)
@@ -92,6 +93,6 @@ def plot_loads(path: str, routing: dict, title: str, first_new: dict | None = No
   ax.set_title(title, fontsize=9)
   fig.tight_layout()
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)
   return path
