@@ -204,27 +204,55 @@ def build_program(cfg: ModelConfig, train_cfg, mesh: Mesh, objective: Objective 
 
 
 def _build_program(cfg: ModelConfig, train_cfg, mesh: Mesh, objective: Objective | None = None) -> Program:
+  """A new `Program` (its steps jitted, not yet compiled); `build_program` keeps the last few."""
   schedule = optim.schedule_from(train_cfg)
   tx = optim.make_optimizer(train_cfg, tf.abstract_params(cfg), schedule)
   abstract, sh = state_shardings(cfg, tx, mesh)
   batch_sh = NamedSharding(mesh, sharding.logical_to_spec(("batch", None), mesh=mesh))
   row_sh = NamedSharding(mesh, sharding.logical_to_spec(("batch",), mesh=mesh))
   objective = objective if objective is not None and objective.active else None
-  ctx_sh = None
-  if objective is not None:
-    if objective.distill_weight > 0 and objective.teacher_cfg is None:
-      raise ValueError("Objective: distill_weight > 0 needs the teacher's model config (teacher_cfg)")
-    ctx_sh = {}
-    if objective.ewc_weight > 0:
-      ctx_sh["ewc"] = {"fisher": sh["params"], "anchor": sh["params"]}
-    if objective.distill_weight > 0:
-      ctx_sh["teacher"] = params_sharding(objective.teacher_cfg, mesh)
+  ctx_sh = _ctx_shardings(objective, sh["params"], mesh)
 
   def init(key):
     params = tf.init_params(cfg, key)
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
   microbatches = int(train_cfg.get("microbatches", 1) or 1)
+  train_step = _train_step_fn(cfg, tx, schedule, mesh, _loss_and_grads_fn(cfg, objective, microbatches))
+  batch_tree = {"inputs": batch_sh, "targets": batch_sh}
+  eval_tree = dict(batch_tree)
+  if objective is not None and objective.distill_replay_only:
+    batch_tree["replay"] = row_sh
+  replicated = NamedSharding(mesh, P())  # metrics: readable on every process
+  in_sh = (sh, batch_tree, replicated) if ctx_sh is None else (sh, batch_tree, replicated, ctx_sh)
+  return Program(
+      cfg=cfg, mesh=mesh, tx=tx, schedule=schedule, abstract_state=abstract, state_sharding=sh,
+      batch_sharding=batch_sh, objective=objective, ctx_sharding=ctx_sh, batch_keys=tuple(batch_tree),
+      init=jax.jit(init, out_shardings=sh),
+      train_step=SeededStep(jax.jit(train_step, in_shardings=in_sh, out_shardings=(sh, replicated), donate_argnums=0),
+                            jax.device_put(np.asarray(int(train_cfg.seed) + 1, np.uint32), replicated)),
+      eval_step=jax.jit(_eval_step_fn(cfg, mesh), in_shardings=(sh["params"], eval_tree), out_shardings=replicated),
+      all_finite=jax.jit(all_finite, in_shardings=(sh["params"],), out_shardings=replicated))
+
+
+def _ctx_shardings(objective: Objective | None, params_sh, mesh: Mesh) -> dict | None:
+  """The shardings of the train step's `ctx` for an active objective (EWC's Fisher and anchor like
+  the params, the teacher like its own model's params); None without one."""
+  if objective is None:
+    return None
+  if objective.distill_weight > 0 and objective.teacher_cfg is None:
+    raise ValueError("Objective: distill_weight > 0 needs the teacher's model config (teacher_cfg)")
+  ctx_sh = {}
+  if objective.ewc_weight > 0:
+    ctx_sh["ewc"] = {"fisher": params_sh, "anchor": params_sh}
+  if objective.distill_weight > 0:
+    ctx_sh["teacher"] = params_sharding(objective.teacher_cfg, mesh)
+  return ctx_sh
+
+
+def _loss_and_grads_fn(cfg: ModelConfig, objective: Objective | None, microbatches: int) -> Callable:
+  """(params, batch, rng, ctx) -> ((loss, metrics), grads) of `lm_loss`, accumulated over
+  `microbatches` when there are several."""
 
   def grads_of(params, batch, rng, ctx):
     grad_fn = jax.value_and_grad(lambda p: lm_loss(cfg, p, batch, rng, objective, ctx), has_aux=True)
@@ -247,39 +275,34 @@ def _build_program(cfg: ModelConfig, train_cfg, mesh: Mesh, objective: Objective
     mean = lambda t: jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), t)
     return (jnp.mean(loss), mean(aux)), jax.tree_util.tree_map(lambda g: g / microbatches, grads)
 
+  return accumulated if microbatches > 1 else grads_of
+
+
+def _train_step_fn(cfg: ModelConfig, tx, schedule, mesh: Mesh, loss_and_grads: Callable) -> Callable:
+  """The train step (state, batch, seed, ctx=None) -> (state, metrics): gradients, the optimizer
+  update, the ramps' masks advanced."""
+
   def train_step(state, batch, seed, ctx=None):  # seed: uint32 scalar (the train config's seed + 1)
     with sharding.use_mesh(mesh):
       rng = jax.random.fold_in(jax.random.key(seed), state["step"])
-      if microbatches > 1:
-        (loss, aux), grads = accumulated(state["params"], batch, rng, ctx)
-      else:
-        (loss, aux), grads = grads_of(state["params"], batch, rng, ctx)
+      (loss, aux), grads = loss_and_grads(state["params"], batch, rng, ctx)
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
       params = ramp.advance(params, cfg)  # the masks move one step (no-op without ramps)
     metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+  return train_step
+
+
+def _eval_step_fn(cfg: ModelConfig, mesh: Mesh) -> Callable:
+  """The eval step (params, batch) -> (summed next-token NLL, number of targets)."""
 
   def eval_step(params, batch):
     with sharding.use_mesh(mesh):
       logits, _ = tf.apply(cfg, params, batch["inputs"])
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     return jnp.sum(nll), jnp.asarray(nll.size, jnp.float32)  # packed rows: every target counts
-
-  batch_tree = {"inputs": batch_sh, "targets": batch_sh}
-  eval_tree = dict(batch_tree)
-  if objective is not None and objective.distill_replay_only:
-    batch_tree["replay"] = row_sh
-  replicated = NamedSharding(mesh, P())  # metrics: readable on every process
-  in_sh = (sh, batch_tree, replicated) if ctx_sh is None else (sh, batch_tree, replicated, ctx_sh)
-  return Program(
-      cfg=cfg, mesh=mesh, tx=tx, schedule=schedule, abstract_state=abstract, state_sharding=sh,
-      batch_sharding=batch_sh, objective=objective, ctx_sharding=ctx_sh, batch_keys=tuple(batch_tree),
-      init=jax.jit(init, out_shardings=sh),
-      train_step=SeededStep(jax.jit(train_step, in_shardings=in_sh, out_shardings=(sh, replicated), donate_argnums=0),
-                            jax.device_put(np.asarray(int(train_cfg.seed) + 1, np.uint32), replicated)),
-      eval_step=jax.jit(eval_step, in_shardings=(sh["params"], eval_tree), out_shardings=replicated),
-      all_finite=jax.jit(all_finite, in_shardings=(sh["params"],), out_shardings=replicated))
+  return eval_step
 
 
 def all_finite(tree) -> jax.Array:
