@@ -159,31 +159,7 @@ def hf_config(cfg: ModelConfig, arch: str | None = None, special: dict | None = 
   if arch not in ARCHS:
     raise HFConfigError(f"export: arch={arch!r} is not one of {sorted(ARCHS)}")
   mtype, moe = ARCHS[arch]
-  _needs(not cfg.lora_rank, arch, "lora_rank", cfg.lora_rank, "merge the adapters first (growth op merge_lora)")
-  _needs(cfg.mlp_act == "swiglu", arch, "mlp_act", cfg.mlp_act, "HF models of this family use SwiGLU (SiLU)")
-  _needs(not cfg.qkv_bias or mtype in ("qwen2", "qwen2_moe"), arch, "qkv_bias", True,
-         "only Qwen2 and Qwen2-MoE have q/k/v biases")
-  _needs(mtype != "qwen2" or cfg.qkv_bias, arch, "qkv_bias", False, "Qwen2 always has q/k/v biases; use Llama")
-  want_norm = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "proj"}.get(mtype, "none")
-  _needs(cfg.qk_norm == want_norm, arch, "qk_norm", cfg.qk_norm, f"{arch} has qk_norm={want_norm!r}")
-  ids = cfg.moe_layer_ids
-  if not moe:
-    _needs(not ids, arch, "moe_layers", cfg.moe_layers, "a dense class cannot hold MoE layers")
-  else:
-    _needs(bool(ids), arch, "moe_layers", cfg.moe_layers, "an MoE class needs MoE layers; export as a dense class")
-    counts = {cfg.experts_in_layer(i) for i in ids}
-    _needs(len(counts) == 1, arch, "num_experts", cfg.num_experts,
-           "HF MoE classes have one expert count for every layer")
-    _needs(cfg.routing == "token_choice", arch, "routing", cfg.routing, "HF routers are token choice")
-    _needs(cfg.dispatch == "dropless", arch, "dispatch", cfg.dispatch,
-           "HF MoE layers never drop tokens; a capacity-dispatch model's logits would differ")
-    _needs(len(ids) == cfg.num_layers or mtype in ("qwen2_moe", "qwen3_moe"), arch, "moe_layers", cfg.moe_layers,
-           f"{arch} has MoE in every layer; Qwen2-MoE / Qwen3-MoE hold dense layers (mlp_only_layers)")
-    _needs(mtype != "mixtral" or cfg.gating == "topk_softmax", arch, "gating", cfg.gating,
-           "Mixtral renormalises the top-k probabilities (topk_softmax)")
-    _needs(not cfg.num_shared_experts or (mtype == "qwen2_moe" and cfg.shared_gate), arch, "num_shared_experts",
-           cfg.num_shared_experts, "only Qwen2-MoE has shared experts, and it gates them (shared_gate=True); no "
-           "class in this list holds ungated (DeepSeek-style) shared experts")
+  _check_exportable(cfg, arch, mtype, moe)
   out: dict[str, Any] = {
       "architectures": [arch], "model_type": mtype, "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
       "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
@@ -193,6 +169,50 @@ def hf_config(cfg: ModelConfig, arch: str | None = None, special: dict | None = 
       "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0, "use_cache": True,
       "initializer_range": 0.02, "dtype": cfg.dtype,
       "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **(special or {})}
+  out.update(_family_fields(cfg, mtype))
+  if moe:
+    out.update(_moe_fields(cfg, mtype))
+  return out
+
+
+def _check_exportable(cfg: ModelConfig, arch: str, mtype: str, moe: bool) -> None:
+  """HFConfigError naming the field unless class `arch` (of model_type `mtype`) holds `cfg` exactly."""
+  _needs(not cfg.lora_rank, arch, "lora_rank", cfg.lora_rank, "merge the adapters first (growth op merge_lora)")
+  _needs(cfg.mlp_act == "swiglu", arch, "mlp_act", cfg.mlp_act, "HF models of this family use SwiGLU (SiLU)")
+  _needs(not cfg.qkv_bias or mtype in ("qwen2", "qwen2_moe"), arch, "qkv_bias", True,
+         "only Qwen2 and Qwen2-MoE have q/k/v biases")
+  _needs(mtype != "qwen2" or cfg.qkv_bias, arch, "qkv_bias", False, "Qwen2 always has q/k/v biases; use Llama")
+  want_norm = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "proj"}.get(mtype, "none")
+  _needs(cfg.qk_norm == want_norm, arch, "qk_norm", cfg.qk_norm, f"{arch} has qk_norm={want_norm!r}")
+  if not moe:
+    _needs(not cfg.moe_layer_ids, arch, "moe_layers", cfg.moe_layers, "a dense class cannot hold MoE layers")
+  else:
+    _check_moe_exportable(cfg, arch, mtype)
+
+
+def _check_moe_exportable(cfg: ModelConfig, arch: str, mtype: str) -> None:
+  """The MoE layers' conditions of an MoE class: one expert count, dropless token choice, the
+  class's layer pattern, gating and shared experts."""
+  ids = cfg.moe_layer_ids
+  _needs(bool(ids), arch, "moe_layers", cfg.moe_layers, "an MoE class needs MoE layers; export as a dense class")
+  counts = {cfg.experts_in_layer(i) for i in ids}
+  _needs(len(counts) == 1, arch, "num_experts", cfg.num_experts,
+         "HF MoE classes have one expert count for every layer")
+  _needs(cfg.routing == "token_choice", arch, "routing", cfg.routing, "HF routers are token choice")
+  _needs(cfg.dispatch == "dropless", arch, "dispatch", cfg.dispatch,
+         "HF MoE layers never drop tokens; a capacity-dispatch model's logits would differ")
+  _needs(len(ids) == cfg.num_layers or mtype in ("qwen2_moe", "qwen3_moe"), arch, "moe_layers", cfg.moe_layers,
+         f"{arch} has MoE in every layer; Qwen2-MoE / Qwen3-MoE hold dense layers (mlp_only_layers)")
+  _needs(mtype != "mixtral" or cfg.gating == "topk_softmax", arch, "gating", cfg.gating,
+         "Mixtral renormalises the top-k probabilities (topk_softmax)")
+  _needs(not cfg.num_shared_experts or (mtype == "qwen2_moe" and cfg.shared_gate), arch, "num_shared_experts",
+         cfg.num_shared_experts, "only Qwen2-MoE has shared experts, and it gates them (shared_gate=True); no "
+         "class in this list holds ungated (DeepSeek-style) shared experts")
+
+
+def _family_fields(cfg: ModelConfig, mtype: str) -> dict[str, Any]:
+  """The fields a model_type's config carries to say what moegrow lacks (biases, sliding windows)."""
+  out: dict[str, Any] = {}
   if mtype in ("llama", "qwen3", "qwen3_moe", "olmoe"):
     out["attention_bias"] = False
   if mtype == "llama":
@@ -201,20 +221,25 @@ def hf_config(cfg: ModelConfig, arch: str | None = None, special: dict | None = 
     out["sliding_window"] = None
   if mtype in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
     out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
-  if moe:
-    e = cfg.experts_in_layer(ids[0])
-    out.update(num_experts_per_tok=cfg.top_k, router_aux_loss_coef=cfg.aux_loss_weight, output_router_logits=False)
-    if mtype in ("mixtral", "olmoe"):  # the experts' width is intermediate_size
-      out.update(num_local_experts=e, intermediate_size=cfg.expert_d_ff, router_jitter_noise=0.0)
-    if mtype != "mixtral":
-      out.update(num_experts=e, num_local_experts=e, norm_topk_prob=cfg.gating == "topk_softmax")
-    if mtype in ("qwen2_moe", "qwen3_moe"):
-      out["moe_intermediate_size"] = cfg.expert_d_ff
-    if mtype in ("qwen2_moe", "qwen3_moe"):
-      out.update(decoder_sparse_step=1, mlp_only_layers=[i for i in range(cfg.num_layers) if i not in ids])
-    if mtype == "qwen2_moe":
-      out.update(qkv_bias=cfg.qkv_bias,
-                 shared_expert_intermediate_size=cfg.num_shared_experts * cfg.shared_d_ff)
-    if mtype == "olmoe":
-      out["clip_qkv"] = None
+  return out
+
+
+def _moe_fields(cfg: ModelConfig, mtype: str) -> dict[str, Any]:
+  """An MoE class's expert fields, under the names its model_type uses."""
+  ids = cfg.moe_layer_ids
+  e = cfg.experts_in_layer(ids[0])
+  out: dict[str, Any] = dict(num_experts_per_tok=cfg.top_k, router_aux_loss_coef=cfg.aux_loss_weight,
+                             output_router_logits=False)
+  if mtype in ("mixtral", "olmoe"):  # the experts' width is intermediate_size
+    out.update(num_local_experts=e, intermediate_size=cfg.expert_d_ff, router_jitter_noise=0.0)
+  if mtype != "mixtral":
+    out.update(num_experts=e, num_local_experts=e, norm_topk_prob=cfg.gating == "topk_softmax")
+  if mtype in ("qwen2_moe", "qwen3_moe"):
+    out.update(moe_intermediate_size=cfg.expert_d_ff, decoder_sparse_step=1,
+               mlp_only_layers=[i for i in range(cfg.num_layers) if i not in ids])
+  if mtype == "qwen2_moe":
+    out.update(qkv_bias=cfg.qkv_bias,
+               shared_expert_intermediate_size=cfg.num_shared_experts * cfg.shared_d_ff)
+  if mtype == "olmoe":
+    out["clip_qkv"] = None
   return out
