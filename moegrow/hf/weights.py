@@ -108,58 +108,81 @@ def export_tensors(cfg: ModelConfig, arch: str, flat: dict[str, np.ndarray]) -> 
   (no HF router has one). Exact conversions: a tied head's 1/sqrt(d) is folded into the final
   norm, `expert_output_scale` into the experts' down projections (both up to float rounding)."""
   mtype = ARCHS[arch][0]
-  d, h, u, a = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   get = lambda path: np.asarray(flat[path])
   yield "model.embed_tokens.weight", get("embed_VD")
   norm = get("final_norm/scale_D")
   if cfg.tie_embeddings and cfg.tied_logit_scale:  # logits = norm(x) E^T / sqrt(d)
-    norm = (norm.astype(np.float32) / np.float32(math.sqrt(d))).astype(norm.dtype)
+    norm = (norm.astype(np.float32) / np.float32(math.sqrt(cfg.d_model))).astype(norm.dtype)
   yield "model.norm.weight", norm
   if not cfg.tie_embeddings:
     yield "lm_head.weight", _t(get("head_DV"))
   for i in range(cfg.num_layers):
-    p, hp, at = f"blocks/{i}/", f"model.layers.{i}.", f"model.layers.{i}.self_attn."
-    yield hp + "input_layernorm.weight", get(p + "attn_norm/scale_D")
-    yield hp + "post_attention_layernorm.weight", get(p + "mlp_norm/scale_D")
-    for name, n in (("q", h), ("k", u), ("v", u)):
-      letter = "H" if name == "q" else "U"
-      yield f"{at}{name}_proj.weight", _t(get(f"{p}attn/w{name}_D{letter}A").reshape(d, n * a))
-      if cfg.qkv_bias:
-        yield f"{at}{name}_proj.bias", get(f"{p}attn/b{name}_{letter}A").reshape(n * a)
-    yield at + "o_proj.weight", _t(get(p + "attn/wo_HAD").reshape(h * a, d))
-    if cfg.qk_norm == "head":
-      yield at + "q_norm.weight", get(p + "attn/qnorm_A")
-      yield at + "k_norm.weight", get(p + "attn/knorm_A")
-    elif cfg.qk_norm == "proj":
-      yield at + "q_norm.weight", get(p + "attn/qnorm_HA").reshape(h * a)
-      yield at + "k_norm.weight", get(p + "attn/knorm_UA").reshape(u * a)
-    e = cfg.experts_in_layer(i)
-    if not e:
-      for leaf, w in (("wact_DF", "gate"), ("wlin_DF", "up"), ("wo_FD", "down")):
-        yield f"{hp}mlp.{w}_proj.weight", _t(get(p + "mlp/" + leaf))
-      continue
-    bias = get(p + "mlp/router_bias_E")
-    if np.any(bias != 0):
-      raise ValueError(f"export as {arch}: {p}mlp/router_bias_E is non-zero ({bias.tolist()}): no HF router has a "
-                       "bias (add_experts sets one; train until the new experts are used and fold it, or grow "
-                       "with a mode that leaves it at 0)")
-    mp = _moe_prefix(i, mtype)
-    yield mp + ".gate.weight", _t(get(p + "mlp/router_DE"))
-    wo = get(p + "mlp/wo_EFD")
-    if cfg.expert_output_scale != 1.0:
-      wo = (wo.astype(np.float32) * np.float32(cfg.expert_output_scale)).astype(wo.dtype)
-    mats = (get(p + "mlp/wact_EDF"), get(p + "mlp/wlin_EDF"), wo)
-    for j in range(e):
-      for name, w in zip(_expert_names(mp, j, mtype == "mixtral"), mats):
-        yield name, _t(w[j])
-    if mtype == "qwen2_moe":  # always has a shared expert and its gate (zero-width when moegrow has none)
-      sp = f"{hp}mlp.shared_expert."
-      if cfg.num_shared_experts:
-        for leaf, w in (("wact_DF", "gate"), ("wlin_DF", "up"), ("wo_FD", "down")):
-          yield f"{sp}{w}_proj.weight", _t(get(p + "mlp/shared/" + leaf))
-        yield f"{hp}mlp.shared_expert_gate.weight", get(p + "mlp/shared_gate_D")[None]
-      else:
-        dt = wo.dtype
-        for w, shape in (("gate", (0, d)), ("up", (0, d)), ("down", (d, 0))):
-          yield f"{sp}{w}_proj.weight", np.zeros(shape, dt)
-        yield f"{hp}mlp.shared_expert_gate.weight", np.zeros((1, d), dt)
+    yield from _attention_tensors(cfg, i, get)
+    if cfg.experts_in_layer(i):
+      yield from _moe_tensors(cfg, arch, mtype, i, get)
+    else:
+      yield from _dense_mlp_tensors(i, get)
+
+
+def _attention_tensors(cfg: ModelConfig, i: int, get) -> Iterator[tuple[str, np.ndarray]]:
+  """Layer i's two norms and its attention: q/k/v (and their biases), o, the q/k norms."""
+  d, h, u, a = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  p, hp, at = f"blocks/{i}/", f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+  yield hp + "input_layernorm.weight", get(p + "attn_norm/scale_D")
+  yield hp + "post_attention_layernorm.weight", get(p + "mlp_norm/scale_D")
+  for name, n in (("q", h), ("k", u), ("v", u)):
+    letter = "H" if name == "q" else "U"
+    yield f"{at}{name}_proj.weight", _t(get(f"{p}attn/w{name}_D{letter}A").reshape(d, n * a))
+    if cfg.qkv_bias:
+      yield f"{at}{name}_proj.bias", get(f"{p}attn/b{name}_{letter}A").reshape(n * a)
+  yield at + "o_proj.weight", _t(get(p + "attn/wo_HAD").reshape(h * a, d))
+  if cfg.qk_norm == "head":
+    yield at + "q_norm.weight", get(p + "attn/qnorm_A")
+    yield at + "k_norm.weight", get(p + "attn/knorm_A")
+  elif cfg.qk_norm == "proj":
+    yield at + "q_norm.weight", get(p + "attn/qnorm_HA").reshape(h * a)
+    yield at + "k_norm.weight", get(p + "attn/knorm_UA").reshape(u * a)
+
+
+def _dense_mlp_tensors(i: int, get) -> Iterator[tuple[str, np.ndarray]]:
+  """Dense layer i's gate, up and down projections."""
+  p, hp = f"blocks/{i}/", f"model.layers.{i}."
+  for leaf, w in (("wact_DF", "gate"), ("wlin_DF", "up"), ("wo_FD", "down")):
+    yield f"{hp}mlp.{w}_proj.weight", _t(get(p + "mlp/" + leaf))
+
+
+def _moe_tensors(cfg: ModelConfig, arch: str, mtype: str, i: int, get) -> Iterator[tuple[str, np.ndarray]]:
+  """MoE layer i: its router (ValueError for a non-zero router bias), each expert's projections
+  (`expert_output_scale` folded into down), and Qwen2-MoE's shared expert."""
+  p = f"blocks/{i}/"
+  bias = get(p + "mlp/router_bias_E")
+  if np.any(bias != 0):
+    raise ValueError(f"export as {arch}: {p}mlp/router_bias_E is non-zero ({bias.tolist()}): no HF router has a "
+                     "bias (add_experts sets one; train until the new experts are used and fold it, or grow "
+                     "with a mode that leaves it at 0)")
+  mp = _moe_prefix(i, mtype)
+  yield mp + ".gate.weight", _t(get(p + "mlp/router_DE"))
+  wo = get(p + "mlp/wo_EFD")
+  if cfg.expert_output_scale != 1.0:
+    wo = (wo.astype(np.float32) * np.float32(cfg.expert_output_scale)).astype(wo.dtype)
+  mats = (get(p + "mlp/wact_EDF"), get(p + "mlp/wlin_EDF"), wo)
+  for j in range(cfg.experts_in_layer(i)):
+    for name, w in zip(_expert_names(mp, j, mtype == "mixtral"), mats):
+      yield name, _t(w[j])
+  if mtype == "qwen2_moe":  # always has a shared expert and its gate (zero-width when moegrow has none)
+    yield from _qwen2_shared_tensors(cfg, i, get, wo.dtype)
+
+
+def _qwen2_shared_tensors(cfg: ModelConfig, i: int, get, dt) -> Iterator[tuple[str, np.ndarray]]:
+  """Qwen2-MoE layer i's shared expert and its gate: moegrow's, or zero-width ones of dtype `dt`."""
+  p, hp = f"blocks/{i}/", f"model.layers.{i}."
+  sp = f"{hp}mlp.shared_expert."
+  if cfg.num_shared_experts:
+    for leaf, w in (("wact_DF", "gate"), ("wlin_DF", "up"), ("wo_FD", "down")):
+      yield f"{sp}{w}_proj.weight", _t(get(p + "mlp/shared/" + leaf))
+    yield f"{hp}mlp.shared_expert_gate.weight", get(p + "mlp/shared_gate_D")[None]
+  else:
+    d = cfg.d_model
+    for w, shape in (("gate", (0, d)), ("up", (0, d)), ("down", (d, 0))):
+      yield f"{sp}{w}_proj.weight", np.zeros(shape, dt)
+    yield f"{hp}mlp.shared_expert_gate.weight", np.zeros((1, d), dt)
