@@ -45,6 +45,9 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
       microbatches=1,  # gradient accumulation: the batch in this many slices, one optimizer update
       log_every=20, eval_every=200, eval_batches=4, eval_batch_size=16,
       checkpoint_every=200, keep_checkpoints=2, async_checkpoint=True,
+      # A corrupt newest checkpoint of this run on resume: "stop" (name it and how to go on) or
+      # "previous" (move it to <workdir>/corrupt/ and resume from the newest intact one).
+      on_corrupt_checkpoint="stop",
       stop_after_steps=0,  # >0: end this invocation (with a checkpoint) after that many steps
       stop_at_step=0))  # >0: end this invocation (with a checkpoint) at that global step
   # Mesh axes (-1: the rest); their product must be the devices used: all, or mesh.num_devices.

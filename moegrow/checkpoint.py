@@ -42,7 +42,12 @@ FORMAT = 2  # metadata format: 2 = array checksums recorded (moegrow 0.6); absen
 
 
 class CorruptCheckpoint(ValueError):
-  """A checkpoint whose arrays are not the ones it recorded (flipped or cut-off bytes)."""
+  """A checkpoint whose arrays are not the ones it recorded (flipped or cut-off bytes); `where` is
+  its step directory."""
+
+  def __init__(self, message: str, where: str | None = None):
+    super().__init__(message)
+    self.where = where
 SEEDED_BASE = "base-"  # name prefix of an adapter checkpoint's base copied along by `seed_workdir`
 _STEP_DIR = re.compile(r"(?:stage(\d+)_)?(\d+)")
 
@@ -303,7 +308,7 @@ def verify(meta: dict, item: str, tree: Any, where: str, mngr: ocp.CheckpointMan
   differ = integrity.mismatches(tree, record["leaves"], item + "/", sums)
   if differ:
     raise CorruptCheckpoint(f"checkpoint {where} is corrupt: {len(differ)} array(s) differ from what was saved, "
-                            f"first {differ[:3]}" + _fallback_hint(mngr, where))
+                            f"first {differ[:3]}" + _fallback_hint(mngr, where), where)
   _refuse_nonfinite(bad, where)
 
 
@@ -326,7 +331,7 @@ def _fallback_hint(mngr, where: str) -> str:
   if not others:
     return "; no other checkpoint in its directory"
   return (f"; other checkpoints in {mngr.directory}: steps {sorted(others)}. To go on from the newest of them, "
-          f"move {where} out of that directory and rerun")
+          f"move {where} out of that directory and rerun (or set train.on_corrupt_checkpoint='previous')")
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict) -> tuple[dict, dict, Any]:
@@ -347,7 +352,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict) -> tup
         STATE: ocp.args.StandardRestore(abstract_state), DATA: ocp.args.JsonRestore()}))
   except Exception as e:  # noqa: BLE001 - re-raised with the path
     raise CorruptCheckpoint(f"checkpoint {where}: restore failed, its array files are unreadable "
-                            f"({_brief(e)})" + _fallback_hint(mngr, where)) from e
+                            f"({_brief(e)})" + _fallback_hint(mngr, where), where) from e
   state = out[STATE]
   verify(meta, STATE, state, where, mngr)
   if adapter_only:
@@ -376,7 +381,7 @@ def restore_item(mngr: ocp.CheckpointManager, step: int, item: str, abstract: An
     out = mngr.restore(int(step), args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}))[item]
   except Exception as e:  # noqa: BLE001 - re-raised with the path
     raise CorruptCheckpoint(f"checkpoint {where}: restoring item '{item}' failed, its array files are unreadable "
-                            f"({_brief(e)})") from e
+                            f"({_brief(e)})", where) from e
   verify(_raw_meta(mngr, step), item, out, where, mngr)
   return out
 

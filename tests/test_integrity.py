@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moegrow import checkpoint, integrity
 from moegrow.orchestrate import merging, stages
+from moegrow.orchestrate.validate import ConfigError, validate_config
 from conftest import TINY_RUN
 from _tiny import digest, train_config
 
@@ -170,6 +171,22 @@ def test_a_corrupt_newest_checkpoint_stops_a_resume_and_says_how_to_go_on(tmp_pa
     stages.train_and_evaluate(c, wd)
   shutil.move(os.path.join(wd, "checkpoints", "4"), str(tmp_path / "corrupt-4"))
   assert stages.train_and_evaluate(c, wd)["step"] == 6  # resumed from step 2
+
+
+def test_on_corrupt_checkpoint_previous_moves_it_aside_and_resumes(tmp_path, data_dir, capsys):
+  wd = str(tmp_path / "run")
+  c = train_config(data_dir, steps=4, checkpoint_every=2, eval_every=0, on_corrupt_checkpoint="previous")
+  stages.train_and_evaluate(c, wd)
+  damaged = corrupt(os.path.join(wd, "checkpoints", "4"), "truncate")
+  size = os.path.getsize(damaged)
+  c.train.steps = 6
+  result = stages.train_and_evaluate(c, wd)
+  out = capsys.readouterr().out
+  assert result["step"] == 6 and f"moved it to {wd}/corrupt/4" in out and "resumed from" in out and "at step 2" in out
+  moved = os.path.join(wd, "corrupt", "4", os.path.relpath(damaged, os.path.join(wd, "checkpoints", "4")))
+  assert os.path.getsize(moved) == size  # kept as it was, not deleted
+  with pytest.raises(ConfigError, match=r"train.on_corrupt_checkpoint"):
+    validate_config(train_config(data_dir, on_corrupt_checkpoint="newest"), 8)
 
 
 @pytest.mark.parametrize("how", ["flip", "truncate"])

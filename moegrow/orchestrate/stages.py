@@ -78,7 +78,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   prepare(config, workdir)
   with WorkdirLock(workdir, enabled=jax.process_index() == 0), loop.Preempted() as pre:
-    return _run_stages(config, workdir, pre)
+    while True:
+      try:
+        return _run_stages(config, workdir, pre)
+      except checkpoint.CorruptCheckpoint as e:
+        if config.train.get("on_corrupt_checkpoint", "stop") != "previous" or not _own(workdir, e.where):
+          raise
+        _quarantine(workdir, e)  # then resume from the newest checkpoint left
+
+
+def _own(workdir: str, where: str | None) -> bool:
+  """Whether `where` is a step directory of this run (not a growth source or teacher elsewhere)."""
+  return where is not None and os.path.dirname(os.path.abspath(where)) == os.path.join(
+      os.path.abspath(workdir), "checkpoints")
+
+
+def _quarantine(workdir: str, e: checkpoint.CorruptCheckpoint) -> None:
+  """Move a corrupt checkpoint of this run to <workdir>/corrupt/ (never deleted), saying so."""
+  if jax.process_index() == 0:
+    dest = os.path.join(workdir, "corrupt", os.path.basename(e.where))
+    n = 1
+    while os.path.exists(dest):  # the same step corrupt again: keep every copy
+      dest, n = os.path.join(workdir, "corrupt", f"{os.path.basename(e.where)}.{n}"), n + 1
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    os.replace(e.where, dest)
+    print(f"{e}\non_corrupt_checkpoint='previous': moved it to {dest}; resuming from the newest checkpoint left",
+          flush=True)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("moegrow: corrupt checkpoint moved")
 
 
 def grow_offline(config, source: str, workdir: str, stage: int | None = None) -> dict:

@@ -42,6 +42,9 @@ RENAMED = {
 }
 
 
+ON_CORRUPT = ("stop", "previous")  # train.on_corrupt_checkpoint
+
+
 class ConfigError(ValueError):
   """A config field with a bad value: the message names the key, the value and what is allowed."""
 
@@ -187,6 +190,8 @@ def _check_train(config) -> None:
   _num(config, "train.b2", 0, 1, hi_open=True)
   _num(config, "train.weight_decay", 0)
   _num(config, "train.grad_clip", 0)
+  if config.train.get("on_corrupt_checkpoint", "stop") not in ON_CORRUPT:
+    raise ConfigError("train.on_corrupt_checkpoint", config.train.on_corrupt_checkpoint, f"one of {ON_CORRUPT}")
   if config.train.schedule not in optim.SCHEDULES:
     raise ConfigError("train.schedule", config.train.schedule, f"one of {optim.SCHEDULES}")
 
