@@ -286,6 +286,26 @@ def test_adapters_refuse_a_different_base(lora_run, tmp_path):
   mngr.close()
 
 
+def test_a_corrupt_base_of_adapters_is_refused_naming_it(lora_run, tmp_path):
+  """Flipped bytes in the adapters' base: restoring the adapter checkpoint names the base and the
+  parameter (its checksums, not only its fingerprint, are checked)."""
+  import shutil
+  from moegrow import checkpoint
+  from moegrow.orchestrate import parts
+  from moegrow.train import steps
+  from test_integrity import corrupt
+  c, wd, _ = lora_run
+  ck = str(tmp_path / "checkpoints")
+  shutil.copytree(os.path.join(wd, "checkpoints"), ck)
+  corrupt(os.path.join(ck, "stage1_3"), "flip")
+  plan = parts.resolve_stages(c, parts.model_config(c))
+  prog = steps.build_program(plan[1].cfg, parts.stage_train(c.train, plan[1]), parts.make_mesh(c))
+  mngr = checkpoint.manager(ck, read_only=True, step_prefix="stage1")
+  with pytest.raises(checkpoint.CorruptCheckpoint, match=r"stage1_3 is corrupt: 1 array\(s\) differ .*state/"):
+    checkpoint.restore(mngr, 6, prog.abstract_state)
+  mngr.close()
+
+
 def test_seeding_a_workdir_from_adapters_brings_their_base(lora_run, tmp_path):
   from moegrow import checkpoint
   from moegrow.orchestrate import parts
