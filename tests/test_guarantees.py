@@ -300,7 +300,7 @@ def test_unwritable_workdir_is_refused_naming_the_path(tmp_path, data_dir):
   blocker.write_text("not a directory")
   with pytest.raises(OSError) as err:
     stages.train_and_evaluate(train_config(data_dir, steps=2), str(blocker / "run"))
-  assert str(blocker / "run") in str(err.value) and " free on " in str(err.value)
+  assert str(blocker / "run") in str(err.value) and "GiB free" in str(err.value)
 
 
 def test_corrupt_corpus_file_names_the_dataset_and_how_to_rebuild(tmp_path, data_dir):
