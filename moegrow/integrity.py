@@ -3,14 +3,16 @@ compares against.
 
 Orbax stores no checksum of array data, and OCDBT packs arrays into shared files, so a flipped or
 cut-off byte would otherwise restore as a wrong number. At save, `checksums` computes for every leaf
-(params, optimizer moments, the step, EWC's Fisher and anchor) two 32-bit sums of its raw bits under
+(params, optimizer moments, the step, EWC's Fisher and anchor) a 32-bit sum of its raw bits under
 `jit`, on the sharded arrays where they live: no file is read back, every process gets the same
 answer. Integer sums wrap modulo 2^32 and are exact whatever the reduction order, so the same values
-give the same checksum on any mesh and any number of hosts. With b_i the bits of element i (its
-row-major index over the whole array),
+give the same checksum on any mesh and any number of hosts. With b_i the bits of element i and i its
+row-major index over the whole array,
 
-  c1 = sum_i b_i * (2 i + 1)   (mod 2^32)   any single-bit change of any element changes c1
-  c2 = sum_i rotl(b_i, 7) ^ i  (mod 2^32)
+  c = sum_i b_i * (2 i + 1)   (mod 2^32)
+
+Any single-bit change of any element changes c (2^k times an odd number is not 0 mod 2^32); two
+changes cancel with probability about 2^-32.
 
 The same pass reports which leaves hold a non-finite value (`nonfinite`): a checkpoint is never
 written with one, nor built on.
@@ -25,12 +27,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ALGORITHM = "u32-weighted-sum-v1"  # the sums above; stored with every record
+ALGORITHM = "u32-weighted-sum-v1"  # the sum above; stored with every record
 _UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
 
+def _row_major_index(shape: tuple) -> jax.Array:
+  """i for every element (uint32, wrapping), from one iota per axis: no reshape, so a sharded
+  array is never moved."""
+  idx, stride = jnp.zeros(shape, jnp.uint32), 1
+  for axis in reversed(range(len(shape))):
+    idx = idx + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
+    stride *= shape[axis]
+  return idx
+
+
 def _leaf_sums(x: jax.Array) -> jax.Array:
-  """[c1, c2, finite] (uint32) of one array."""
+  """[c, finite] (uint32) of one array."""
   size = jnp.dtype(x.dtype).itemsize
   if x.dtype == jnp.bool_:
     bits = x.astype(jnp.uint32)
@@ -38,12 +50,11 @@ def _leaf_sums(x: jax.Array) -> jax.Array:
     bits = jax.lax.bitcast_convert_type(x, _UINT[size]).astype(jnp.uint32)
   else:
     raise ValueError(f"no checksum for dtype {x.dtype} (itemsize {size})")
-  idx = jax.lax.iota(jnp.uint32, x.size).reshape(x.shape) if x.ndim else jnp.zeros((), jnp.uint32)
-  c1 = jnp.sum(bits * (2 * idx + 1), dtype=jnp.uint32)
-  rot = (bits << 7) | (bits >> 25)
-  c2 = jnp.sum(rot ^ idx, dtype=jnp.uint32)
-  finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
-  return jnp.stack([c1, c2, finite.astype(jnp.uint32)])
+  c = jnp.sum(bits * (2 * _row_major_index(x.shape) + 1), dtype=jnp.uint32)
+  # x * 0 is 0 for finite x and NaN for NaN or infinity: one float sum (fast everywhere) finds both.
+  finite = (jnp.isfinite(jnp.sum(x.astype(jnp.float32) * 0.0)) if jnp.issubdtype(x.dtype, jnp.inexact)
+            else jnp.bool_(True))
+  return jnp.stack([c, finite.astype(jnp.uint32)])
 
 
 @jax.jit
@@ -62,23 +73,23 @@ def _flat(tree: Any) -> dict[str, Any]:
 
 
 def survey(tree: Any, prefix: str = "") -> tuple[dict[str, str], list[str]]:
-  """One pass over `tree`: ({prefix + '/'-joined path: 'dtype:c1:c2'} for every array leaf (hex
-  sums), [paths of the leaves that hold a NaN or an infinity])."""
+  """One pass over `tree`: ({prefix + '/'-joined path: 'dtype:c'} for every array leaf (c in hex),
+  [paths of the leaves that hold a NaN or an infinity])."""
   flat = _flat(tree)
   if not flat:
     return {}, []
   sums = _all_sums(list(flat.values()))
   out, bad = {}, []
   for (path, x), s in zip(flat.items(), sums):
-    c1, c2, finite = (int(v) for v in _host_value(s))
-    out[prefix + path] = f"{jnp.dtype(x.dtype).name}:{c1:08x}:{c2:08x}"
+    c, finite = (int(v) for v in _host_value(s))
+    out[prefix + path] = f"{jnp.dtype(x.dtype).name}:{c:08x}"
     if not finite:
       bad.append(prefix + path)
   return out, bad
 
 
 def checksums(tree: Any, prefix: str = "") -> dict[str, str]:
-  """{prefix + '/'-joined path: 'dtype:c1:c2'} for every array leaf of `tree` (hex sums)."""
+  """{prefix + '/'-joined path: 'dtype:c'} for every array leaf of `tree` (c in hex)."""
   return survey(tree, prefix)[0]
 
 
