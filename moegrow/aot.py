@@ -249,10 +249,11 @@ def _batch_abstract(program: Program, rows: int, seq: int) -> dict:
 
 
 def _placeholder_measurements(cfg) -> tuple:
-  """Uniform expert loads and zero centroids: the shapes growth ops need, for compiling."""
+  """Uniform expert loads (and REAP scores) and zero centroids: the shapes growth ops need, for
+  compiling."""
   loads = {str(i): [1.0 / cfg.experts_in_layer(i)] * cfg.experts_in_layer(i) for i in cfg.moe_layer_ids}
   means = {str(i): {"a": np.zeros(cfg.d_model), "b": np.ones(cfg.d_model)} for i in cfg.moe_layer_ids}
-  return (lambda: loads), (lambda: means)
+  return (lambda: loads), (lambda: means), (lambda: loads)
 
 
 def compile_config(config, sl: Slice, headroom: float = 0.10, log=print) -> list[dict]:

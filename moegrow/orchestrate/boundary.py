@@ -58,22 +58,34 @@ def _needs_loads(o: dict) -> bool:
           or (o.get("op") == "to_dense" and o.get("mode", "concat_topk") == "concat_topk"))
 
 
+def _needs_scores(o: dict) -> bool:
+  """prune_experts(saliency='frequency' or 'reap') without `scores`."""
+  return o.get("op") == "prune_experts" and o.get("saliency", "frequency") in ("frequency", "reap") \
+      and not o.get("scores")
+
+
 def _needs_centroids(o: dict) -> bool:
   """add_experts(router_init='hidden') without `centroids`."""
   return o.get("op") == "add_experts" and o.get("router_init") == "hidden" and not o.get("centroids")
 
 
-def with_loads(ops: list[dict], measure, measure_means=None) -> list[dict]:
+def with_loads(ops: list[dict], measure, measure_means=None, measure_reap=None) -> list[dict]:
   """Ops with the data they need measured: add_experts(source='most_loaded') and
   to_dense(mode='concat_topk') get `loads` (`measure()`); add_experts(router_init='hidden') gets
   `centroids` {layer: [mean MLP input of the other domains, of router_domain]} from
-  `measure_means()` ({layer: {domain: mean}}, `probes.mlp_input_means` of the old model)."""
+  `measure_means()` ({layer: {domain: mean}}, `probes.mlp_input_means` of the old model);
+  prune_experts gets `scores`: the loads for saliency='frequency', `measure_reap()`
+  (`probes.reap_scores`) for 'reap'."""
   out = [dict(o) for o in ops]
-  if any(_needs_loads(o) for o in out):
+  loads = None
+  if any(_needs_loads(o) or (_needs_scores(o) and o.get("saliency", "frequency") == "frequency") for o in out):
     loads = measure()
-    for o in out:
-      if _needs_loads(o):
-        o["loads"] = loads
+  reap = measure_reap() if any(_needs_scores(o) and o.get("saliency") == "reap" for o in out) else None
+  for o in out:
+    if _needs_loads(o):
+      o["loads"] = loads
+    elif _needs_scores(o):
+      o["scores"] = reap if o.get("saliency") == "reap" else loads
   if any(_needs_centroids(o) for o in out):
     means = measure_means()
     for o in out:
@@ -218,9 +230,10 @@ def _source_fisher(src: GrowthSource, stage: Stage, old_cfg: ModelConfig, params
 def _measured_ops(src_step: int, stage: Stage, old_cfg: ModelConfig, params, held: dict, evals, mesh) -> list[dict]:
   """The stage's ops with the data they need measured on the source model (`with_loads`);
   ValueError if they do not grow the checkpoint's model into the stage's."""
-  ops = with_loads(list(stage.ops), lambda: probes.expert_loads(
-      old_cfg, params, [b for bs in held.values() for b in bs], mesh),
-      lambda: probes.mlp_input_means(old_cfg, params, evals or held, mesh))
+  rows = [b for bs in held.values() for b in bs]
+  ops = with_loads(list(stage.ops), lambda: probes.expert_loads(old_cfg, params, rows, mesh),
+                   lambda: probes.mlp_input_means(old_cfg, params, evals or held, mesh),
+                   lambda: probes.reap_scores(old_cfg, params, rows, mesh))
   grown_cfg = surgery.grown_config(old_cfg, ops)
   if grown_cfg != stage.cfg:
     raise ValueError(f"stage {stage.index} ({stage.name}): growing the checkpoint at step {src_step} gives "

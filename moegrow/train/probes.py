@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 from moegrow import sharding
+from moegrow.model import layers
 from moegrow.model import transformer as tf
 from moegrow.train.steps import Program
 
@@ -45,6 +46,52 @@ def expert_loads(cfg, params, batches: list[dict], mesh) -> dict[str, list[float
   loads = jax.jit(lambda p, t: {i: m["load"] for i, m in tf.apply(cfg, p, t)[1]["layers"].items()},
                   out_shardings=replicated)(params, tokens)
   return {i: np.asarray(v).tolist() for i, v in loads.items()}
+
+
+def _reap_sums(cfg, p, tokens_BT):
+  """Per MoE layer: (sum over tokens of gate_e * ||y_e||, tokens routed to e), each expert's FFN
+  evaluated on every token of the layer's MLP input with the layer's own router (token choice)."""
+  h = tf.apply(cfg, p, tokens_BT, mlp_inputs=True)[1]["mlp_inputs"]
+  act = layers.activation(cfg.mlp_act)
+  out = {}
+  for i, x_BTD in h.items():
+    if not cfg.experts_in_layer(int(i)):
+      continue
+    m = p["blocks"][str(i)]["mlp"]
+    x_ND = x_BTD.reshape(-1, x_BTD.shape[-1]).astype(jnp.float32)
+    logits_NE = x_ND @ m["router_DE"].astype(jnp.float32) + m["router_bias_E"].astype(jnp.float32)
+    if cfg.gating == "topk_softmax":  # softmax over the selected logits
+      top_NK, idx_NK = jax.lax.top_k(logits_NE, cfg.top_k)
+      gate_NK = jax.nn.softmax(top_NK, axis=-1)
+    else:  # softmax over all experts, then the top k of the probabilities
+      gate_NK, idx_NK = jax.lax.top_k(jax.nn.softmax(logits_NE, axis=-1), cfg.top_k)
+    rows = jnp.arange(x_ND.shape[0])[:, None]
+    gate_NE = jnp.zeros_like(logits_NE).at[rows, idx_NK].set(gate_NK)
+    routed_NE = jnp.zeros_like(logits_NE).at[rows, idx_NK].set(1.0)
+
+    def norm_N(wact_DF, wlin_DF, wo_FD):
+      h_NF = act(x_ND @ wact_DF.astype(jnp.float32))
+      if wlin_DF is not None:
+        h_NF = h_NF * (x_ND @ wlin_DF.astype(jnp.float32))
+      return jnp.linalg.norm(h_NF @ wo_FD.astype(jnp.float32), axis=-1)
+    wlin = m.get("wlin_EDF")
+    norms_EN = jax.lax.map(lambda w: norm_N(w[0], w[1], w[2]), (m["wact_EDF"], wlin, m["wo_EFD"])) \
+        if wlin is not None else jax.lax.map(lambda w: norm_N(w[0], None, w[1]), (m["wact_EDF"], m["wo_EFD"]))
+    out[str(i)] = (jnp.sum(gate_NE * norms_EN.T, axis=0), jnp.sum(routed_NE, axis=0))
+  return out
+
+
+def reap_scores(cfg, params, batches: list[dict], mesh) -> dict[str, list[float]]:
+  """Per MoE layer, each expert's REAP saliency (Lasby et al. 2025, eq. 4): the mean over the tokens
+  routed to it of gate_e(x) * ||y_e(x)||_2 on `batches` (0 for an expert no token reaches); the input
+  of prune_experts' saliency='reap'."""
+  rows = np.concatenate([b["inputs"] for b in batches])
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  tokens = jax.make_array_from_callback(rows.shape, replicated, lambda i: rows[i])
+  sums = jax.jit(functools.partial(_reap_sums, cfg), out_shardings=replicated)(params, tokens)
+  sums = jax.tree_util.tree_map(np.asarray, sums)
+  return {i: (np.asarray(s, np.float64) / np.maximum(np.asarray(n, np.float64), 1)).tolist()
+          for i, (s, n) in sums.items()}
 
 
 def _example_nll(cfg, p, x_T, y_T):

@@ -102,29 +102,40 @@ class SeededStep:
   runs that differ only in their seed (a figure's seeds) share one compilation, in memory and in
   the persistent compilation cache. Called like the step itself: (state, batch[, ctx])."""
   step: Callable  # jitted (state, batch, seed, ctx=None) -> (state, metrics)
-  seed: jax.Array  # uint32 scalar, replicated
+  seed: int  # the train config's seed + 1, passed as a uint32 scalar
+  sharding: NamedSharding  # replicated on the program's mesh
+  _on_device: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+  def device_seed(self) -> jax.Array:
+    """The seed on the mesh, put there at the first call (a compile-only mesh never needs it)."""
+    if "seed" not in self._on_device:
+      self._on_device["seed"] = jax.device_put(np.asarray(self.seed, np.uint32), self.sharding)
+    return self._on_device["seed"]
 
   def __call__(self, state, batch, ctx=None):
-    return self.step(state, batch, self.seed) if ctx is None else self.step(state, batch, self.seed, ctx)
+    seed = self.device_seed()
+    return self.step(state, batch, seed) if ctx is None else self.step(state, batch, seed, ctx)
 
   def lower(self, state, batch, ctx=None):
     """The lowered step, seed bound: `.compile()` gives a step called as (state, batch[, ctx])."""
-    args = (state, batch, self.seed) if ctx is None else (state, batch, self.seed, ctx)
-    return _SeedBound(self.step.lower(*args), self.seed)
+    seed = jax.ShapeDtypeStruct((), jnp.uint32, sharding=self.sharding)
+    args = (state, batch, seed) if ctx is None else (state, batch, seed, ctx)
+    return _SeedBound(self.step.lower(*args), self.device_seed)
 
 
 class _SeedBound:
-  """A lowered or compiled train step with its seed bound; every other attribute (as_text,
-  memory_analysis, cost_analysis, ...) is the wrapped object's."""
+  """A lowered or compiled train step with its seed bound (`seed()` gives it when called); every
+  other attribute (as_text, memory_analysis, cost_analysis, ...) is the wrapped object's."""
 
-  def __init__(self, inner, seed):
+  def __init__(self, inner, seed: Callable[[], jax.Array]):
     self._inner, self._seed = inner, seed
 
   def compile(self, *args, **kw):
     return _SeedBound(self._inner.compile(*args, **kw), self._seed)
 
   def __call__(self, state, batch, ctx=None):
-    return self._inner(state, batch, self._seed) if ctx is None else self._inner(state, batch, self._seed, ctx)
+    seed = self._seed()
+    return self._inner(state, batch, seed) if ctx is None else self._inner(state, batch, seed, ctx)
 
   def __getattr__(self, name):
     return getattr(self._inner, name)
@@ -194,9 +205,7 @@ def build_program(cfg: ModelConfig, train_cfg, mesh: Mesh, objective: Objective 
   same = next((p for (k, _), p in reversed(_PROGRAMS.items()) if k == compiled_key), None)
   if same is None:
     same = _build_program(cfg, train_cfg, mesh, objective)
-  replicated = NamedSharding(mesh, P())
-  seed_arr = jax.device_put(np.asarray(seed + 1, np.uint32), replicated)
-  program = dataclasses.replace(same, train_step=SeededStep(same.train_step.step, seed_arr))
+  program = dataclasses.replace(same, train_step=SeededStep(same.train_step.step, seed + 1, NamedSharding(mesh, P())))
   _PROGRAMS[key] = program
   while len(_PROGRAMS) > _MAX_PROGRAMS:
     _PROGRAMS.popitem(last=False)
@@ -230,7 +239,7 @@ def _build_program(cfg: ModelConfig, train_cfg, mesh: Mesh, objective: Objective
       batch_sharding=batch_sh, objective=objective, ctx_sharding=ctx_sh, batch_keys=tuple(batch_tree),
       init=jax.jit(init, out_shardings=sh),
       train_step=SeededStep(jax.jit(train_step, in_shardings=in_sh, out_shardings=(sh, replicated), donate_argnums=0),
-                            jax.device_put(np.asarray(int(train_cfg.seed) + 1, np.uint32), replicated)),
+                            int(train_cfg.seed) + 1, replicated),
       eval_step=jax.jit(_eval_step_fn(cfg, mesh), in_shardings=(sh["params"], eval_tree), out_shardings=replicated),
       all_finite=jax.jit(all_finite, in_shardings=(sh["params"],), out_shardings=replicated))
 

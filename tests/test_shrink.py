@@ -1,0 +1,163 @@
+"""Shrinking the expert table (moegrow/surgery/shrink_ops.py): the saliencies against a hand
+computation (a plain loop over tokens and experts in numpy), pruning keeps exactly the chosen
+experts' slices of params and moments, the refusals name what is wrong, and a pruned model trains
+on and grows again at stage boundaries."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moegrow.model import transformer as tf
+from moegrow.orchestrate import stages
+from moegrow.params import trees
+from moegrow.sharding import make_mesh
+from moegrow.surgery import apply as surgery
+from moegrow.train import probes
+from _tiny import moe, train_config
+
+RNG = np.random.default_rng(0)
+
+
+def apply_ops(state, cfg, ops):
+  return surgery.apply_ops(state, cfg, ops, jax.random.key(0), shapes=tf.abstract_params)
+
+
+def naive_saliencies(cfg, params, tokens):
+  """(frequency, reap) of MoE layer 1 by a loop over tokens: the layer's MLP input from the model,
+  then the router, the top-k, the gates and every expert's output in numpy."""
+  inputs = tf.apply(cfg, params, jnp.asarray(tokens), mlp_inputs=True)[1]["mlp_inputs"]
+  h = np.asarray(inputs[1] if 1 in inputs else inputs["1"], np.float64)
+  m = {k: np.asarray(v, np.float64) for k, v in trees.flatten(params).items() if k.startswith("blocks/1/mlp/")}
+  p = "blocks/1/mlp/"
+  e, k = cfg.experts_in_layer(1), cfg.top_k
+  silu = lambda z: z / (1 + np.exp(-z))
+  count, gate_norm = np.zeros(e), np.zeros(e)
+  for x in h.reshape(-1, h.shape[-1]):
+    logits = x @ m[p + "router_DE"] + m[p + "router_bias_E"]
+    if cfg.gating == "topk_softmax":
+      chosen = np.argsort(-logits, kind="stable")[:k]
+      g = np.exp(logits[chosen] - logits[chosen].max())
+      gates = g / g.sum()
+    else:
+      probs = np.exp(logits - logits.max())
+      probs /= probs.sum()
+      chosen = np.argsort(-probs, kind="stable")[:k]
+      gates = probs[chosen]
+    for j, gate in zip(chosen, gates):
+      y = (silu(x @ m[p + "wact_EDF"][j]) * (x @ m[p + "wlin_EDF"][j])) @ m[p + "wo_EFD"][j]
+      count[j] += 1
+      gate_norm[j] += gate * np.linalg.norm(y)
+  return count / count.sum(), np.where(count > 0, gate_norm / np.maximum(count, 1), 0.0)
+
+
+@pytest.mark.parametrize("gating", ["topk_softmax", "softmax_topk"])
+def test_frequency_and_reap_are_the_hand_computation(gating):
+  cfg = moe(gating=gating, router_init_std=1.0)
+  params = tf.init_params(cfg, jax.random.key(3))
+  tokens = RNG.integers(0, 259, (3, 16)).astype(np.int32)
+  mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+  freq, reap = naive_saliencies(cfg, params, tokens)
+  got_freq = probes.expert_loads(cfg, params, [{"inputs": tokens}], mesh)
+  got_reap = probes.reap_scores(cfg, params, [{"inputs": tokens}], mesh)
+  np.testing.assert_allclose(got_freq[1] if 1 in got_freq else got_freq["1"], freq, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(got_reap["1"], reap, rtol=2e-4, atol=1e-6)
+  assert len(set(np.round(reap, 6))) == len(reap)  # the experts are told apart
+
+
+def state_of(cfg):
+  params = tf.init_params(cfg, jax.random.key(1))
+  noise = lambda s: jax.tree_util.tree_map(lambda x: jnp.asarray(RNG.normal(size=x.shape), x.dtype), params)
+  return {"params": params, "mu": noise(1), "nu": jax.tree_util.tree_map(jnp.abs, noise(2))}
+
+
+@pytest.mark.parametrize("saliency, arg, kept", [
+    ("list", {"keep": {1: [3, 1]}}, [1, 3]),
+    ("frequency", {"scores": {"1": [0.1, 0.4, 0.1, 0.4]}}, [1, 3]),  # ties: the lower index
+    ("reap", {"scores": {1: [2.0, 0.5, 3.0, 1.0]}}, [0, 2])])
+def test_pruning_keeps_exactly_the_chosen_experts_params_and_moments(saliency, arg, kept):
+  cfg = moe()
+  state = state_of(cfg)
+  new, cfg2, (rep,) = apply_ops(state, cfg, [dict(op="prune_experts", num_experts=2, saliency=saliency, **arg)])
+  assert cfg2.experts_in_layer(1) == 2 and cfg2.top_k == cfg.top_k and rep["kept"] == {"1": kept}
+  for kind in ("params", "mu", "nu"):
+    old, got = trees.flatten(state[kind]), trees.flatten(new[kind])
+    assert set(got) == set(old), kind
+    for path, v in got.items():
+      o = np.asarray(old[path])
+      if path.startswith("blocks/1/mlp/") and path.rsplit("/", 1)[1] in ("wact_EDF", "wlin_EDF", "wo_EFD",
+                                                                          "router_bias_E"):
+        o = o[kept]
+      elif path == "blocks/1/mlp/router_DE":
+        o = o[:, kept]
+      np.testing.assert_array_equal(np.asarray(v), o, err_msg=f"{kind} {path}")
+
+
+def test_random_pruning_is_seeded():
+  cfg = moe(num_experts=8)
+  plan = lambda seed: surgery.OPS["prune_experts"](cfg, num_experts=3, saliency="random", seed=seed)
+  assert plan(0).extra == plan(0).extra
+  assert len({str(plan(s).extra["kept"]["1"]) for s in range(6)}) > 1
+  assert all(len(set(plan(s).extra["kept"]["1"])) == 3 for s in range(6))
+
+
+@pytest.mark.parametrize("op, match", [
+    (dict(num_experts=5, saliency="list", keep={1: [0, 1, 2, 3, 4]}), r"layer 1 has 4 experts; cannot keep 5"),
+    (dict(num_experts=1, saliency="list", keep={1: [2]}), r"layer\(s\) \[1\] would keep \[1\] expert\(s\), fewer "
+                                                         r"than top_k=2; give top_k=<at most 1>"),
+    (dict(num_experts=2, saliency="list", keep={1: [2, 2]}), r"keep\[1\]=\[2, 2\] must be 2 distinct experts"),
+    (dict(num_experts=2, saliency="reap"), r"saliency='reap' needs scores=\{layer: vector of experts\} for "
+                                           r"layers \[1\]"),
+    (dict(num_experts=2, scores={1: [1.0, 2.0]}), r"scores for layer 1 must be 4 finite numbers"),
+    (dict(num_experts=2, layers=[0]), r"layer\(s\) \[0\] are dense")])
+def test_pruning_refusals_name_the_problem(op, match):
+  cfg = moe()
+  with pytest.raises(ValueError, match=match):
+    apply_ops({"params": tf.init_params(cfg, jax.random.key(0))}, cfg, [dict(op="prune_experts", **op)])
+
+
+def test_pruning_to_one_expert_with_top_k_one():
+  cfg = moe()
+  new, cfg2, _ = apply_ops({"params": tf.init_params(cfg, jax.random.key(0))}, cfg,
+                           [dict(op="prune_experts", num_experts=1, top_k=1, saliency="list", keep={1: [2]})])
+  assert cfg2.top_k == 1 and cfg2.experts_in_layer(1) == 1
+  logits, _ = tf.apply(cfg2, new["params"], jnp.zeros((1, 4), jnp.int32))
+  assert np.all(np.isfinite(np.asarray(logits)))
+
+
+@pytest.mark.parametrize("saliency", ["frequency", "reap"])
+def test_a_pruned_model_trains_on_and_grows_again(tmp_path, data_dir, saliency):
+  """E=4 trained, pruned to 2 at a boundary by a saliency measured there, trained, grown back to 4
+  experts: every stage trains; the certificate reports the cut's measured loss change."""
+  c = train_config(data_dir, steps=0, eval_every=0, checkpoint_every=2)
+  c.model.update(moe_layers="every_other", num_experts=4, top_k=1)
+  c.stages = (dict(name="e4", steps=2),
+              dict(name="pruned", steps=2, ops=(dict(op="prune_experts", num_experts=2, saliency=saliency),)),
+              dict(name="regrown", steps=2, ops=(dict(op="add_experts", num_experts=4),)))
+  r = stages.train_and_evaluate(c, str(tmp_path / "run"))
+  assert r["stage"] == 2 and r["step"] == 6 and np.isfinite(r["loss"])
+  prune, grow = r["certificates"]
+  (op,) = prune["ops"]
+  assert op["op"] == "prune_experts" and len(op["scores"]["1"]) == 4  # measured at the boundary
+  assert all(np.isfinite(v) and v != 0.0 for v in prune["loss_change"].values())  # not exact: reported as is
+  assert all(abs(v) < 1e-5 for v in grow["loss_change"].values())  # add_experts(exact) after the prune
+
+
+@pytest.mark.parametrize("gating, same", [("topk_softmax", True), ("softmax_topk", False)])
+def test_pruning_experts_no_token_selects_is_exact_only_with_renormalised_gates(gating, same):
+  """Experts 2 and 3 made unreachable (router bias -8 against 0: never in the top 2 of 4 on these
+  tokens, yet holding softmax mass): dropping them leaves renormalised top-k gates unchanged and
+  changes softmax-then-top-k gates (their denominator loses that mass)."""
+  cfg = moe(gating=gating)
+  params = tf.init_params(cfg, jax.random.key(5))
+  flat = trees.flatten(params)
+  flat["blocks/1/mlp/router_bias_E"] = jnp.asarray([0.0, 0.0, -8.0, -8.0], jnp.float32)
+  flat["blocks/1/mlp/router_DE"] = flat["blocks/1/mlp/router_DE"] * 0.01
+  params = trees.unflatten(flat)
+  tokens = jnp.asarray(RNG.integers(0, 259, (2, 12)), jnp.int32)
+  mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+  loads = probes.expert_loads(cfg, params, [{"inputs": np.asarray(tokens)}], mesh)
+  assert (loads[1] if 1 in loads else loads["1"])[2:] == [0.0, 0.0]
+  new, cfg2, _ = apply_ops({"params": params}, cfg, [dict(op="prune_experts", num_experts=2, saliency="list",
+                                                          keep={1: [0, 1]})])
+  before, after = (np.asarray(tf.apply(c, p, tokens)[0]) for c, p in ((cfg, params), (cfg2, new["params"])))
+  assert np.allclose(before, after, rtol=1e-5, atol=1e-5) == same
