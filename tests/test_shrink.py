@@ -161,3 +161,16 @@ def test_pruning_experts_no_token_selects_is_exact_only_with_renormalised_gates(
                                                           keep={1: [0, 1]})])
   before, after = (np.asarray(tf.apply(c, p, tokens)[0]) for c, p in ((cfg, params), (cfg2, new["params"])))
   assert np.allclose(before, after, rtol=1e-5, atol=1e-5) == same
+
+
+def test_a_prune_the_expert_axis_no_longer_divides_is_refused_before_training(data_dir):
+  from moegrow.orchestrate.validate import ConfigError, validate_config
+  c = train_config(data_dir, steps=0)
+  c.mesh.update(data=2, expert=4, num_devices=8)
+  c.model.update(moe_layers="every_other", num_experts=8, top_k=1)
+  c.stages = (dict(name="e8", steps=2),
+              dict(name="pruned", steps=2, ops=(dict(op="prune_experts", num_experts=2, saliency="random"),)))
+  with pytest.raises(ConfigError, match=r"stages\[1\]='stage pruned: layer 1 has 2 experts'.*mesh.expert=4 divides"):
+    validate_config(c, 8)
+  c.stages = (c.stages[0], dict(c.stages[1], ops=(dict(op="prune_experts", num_experts=4, saliency="random"),)))
+  assert [x.experts_in_layer(1) for x in validate_config(c, 8)] == [8, 4]

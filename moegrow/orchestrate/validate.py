@@ -147,10 +147,11 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> list[Mo
   cfg = model_config(config)
   tok_spec, tok = _check_data(config)
   _check_train(config)
-  data_parallel = _check_mesh(config, num_devices)
-  _check_batches(config, data_parallel, process_count)
+  sizes = _check_mesh(config, num_devices)
+  _check_batches(config, sizes["data"] * sizes["fsdp"] * sizes["expert"], process_count)
   specs = list(config.get("stages", None) or ())
   cfgs = _check_stages(config, specs, cfg)
+  _check_expert_axis(sizes["expert"], specs, cfgs)
   _check_frozen(list(config.train.get("frozen", ()) or ()), "train.frozen", cfgs)
   _check_stage_options(config, specs, cfgs)
   # the tokenizer's ids must all have embedding rows, in every stage's model
@@ -196,9 +197,9 @@ def _check_train(config) -> None:
     raise ConfigError("train.schedule", config.train.schedule, f"one of {optim.SCHEDULES}")
 
 
-def _check_mesh(config, num_devices: int) -> int:
+def _check_mesh(config, num_devices: int) -> dict[str, int]:
   """mesh.*: every axis an int, at most one -1, the product equal to the devices used.
-  Returns the data-parallel size (data x fsdp x expert)."""
+  Returns the axis sizes (-1 resolved)."""
   sizes = {}
   for a in MESH_AXES:
     v = _get(config, f"mesh.{a}")
@@ -215,7 +216,23 @@ def _check_mesh(config, num_devices: int) -> int:
   if math.prod(sizes.values()) != devices:
     raise ConfigError("mesh", sizes, f"axis sizes whose product is the {devices} devices used "
                       f"(set mesh.num_devices to use fewer than the {num_devices} present)")
-  return sizes["data"] * sizes["fsdp"] * sizes["expert"]
+  return sizes
+
+
+def _check_expert_axis(expert: int, specs: list, cfgs: list[ModelConfig]) -> None:
+  """With an expert axis, every MoE layer of every stage splits its experts evenly over it (a stage
+  that prunes 8 experts to 4 on mesh.expert=8 is refused here, before anything trains)."""
+  if expert <= 1:
+    return
+  for i, c in enumerate(cfgs):
+    odd = {layer: c.experts_in_layer(layer) for layer in c.moe_layer_ids if c.experts_in_layer(layer) % expert}
+    if odd:
+      layer, e = next(iter(odd.items()))
+      key = "model" if i == 0 else f"stages[{i}]"
+      name = specs[i].get("name", i) if i < len(specs) else i
+      raise ConfigError(key, f"stage {name}: layer {layer} has {e} experts",
+                        f"expert counts that mesh.expert={expert} divides (each chip holds E / {expert} experts); "
+                        f"set mesh.expert to a divisor of {e}")
 
 
 def _check_batches(config, data_parallel: int, process_count: int) -> None:
