@@ -253,7 +253,9 @@ def _placeholder_measurements(cfg) -> tuple:
   compiling."""
   loads = {str(i): [1.0 / cfg.experts_in_layer(i)] * cfg.experts_in_layer(i) for i in cfg.moe_layer_ids}
   means = {str(i): {"a": np.zeros(cfg.d_model), "b": np.ones(cfg.d_model)} for i in cfg.moe_layer_ids}
-  return (lambda: loads), (lambda: means), (lambda: loads)
+  feats = {str(i): {g: np.eye(cfg.experts_in_layer(i)).tolist() for g in ("output", "router")}
+           for i in cfg.moe_layer_ids}
+  return (lambda: loads), (lambda: means), (lambda: loads), (lambda: feats)
 
 
 def compile_config(config, sl: Slice, headroom: float = 0.10, log=print) -> list[dict]:

@@ -174,3 +174,79 @@ def test_a_prune_the_expert_axis_no_longer_divides_is_refused_before_training(da
     validate_config(c, 8)
   c.stages = (c.stages[0], dict(c.stages[1], ops=(dict(op="prune_experts", num_experts=4, saliency="random"),)))
   assert [x.experts_in_layer(1) for x in validate_config(c, 8)] == [8, 4]
+
+
+# ---------------------------------------------------------------- merging experts
+
+def test_clustering_groups_the_nearest_experts_by_average_linkage():
+  from moegrow.surgery.shrink_ops import cluster
+  f = np.asarray([[1.0, 0.0], [0.0, 1.0], [0.95, 0.05], [0.1, 0.9], [-1.0, 0.1]])
+  assert cluster(f, 3) == [[0, 2], [1, 3], [4]]
+  # the last merge by hand: the pair of groups with the smallest mean pairwise cosine distance
+  cos = lambda a, b: 1 - a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+  link = lambda g, h: np.mean([cos(f[a], f[b]) for a in g for b in h])
+  three = [[0, 2], [1, 3], [4]]
+  pairs = {(a, b): link(three[a], three[b]) for a in range(3) for b in range(a + 1, 3)}
+  a, b = min(pairs, key=pairs.get)
+  want = sorted([sorted(three[a] + three[b])] + [g for n, g in enumerate(three) if n not in (a, b)], key=min)
+  assert cluster(f, 2) == want == [[0, 1, 2, 3], [4]]
+
+
+def test_merging_two_experts_is_their_usage_weighted_mean_in_params_and_moments():
+  cfg = moe()
+  state = state_of(cfg)
+  usage = [0.1, 0.5, 0.3, 0.1]
+  new, cfg2, (rep,) = apply_ops(state, cfg, [dict(op="merge_experts", num_experts=3, grouping="list",
+                                                  groups={1: [[2, 0], [1], [3]]}, usage={1: usage})])
+  assert cfg2.experts_in_layer(1) == 3 and rep["groups"] == {"1": [[0, 2], [1], [3]]}
+  w0, w2 = 0.1 / 0.4, 0.3 / 0.4  # usage within the group {0, 2}
+  p = "blocks/1/mlp/"
+  for kind in ("params", "mu", "nu"):
+    old, got = trees.flatten(state[kind]), trees.flatten(new[kind])
+    for leaf, axis in (("wact_EDF", 0), ("wlin_EDF", 0), ("wo_EFD", 0), ("router_bias_E", 0), ("router_DE", 1)):
+      o = np.moveaxis(np.asarray(old[p + leaf], np.float64), axis, 0)
+      want = np.stack([w0 * o[0] + w2 * o[2], o[1], o[3]])
+      np.testing.assert_allclose(np.moveaxis(np.asarray(got[p + leaf]), axis, 0), want, rtol=1e-5, atol=1e-6,
+                                 err_msg=f"{kind} {leaf}")
+    np.testing.assert_array_equal(np.asarray(got["embed_VD"]), np.asarray(old["embed_VD"]))
+
+
+@pytest.mark.parametrize("gating, same", [("topk_softmax", True), ("softmax_topk", False)])
+def test_merging_identical_experts_is_exact_with_renormalised_gates(gating, same):
+  """An upcycled layer (4 copies of one MLP, different router columns) merged into 2: with
+  renormalised top-k gates every token still gets that MLP's output; softmax-then-top-k gates
+  change their sum (2 of 4 experts held half the mass, 2 of 2 hold all of it)."""
+  from _tiny import model
+  cfg = model(gating=gating, top_k=2, router_init_std=0.5)
+  params = tf.init_params(cfg, jax.random.key(2))
+  up, cfg_up, _ = apply_ops({"params": params}, cfg, [dict(op="upcycle", layers=[1], num_experts=4)])
+  merged, cfg2, _ = apply_ops(up, cfg_up, [dict(op="merge_experts", num_experts=2, grouping="list",
+                                                groups={1: [[0, 3], [1, 2]]}, usage={1: [0.4, 0.1, 0.2, 0.3]})])
+  tokens = jnp.asarray(RNG.integers(0, 259, (2, 12)), jnp.int32)
+  before = np.asarray(tf.apply(cfg_up, up["params"], tokens)[0])
+  after = np.asarray(tf.apply(cfg2, merged["params"], tokens)[0])
+  assert np.allclose(before, after, rtol=1e-5, atol=1e-5) == same
+
+
+def test_merge_experts_refusals_name_the_problem():
+  cfg = moe()
+  init = {"params": tf.init_params(cfg, jax.random.key(0))}
+  with pytest.raises(ValueError, match=r"groups\[1\]=\[\[0, 1\], \[1, 2\]\] must split experts 0..3 into 2"):
+    apply_ops(init, cfg, [dict(op="merge_experts", num_experts=2, grouping="list", groups={1: [[0, 1], [1, 2]]})])
+  with pytest.raises(ValueError, match=r"grouping='output' needs features=\{layer: \[E, n\] vectors\} for layers \[1\]"):
+    apply_ops(init, cfg, [dict(op="merge_experts", num_experts=2)])
+  with pytest.raises(ValueError, match=r"features for layer 1 must be 4 finite vectors"):
+    apply_ops(init, cfg, [dict(op="merge_experts", num_experts=2, features={1: [[1.0, 2.0]]})])
+
+
+def test_a_merged_model_trains_on_after_a_boundary_that_measures_its_groups(tmp_path, data_dir):
+  c = train_config(data_dir, steps=0, eval_every=0, checkpoint_every=2)
+  c.model.update(moe_layers="every_other", num_experts=4, top_k=1)
+  c.stages = (dict(name="e4", steps=2),
+              dict(name="merged", steps=2, ops=(dict(op="merge_experts", num_experts=2, grouping="output"),)))
+  r = stages.train_and_evaluate(c, str(tmp_path / "run"))
+  assert r["stage"] == 1 and r["step"] == 4 and np.isfinite(r["loss"])
+  (cert,) = r["certificates"]
+  (op,) = cert["ops"]
+  assert np.shape(op["features"]["1"]) == (4, 64) and len(op["usage"]["1"]) == 4
+  assert all(np.isfinite(v) for v in cert["loss_change"].values())

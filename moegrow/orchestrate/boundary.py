@@ -64,22 +64,38 @@ def _needs_scores(o: dict) -> bool:
       and not o.get("scores")
 
 
+def _needs_features(o: dict) -> bool:
+  """merge_experts(grouping='output' or 'router') without `features`, or without `usage`."""
+  return o.get("op") == "merge_experts" and (
+      (o.get("grouping", "output") in ("output", "router") and not o.get("features")) or not o.get("usage"))
+
+
 def _needs_centroids(o: dict) -> bool:
   """add_experts(router_init='hidden') without `centroids`."""
   return o.get("op") == "add_experts" and o.get("router_init") == "hidden" and not o.get("centroids")
 
 
-def with_loads(ops: list[dict], measure, measure_means=None, measure_reap=None) -> list[dict]:
+def with_loads(ops: list[dict], measure, measure_means=None, measure_reap=None, measure_features=None) -> list[dict]:
   """Ops with the data they need measured: add_experts(source='most_loaded') and
   to_dense(mode='concat_topk') get `loads` (`measure()`); add_experts(router_init='hidden') gets
   `centroids` {layer: [mean MLP input of the other domains, of router_domain]} from
   `measure_means()` ({layer: {domain: mean}}, `probes.mlp_input_means` of the old model);
   prune_experts gets `scores`: the loads for saliency='frequency', `measure_reap()`
-  (`probes.reap_scores`) for 'reap'."""
+  (`probes.reap_scores`) for 'reap'; merge_experts gets `usage` (the loads) and `features` (its
+  grouping's entry of `measure_features()`, `probes.expert_features`)."""
   out = [dict(o) for o in ops]
   loads = None
-  if any(_needs_loads(o) or (_needs_scores(o) and o.get("saliency", "frequency") == "frequency") for o in out):
+  if any(_needs_loads(o) or _needs_features(o) or (_needs_scores(o) and o.get("saliency", "frequency") == "frequency")
+         for o in out):
     loads = measure()
+  feats = measure_features() if any(_needs_features(o) and o.get("grouping", "output") != "list" for o in out) \
+      else None
+  for o in out:
+    if _needs_features(o):
+      if not o.get("usage"):
+        o["usage"] = loads
+      if o.get("grouping", "output") != "list" and not o.get("features"):
+        o["features"] = {i: f[o.get("grouping", "output")] for i, f in feats.items()}
   reap = measure_reap() if any(_needs_scores(o) and o.get("saliency") == "reap" for o in out) else None
   for o in out:
     if _needs_loads(o):
@@ -233,7 +249,8 @@ def _measured_ops(src_step: int, stage: Stage, old_cfg: ModelConfig, params, hel
   rows = [b for bs in held.values() for b in bs]
   ops = with_loads(list(stage.ops), lambda: probes.expert_loads(old_cfg, params, rows, mesh),
                    lambda: probes.mlp_input_means(old_cfg, params, evals or held, mesh),
-                   lambda: probes.reap_scores(old_cfg, params, rows, mesh))
+                   lambda: probes.reap_scores(old_cfg, params, rows, mesh),
+                   lambda: probes.expert_features(old_cfg, params, rows, mesh))
   grown_cfg = surgery.grown_config(old_cfg, ops)
   if grown_cfg != stage.cfg:
     raise ValueError(f"stage {stage.index} ({stage.name}): growing the checkpoint at step {src_step} gives "

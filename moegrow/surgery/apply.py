@@ -36,7 +36,7 @@ from moegrow.surgery.moe_ops import add_experts, drop_upcycle, granular_upcycle,
 from moegrow.surgery.op import Plan, growth_op
 from moegrow.surgery.rebake import to_dense
 from moegrow.surgery.shape_ops import add_heads, insert_blocks, stack, widen_mlp, widen_model
-from moegrow.surgery.shrink_ops import prune_experts
+from moegrow.surgery.shrink_ops import merge_experts, prune_experts
 
 
 
@@ -64,8 +64,9 @@ def fold_ramps(cfg) -> Plan:
               note="the folded weights are the masked weights the ramped model computes with")
 
 
-OPS = {f.__name__: f for f in (upcycle, granular_upcycle, drop_upcycle, add_experts, prune_experts, insert_blocks,
-                               stack, widen_mlp, add_heads, widen_model, to_dense, add_lora, merge_lora, fold_ramps)}
+OPS = {f.__name__: f for f in (upcycle, granular_upcycle, drop_upcycle, add_experts, prune_experts, merge_experts,
+                               insert_blocks, stack, widen_mlp, add_heads, widen_model, to_dense, add_lora, merge_lora,
+                               fold_ramps)}
 LORA_OPS = ("add_lora", "merge_lora")  # the only ops that see a model carrying adapters
 STATE_KEYS = ("params", "mu", "nu", "count")
 MOMENTS = ("mu", "nu")

@@ -1,6 +1,8 @@
-"""Shrinking the expert table: `prune_experts` keeps the most salient experts of each MoE layer.
+"""Shrinking the expert table: `prune_experts` keeps the most salient experts of each MoE layer,
+`merge_experts` merges them into groups.
 
     prune_experts(cfg, num_experts=4, saliency="frequency", scores={layer: [E scores]})
+    merge_experts(cfg, num_experts=4, grouping="output", features={layer: [E, n]}, usage={layer: [E]})
 
 Which experts stay is decided by a saliency measured elsewhere and passed in (`scores`): at a stage
 boundary `moegrow.orchestrate.boundary` measures it on the stage's held-out batches with the source
@@ -70,18 +72,18 @@ def prune_experts(cfg, *, num_experts: int | Sequence[int] | Mapping[Any, int], 
   return Plan(new_cfg, rules, exact=False, note=note, extra={"kept": {str(i): v.tolist() for i, v in kept.items()}})
 
 
-def _pruned_counts(cfg, layers, num_experts) -> dict[int, int]:
+def _pruned_counts(cfg, layers, num_experts, op: str = "prune_experts") -> dict[int, int]:
   """{MoE layer: experts kept}; ValueError for dense layers, no MoE layer, or a count out of 1..E."""
-  ids = resolve_layers(cfg, layers, "prune_experts")
+  ids = resolve_layers(cfg, layers, op)
   dense = [i for i in ids if not cfg.experts_in_layer(i)]
   if dense:
-    raise ValueError(f"prune_experts: layer(s) {dense} are dense (no experts)")
+    raise ValueError(f"{op}: layer(s) {dense} are dense (no experts)")
   if not ids:
-    raise ValueError("prune_experts: the model has no MoE layers")
-  counts = resolve_counts(num_experts, ids, "prune_experts")
+    raise ValueError(f"{op}: the model has no MoE layers")
+  counts = resolve_counts(num_experts, ids, op)
   for i, e2 in counts.items():
     if not 1 <= e2 <= cfg.experts_in_layer(i):
-      raise ValueError(f"prune_experts: layer {i} has {cfg.experts_in_layer(i)} experts; cannot keep {e2} "
+      raise ValueError(f"{op}: layer {i} has {cfg.experts_in_layer(i)} experts; cannot keep {e2} "
                        f"(1..{cfg.experts_in_layer(i)}; add_experts grows)")
   return counts
 
@@ -125,3 +127,121 @@ def _prune_rules(cfg, i: int, idx: np.ndarray):
       (p + "wo_EFD", R.compute([p + "wo_EFD"], functools.partial(take, axis=0), "prune_experts")),
       (p + "router_DE", R.compute([p + "router_DE"], functools.partial(take, axis=1), "prune_experts")),
       (p + "router_bias_E", R.compute([p + "router_bias_E"], functools.partial(take, axis=0), "prune_experts"))]
+
+
+# ---------------------------------------------------------------- merging experts
+
+@growth_op
+def merge_experts(cfg, *, num_experts: int | Sequence[int] | Mapping[Any, int], layers: Layers | Literal["moe"] = "moe",
+                  grouping: Literal["output", "router", "list"] = "output", features: Mapping[Any, Any] | None = None,
+                  groups: Mapping[Any, Any] | None = None, usage: Mapping[Any, Any] | None = None,
+                  top_k: int | None = None) -> Plan:
+  """Merge each MoE layer's experts into `num_experts` groups.
+
+  grouping (which experts go together):
+    output  HC-SMoE (Chen et al. 2024): agglomerative clustering, average linkage on cosine
+            distance, of `features[layer]` = each expert's mean output over the boundary's tokens;
+    router  the same clustering of `features[layer]` = each expert's router logits over those
+            tokens (MC-SMoE's routing-similarity grouping, Li et al. 2024);
+    list    `groups[layer]`, a partition of the experts.
+  Merged expert of group G, with u_e = usage[layer][e] / sum over G (uniform if all 0; usage is the
+  fraction of assignments each expert receives, `probes.expert_loads`):
+    weights (wact, wlin, wo), router column and bias  sum_e u_e w_e   (the usage-weighted mean)
+    Adam moments and Fisher                           sum_e u_e m_e   (the same mean)
+  Groups are ordered by their smallest expert. Exact for identical experts with renormalised gates
+  (topk_softmax): the certificate shows it; not exact in general.
+  """
+  _refuse_ramped(cfg, "merge_experts")
+  counts = _pruned_counts(cfg, layers, num_experts, "merge_experts")
+  k = cfg.top_k if top_k is None else top_k
+  small = {i: e for i, e in counts.items() if e < k}
+  if small:
+    raise ValueError(f"merge_experts: layer(s) {sorted(small)} would keep {sorted(set(small.values()))} expert(s), "
+                     f"fewer than top_k={k}; give top_k=<at most {min(small.values())}>")
+  parts, missing = _groups(cfg, counts, grouping, features, groups)
+  weights = {i: _usage_weights(cfg, i, parts[i], usage) for i in parts}
+  new_cfg = cfg.replace(top_k=int(k), **moe_fields({**expert_counts(cfg), **counts}, cfg.num_layers))
+
+  def rules(key):
+    if missing:
+      need = "groups={layer: [[experts], ...]}" if grouping == "list" else "features={layer: [E, n] vectors}"
+      raise ValueError(f"merge_experts: grouping={grouping!r} needs {need} for layers {missing}")
+    out = []
+    for i in parts:
+      out.extend(_merge_rules(cfg, i, weights[i]))
+    return out + [(".*", R.copy())]
+
+  return Plan(new_cfg, rules, exact=False, note=f"experts merged by {grouping}: usage-weighted means of each group",
+              extra={"groups": {str(i): [[int(e) for e in g] for g in p] for i, p in parts.items()}})
+
+
+def _groups(cfg, counts: dict[int, int], grouping: str, features, groups):
+  """({layer: groups of experts, ordered by their smallest}, layers lacking their input)."""
+  parts, missing = {}, []
+  for i, e2 in counts.items():
+    e = cfg.experts_in_layer(i)
+    given = groups if grouping == "list" else features
+    v = None if given is None else given.get(str(i), given.get(i))
+    if v is None:
+      missing.append(i)
+      continue
+    if grouping == "list":
+      p = [sorted(int(x) for x in g) for g in v]
+      if len(p) != e2 or sorted(x for g in p for x in g) != list(range(e)) or any(not g for g in p):
+        raise ValueError(f"merge_experts: groups[{i}]={v} must split experts 0..{e - 1} into {e2} non-empty groups")
+    else:
+      f = np.asarray(v, np.float64)
+      if f.ndim != 2 or f.shape[0] != e or not np.all(np.isfinite(f)):
+        raise ValueError(f"merge_experts: features for layer {i} must be {e} finite vectors (got shape {f.shape})")
+      p = cluster(f, e2)
+    parts[i] = sorted(p, key=min)
+  return parts, missing
+
+
+def cluster(features_EN: np.ndarray, n: int) -> list[list[int]]:
+  """Agglomerative clustering of the rows into n groups: average linkage on cosine distance; ties
+  merge the pair of lowest indices first (deterministic)."""
+  unit = features_EN / np.maximum(np.linalg.norm(features_EN, axis=1, keepdims=True), 1e-12)
+  dist = 1.0 - unit @ unit.T
+  groups = [[e] for e in range(len(features_EN))]
+  while len(groups) > n:
+    best = None
+    for a in range(len(groups)):
+      for b in range(a + 1, len(groups)):
+        d = float(np.mean(dist[np.ix_(groups[a], groups[b])]))
+        if best is None or d < best[0] - 1e-12:
+          best = (d, a, b)
+    _, a, b = best
+    groups[a] = sorted(groups[a] + groups[b])
+    del groups[b]
+  return groups
+
+
+def _usage_weights(cfg, i: int, parts: list[list[int]], usage) -> np.ndarray:
+  """[E', E] merge matrix: row g holds group g's usage-weighted mean coefficients."""
+  e = cfg.experts_in_layer(i)
+  u = None if usage is None else usage.get(str(i), usage.get(i))
+  u = np.ones(e) if u is None else np.asarray(u, np.float64)
+  if u.shape != (e,) or np.any(u < 0) or not np.all(np.isfinite(u)):
+    raise ValueError(f"merge_experts: usage for layer {i} must be {e} finite numbers >= 0 (got {np.shape(u)})")
+  m = np.zeros((len(parts), e))
+  for g, members in enumerate(parts):
+    w = u[members] if u[members].sum() > 0 else np.ones(len(members))
+    m[g, members] = w / w.sum()
+  return m
+
+
+def _merge_rules(cfg, i: int, m_GE: np.ndarray):
+  """Layer i's expert tables (axis 0), router columns (axis 1) and bias as usage-weighted group
+  means, for params, moments and Fisher alike."""
+  def mix(kind, kk, w, axis):
+    out = jnp.tensordot(jnp.asarray(m_GE, jnp.float32), jnp.moveaxis(w.astype(jnp.float32), axis, 0), axes=1)
+    return jnp.moveaxis(out, 0, axis).astype(w.dtype)
+
+  p = f"blocks/{i}/mlp/"
+  rules = [(p + f"{nm}_EDF", R.compute([p + f"{nm}_EDF"], functools.partial(mix, axis=0), "merge_experts"))
+           for nm in mlp_names(cfg)]
+  return rules + [
+      (p + "wo_EFD", R.compute([p + "wo_EFD"], functools.partial(mix, axis=0), "merge_experts")),
+      (p + "router_DE", R.compute([p + "router_DE"], functools.partial(mix, axis=1), "merge_experts")),
+      (p + "router_bias_E", R.compute([p + "router_bias_E"], functools.partial(mix, axis=0), "merge_experts"))]

@@ -94,6 +94,39 @@ def reap_scores(cfg, params, batches: list[dict], mesh) -> dict[str, list[float]
           for i, (s, n) in sums.items()}
 
 
+def _expert_features(cfg, p, tokens_BT):
+  """Per MoE layer: (each expert's mean output [E, D] over every token, router logits [E, N])."""
+  h = tf.apply(cfg, p, tokens_BT, mlp_inputs=True)[1]["mlp_inputs"]
+  act = layers.activation(cfg.mlp_act)
+  out = {}
+  for i, x_BTD in h.items():
+    if not cfg.experts_in_layer(int(i)):
+      continue
+    m = p["blocks"][str(i)]["mlp"]
+    x_ND = x_BTD.reshape(-1, x_BTD.shape[-1]).astype(jnp.float32)
+    logits_NE = x_ND @ m["router_DE"].astype(jnp.float32) + m["router_bias_E"].astype(jnp.float32)
+
+    def mean_out(w):
+      h_NF = act(x_ND @ w[0].astype(jnp.float32))
+      if len(w) == 3:
+        h_NF = h_NF * (x_ND @ w[1].astype(jnp.float32))
+      return jnp.mean(h_NF @ w[-1].astype(jnp.float32), axis=0)
+    ws = (m["wact_EDF"], m["wlin_EDF"], m["wo_EFD"]) if m.get("wlin_EDF") is not None else (m["wact_EDF"], m["wo_EFD"])
+    out[str(i)] = (jax.lax.map(mean_out, ws), logits_NE.T)
+  return out
+
+
+def expert_features(cfg, params, batches: list[dict], mesh) -> dict[str, dict[str, list]]:
+  """Per MoE layer, what merge_experts groups experts by: {'output': each expert's mean output over
+  every token of `batches` [E, D] (HC-SMoE), 'router': each expert's router logits on those tokens
+  [E, N] (MC-SMoE)}."""
+  rows = np.concatenate([b["inputs"] for b in batches])
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  tokens = jax.make_array_from_callback(rows.shape, replicated, lambda i: rows[i])
+  feats = jax.jit(functools.partial(_expert_features, cfg), out_shardings=replicated)(params, tokens)
+  return {i: {"output": np.asarray(o).tolist(), "router": np.asarray(r).tolist()} for i, (o, r) in feats.items()}
+
+
 def _example_nll(cfg, p, x_T, y_T):
   logits_TV = tf.apply(cfg, p, x_T[None])[0][0]
   return optax.softmax_cross_entropy_with_integer_labels(logits_TV, y_T).mean()
