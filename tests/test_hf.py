@@ -376,6 +376,13 @@ GROWTH = {
     # copy_noise copies the source experts' router bias (0 after an import): exportable, not exact
     "add_experts_copy_noise": ("mixtral", [dict(op="add_experts", num_experts=6, mode="copy_noise")],
                                "MixtralForCausalLM", False),
+    # a shrunk expert table (equal counts in every MoE layer) exports as the same class, fewer experts
+    "prune_experts": ("mixtral", [dict(op="prune_experts", num_experts=2, saliency="list", keep={0: [3, 1], 1: [0, 2]})],
+                      "MixtralForCausalLM", False),
+    "merge_experts": ("qwen3_moe", [dict(op="merge_experts", num_experts=2, grouping="list",
+                                         groups={0: [[0, 1], [2, 3]], 1: [[0, 3], [1, 2]]},
+                                         usage={0: [0.1, 0.3, 0.4, 0.2], 1: [0.25, 0.25, 0.4, 0.1]})],
+                      "Qwen3MoeForCausalLM", False),
 }
 
 
@@ -397,6 +404,9 @@ def test_export_after_growth(case, imported, tmp_path):
     assert transformers.AutoConfig.from_pretrained(str(tmp_path / "out")).num_hidden_layers == 3
   if case == "add_experts_copy_noise":
     assert transformers.AutoConfig.from_pretrained(str(tmp_path / "out")).num_local_experts == 6
+  if case in ("prune_experts", "merge_experts"):
+    hf = transformers.AutoConfig.from_pretrained(str(tmp_path / "out"))
+    assert getattr(hf, "num_local_experts", getattr(hf, "num_experts", None)) == 2
 
 
 def test_export_refuses_a_nonzero_router_bias(imported, tmp_path):
