@@ -1,6 +1,4 @@
 """Test session set-up: 8 simulated CPU devices (set before jax is imported) and shared fixtures."""
-import contextlib
-import fcntl
 import getpass
 import os
 import shutil
@@ -26,16 +24,6 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 import pytest  # noqa: E402
 
 
-@contextlib.contextmanager
-def _exclusive(path):
-  with open(path, "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def built_once(tmp_path_factory, name: str, build) -> str:
   """A directory that `build(path)` fills once per test session, shared by every xdist worker (the
   first worker to ask builds it under a file lock; the others wait, then reuse it). Read-only for
@@ -44,7 +32,8 @@ def built_once(tmp_path_factory, name: str, build) -> str:
   if os.environ.get("PYTEST_XDIST_WORKER"):
     root = root.parent  # the session's directory, above the workers' own
   path = os.path.join(str(root), f"built-once-{name}")
-  with _exclusive(path + ".lock"):
+  from moegrow.data.corpora import file_lock
+  with file_lock(path + ".lock"):
     if not os.path.exists(os.path.join(path, ".complete")):
       shutil.rmtree(path, ignore_errors=True)  # a build that failed part-way
       os.makedirs(path)

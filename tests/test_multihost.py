@@ -17,7 +17,7 @@ import pytest
 
 from moegrow import checkpoint
 from moegrow.configs import grow as grow_config, lm
-from moegrow.data.corpora import _file_lock
+from moegrow.data.corpora import file_lock
 from moegrow.orchestrate import parts, stages
 from moegrow.train import steps
 
@@ -109,7 +109,7 @@ def runs(tmp_path_factory, data_dir, worker_id):
     root = root.parent
   root = root / "multihost"
   os.makedirs(root, exist_ok=True)
-  with _file_lock(str(root / ".lock")):
+  with file_lock(str(root / ".lock")):
     done = root / "done.json"
     if not done.exists():
       two, one = str(root / "two"), str(root / "one")

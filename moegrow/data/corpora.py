@@ -136,7 +136,7 @@ def own_name(name: str) -> str | None:
 
 
 @contextlib.contextmanager
-def _file_lock(path: str):
+def file_lock(path: str):
   """Exclusive inter-process lock (POSIX ``flock``) on a local file."""
   import fcntl  # pylint: disable=g-import-not-at-top
   with open(path, 'a') as f:
@@ -161,7 +161,7 @@ def get_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   builder = _BUILDERS[own](data_dir=data_dir)
   if not builder.is_prepared():
     os.makedirs(data_dir, exist_ok=True)
-    with _file_lock(os.path.join(data_dir, f'.{own}.lock')):
+    with file_lock(os.path.join(data_dir, f'.{own}.lock')):
       builder = _BUILDERS[own](data_dir=data_dir)
       if not builder.is_prepared():
         try:

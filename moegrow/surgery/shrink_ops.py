@@ -48,15 +48,10 @@ def prune_experts(cfg, *, num_experts: int | Sequence[int] | Mapping[Any, int], 
   """
   _refuse_ramped(cfg, "prune_experts")
   counts = _pruned_counts(cfg, layers, num_experts)
-  k = cfg.top_k if top_k is None else top_k
-  small = {i: e for i, e in counts.items() if e < k}
-  if small:
-    raise ValueError(f"prune_experts: layer(s) {sorted(small)} would keep {sorted(set(small.values()))} expert(s), "
-                     f"fewer than top_k={k}; give top_k=<at most {min(small.values())}> to route to fewer")
+  new_cfg = _shrunk_config(cfg, counts, top_k, "prune_experts")
   if cfg.routing != "token_choice":
     raise ValueError(f"prune_experts: routing={cfg.routing!r}; pruning by routed tokens needs token_choice routing")
   kept, missing = _kept_experts(cfg, counts, saliency, scores, keep, seed)
-  new_cfg = cfg.replace(top_k=int(k), **moe_fields({**expert_counts(cfg), **counts}, cfg.num_layers))
 
   def rules(key):
     if missing:
@@ -86,6 +81,17 @@ def _pruned_counts(cfg, layers, num_experts, op: str = "prune_experts") -> dict[
       raise ValueError(f"{op}: layer {i} has {cfg.experts_in_layer(i)} experts; cannot keep {e2} "
                        f"(1..{cfg.experts_in_layer(i)}; add_experts grows)")
   return counts
+
+
+def _shrunk_config(cfg, counts: dict[int, int], top_k: int | None, op: str):
+  """The config with the new expert counts and top_k (default: the model's); a layer left with
+  fewer experts than top_k is refused, naming it."""
+  k = cfg.top_k if top_k is None else top_k
+  small = {i: e for i, e in counts.items() if e < k}
+  if small:
+    raise ValueError(f"{op}: layer(s) {sorted(small)} would keep {sorted(set(small.values()))} expert(s), "
+                     f"fewer than top_k={k}; give top_k=<at most {min(small.values())}> to route to fewer")
+  return cfg.replace(top_k=int(k), **moe_fields({**expert_counts(cfg), **counts}, cfg.num_layers))
 
 
 def _kept_experts(cfg, counts: dict[int, int], saliency: str, scores, keep, seed: int):
@@ -153,14 +159,9 @@ def merge_experts(cfg, *, num_experts: int | Sequence[int] | Mapping[Any, int], 
   """
   _refuse_ramped(cfg, "merge_experts")
   counts = _pruned_counts(cfg, layers, num_experts, "merge_experts")
-  k = cfg.top_k if top_k is None else top_k
-  small = {i: e for i, e in counts.items() if e < k}
-  if small:
-    raise ValueError(f"merge_experts: layer(s) {sorted(small)} would keep {sorted(set(small.values()))} expert(s), "
-                     f"fewer than top_k={k}; give top_k=<at most {min(small.values())}>")
+  new_cfg = _shrunk_config(cfg, counts, top_k, "merge_experts")
   parts, missing = _groups(cfg, counts, grouping, features, groups)
   weights = {i: _usage_weights(cfg, i, parts[i], usage) for i in parts}
-  new_cfg = cfg.replace(top_k=int(k), **moe_fields({**expert_counts(cfg), **counts}, cfg.num_layers))
 
   def rules(key):
     if missing:

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 
 from moegrow import sharding
-from moegrow.model import layers
+from moegrow.model import layers, moe
 from moegrow.model import transformer as tf
 from moegrow.train.steps import Program
 
@@ -37,47 +37,55 @@ def evaluate(program: Program, params, sets: dict[str, list[dict]]) -> dict[str,
   return {f"eval/{d}/{k}": v for d, m in domain_losses(program, params, sets).items() for k, v in m.items()}
 
 
+def _replicated_tokens(batches: list[dict], mesh):
+  """Every row of `batches` as one token array replicated on `mesh` (readable on every process),
+  and that sharding."""
+  rows = np.concatenate([b["inputs"] for b in batches])
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.make_array_from_callback(rows.shape, replicated, lambda i: rows[i]), replicated
+
+
 def expert_loads(cfg, params, batches: list[dict], mesh) -> dict[str, list[float]]:
   """Per MoE layer, the fraction of token-expert assignments each expert receives on `batches`
   (the input of add_experts' source='most_loaded')."""
-  rows = np.concatenate([b["inputs"] for b in batches])
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())  # readable on every process
-  tokens = jax.make_array_from_callback(rows.shape, replicated, lambda i: rows[i])
+  tokens, replicated = _replicated_tokens(batches, mesh)
   loads = jax.jit(lambda p, t: {i: m["load"] for i, m in tf.apply(cfg, p, t)[1]["layers"].items()},
                   out_shardings=replicated)(params, tokens)
   return {i: np.asarray(v).tolist() for i, v in loads.items()}
 
 
-def _reap_sums(cfg, p, tokens_BT):
-  """Per MoE layer: (sum over tokens of gate_e * ||y_e||, tokens routed to e), each expert's FFN
-  evaluated on every token of the layer's MLP input with the layer's own router (token choice)."""
+def _moe_views(cfg, p, tokens_BT):
+  """Per MoE layer {layer: (MLP input x_ND, router logits_NE, every expert's output on every token
+  y_END)}, from the layer's own weights, in float32."""
   h = tf.apply(cfg, p, tokens_BT, mlp_inputs=True)[1]["mlp_inputs"]
   act = layers.activation(cfg.mlp_act)
   out = {}
   for i, x_BTD in h.items():
     if not cfg.experts_in_layer(int(i)):
       continue
-    m = p["blocks"][str(i)]["mlp"]
+    m = jax.tree_util.tree_map(lambda w: w.astype(jnp.float32), p["blocks"][str(i)]["mlp"])
     x_ND = x_BTD.reshape(-1, x_BTD.shape[-1]).astype(jnp.float32)
-    logits_NE = x_ND @ m["router_DE"].astype(jnp.float32) + m["router_bias_E"].astype(jnp.float32)
-    if cfg.gating == "topk_softmax":  # softmax over the selected logits
-      top_NK, idx_NK = jax.lax.top_k(logits_NE, cfg.top_k)
-      gate_NK = jax.nn.softmax(top_NK, axis=-1)
-    else:  # softmax over all experts, then the top k of the probabilities
-      gate_NK, idx_NK = jax.lax.top_k(jax.nn.softmax(logits_NE, axis=-1), cfg.top_k)
+    logits_NE = x_ND @ m["router_DE"] + m["router_bias_E"]
+    swiglu = m.get("wlin_EDF") is not None
+
+    def expert_out(w):  # one expert's FFN on every token: (wact, [wlin,] wo) -> [N, D]
+      h_NF = act(x_ND @ w[0])
+      return (h_NF * (x_ND @ w[1]) if swiglu else h_NF) @ w[-1]
+    ws = (m["wact_EDF"], m["wlin_EDF"], m["wo_EFD"]) if swiglu else (m["wact_EDF"], m["wo_EFD"])
+    out[str(i)] = (x_ND, logits_NE, jax.lax.map(expert_out, ws))
+  return out
+
+
+def _reap_sums(cfg, p, tokens_BT):
+  """Per MoE layer: (sum over tokens of gate_e * ||y_e||, tokens routed to e), routed by the
+  model's own gating (`moe.top_k_gates`)."""
+  out = {}
+  for i, (x_ND, logits_NE, y_END) in _moe_views(cfg, p, tokens_BT).items():
+    _, gate_NK, idx_NK = moe.top_k_gates(logits_NE, cfg.top_k, cfg.gating)
     rows = jnp.arange(x_ND.shape[0])[:, None]
     gate_NE = jnp.zeros_like(logits_NE).at[rows, idx_NK].set(gate_NK)
     routed_NE = jnp.zeros_like(logits_NE).at[rows, idx_NK].set(1.0)
-
-    def norm_N(wact_DF, wlin_DF, wo_FD):
-      h_NF = act(x_ND @ wact_DF.astype(jnp.float32))
-      if wlin_DF is not None:
-        h_NF = h_NF * (x_ND @ wlin_DF.astype(jnp.float32))
-      return jnp.linalg.norm(h_NF @ wo_FD.astype(jnp.float32), axis=-1)
-    wlin = m.get("wlin_EDF")
-    norms_EN = jax.lax.map(lambda w: norm_N(w[0], w[1], w[2]), (m["wact_EDF"], wlin, m["wo_EFD"])) \
-        if wlin is not None else jax.lax.map(lambda w: norm_N(w[0], None, w[1]), (m["wact_EDF"], m["wo_EFD"]))
-    out[str(i)] = (jnp.sum(gate_NE * norms_EN.T, axis=0), jnp.sum(routed_NE, axis=0))
+    out[i] = (jnp.sum(gate_NE * jnp.linalg.norm(y_END, axis=-1).T, axis=0), jnp.sum(routed_NE, axis=0))
   return out
 
 
@@ -85,45 +93,20 @@ def reap_scores(cfg, params, batches: list[dict], mesh) -> dict[str, list[float]
   """Per MoE layer, each expert's REAP saliency (Lasby et al. 2025, eq. 4): the mean over the tokens
   routed to it of gate_e(x) * ||y_e(x)||_2 on `batches` (0 for an expert no token reaches); the input
   of prune_experts' saliency='reap'."""
-  rows = np.concatenate([b["inputs"] for b in batches])
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  tokens = jax.make_array_from_callback(rows.shape, replicated, lambda i: rows[i])
+  tokens, replicated = _replicated_tokens(batches, mesh)
   sums = jax.jit(functools.partial(_reap_sums, cfg), out_shardings=replicated)(params, tokens)
-  sums = jax.tree_util.tree_map(np.asarray, sums)
   return {i: (np.asarray(s, np.float64) / np.maximum(np.asarray(n, np.float64), 1)).tolist()
           for i, (s, n) in sums.items()}
-
-
-def _expert_features(cfg, p, tokens_BT):
-  """Per MoE layer: (each expert's mean output [E, D] over every token, router logits [E, N])."""
-  h = tf.apply(cfg, p, tokens_BT, mlp_inputs=True)[1]["mlp_inputs"]
-  act = layers.activation(cfg.mlp_act)
-  out = {}
-  for i, x_BTD in h.items():
-    if not cfg.experts_in_layer(int(i)):
-      continue
-    m = p["blocks"][str(i)]["mlp"]
-    x_ND = x_BTD.reshape(-1, x_BTD.shape[-1]).astype(jnp.float32)
-    logits_NE = x_ND @ m["router_DE"].astype(jnp.float32) + m["router_bias_E"].astype(jnp.float32)
-
-    def mean_out(w):
-      h_NF = act(x_ND @ w[0].astype(jnp.float32))
-      if len(w) == 3:
-        h_NF = h_NF * (x_ND @ w[1].astype(jnp.float32))
-      return jnp.mean(h_NF @ w[-1].astype(jnp.float32), axis=0)
-    ws = (m["wact_EDF"], m["wlin_EDF"], m["wo_EFD"]) if m.get("wlin_EDF") is not None else (m["wact_EDF"], m["wo_EFD"])
-    out[str(i)] = (jax.lax.map(mean_out, ws), logits_NE.T)
-  return out
 
 
 def expert_features(cfg, params, batches: list[dict], mesh) -> dict[str, dict[str, list]]:
   """Per MoE layer, what merge_experts groups experts by: {'output': each expert's mean output over
   every token of `batches` [E, D] (HC-SMoE), 'router': each expert's router logits on those tokens
   [E, N] (MC-SMoE)}."""
-  rows = np.concatenate([b["inputs"] for b in batches])
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  tokens = jax.make_array_from_callback(rows.shape, replicated, lambda i: rows[i])
-  feats = jax.jit(functools.partial(_expert_features, cfg), out_shardings=replicated)(params, tokens)
+  tokens, replicated = _replicated_tokens(batches, mesh)
+  views = lambda p, t: {i: (jnp.mean(y_END, axis=1), logits_NE.T)
+                        for i, (_, logits_NE, y_END) in _moe_views(cfg, p, t).items()}
+  feats = jax.jit(views, out_shardings=replicated)(params, tokens)
   return {i: {"output": np.asarray(o).tolist(), "router": np.asarray(r).tolist()} for i, (o, r) in feats.items()}
 
 
