@@ -12,7 +12,8 @@ import re
 from typing import Any
 
 MOE_PATTERNS = ("none", "all", "every_other")
-GATINGS = ("softmax_topk", "topk_softmax")
+GATINGS = ("softmax_topk", "topk_softmax", "sigmoid_topk")
+BALANCES = ("aux_loss", "loss_free")
 DISPATCHES = ("dropless", "capacity")
 ROUTINGS = ("token_choice", "expert_choice")
 MOE_IMPLS = ("auto", "blocks", "ragged_dot")
@@ -97,7 +98,14 @@ class ModelConfig:
   num_shared_experts: int = 0
   shared_d_ff: int = 0  # 0: expert_d_ff (per shared expert)
   shared_gate: bool = False  # shared experts' output times sigmoid(x . shared_gate_D) (Qwen2-MoE)
-  gating: str = "topk_softmax"  # "topk_softmax" renormalises, "softmax_topk" does not
+  # "topk_softmax" renormalises the softmax over the chosen k, "softmax_topk" does not;
+  # "sigmoid_topk": sigmoid scores, renormalised over the chosen k (DeepSeek-V3).
+  gating: str = "topk_softmax"
+  # Load balancing: "aux_loss" (the Switch loss, aux_loss_weight) or "loss_free" (Wang et al. 2024: a
+  # per-expert bias params[...]['selection_bias_E'] added to the scores for the top-k choice only,
+  # moved by balance_rate * sign(mean load - load) after every step; moegrow.params.balance).
+  balance: str = "aux_loss"
+  balance_rate: float = 1e-3
   routing: str = "token_choice"  # "expert_choice" is a non-causal ablation
   dispatch: str = "dropless"
   capacity_factor: float = 1.25
@@ -116,6 +124,7 @@ class ModelConfig:
   expert_output_scale: float = 1.0
   aux_loss_weight: float = 0.01
   z_loss_weight: float = 1e-3
+  seq_aux_loss_weight: float = 0.0  # DeepSeek-V3's sequence-wise balance loss (its alpha; eq. 17-20)
   # LoRA adapters (moegrow.params.lora) under params['lora']: W + (lora_alpha / lora_rank) A B on
   # every weight whose path matches a regex in lora_targets; lora_rank 0: no adapters.
   lora_rank: int = 0
@@ -159,7 +168,7 @@ class ModelConfig:
       need(is_int(getattr(self, f)) and getattr(self, f) >= 0, f, "an integer >= 0")
     for f in ("rope_theta", "norm_eps", "capacity_factor", "expert_output_scale", "lora_alpha"):
       need(is_num(getattr(self, f)) and getattr(self, f) > 0, f, "a finite number > 0")
-    for f in ("router_init_std", "aux_loss_weight", "z_loss_weight"):
+    for f in ("router_init_std", "aux_loss_weight", "z_loss_weight", "seq_aux_loss_weight", "balance_rate"):
       need(is_num(getattr(self, f)) and getattr(self, f) >= 0, f, "a finite number >= 0")
     need(is_num(self.router_jitter) and 0 <= self.router_jitter < 1, "router_jitter", "in [0, 1)")
     need(is_num(self.expert_buffer_factor) and self.expert_buffer_factor >= 0, "expert_buffer_factor",
@@ -167,7 +176,8 @@ class ModelConfig:
     need(isinstance(self.tie_embeddings, bool), "tie_embeddings", "a bool")
     for f in ("qkv_bias", "tied_logit_scale", "shared_gate", "scan_layers"):
       need(isinstance(getattr(self, f), bool), f, "a bool")
-    for f, allowed in (("dtype", DTYPES), ("mlp_act", ("swiglu", "gelu")), ("gating", GATINGS), ("qk_norm", QK_NORMS),
+    for f, allowed in (("dtype", DTYPES), ("mlp_act", ("swiglu", "gelu")), ("gating", GATINGS), ("balance", BALANCES),
+                       ("qk_norm", QK_NORMS),
                        ("dispatch", DISPATCHES), ("routing", ROUTINGS), ("moe_impl", MOE_IMPLS),
                        ("attention", ATTENTIONS), ("remat", REMATS), ("expert_exchange", EXPERT_EXCHANGES)):
       if getattr(self, f) not in allowed:
@@ -198,6 +208,8 @@ class ModelConfig:
     if isinstance(self.num_experts, tuple):
       need(len(self.num_experts) == n, f"num_experts has {len(self.num_experts)} entries for {n} MoE layers "
            f"{self.moe_layer_ids}")
+    need(self.balance != "loss_free" or self.routing == "token_choice",
+         f"balance='loss_free' biases the token-choice top-k; routing={self.routing!r} has none")
     for i in self.moe_layer_ids:
       e = self.experts_in_layer(i)
       need(e >= 1, f"layer {i}: num_experts={e} must be >= 1")

@@ -19,7 +19,7 @@ from _tiny import model, moe
 # ---------------------------------------------------------------- validation
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(gating="softmax"), r"gating='softmax' not in \('softmax_topk', 'topk_softmax'\)"),
+    (dict(gating="softmax"), r"gating='softmax' not in \('softmax_topk', 'topk_softmax', 'sigmoid_topk'\)"),
     (dict(dispatch="dropfull"), r"dispatch='dropfull' not in \('dropless', 'capacity'\)"),
     (dict(routing="random"), r"routing='random' not in"),
     (dict(moe_impl="cuda"), r"moe_impl='cuda' not in"),

@@ -59,6 +59,12 @@ HF = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(intermediate_size=64, moe_intermediate_size=16, head_dim=8,
                                          norm_topk_prob=True, tie_word_embeddings=False, **MOE)),
     "olmoe": ("OlmoeConfig", dict(intermediate_size=16, norm_topk_prob=False, tie_word_embeddings=False, **MOE)),
+    # sigmoid routing with a selection bias (randomised: it changes the choice), routed scaling,
+    # a dense first layer and a shared expert; one expert group
+    "dots1": ("Dots1Config", dict(intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4,
+                                  num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
+                                  topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, sliding_window=None,
+                                  head_dim=8, tie_word_embeddings=False)),
 }
 
 # name -> the imported ModelConfig fields that must follow from config.json
@@ -76,11 +82,14 @@ EXPECT = {
                       expert_d_ff=16, num_shared_experts=0),
     "olmoe": dict(num_kv_heads=2, qkv_bias=False, qk_norm="proj", gating="softmax_topk", moe_layer_ids=(0, 1),
                   expert_d_ff=16, num_shared_experts=0),
+    "dots1": dict(num_kv_heads=2, qkv_bias=False, qk_norm="head", gating="sigmoid_topk", balance="loss_free",
+                  moe_layer_ids=(1,), num_experts=4, expert_d_ff=16, d_ff=64, num_shared_experts=1, shared_d_ff=16,
+                  shared_gate=False, expert_output_scale=2.5),
 }
 
 ARCH_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
               "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-              "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+              "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM", "dots1": "Dots1ForCausalLM"}
 
 
 # ---------------------------------------------------------------- helpers
@@ -98,10 +107,12 @@ def hf_config(name, **over):
 
 
 def randomise(model, seed):
-  """Every parameter (norms, biases and routers included) plus noise of std in [0.1, 0.5]."""
+  """Every parameter (norms, biases and routers included) and selection bias (dots1's
+  e_score_correction_bias buffers) plus noise of std in [0.1, 0.5]."""
   g = torch.Generator().manual_seed(seed)
+  biases = [b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
   with torch.no_grad():
-    for p in model.parameters():
+    for p in list(model.parameters()) + biases:
       std = 0.1 + 0.4 * torch.rand((), generator=g).item()
       p.add_(std * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
@@ -314,10 +325,12 @@ def test_bfloat16_imports_as_bfloat16_and_round_trips_bit_exactly(imported, tmp_
 
 CONFIG_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                  "rms_norm_eps", "tie_word_embeddings", "num_experts_per_tok", "norm_topk_prob",
-                 "mlp_only_layers", "moe_intermediate_size", "shared_expert_intermediate_size", "qkv_bias")
+                 "mlp_only_layers", "moe_intermediate_size", "shared_expert_intermediate_size", "qkv_bias",
+                 "n_routed_experts", "n_shared_experts", "first_k_dense_replace", "routed_scaling_factor", "n_group",
+                 "topk_group")
 
 
-@pytest.mark.parametrize("name", ["llama", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["llama", "mixtral", "qwen2_moe", "dots1"])
 def test_round_trip_is_bit_exact(name, imported, tmp_path):
   run = imported(name)
   shard = name in SHARDED
@@ -383,6 +396,12 @@ GROWTH = {
                                          groups={0: [[0, 1], [2, 3]], 1: [[0, 3], [1, 2]]},
                                          usage={0: [0.1, 0.3, 0.4, 0.2], 1: [0.25, 0.25, 0.4, 0.1]})],
                       "Qwen3MoeForCausalLM", False),
+    # sigmoid routing (renormalised: an exact upcycle) exports as dots1, with a zero shared expert
+    "upcycle_sigmoid": ("qwen3", [dict(op="upcycle", num_experts=4, top_k=2, gating="sigmoid_topk")],
+                        "Dots1ForCausalLM", True),
+    # a pruned loss-free model: its selection bias, sliced, becomes dots1's e_score_correction_bias
+    "prune_loss_free": ("dots1", [dict(op="prune_experts", num_experts=2, saliency="list", keep={1: [3, 0]})],
+                        "Dots1ForCausalLM", False),
 }
 
 
@@ -404,9 +423,13 @@ def test_export_after_growth(case, imported, tmp_path):
     assert transformers.AutoConfig.from_pretrained(str(tmp_path / "out")).num_hidden_layers == 3
   if case == "add_experts_copy_noise":
     assert transformers.AutoConfig.from_pretrained(str(tmp_path / "out")).num_local_experts == 6
-  if case in ("prune_experts", "merge_experts"):
+  if case in ("prune_experts", "merge_experts", "prune_loss_free"):
     hf = transformers.AutoConfig.from_pretrained(str(tmp_path / "out"))
     assert getattr(hf, "num_local_experts", getattr(hf, "num_experts", None)) == 2
+  if case == "prune_loss_free":
+    got = tensors(str(tmp_path / "out"))["model.layers.1.mlp.gate.e_score_correction_bias"].numpy()
+    np.testing.assert_array_equal(got, tensors(run.src.dir)["model.layers.1.mlp.gate.e_score_correction_bias"]
+                                  .numpy()[[0, 3]])
 
 
 def test_export_refuses_a_nonzero_router_bias(imported, tmp_path):
@@ -538,6 +561,8 @@ def test_export_refusals(imported, tmp_path):
       "gelu": (llama.cfg.replace(mlp_act="gelu"), r"mlp_act='gelu'"),
       "per_layer_experts": (None, r"num_experts=.*one expert count for every layer"),
   }
+  sigmoid = llama.cfg.replace(moe_layers="all", num_experts=4, gating="sigmoid_topk", balance="loss_free")
+  cases["loss_free_without_qk_norm"] = (sigmoid, r"Dots1ForCausalLM: qk_norm='none'")
   for case, (cfg, match) in cases.items():
     if cfg is not None:
       params = tf.init_params(cfg, 0)
@@ -548,6 +573,8 @@ def test_export_refusals(imported, tmp_path):
     with pytest.raises(archs.HFConfigError, match=match):
       convert.export_model(str(tmp_path / case), str(out), base())
     assert absent_or_empty(out)
+  with pytest.raises(archs.HFConfigError, match=r"gating='sigmoid_topk': only dots1"):
+    convert.export_model(imported("dots1").workdir, str(tmp_path / "as-qwen3"), base(), arch="Qwen3MoeForCausalLM")
   out = tmp_path / "not-empty"
   out.mkdir()
   (out / "keep.txt").write_text("mine")

@@ -217,7 +217,7 @@ def test_aux_and_z_loss_formulas():
   logits = jnp.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 0.0]])
   probs = jax.nn.softmax(logits, axis=-1)
   idx = jnp.array([[0], [1], [2], [0]])  # top-1 picks
-  aux, z, load, entropy = router_losses(logits, probs, idx)
+  aux, z, load, entropy, _ = router_losses(logits, probs, idx)
   f = np.array([2, 1, 1]) / 4.0
   p = np.asarray(probs).mean(0)
   np.testing.assert_allclose(float(aux), 3 * np.sum(f * p), rtol=1e-6)

@@ -10,7 +10,13 @@ Conventions both ways: torch Linear weights are [out, in] (transposed in moegrow
 RoPE is rotate-half in both; `wact` = gate_proj (the SiLU branch), `wlin` = up_proj; a tied head
 has no 1/sqrt(d) factor in HF (`tied_logit_scale=False` on import). Mixtral renormalises the
 top-k router probabilities (moegrow `topk_softmax`); Qwen-MoE and OLMoE do so when
-`norm_topk_prob` is true, else they use the top-k of the full softmax (`softmax_topk`).
+`norm_topk_prob` is true, else they use the top-k of the full softmax (`softmax_topk`). dots1
+(rednote's DeepSeek-V3-style MoE with Qwen3's attention) routes by sigmoid scores renormalised over
+the chosen k (`sigmoid_topk`), chooses with a per-expert bias `e_score_correction_bias` (moegrow's
+loss-free `selection_bias_E`), scales the routed output by `routed_scaling_factor`
+(`expert_output_scale`) and always has shared experts; it is the class that holds a model with
+sigmoid routing or loss-free balancing, and moegrow reads it with one expert group
+(`n_group` = `topk_group`, no group restriction).
 """
 from __future__ import annotations
 
@@ -22,7 +28,9 @@ from moegrow.config import DTYPES, ModelConfig
 ARCHS = {"LlamaForCausalLM": ("llama", False), "MistralForCausalLM": ("mistral", False),
          "Qwen2ForCausalLM": ("qwen2", False), "Qwen3ForCausalLM": ("qwen3", False),
          "MixtralForCausalLM": ("mixtral", True), "Qwen2MoeForCausalLM": ("qwen2_moe", True),
-         "Qwen3MoeForCausalLM": ("qwen3_moe", True), "OlmoeForCausalLM": ("olmoe", True)}
+         "Qwen3MoeForCausalLM": ("qwen3_moe", True), "OlmoeForCausalLM": ("olmoe", True),
+         "Dots1ForCausalLM": ("dots1", True)}
+QK_NORM = {"qwen3": "head", "qwen3_moe": "head", "dots1": "head", "olmoe": "proj"}  # model_type -> qk_norm
 MAX_POSITIONS = 4096  # written on export; moegrow has no position limit (RoPE, no learnt positions)
 
 
@@ -73,6 +81,9 @@ def _refuse_attention_extras(hf: dict, mtype: str, where: str) -> None:
   if hf.get("clip_qkv") is not None:
     _fail(where, "clip_qkv", hf["clip_qkv"], "moegrow does not clip q/k/v")
   window = hf.get("sliding_window")
+  if mtype == "dots1" and window is not None and int(hf.get("max_window_layers") or 0) < int(hf["num_hidden_layers"]):
+    _fail(where, "sliding_window", window, f"layers from max_window_layers={hf.get('max_window_layers')} on attend "
+          "to a window; moegrow attends to the whole context")
   if mtype == "mistral" and window is not None:
     _fail(where, "sliding_window", window, "moegrow attends to the whole context (set it to null only if "
           "every sequence you use is at most that long)")
@@ -109,12 +120,14 @@ def _model_config(hf: dict, where: str) -> ModelConfig:
       tied_logit_scale=False, rope_theta=_rope_theta(hf, where), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       dtype=_dtype(hf),
       qkv_bias=mtype == "qwen2" or (mtype == "qwen2_moe" and bool(hf.get("qkv_bias", True))),
-      qk_norm={"qwen3": "head", "qwen3_moe": "head", "olmoe": "proj"}.get(mtype, "none"))
+      qk_norm=QK_NORM.get(mtype, "none"))
   if moe:
-    n = int(hf.get("num_local_experts") or hf.get("num_experts") or 0)
+    n = int(hf.get("num_local_experts") or hf.get("num_experts") or hf.get("n_routed_experts") or 0)
     if n < 1:
       _fail(where, "num_experts", n, "an MoE architecture needs at least one expert")
     layers = tuple(range(kw["num_layers"]))
+    if mtype == "dots1":
+      layers = layers[int(hf.get("first_k_dense_replace") or 0):]
     if mtype in ("qwen2_moe", "qwen3_moe"):
       step, dense = int(hf.get("decoder_sparse_step", 1)), set(hf.get("mlp_only_layers") or ())
       layers = tuple(i for i in layers if i not in dense and (i + 1) % step == 0)
@@ -124,12 +137,30 @@ def _model_config(hf: dict, where: str) -> ModelConfig:
               expert_d_ff=int(hf["intermediate_size"] if mtype in ("mixtral", "olmoe") else hf["moe_intermediate_size"]),
               router_jitter=float(hf.get("router_jitter_noise", 0.0)),
               aux_loss_weight=float(hf.get("router_aux_loss_coef", 0.01)), z_loss_weight=0.0)
+    if mtype == "dots1":
+      kw.update(_dots1_fields(hf, where))
     if not layers:
       kw["moe_layers"] = "none"
     shared = int(hf.get("shared_expert_intermediate_size") or 0) if mtype == "qwen2_moe" else 0
     if shared:
       kw.update(num_shared_experts=1, shared_d_ff=shared, shared_gate=True)
   return ModelConfig(**kw)
+
+
+def _dots1_fields(hf: dict, where: str) -> dict[str, Any]:
+  """dots1's routing as moegrow fields: sigmoid_topk gates, a loss-free selection bias, the routed
+  scaling, shared experts of the experts' width (HFConfigError for expert groups that restrict the
+  choice, or unnormalised gates)."""
+  if not hf.get("norm_topk_prob"):
+    _fail(where, "norm_topk_prob", hf.get("norm_topk_prob"), "moegrow's sigmoid_topk renormalises the chosen "
+          "experts' scores")
+  groups, chosen = int(hf.get("n_group") or 1), int(hf.get("topk_group") or 1)
+  if groups != chosen:
+    _fail(where, "topk_group", chosen, f"a choice restricted to {chosen} of n_group={groups} expert groups is not "
+          "implemented in moegrow (n_group = topk_group keeps every group)")
+  shared = int(hf.get("n_shared_experts") or 0)
+  return dict(gating="sigmoid_topk", balance="loss_free", expert_output_scale=float(hf.get("routed_scaling_factor", 1.0)),
+              num_shared_experts=shared, shared_d_ff=int(hf["moe_intermediate_size"]), aux_loss_weight=0.0)
 
 
 def _needs(ok: bool, arch: str, field: str, value, why: str) -> None:
@@ -142,6 +173,8 @@ def choose(cfg: ModelConfig) -> str:
   if not cfg.moe_layer_ids:
     return {"none": "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM",
             "head": "Qwen3ForCausalLM"}.get(cfg.qk_norm, "LlamaForCausalLM")
+  if cfg.gating == "sigmoid_topk" or cfg.balance == "loss_free":
+    return "Dots1ForCausalLM"
   if cfg.qk_norm == "head":
     return "Qwen3MoeForCausalLM"
   if cfg.qk_norm == "proj":
@@ -182,7 +215,7 @@ def _check_exportable(cfg: ModelConfig, arch: str, mtype: str, moe: bool) -> Non
   _needs(not cfg.qkv_bias or mtype in ("qwen2", "qwen2_moe"), arch, "qkv_bias", True,
          "only Qwen2 and Qwen2-MoE have q/k/v biases")
   _needs(mtype != "qwen2" or cfg.qkv_bias, arch, "qkv_bias", False, "Qwen2 always has q/k/v biases; use Llama")
-  want_norm = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "proj"}.get(mtype, "none")
+  want_norm = QK_NORM.get(mtype, "none")
   _needs(cfg.qk_norm == want_norm, arch, "qk_norm", cfg.qk_norm, f"{arch} has qk_norm={want_norm!r}")
   if not moe:
     _needs(not cfg.moe_layer_ids, arch, "moe_layers", cfg.moe_layers, "a dense class cannot hold MoE layers")
@@ -201,8 +234,15 @@ def _check_moe_exportable(cfg: ModelConfig, arch: str, mtype: str) -> None:
   _needs(cfg.routing == "token_choice", arch, "routing", cfg.routing, "HF routers are token choice")
   _needs(cfg.dispatch == "dropless", arch, "dispatch", cfg.dispatch,
          "HF MoE layers never drop tokens; a capacity-dispatch model's logits would differ")
-  _needs(len(ids) == cfg.num_layers or mtype in ("qwen2_moe", "qwen3_moe"), arch, "moe_layers", cfg.moe_layers,
-         f"{arch} has MoE in every layer; Qwen2-MoE / Qwen3-MoE hold dense layers (mlp_only_layers)")
+  _needs(len(ids) == cfg.num_layers or mtype in ("qwen2_moe", "qwen3_moe", "dots1"), arch, "moe_layers",
+         cfg.moe_layers, f"{arch} has MoE in every layer; Qwen2-MoE / Qwen3-MoE hold dense layers (mlp_only_layers)")
+  if mtype == "dots1":
+    _check_dots1(cfg, arch)
+    return
+  _needs(cfg.gating != "sigmoid_topk", arch, "gating", cfg.gating,
+         "only dots1 (Dots1ForCausalLM) routes by sigmoid scores")
+  _needs(cfg.balance != "loss_free", arch, "balance", cfg.balance,
+         "only dots1 (Dots1ForCausalLM) holds a selection bias (e_score_correction_bias)")
   _needs(mtype != "mixtral" or cfg.gating == "topk_softmax", arch, "gating", cfg.gating,
          "Mixtral renormalises the top-k probabilities (topk_softmax)")
   _needs(not cfg.num_shared_experts or (mtype == "qwen2_moe" and cfg.shared_gate), arch, "num_shared_experts",
@@ -210,11 +250,26 @@ def _check_moe_exportable(cfg: ModelConfig, arch: str, mtype: str) -> None:
          "class in this list holds ungated (DeepSeek-style) shared experts")
 
 
+def _check_dots1(cfg: ModelConfig, arch: str) -> None:
+  """dots1's conditions: sigmoid_topk gates, dense layers only before the MoE ones
+  (first_k_dense_replace), shared experts ungated and of the experts' width (or none)."""
+  ids = cfg.moe_layer_ids
+  _needs(cfg.gating == "sigmoid_topk", arch, "gating", cfg.gating,
+         "dots1 routes by sigmoid scores renormalised over the chosen experts (sigmoid_topk)")
+  _needs(ids == tuple(range(ids[0], cfg.num_layers)), arch, "moe_layers", cfg.moe_layers,
+         "dots1's MoE layers are every layer from first_k_dense_replace on")
+  _needs(not cfg.num_shared_experts or (cfg.shared_d_ff == cfg.expert_d_ff and not cfg.shared_gate), arch,
+         "shared_d_ff", cfg.shared_d_ff, f"dots1's shared experts are ungated and as wide as its experts "
+         f"(expert_d_ff={cfg.expert_d_ff})")
+
+
 def _family_fields(cfg: ModelConfig, mtype: str) -> dict[str, Any]:
   """The fields a model_type's config carries to say what moegrow lacks (biases, sliding windows)."""
   out: dict[str, Any] = {}
-  if mtype in ("llama", "qwen3", "qwen3_moe", "olmoe"):
+  if mtype in ("llama", "qwen3", "qwen3_moe", "olmoe", "dots1"):
     out["attention_bias"] = False
+  if mtype == "dots1":
+    out.update(sliding_window=None, max_window_layers=cfg.num_layers, layer_types=["full_attention"] * cfg.num_layers)
   if mtype == "llama":
     out["mlp_bias"] = False
   if mtype in ("mistral", "mixtral"):
@@ -232,6 +287,11 @@ def _moe_fields(cfg: ModelConfig, mtype: str) -> dict[str, Any]:
                              output_router_logits=False)
   if mtype in ("mixtral", "olmoe"):  # the experts' width is intermediate_size
     out.update(num_local_experts=e, intermediate_size=cfg.expert_d_ff, router_jitter_noise=0.0)
+  if mtype == "dots1":  # a model without shared experts gets one of zero output (moegrow.hf.weights)
+    out.update(n_routed_experts=e, moe_intermediate_size=cfg.expert_d_ff, first_k_dense_replace=ids[0],
+               n_shared_experts=max(1, cfg.num_shared_experts), norm_topk_prob=True, n_group=1, topk_group=1,
+               routed_scaling_factor=cfg.expert_output_scale)
+    return out
   if mtype != "mixtral":
     out.update(num_experts=e, num_local_experts=e, norm_topk_prob=cfg.gating == "topk_softmax")
   if mtype in ("qwen2_moe", "qwen3_moe"):

@@ -41,6 +41,7 @@ PROMPT_LEN = 16
 # No HF router has a bias: runs of imported models keep moegrow's router_bias_E frozen at 0 (so the
 # optimizer holds no state for it, and the trained model still exports).
 HF_FROZEN = (r"/router_bias_E$",)
+FLOAT32_KEPT = ("e_score_correction_bias",)  # dots1 keeps its selection bias in float32 in any checkpoint
 IMPORT_CERT, EXPORT_CERT = "hf_import.json", "moegrow_export.json"
 
 
@@ -130,12 +131,16 @@ def load_params(reader: files.Reader, cfg: ModelConfig, arch: str, shardings: di
       if tuple(x.shape) != tuple(want):
         raise ValueError(f"{reader.path(name)}: tensor {name} has shape {tuple(x.shape)}, expected {tuple(want)} "
                          f"for {path} of the config")
-      dtypes.add(str(x.dtype))
+      if not name.endswith(FLOAT32_KEPT):
+        dtypes.add(str(x.dtype))
       arrays.append(x)
     flat[path] = _place(src.build(*arrays), shardings, path)
   if len(dtypes) > 1:
     raise ValueError(f"{reader.directory}: tensors of several dtypes {sorted(dtypes)}; moegrow imports one dtype")
   dt = next(iter(dtypes))
+  for path in flat:  # a selection bias kept in float32 by a bfloat16 checkpoint: the model's dtype
+    if path.endswith("selection_bias_E"):
+      flat[path] = _place(np.asarray(flat[path]).astype(dt), shardings, path)
   for i in cfg.moe_layer_ids:  # no HF router has a bias
     path = f"blocks/{i}/mlp/router_bias_E"
     flat[path] = _place(np.zeros((cfg.experts_in_layer(i),), dt), shardings, path)

@@ -4,6 +4,7 @@ torch Linear weights are [out, in]; moegrow's are [in, ...out] with shape letter
   q_proj [H*A, D] -> wq_DHA      k_proj, v_proj [U*A, D] -> wk_DUA, wv_DUA    o_proj [D, H*A] -> wo_HAD
   gate_proj [F, D] -> wact_DF    up_proj [F, D] -> wlin_DF                     down_proj [D, F] -> wo_FD
   router gate [E, D] -> router_DE (router_bias_E: 0; HF routers have no bias)
+  dots1's gate.e_score_correction_bias [E] -> selection_bias_E (loss-free balancing's choice bias)
   experts: per expert (on disk: experts.<e>.{gate,up,down}_proj, Mixtral's w1, w3, w2) or fused
   (transformers 5 in memory: gate_up_proj [E, 2F, D], gate rows first; down_proj [E, D, F])
   -> wact_EDF, wlin_EDF, wo_EFD.
@@ -93,8 +94,11 @@ def import_plan(cfg: ModelConfig, arch: str, available: set[str]) -> dict[str, S
       stack = lambda *xs: np.stack([_t(x) for x in xs])
       for k, (leaf, shape) in enumerate((("wact_EDF", (f, d)), ("wlin_EDF", (f, d)), ("wo_EFD", (d, f)))):
         plan[p + "mlp/" + leaf] = Source(tuple(n[k] for n in names), (shape,) * e, stack)
+    if cfg.balance == "loss_free":  # dots1: the selection bias
+      plan[p + "mlp/selection_bias_E"] = Source((mp + ".gate.e_score_correction_bias",), ((e,),), lambda x: x)
     if cfg.num_shared_experts:
-      s, sp = cfg.num_shared_experts * cfg.shared_d_ff, f"{hp}mlp.shared_expert."
+      s = cfg.num_shared_experts * cfg.shared_d_ff
+      sp = f"{hp}mlp.shared_experts." if mtype == "dots1" else f"{hp}mlp.shared_expert."
       for leaf, w, shape in (("wact_DF", "gate", (s, d)), ("wlin_DF", "up", (s, d)), ("wo_FD", "down", (d, s))):
         plan[p + "mlp/shared/" + leaf] = Source((f"{sp}{w}_proj.weight",), (shape,), _t)
       if cfg.shared_gate:
@@ -163,7 +167,10 @@ def _moe_tensors(cfg: ModelConfig, arch: str, mtype: str, i: int, get) -> Iterat
   mp = _moe_prefix(i, mtype)
   yield mp + ".gate.weight", _t(get(p + "mlp/router_DE"))
   wo = get(p + "mlp/wo_EFD")
-  if cfg.expert_output_scale != 1.0:
+  if mtype == "dots1":  # routed_scaling_factor holds expert_output_scale; the bias is the selection bias
+    sel = p + "mlp/selection_bias_E"
+    yield mp + ".gate.e_score_correction_bias", get(sel) if cfg.balance == "loss_free" else np.zeros_like(bias)
+  elif cfg.expert_output_scale != 1.0:
     wo = (wo.astype(np.float32) * np.float32(cfg.expert_output_scale)).astype(wo.dtype)
   mats = (get(p + "mlp/wact_EDF"), get(p + "mlp/wlin_EDF"), wo)
   for j in range(cfg.experts_in_layer(i)):
@@ -171,6 +178,11 @@ def _moe_tensors(cfg: ModelConfig, arch: str, mtype: str, i: int, get) -> Iterat
       yield name, _t(w[j])
   if mtype == "qwen2_moe":  # always has a shared expert and its gate (zero-width when moegrow has none)
     yield from _qwen2_shared_tensors(cfg, i, get, wo.dtype)
+  if mtype == "dots1":  # always has shared experts: moegrow's, or one whose output projection is 0
+    sp, f, d = f"{mp}.shared_experts.", cfg.expert_d_ff, cfg.d_model
+    for leaf, w, shape in (("wact_DF", "gate", (f, d)), ("wlin_DF", "up", (f, d)), ("wo_FD", "down", (d, f))):
+      yield f"{sp}{w}_proj.weight", (_t(get(p + "mlp/shared/" + leaf)) if cfg.num_shared_experts
+                                     else np.zeros(shape, wo.dtype))
 
 
 def _qwen2_shared_tensors(cfg: ModelConfig, i: int, get, dt) -> Iterator[tuple[str, np.ndarray]]:

@@ -5,9 +5,14 @@ K experts per token, C capacity per expert per sequence, Q = B*C capacity slots 
 N = B*T tokens, M = N*K token-expert assignments, J = K*T assignments of one sequence, P rows of
 a dispatch buffer (sorted or capacity-slotted assignments, plus padding).
 
-Routing (Shazeer et al. 2017; Fedus et al. 2022; Zoph et al. 2022):
+Routing (Shazeer et al. 2017; Fedus et al. 2022; Zoph et al. 2022; DeepSeek-V3 2024):
   softmax_topk:  g = top_k(softmax(z))            (weights not renormalised; Switch/GShard)
   topk_softmax:  g = softmax(top_k(z))            (renormalised over the chosen k; Mixtral)
+  sigmoid_topk:  s = sigmoid(z), g = s_K / sum s_K (renormalised over the chosen k; DeepSeek-V3)
+Loss-free balancing (cfg.balance="loss_free"; Wang et al. 2024, arXiv 2408.15664, eq. 3): a
+per-expert bias b_E (`selection_bias_E`, moved by the train step: moegrow.params.balance) is added
+to the selection scores (softmax_topk: probabilities; topk_softmax: logits; sigmoid_topk: sigmoid
+scores) for the top-k choice only; the gates come from the unbiased scores.
 Dispatch:
   capacity: each sequence gives expert e at most C = ceil(K*T/E * capacity_factor) slots,
             top-1 choices first (GShard priority); assignments beyond C are dropped.
@@ -40,26 +45,43 @@ from moegrow import sharding
 from moegrow.sharding import constrain
 
 
-def router_losses(logits_NE, probs_NE, idx_NK, mean=lambda x: x):
+def router_losses(logits_NE, probs_NE, idx_NK, mean=lambda x: x, seqs: int = 1):
   """Switch load-balancing loss E * sum_e f_e P_e (Fedus et al. 2022, eq. 4), router z-loss
-  mean(logsumexp(z)^2) (Zoph et al. 2022, eq. 5), load f_E and mean router entropy.
+  mean(logsumexp(z)^2) (Zoph et al. 2022, eq. 5), load f_E, mean router entropy, and the
+  sequence-wise balance loss: the same E * sum_e f_e P_e within each of the `seqs` sequences (the N
+  tokens are `seqs` equal runs), averaged over them (DeepSeek-V3, eq. 17-20: its f_i is E f_e).
   `mean` averages over data shards (pmean inside shard_map): f and P are global means."""
-  e = logits_NE.shape[-1]
-  f_E = mean(jnp.mean(jnp.sum(jax.nn.one_hot(idx_NK, e, dtype=jnp.float32), axis=1), axis=0) / idx_NK.shape[1])
+  n, e = logits_NE.shape
+  counts_NE = jnp.sum(jax.nn.one_hot(idx_NK, e, dtype=jnp.float32), axis=1) / idx_NK.shape[1]
+  f_E = mean(jnp.mean(counts_NE, axis=0))
   p_E = mean(jnp.mean(probs_NE, axis=0))
   aux = e * jnp.sum(f_E * p_E)
+  f_SE = jnp.mean(counts_NE.reshape(seqs, n // seqs, e), axis=1)
+  p_SE = jnp.mean(probs_NE.reshape(seqs, n // seqs, e), axis=1)
+  seq_aux = mean(e * jnp.mean(jnp.sum(f_SE * p_SE, axis=-1)))
   z = mean(jnp.mean(jnp.square(jax.nn.logsumexp(logits_NE, axis=-1))))
   entropy = mean(-jnp.mean(jnp.sum(probs_NE * jnp.log(jnp.clip(probs_NE, 1e-9)), axis=-1)))
-  return aux, z, f_E, entropy
+  return aux, z, f_E, entropy, seq_aux
 
 
-def top_k_gates(logits_NE, k: int, gating: str):
+def top_k_gates(logits_NE, k: int, gating: str, bias_E=None):
+  """(probs_NE, gates_NK, idx_NK): routing probabilities (for sigmoid_topk the scores normalised
+  over all experts, DeepSeek-V3 eq. 19's s'), the k gates and the chosen experts. `bias_E`
+  (loss-free balancing) is added to the selection scores only; the gates ignore it."""
+  bias = (lambda s: s) if bias_E is None else (lambda s: s + bias_E)
+  if gating == "sigmoid_topk":
+    scores_NE = jax.nn.sigmoid(logits_NE)
+    _, idx_NK = jax.lax.top_k(bias(scores_NE), k)
+    top_NK = jnp.take_along_axis(scores_NE, idx_NK, axis=-1)
+    gates_NK = top_NK / (jnp.sum(top_NK, axis=-1, keepdims=True) + 1e-20)  # as DeepSeek-V3's router
+    return scores_NE / jnp.sum(scores_NE, axis=-1, keepdims=True), gates_NK, idx_NK
   probs_NE = jax.nn.softmax(logits_NE, axis=-1)
   if gating == "softmax_topk":
-    gates_NK, idx_NK = jax.lax.top_k(probs_NE, k)
+    _, idx_NK = jax.lax.top_k(bias(probs_NE), k)
+    gates_NK = jnp.take_along_axis(probs_NE, idx_NK, axis=-1)
   else:
-    top_NK, idx_NK = jax.lax.top_k(logits_NE, k)
-    gates_NK = jax.nn.softmax(top_NK, axis=-1)
+    _, idx_NK = jax.lax.top_k(bias(logits_NE), k)
+    gates_NK = jax.nn.softmax(jnp.take_along_axis(logits_NE, idx_NK, axis=-1), axis=-1)
   return probs_NE, gates_NK, idx_NK
 
 
@@ -226,7 +248,8 @@ def expert_choice(w, x_ND, logits_NE, b: int, t: int, k: int, cf: float, act: st
 
 def routed(cfg: ModelConfig, e: int, w: dict, x_BTD, jitter_BTD=None, *, data_axes=(), expert_axis=None):
   """The routed (non-shared) part of an MoE layer on the tokens at hand: (y_BTD, metrics).
-  `w` holds router_DE, router_bias_E and the (local) expert weights in the compute dtype;
+  `w` holds router_DE, router_bias_E, selection_bias_E (loss-free balancing; None without) and the
+  (local) expert weights in the compute dtype;
   `jitter_BTD` (optional) multiplies the router input. Inside shard_map, `data_axes` are the mesh
   axes the tokens are split over."""
   b, t, d = x_BTD.shape
@@ -242,7 +265,7 @@ def routed(cfg: ModelConfig, e: int, w: dict, x_BTD, jitter_BTD=None, *, data_ax
     y_ND, probs_NE, dropped, idx_NK = expert_choice(w, x_ND, logits_NE, b, t, k, cfg.capacity_factor, cfg.mlp_act,
                                                     impl)
   else:
-    probs_NE, gates_NK, idx_NK = top_k_gates(logits_NE, k, cfg.gating)
+    probs_NE, gates_NK, idx_NK = top_k_gates(logits_NE, k, cfg.gating, w.get("selection_bias_E"))
     if cfg.dispatch == "capacity":
       y_ND, dropped = capacity_dispatch(w, x_ND, gates_NK, idx_NK, b, t, e, cfg.capacity_factor, cfg.mlp_act,
                                         impl, expert_axis)
@@ -253,9 +276,10 @@ def routed(cfg: ModelConfig, e: int, w: dict, x_BTD, jitter_BTD=None, *, data_ax
     else:
       fn = dropless_ragged if impl == "ragged_dot" else dropless_blocks
       y_ND, dropped = fn(w, x_ND, gates_NK, idx_NK, cfg.mlp_act), jnp.zeros((), jnp.float32)
-  aux, z, load_E, entropy = router_losses(logits_NE, probs_NE, idx_NK, mean)
-  y_BTD = (y_ND * cfg.expert_output_scale).reshape(b, t, d).astype(x_BTD.dtype)
-  metrics = {"aux_loss": aux, "z_loss": z, "load": load_E, "dropped": mean(dropped), "router_entropy": entropy}
+  aux, z, load_E, entropy, seq_aux = router_losses(logits_NE, probs_NE, idx_NK, mean, b)
+  y_BTD = (y_ND * cfg.expert_output_scale).reshape(b, t, d).astype(x_BTD.dtype)  # routed scaling
+  metrics = {"aux_loss": aux, "z_loss": z, "load": load_E, "dropped": mean(dropped), "router_entropy": entropy,
+             "seq_aux_loss": seq_aux}
   return y_BTD, metrics
 
 
@@ -267,6 +291,8 @@ class MoeMlp(nnx.Module):
     self.router_DE = param(rngs, (d, e), ("embed", None), std=cfg.router_init_std)
     # Per-expert logit bias: zeros at init; growth uses it to add experts exactly.
     self.router_bias_E = param(None, (e,), (None,), init=lambda s: jnp.zeros(s, jnp.float32))
+    if cfg.balance == "loss_free":  # selection-only bias: no gradient, moved by the train step
+      self.selection_bias_E = param(None, (e,), (None,), init=lambda s: jnp.zeros(s, jnp.float32))
     self.wact_EDF = param(rngs, (e, d, f), ("expert", "embed", "mlp"), fan_in_std(d))
     self.wlin_EDF = param(rngs, (e, d, f), ("expert", "embed", "mlp"), fan_in_std(d)) if cfg.mlp_act == "swiglu" else None
     self.wo_EFD = param(rngs, (e, f, d), ("expert", "mlp", "embed"), fan_in_std(f))
@@ -284,7 +310,8 @@ class MoeMlp(nnx.Module):
     dt = jnp.dtype(cfg.dtype)
     w = {"router_DE": self.router_DE[...], "router_bias_E": self.router_bias_E[...],
          "wact_EDF": self.wact_EDF[...].astype(dt), "wo_EFD": self.wo_EFD[...].astype(dt),
-         "wlin_EDF": None if self.wlin_EDF is None else self.wlin_EDF[...].astype(dt)}
+         "wlin_EDF": None if self.wlin_EDF is None else self.wlin_EDF[...].astype(dt),
+         "selection_bias_E": self.selection_bias_E[...] if cfg.balance == "loss_free" else None}
     mesh = sharding.current_mesh()
     data_axes = sharding.batch_axes(mesh, x_BTD.shape[0]) if mesh is not None else ()
     jitter_BTD = None
@@ -321,7 +348,8 @@ class MoeMlp(nnx.Module):
 
     def local(w, x_BTD, jitter_BTD):
       return routed(cfg, e, w, x_BTD, jitter_BTD, data_axes=data_axes, expert_axis=ep)
-    metric_specs = {"aux_loss": P(), "z_loss": P(), "load": P(), "dropped": P(), "router_entropy": P()}
+    metric_specs = {"aux_loss": P(), "z_loss": P(), "load": P(), "dropped": P(), "router_entropy": P(),
+                    "seq_aux_loss": P()}
     f = jax.shard_map(local, mesh=mesh, in_specs=(w_specs, x_spec, None if jitter_BTD is None else x_spec),
                       out_specs=(x_spec, metric_specs), check_vma=False)
     return f(w, x_BTD, jitter_BTD)

@@ -103,7 +103,8 @@ class TransformerLM(nnx.Module):
     logits_BTV = constrain(logits_NV.astype(jnp.float32).reshape(b, t, -1), ("batch", "length", "vocab"))
     aux_sum = sum((m["aux_loss"] for m in layers.values()), jnp.zeros((), jnp.float32))
     z_sum = sum((m["z_loss"] for m in layers.values()), jnp.zeros((), jnp.float32))
-    aux = {"loss": cfg.aux_loss_weight * aux_sum + cfg.z_loss_weight * z_sum,
+    seq_sum = sum((m["seq_aux_loss"] for m in layers.values()), jnp.zeros((), jnp.float32))
+    aux = {"loss": cfg.aux_loss_weight * aux_sum + cfg.z_loss_weight * z_sum + cfg.seq_aux_loss_weight * seq_sum,
            "aux_loss": aux_sum, "z_loss": z_sum, "layers": layers}
     if mlp_inputs:
       aux["mlp_inputs"] = inputs

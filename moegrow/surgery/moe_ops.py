@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moegrow.config import fan_in_std
-from moegrow.params import ramp
+from moegrow.params import balance, ramp
 from moegrow.surgery import rules as R
 from moegrow.surgery.op import (Layers, Plan, expert_counts, growth_op, mlp_names, moe_fields, resolve_counts,
                                 resolve_layers)
@@ -52,15 +52,15 @@ def _upcycle(cfg, *, op, layers, num_experts, top_k, gating, granularity, router
       raise ValueError(f"{op}: the model already has MoE layers {sorted(existing)}; new layers would need "
                        + ", ".join(f"{n}={a} (model has {b})" for n, (a, b) in clash.items()))
   # Output scale m_l that preserves the function in layer l: E*G/k (softmax_topk, uniform router)
-  # or G (topk_softmax). cfg.expert_output_scale is global: whatever it cannot carry goes into wo.
+  # or G (topk_softmax, sigmoid_topk: gates renormalised over the chosen k). cfg.expert_output_scale is global: whatever it cannot carry goes into wo.
   need = {i: (e * g / k if gate == "softmax_topk" else float(g)) for i, e in counts.items()}
   scale = cfg.expert_output_scale if existing else need[ids[0]]
   std = cfg.router_init_std if router_std is None else router_std
   new_cfg = cfg.replace(top_k=k, gating=gate, expert_d_ff=fe, expert_output_scale=scale,
                         **moe_fields({**existing, **counts}, cfg.num_layers))
-  exact = (gate == "topk_softmax" or std == 0.0) and drop_ratio == 0 and cfg.routing == "token_choice" \
+  exact = (gate != "softmax_topk" or std == 0.0) and drop_ratio == 0 and cfg.routing == "token_choice" \
       and cfg.dispatch == "dropless"
-  note = ("topk_softmax: exact for any router; softmax_topk: exact only with router_std=0 "
+  note = ("topk_softmax, sigmoid_topk: exact for any router (gates sum to 1); softmax_topk: exact only with router_std=0 "
           "(uniform router), else approximate (the top-k mass is >= k/E: outputs biased up); capacity "
           "dispatch may drop tokens")
   return Plan(new_cfg, functools.partial(_upcycle_rules, cfg, counts, need, scale, g, fe, std, drop_ratio), exact,
@@ -103,6 +103,7 @@ def _upcycle_rules(cfg, counts, need, scale, g, fe, std, drop_ratio, key):
     rules += [(p + "wo_EFD", R.compute([p + "wo_FD"], functools.partial(experts, out_proj=True), "upcycle_experts")),
               (p + "router_DE", R.compute([], router, "init:router")),
               (p + "router_bias_E", R.init("zeros")),
+              (p + balance.LEAF, R.init("zeros")),  # loss-free balancing starts unbiased
               (p + "shared/wo_FD", R.init("zeros")),  # shared experts the config demands: output 0
               (p + "shared/w(act|lin)_DF", R.init("normal", std=fan_in_std(d)))]
   rules.append((".*", R.copy()))
@@ -111,13 +112,13 @@ def _upcycle_rules(cfg, counts, need, scale, g, fe, std, drop_ratio, key):
 
 @growth_op
 def upcycle(cfg, *, layers: Layers = "all", num_experts: int | Sequence[int] | Mapping[Any, int] | None = None,
-            top_k: int | None = None, gating: Literal["topk_softmax", "softmax_topk"] | None = None,
+            top_k: int | None = None, gating: Literal["topk_softmax", "softmax_topk", "sigmoid_topk"] | None = None,
             router_std: float | None = None) -> Plan:
   """Sparse upcycling: the dense MLP of each chosen layer becomes E identical experts.
 
   Router ~ N(0, router_std) (default cfg.router_init_std), bias 0. Exactness (dropless
-  token-choice dispatch): 'topk_softmax' gates sum to 1 for any router, so the layer is exactly
-  the dense MLP; 'softmax_topk' gates sum to the top-k softmax mass, which is k/E only for a
+  token-choice dispatch): 'topk_softmax' and 'sigmoid_topk' gates sum to 1 for any router, so the
+  layer is exactly the dense MLP; 'softmax_topk' gates sum to the top-k softmax mass, which is k/E only for a
   uniform router: with router_std=0 and expert_output_scale E/k the layer is exact, with a
   random router only approximately (error O(router_std)). cfg.expert_output_scale is global:
   if MoE layers already exist (or layers get different E) the remaining per-layer factor is
@@ -132,7 +133,7 @@ def upcycle(cfg, *, layers: Layers = "all", num_experts: int | Sequence[int] | M
 @growth_op
 def granular_upcycle(cfg, *, granularity: int = 2, layers: Layers = "all",
                      num_experts: int | Sequence[int] | Mapping[Any, int] | None = None, top_k: int | None = None,
-                     gating: Literal["topk_softmax", "softmax_topk"] | None = None, router_std: float | None = None,
+                     gating: Literal["topk_softmax", "softmax_topk", "sigmoid_topk"] | None = None, router_std: float | None = None,
                      ) -> Plan:
   """Fine-grained upcycling (He et al. 2024; Megatron-LM virtual groups), granularity G.
 
@@ -151,7 +152,7 @@ def granular_upcycle(cfg, *, granularity: int = 2, layers: Layers = "all",
 @growth_op
 def drop_upcycle(cfg, *, ratio: float = 0.5, layers: Layers = "all",
                  num_experts: int | Sequence[int] | Mapping[Any, int] | None = None, top_k: int | None = None,
-                 gating: Literal["topk_softmax", "softmax_topk"] | None = None, router_std: float | None = None,
+                 gating: Literal["topk_softmax", "softmax_topk", "sigmoid_topk"] | None = None, router_std: float | None = None,
                  ) -> Plan:
   """Drop-Upcycling (Nakamura et al. 2025): upcycle, then in every expert re-initialise
   round(ratio*f) hidden units chosen at random per expert (columns F of wact_EDF/wlin_EDF and rows F
@@ -202,10 +203,15 @@ def add_experts(cfg, *, num_experts: int | Sequence[int] | Mapping[Any, int],
     copy_noise ones (noise_std default 0.01), with router bias 0 (router_init='hidden': its
     bias), behind a mask m = 0 -> 1 over N steps that adds max(log m, -1e4) to their router bias
     (their gate weight times m): exact at m = 0, the plain grown model at m = 1 (moegrow.params.ramp).
-  Moments: copies carry their source's moments.
+  Moments: copies carry their source's moments. Loss-free balancing's selection bias: a copy's is
+  its source's; in exact and ramp modes a new expert's is min(b) - 1 (never chosen until the
+  balancing updates raise it).
   """
   _refuse_ramped(cfg, "add_experts")
   _check_ramp_args(ramp_steps, mode, new_bias)
+  if ramp_steps and cfg.gating == "sigmoid_topk":
+    raise ValueError("add_experts: ramp_steps scales a new expert's softmax weight by m through its logit; "
+                     "gating='sigmoid_topk' has no softmax to scale (use mode='exact')")
   counts = _grown_counts(cfg, layers, num_experts)
   sigma = (0.01 if mode == "copy_noise" or ramp_steps else 0.0) if noise_std is None else noise_std
   if router_init == "hidden" and mode != "copy_noise":
@@ -369,10 +375,20 @@ def _add_expert_rules(cfg, i: int, src, mode: str, sigma: float, new_bias: float
       b = b - jnp.log(jnp.asarray(copies, b.dtype))  # copies share their source's softmax mass
     return jnp.concatenate([b, b[src]])
 
+  def selection_bias(kind, kk, b):
+    """Loss-free balancing's bias (moegrow.params.balance): a copy's is its source's; an expert
+    added unrouted (exact, ramp) gets min(b) - 1, below every old expert's score + bias."""
+    if kind != "params":  # frozen: no moments, no importance
+      return jnp.concatenate([b, jnp.zeros((n,), b.dtype)])
+    if mode in ("exact", "ramp"):
+      return jnp.concatenate([b, jnp.full((n,), jnp.min(b) - 1, b.dtype)])
+    return jnp.concatenate([b, b[src]])
+
   p = f"blocks/{i}/mlp/"
   rules = [(p + f"{nm}_EDF", R.compute([p + f"{nm}_EDF"], functools.partial(grow, axis=0), "add_experts"))
            for nm in mlp_names(cfg)]
   rules.append((p + "wo_EFD", R.compute([p + "wo_EFD"], functools.partial(grow, axis=0), "add_experts")))
+  rules.append((p + balance.LEAF, R.compute([p + balance.LEAF], selection_bias, "add_experts:selection_bias")))
   if hidden is not None:
     return rules + [(p + "router_DE", R.compute([p + "router_DE"], hidden_router, "add_experts:hidden_router")),
                     (p + "router_bias_E", R.compute([p + "router_bias_E", p + "router_DE"], hidden_bias,

@@ -137,7 +137,7 @@ def _layer_rules(cfg, i: int, mode: str, kept, scale: float, width: int):
   then the shared experts', along F; `scale` multiplies the experts' part of wo."""
   p = f"blocks/{i}/mlp/"
   shared = cfg.num_shared_experts > 0
-  drops = [(p + "router_DE", R.drop()), (p + "router_bias_E", R.drop())]
+  drops = [(p + "router_DE", R.drop()), (p + "router_bias_E", R.drop()), (p + "selection_bias_E", R.drop())]
   if mode == "fresh":
     d = cfg.d_model
     rules = [(p + f"{nm}_DF", R.init("normal", std=fan_in_std(d))) for nm in mlp_names(cfg)]

@@ -48,6 +48,7 @@ def _new_block_rules(cfg: ModelConfig, j: int, ramped: bool = False):
           (p + "mlp/wo_EFD", out(cfg.expert_d_ff)),
           (p + "mlp/router_DE", R.init("normal", std=cfg.router_init_std)),
           (p + "mlp/router_bias_E", R.init("zeros")),
+          (p + "mlp/selection_bias_E", R.init("zeros")),  # loss-free balancing starts unbiased
           (p + "mlp/shared_gate_D", R.init("normal", std=fan_in_std(d)))]
 
 

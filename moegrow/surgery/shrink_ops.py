@@ -132,7 +132,8 @@ def _prune_rules(cfg, i: int, idx: np.ndarray):
   return rules + [
       (p + "wo_EFD", R.compute([p + "wo_EFD"], functools.partial(take, axis=0), "prune_experts")),
       (p + "router_DE", R.compute([p + "router_DE"], functools.partial(take, axis=1), "prune_experts")),
-      (p + "router_bias_E", R.compute([p + "router_bias_E"], functools.partial(take, axis=0), "prune_experts"))]
+      (p + "router_bias_E", R.compute([p + "router_bias_E"], functools.partial(take, axis=0), "prune_experts")),
+      (p + "selection_bias_E", R.compute([p + "selection_bias_E"], functools.partial(take, axis=0), "prune_experts"))]
 
 
 # ---------------------------------------------------------------- merging experts
@@ -245,4 +246,5 @@ def _merge_rules(cfg, i: int, m_GE: np.ndarray):
   return rules + [
       (p + "wo_EFD", R.compute([p + "wo_EFD"], functools.partial(mix, axis=0), "merge_experts")),
       (p + "router_DE", R.compute([p + "router_DE"], functools.partial(mix, axis=1), "merge_experts")),
-      (p + "router_bias_E", R.compute([p + "router_bias_E"], functools.partial(mix, axis=0), "merge_experts"))]
+      (p + "router_bias_E", R.compute([p + "router_bias_E"], functools.partial(mix, axis=0), "merge_experts")),
+      (p + "selection_bias_E", R.compute([p + "selection_bias_E"], functools.partial(mix, axis=0), "merge_experts"))]

@@ -16,6 +16,7 @@ import optax
 
 from moegrow.config import ModelConfig
 from moegrow.params.trees import flatten, to_plain, unflatten
+from moegrow.params import balance
 
 
 SCHEDULES = ("cosine", "constant", "rsqrt")
@@ -127,14 +128,16 @@ def make_optimizer(train_cfg: Any, params: dict | None = None,
   weight_decay, grad_clip and optional `frozen`: regexes over param paths (whole leaves: no
   updates and no optimizer state) and slice entries {'path', 'axis', 'start', 'stop',
   'lr_scale' (default 0: frozen)} whose final updates are scaled (see `scale_updates`).
-  Ramp masks (a 'ramp' subtree of `params`) are always frozen whole leaves (`RAMP_FROZEN`): the
-  train step moves them, not the optimizer. `schedule` defaults to `schedule_from(train_cfg)`."""
+  Ramp masks (a 'ramp' subtree of `params`) and loss-free selection biases (`balance.FROZEN`) are
+  always frozen whole leaves: the train step moves them, not the optimizer. `schedule` defaults to `schedule_from(train_cfg)`."""
   sched = schedule_from(train_cfg) if schedule is None else schedule
   entries = tuple(train_cfg.get("frozen", ()) or ())
   slices = [to_plain(e) for e in entries if hasattr(e, "items")]
   frozen = tuple(e for e in entries if isinstance(e, str))
   if params is not None and "ramp" in params:
     frozen += (RAMP_FROZEN,)
+  if params is not None and any(re.search(balance.FROZEN, p) for p in flatten(params)):
+    frozen += (balance.FROZEN,)
   if (slices or frozen) and params is None:
     raise ValueError("make_optimizer: `params` are needed to build the frozen mask")
   tx = optax.chain(

@@ -81,7 +81,8 @@ def _reap_sums(cfg, p, tokens_BT):
   model's own gating (`moe.top_k_gates`)."""
   out = {}
   for i, (x_ND, logits_NE, y_END) in _moe_views(cfg, p, tokens_BT).items():
-    _, gate_NK, idx_NK = moe.top_k_gates(logits_NE, cfg.top_k, cfg.gating)
+    bias_E = p["blocks"][str(i)]["mlp"].get("selection_bias_E")
+    _, gate_NK, idx_NK = moe.top_k_gates(logits_NE, cfg.top_k, cfg.gating, bias_E)
     rows = jnp.arange(x_ND.shape[0])[:, None]
     gate_NE = jnp.zeros_like(logits_NE).at[rows, idx_NK].set(gate_NK)
     routed_NE = jnp.zeros_like(logits_NE).at[rows, idx_NK].set(1.0)
@@ -157,7 +158,7 @@ def _choices(cfg, mesh, p, tokens_BT):
     r = p["blocks"][i]["mlp"]
     h_ND = aux["mlp_inputs"][i].reshape(-1, cfg.d_model).astype(jnp.float32)
     logits_NE = jnp.einsum("ND,DE->NE", h_ND, r["router_DE"]) + r["router_bias_E"]
-    idx_NK = jax.lax.top_k(logits_NE, min(cfg.top_k, logits_NE.shape[-1]))[1]
+    idx_NK = moe.top_k_gates(logits_NE, min(cfg.top_k, logits_NE.shape[-1]), cfg.gating, r.get("selection_bias_E"))[2]
     out[i] = jax.lax.with_sharding_constraint(idx_NK, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   return out  # replicated: readable on every process
 

@@ -11,7 +11,9 @@ A continual-learning `Objective` adds terms to the loss in the same jitted step:
 A model with ramps (ramped growth, `moegrow.params.ramp`) keeps their masks in params['ramp']: they get no
 gradient and no optimizer state (`optim.make_optimizer` freezes them), and every train step
 advances them after the optimizer update (m <- min(1, m + 1/N)). They are saved with the params,
-so a run resumed mid-ramp continues bit-identically.
+so a run resumed mid-ramp continues bit-identically. Loss-free balancing's selection biases
+(`moegrow.params.balance`) are handled the same way: frozen for the optimizer, moved by the step
+from the loads it measured.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from moegrow import sharding
 from moegrow.config import ModelConfig
 from moegrow.model import transformer as tf
-from moegrow.params import ramp
+from moegrow.params import balance, ramp
 from moegrow.train import continual, optim
 
 @dataclasses.dataclass(frozen=True)
@@ -289,7 +291,7 @@ def _loss_and_grads_fn(cfg: ModelConfig, objective: Objective | None, microbatch
 
 def _train_step_fn(cfg: ModelConfig, tx, schedule, mesh: Mesh, loss_and_grads: Callable) -> Callable:
   """The train step (state, batch, seed, ctx=None) -> (state, metrics): gradients, the optimizer
-  update, the ramps' masks advanced."""
+  update, the ramps' masks and the loss-free selection biases advanced."""
 
   def train_step(state, batch, seed, ctx=None):  # seed: uint32 scalar (the train config's seed + 1)
     with sharding.use_mesh(mesh):
@@ -298,6 +300,7 @@ def _train_step_fn(cfg: ModelConfig, tx, schedule, mesh: Mesh, loss_and_grads: C
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
       params = ramp.advance(params, cfg)  # the masks move one step (no-op without ramps)
+      params = balance.advance(params, aux["moe"], cfg)  # no-op without loss-free balancing
     metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
   return train_step
