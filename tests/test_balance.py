@@ -99,7 +99,7 @@ def _program(cfg, devices):
   return steps.build_program(cfg, c.train, mesh), c
 
 
-@pytest.mark.parametrize("devices", [1, 8])
+@pytest.mark.parametrize("devices", [1, pytest.param(8, marks=pytest.mark.slow)])  # slow tier: mesh equivalence
 def test_the_train_step_moves_the_bias_by_the_measured_load_and_the_optimizer_never_does(devices):
   cfg = moe(**LF, seq_aux_loss_weight=1e-3)
   prog, _ = _program(cfg, devices)
@@ -136,6 +136,7 @@ def test_loss_free_balancing_evens_out_a_skewed_router():
   assert loads[-1].max() / loads[-1].mean() < 1.3
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_a_run_stopped_mid_way_resumes_bit_identically(tmp_path, data_dir):
   from moegrow.orchestrate import stages
   c = train_config(data_dir, steps=6, eval_every=0, checkpoint_every=3, log_every=1)

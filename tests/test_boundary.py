@@ -120,6 +120,7 @@ def _final_params(workdir, config):
   return idx, step, jax.device_get(state), meta
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_staged_run_killed_after_growth_resumes_without_regrowing(tmp_path, data_dir):
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
   r = stages.train_and_evaluate(staged(data_dir), a)
@@ -144,6 +145,7 @@ def test_staged_run_killed_after_growth_resumes_without_regrowing(tmp_path, data
   assert [(l["stage"], [o["op"] for o in l["ops"]]) for l in meta_b["lineage"]] == [(0, []), (1, ["upcycle"])]
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 @pytest.mark.parametrize("src_mesh,dst_mesh", [({"data": 1}, {"data": 2, "expert": 4}), ({"data": 8}, {"data": 1})])
 def test_offline_grow_across_meshes(tmp_path, data_dir, src_mesh, dst_mesh):
   src_cfg = staged(data_dir, mesh=src_mesh)

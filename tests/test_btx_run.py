@@ -34,6 +34,7 @@ def btx_run(tmp_path_factory, data_dir, tiny_run):
   return c, wd, seed_dir, before, result
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_branches_are_ordinary_runs_from_the_seed(btx_run):
   c, wd, seed_dir, before, result = btx_run
   assert digest(seed_dir) == before  # the seed is only read
@@ -46,6 +47,7 @@ def test_branches_are_ordinary_runs_from_the_seed(btx_run):
     assert new_rows[-1]["lr"] != old_rows[-1]["lr"]
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_the_mix_maps_branch_e_to_expert_e_and_routes_by_domain(btx_run):
   c, wd, _, _, result = btx_run
   mesh = parts.make_mesh(c)
@@ -79,6 +81,7 @@ def test_the_mix_maps_branch_e_to_expert_e_and_routes_by_domain(btx_run):
   assert cert["routing"][OLD]["1"][0] > 0.5 and cert["routing"][NEW]["1"][1] > 0.5, cert["routing"]
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_the_moe_trains_and_everything_resumes(btx_run, data_dir):
   c, wd, seed_dir, before, result = btx_run
   assert result["step"] == 3 and np.isfinite(result[f"eval/{NEW}/loss"])

@@ -266,6 +266,7 @@ def test_resume_mid_stage_with_ewc_and_distillation_is_bit_identical(continual_r
     np.testing.assert_array_equal(ea[k], eb[k], err_msg=k)
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_eight_device_mesh_gives_the_same_losses(continual_run, tmp_path, data_dir):
   wd, _, _ = continual_run
   """Stage 1 (growth, Fisher, teacher, EWC + distillation + replay + frozen slices) grown from the

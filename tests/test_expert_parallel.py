@@ -116,6 +116,7 @@ def model_loss(cfg, mesh, params, tokens):
   return jax.value_and_grad(f, has_aux=True)(params)
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_model_on_expert_mesh_equals_one_device_and_after_add_experts():
   """The whole model on (data=2, expert=4) with the gather exchange vs one device: loss, aux loss,
   loads and gradients; then add_experts 4 -> 8 onto the same mesh and again."""

@@ -106,6 +106,7 @@ def test_bad_slice_entries_name_the_problem():
     optim.old_expert_slices(moe(), [{"op": "insert_blocks", "positions": [0]}])
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_freeze_old_experts_through_a_growth_stage(tmp_path, data_dir):
   c = lm.get_config("tiny")
   c.data.data_dir = data_dir

@@ -186,6 +186,7 @@ def test_growth_refuses_a_model_with_adapters():
     surgery.grown_config(cfg, [dict(op="add_lora", rank=2)])
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_lora_on_the_eight_device_mesh_gives_the_same_losses(lora_run, tmp_path):
   """The LoRA stage grown from the same stage-0 checkpoint on 8 devices (data 2 x fsdp 2 x
   expert 2: experts and their adapters sharded) logs the same losses as on 1 device."""

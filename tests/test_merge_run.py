@@ -9,6 +9,7 @@ from moegrow.params import trees
 from _tiny import digest, train_config
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_merge_two_runs_then_train_the_result(tmp_path, data_dir, tiny_run):
   runs = [tiny_run(seed, tmp_path / f"src{seed}") for seed in (0, 1)]  # finished runs of two seeds
   before = [digest(r) for r in runs]

@@ -197,6 +197,7 @@ def rebake_config(data_dir):
   return c
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_rebake_stage_distils_a_dense_student_from_the_moe(tmp_path, data_dir):
   wd = str(tmp_path / "run")
   c = rebake_config(data_dir)

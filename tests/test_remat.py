@@ -104,7 +104,7 @@ def test_remat_marks_the_compiled_program():
   assert text["dots"].count("optimization_barrier") >= DENSE["num_layers"]
 
 
-@pytest.mark.parametrize("remat", ["none", "block"])
+@pytest.mark.parametrize("remat", ["none", pytest.param("block", marks=pytest.mark.slow)])  # slow tier: the second
 def test_scanned_layers_equal_the_loop(remat):
   """scan_layers: the dense + MoE pairs of a 4-layer model run as one scan over 2 repetitions;
   loss, MoE metrics of every layer, MLP inputs and gradients equal the loop's (same rng per layer)."""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from moegrow.model import transformer as tf
-from moegrow.orchestrate import stages
+from moegrow.orchestrate import parts, stages
 from moegrow.params import trees
 from moegrow.sharding import make_mesh
 from moegrow.surgery import apply as surgery
@@ -243,10 +243,62 @@ def test_a_merged_model_trains_on_after_a_boundary_that_measures_its_groups(tmp_
   c = train_config(data_dir, steps=0, eval_every=0, checkpoint_every=2)
   c.model.update(moe_layers="every_other", num_experts=4, top_k=1)
   c.stages = (dict(name="e4", steps=2),
-              dict(name="merged", steps=2, ops=(dict(op="merge_experts", num_experts=2, grouping="output"),)))
+              dict(name="merged", steps=2, ops=(dict(op="merge_experts", num_experts=2, grouping="output",
+                                                     align=True),)))
   r = stages.train_and_evaluate(c, str(tmp_path / "run"))
   assert r["stage"] == 1 and r["step"] == 4 and np.isfinite(r["loss"])
   (cert,) = r["certificates"]
   (op,) = cert["ops"]
   assert np.shape(op["features"]["1"]) == (4, 64) and len(op["usage"]["1"]) == 4
+  perms = np.asarray(op["perms"]["1"])  # measured on the source: onto the most used expert
+  f = parts.model_config(c).expert_d_ff
+  assert perms.shape == (4, f) and all(sorted(row) == list(range(f)) for row in perms.tolist())
+  np.testing.assert_array_equal(perms[int(np.argmax(op["usage"]["1"]))], np.arange(f))
   assert all(np.isfinite(v) for v in cert["loss_change"].values())
+
+
+def test_weight_matching_recovers_a_known_permutation():
+  """Expert 1 is expert 0 with its hidden units shuffled by a known permutation: matching against
+  expert 0 finds it (aligning expert 1 gives expert 0's weights exactly); expert 0's row is the
+  identity."""
+  from moegrow.surgery.shrink_ops import hidden_unit_perms
+  d, f = 8, 12
+  wact, wlin, wo = (RNG.normal(size=s) for s in ((3, d, f), (3, d, f), (3, f, d)))
+  pi = RNG.permutation(f)
+  wact[1], wlin[1], wo[1] = wact[0][:, pi], wlin[0][:, pi], wo[0][pi]
+  perms = hidden_unit_perms(wact, wlin, wo, reference=0)
+  np.testing.assert_array_equal(perms[0], np.arange(f))
+  np.testing.assert_array_equal(wact[1][:, perms[1]], wact[0])
+  np.testing.assert_array_equal(wo[1][perms[1]], wo[0])
+  np.testing.assert_array_equal(pi[perms[1]], np.arange(f))  # the inverse of the shuffle
+
+
+def test_merging_a_shuffled_copy_is_exact_only_when_aligned():
+  """Experts 0 and 1 compute the same function (1 is 0 with its hidden units shuffled, moments
+  shuffled alike): merged with alignment the group is expert 0, weights and moments; without it
+  the mean mixes unrelated units."""
+  from moegrow.surgery.shrink_ops import hidden_unit_perms
+  cfg = moe(num_shared_experts=0)
+  params = tf.init_params(cfg, 0)
+  m = params["blocks"]["1"]["mlp"]
+  pi = jnp.asarray(RNG.permutation(cfg.expert_d_ff))
+  for k in ("wact_EDF", "wlin_EDF"):
+    m[k] = m[k].at[1].set(m[k][0][:, pi])
+  m["wo_EFD"] = m["wo_EFD"].at[1].set(m["wo_EFD"][0][pi])
+  m["router_DE"] = m["router_DE"].at[:, 1].set(m["router_DE"][:, 0])
+  mu = jax.tree.map(lambda x: jnp.asarray(RNG.normal(size=x.shape), x.dtype), params)
+  mu["blocks"]["1"]["mlp"]["wo_EFD"] = mu["blocks"]["1"]["mlp"]["wo_EFD"].at[1].set(
+      mu["blocks"]["1"]["mlp"]["wo_EFD"][0][pi])
+  perms = {1: hidden_unit_perms(m["wact_EDF"], m["wlin_EDF"], m["wo_EFD"], reference=0)}
+  op = dict(op="merge_experts", num_experts=3, grouping="list", groups={1: [[0, 1], [2], [3]]})
+  state = {"params": params, "mu": mu, "nu": jax.tree.map(jnp.square, mu)}
+  aligned, _, _ = apply_ops(state, cfg, [dict(op, align=True, perms=perms)])
+  plain, _, _ = apply_ops(state, cfg, [op])
+  got = aligned["params"]["blocks"]["1"]["mlp"]
+  for k in ("wact_EDF", "wlin_EDF", "wo_EFD"):
+    np.testing.assert_allclose(got[k][0], m[k][0], atol=1e-6)
+    assert np.abs(plain["params"]["blocks"]["1"]["mlp"][k][0] - m[k][0]).max() > 1e-2
+  np.testing.assert_allclose(aligned["mu"]["blocks"]["1"]["mlp"]["wo_EFD"][0], mu["blocks"]["1"]["mlp"]["wo_EFD"][0],
+                             atol=1e-6)
+  with pytest.raises(ValueError, match=r"align=True needs perms"):
+    apply_ops(state, cfg, [dict(op, align=True)])

@@ -92,6 +92,7 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path, data_dir):
   assert after == [saved + 1, saved + 2, saved + 3, saved + 4]
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_data_parallel_step_matches_one_device(data_dir):
   assert len(jax.devices()) == 8
   config = tiny(data_dir)

@@ -15,11 +15,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from moegrow import checkpoint, data, sharding
 from moegrow.config import ModelConfig
 from moegrow.model import transformer as tf
 from moegrow.surgery import apply as surgery
+from moegrow.surgery import shrink_ops
 from moegrow.train import continual, optim, probes
 from moegrow.orchestrate.parts import (Stage, checkpoint_meta, config_diff, manager, stage_data, stage_train,
                                 train_iter)
@@ -70,19 +72,26 @@ def _needs_features(o: dict) -> bool:
       (o.get("grouping", "output") in ("output", "router") and not o.get("features")) or not o.get("usage"))
 
 
+def _needs_perms(o: dict) -> bool:
+  """merge_experts(align=True) without `perms`."""
+  return o.get("op") == "merge_experts" and bool(o.get("align")) and not o.get("perms")
+
+
 def _needs_centroids(o: dict) -> bool:
   """add_experts(router_init='hidden') without `centroids`."""
   return o.get("op") == "add_experts" and o.get("router_init") == "hidden" and not o.get("centroids")
 
 
-def with_loads(ops: list[dict], measure, measure_means=None, measure_reap=None, measure_features=None) -> list[dict]:
+def with_loads(ops: list[dict], measure, measure_means=None, measure_reap=None, measure_features=None,
+               measure_perms=None) -> list[dict]:
   """Ops with the data they need measured: add_experts(source='most_loaded') and
   to_dense(mode='concat_topk') get `loads` (`measure()`); add_experts(router_init='hidden') gets
   `centroids` {layer: [mean MLP input of the other domains, of router_domain]} from
   `measure_means()` ({layer: {domain: mean}}, `probes.mlp_input_means` of the old model);
   prune_experts gets `scores`: the loads for saliency='frequency', `measure_reap()`
   (`probes.reap_scores`) for 'reap'; merge_experts gets `usage` (the loads) and `features` (its
-  grouping's entry of `measure_features()`, `probes.expert_features`)."""
+  grouping's entry of `measure_features()`, `probes.expert_features`), and with align=True `perms`
+  (`measure_perms(usage)`: hidden-unit permutations onto each layer's most used expert)."""
   out = [dict(o) for o in ops]
   loads = None
   if any(_needs_loads(o) or _needs_features(o) or (_needs_scores(o) and o.get("saliency", "frequency") == "frequency")
@@ -96,6 +105,8 @@ def with_loads(ops: list[dict], measure, measure_means=None, measure_reap=None, 
         o["usage"] = loads
       if o.get("grouping", "output") != "list" and not o.get("features"):
         o["features"] = {i: f[o.get("grouping", "output")] for i, f in feats.items()}
+    if _needs_perms(o):
+      o["perms"] = measure_perms(o.get("usage"))
   reap = measure_reap() if any(_needs_scores(o) and o.get("saliency") == "reap" for o in out) else None
   for o in out:
     if _needs_loads(o):
@@ -250,12 +261,27 @@ def _measured_ops(src_step: int, stage: Stage, old_cfg: ModelConfig, params, hel
   ops = with_loads(list(stage.ops), lambda: probes.expert_loads(old_cfg, params, rows, mesh),
                    lambda: probes.mlp_input_means(old_cfg, params, evals or held, mesh),
                    lambda: probes.reap_scores(old_cfg, params, rows, mesh),
-                   lambda: probes.expert_features(old_cfg, params, rows, mesh))
+                   lambda: probes.expert_features(old_cfg, params, rows, mesh),
+                   lambda usage: _hidden_unit_perms(old_cfg, params, usage))
   grown_cfg = surgery.grown_config(old_cfg, ops)
   if grown_cfg != stage.cfg:
     raise ValueError(f"stage {stage.index} ({stage.name}): growing the checkpoint at step {src_step} gives "
                      f"{config_diff(grown_cfg, stage.cfg)}; the checkpoint's model differs from the config's")
   return ops
+
+
+def _hidden_unit_perms(cfg: ModelConfig, params, usage) -> dict[str, list]:
+  """{layer: [E, F] permutations} aligning each MoE layer's experts to its most used one (by
+  `usage`; expert 0 without), by weight matching on the (replicated, host-local) expert tables."""
+  out = {}
+  for i in cfg.moe_layer_ids:
+    m = params["blocks"][str(i)]["mlp"]
+    u = None if usage is None else usage.get(str(i), usage.get(i))
+    ref = int(np.argmax(u)) if u is not None else 0
+    host = lambda x: None if x is None else np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    out[str(i)] = shrink_ops.hidden_unit_perms(host(m["wact_EDF"]), host(m.get("wlin_EDF")), host(m["wo_EFD"]),
+                                               ref).tolist()
+  return out
 
 
 def certificate_text(cert: dict) -> str:

@@ -142,7 +142,7 @@ def _prune_rules(cfg, i: int, idx: np.ndarray):
 def merge_experts(cfg, *, num_experts: int | Sequence[int] | Mapping[Any, int], layers: Layers | Literal["moe"] = "moe",
                   grouping: Literal["output", "router", "list"] = "output", features: Mapping[Any, Any] | None = None,
                   groups: Mapping[Any, Any] | None = None, usage: Mapping[Any, Any] | None = None,
-                  top_k: int | None = None) -> Plan:
+                  align: bool = False, perms: Mapping[Any, Any] | None = None, top_k: int | None = None) -> Plan:
   """Merge each MoE layer's experts into `num_experts` groups.
 
   grouping (which experts go together):
@@ -155,22 +155,32 @@ def merge_experts(cfg, *, num_experts: int | Sequence[int] | Mapping[Any, int], 
   fraction of assignments each expert receives, `probes.expert_loads`):
     weights (wact, wlin, wo), router column and bias  sum_e u_e w_e   (the usage-weighted mean)
     Adam moments and Fisher                           sum_e u_e m_e   (the same mean)
+  align=True (MC-SMoE's permutation alignment): before the mean, each expert's hidden units are
+  permuted by `perms[layer]` ([E, F]: row e lists, for each hidden unit of the reference, the unit
+  of expert e matched to it), a reparametrisation that leaves every expert's function unchanged;
+  `hidden_unit_perms` computes them by weight matching against the layer's most used expert, and a
+  stage boundary does so from the source model. The moments and Fisher are permuted alike.
   Groups are ordered by their smallest expert. Exact for identical experts with renormalised gates
-  (topk_softmax): the certificate shows it; not exact in general.
+  (topk_softmax, sigmoid_topk): the certificate shows it; not exact in general.
   """
   _refuse_ramped(cfg, "merge_experts")
   counts = _pruned_counts(cfg, layers, num_experts, "merge_experts")
   new_cfg = _shrunk_config(cfg, counts, top_k, "merge_experts")
   parts, missing = _groups(cfg, counts, grouping, features, groups)
   weights = {i: _usage_weights(cfg, i, parts[i], usage) for i in parts}
+  aligned = {i: _perms(cfg, i, perms) for i in counts} if align else {}
 
   def rules(key):
     if missing:
       need = "groups={layer: [[experts], ...]}" if grouping == "list" else "features={layer: [E, n] vectors}"
       raise ValueError(f"merge_experts: grouping={grouping!r} needs {need} for layers {missing}")
+    absent = [i for i, p in aligned.items() if p is None]
+    if absent:
+      raise ValueError(f"merge_experts: align=True needs perms={{layer: [E, F] permutations}} for layers {absent} "
+                       "(merge_experts.hidden_unit_perms; a stage boundary measures them)")
     out = []
     for i in parts:
-      out.extend(_merge_rules(cfg, i, weights[i]))
+      out.extend(_merge_rules(cfg, i, weights[i], aligned.get(i)))
     return out + [(".*", R.copy())]
 
   return Plan(new_cfg, rules, exact=False, note=f"experts merged by {grouping}: usage-weighted means of each group",
@@ -233,18 +243,53 @@ def _usage_weights(cfg, i: int, parts: list[list[int]], usage) -> np.ndarray:
   return m
 
 
-def _merge_rules(cfg, i: int, m_GE: np.ndarray):
+def _perms(cfg, i: int, perms) -> np.ndarray | None:
+  """Layer i's [E, F] hidden-unit permutations from `perms` (None if not given)."""
+  v = None if perms is None else perms.get(str(i), perms.get(i))
+  if v is None:
+    return None
+  e, f = cfg.experts_in_layer(i), cfg.expert_d_ff
+  p = np.asarray(v)
+  if p.shape != (e, f) or any(sorted(row.tolist()) != list(range(f)) for row in p):
+    raise ValueError(f"merge_experts: perms[{i}] must be {e} permutations of 0..{f - 1} (got shape {p.shape})")
+  return p.astype(np.int32)
+
+
+def hidden_unit_perms(wact_EDF, wlin_EDF, wo_EFD, reference: int) -> np.ndarray:
+  """[E, F] permutations aligning every expert's hidden units to expert `reference`'s by weight
+  matching (MC-SMoE; Ainsworth et al. 2023): for expert e, the assignment of its units to the
+  reference's that maximises sum_f <wact_r[:, f], wact_e[:, p(f)]> + <wlin ...> + <wo_r[f], wo_e[p(f)]>
+  (Hungarian algorithm). Row `reference` is the identity."""
+  from scipy.optimize import linear_sum_assignment
+  mats = [np.asarray(wact_EDF, np.float64)] + ([] if wlin_EDF is None else [np.asarray(wlin_EDF, np.float64)])
+  units_EFX = np.concatenate([np.swapaxes(m, 1, 2) for m in mats] + [np.asarray(wo_EFD, np.float64)], axis=2)
+  out = []
+  for e in range(units_EFX.shape[0]):
+    sim_FF = units_EFX[reference] @ units_EFX[e].T  # [reference unit, expert e's unit]
+    _, cols = linear_sum_assignment(sim_FF, maximize=True)
+    out.append(cols)
+  return np.asarray(out, np.int32)
+
+
+def _merge_rules(cfg, i: int, m_GE: np.ndarray, perms_EF: np.ndarray | None = None):
   """Layer i's expert tables (axis 0), router columns (axis 1) and bias as usage-weighted group
-  means, for params, moments and Fisher alike."""
+  means, for params, moments and Fisher alike; with `perms_EF` each expert's hidden units (the F
+  axis) are permuted first."""
   def mix(kind, kk, w, axis):
     out = jnp.tensordot(jnp.asarray(m_GE, jnp.float32), jnp.moveaxis(w.astype(jnp.float32), axis, 0), axes=1)
     return jnp.moveaxis(out, 0, axis).astype(w.dtype)
 
+  def aligned_mix(kind, kk, w, f_axis):
+    if perms_EF is not None:
+      idx = jnp.asarray(perms_EF)[:, None, :] if f_axis == 2 else jnp.asarray(perms_EF)[:, :, None]
+      w = jnp.take_along_axis(w, idx, axis=f_axis)
+    return mix(kind, kk, w, 0)
+
   p = f"blocks/{i}/mlp/"
-  rules = [(p + f"{nm}_EDF", R.compute([p + f"{nm}_EDF"], functools.partial(mix, axis=0), "merge_experts"))
+  rules = [(p + f"{nm}_EDF", R.compute([p + f"{nm}_EDF"], functools.partial(aligned_mix, f_axis=2), "merge_experts"))
            for nm in mlp_names(cfg)]
   return rules + [
-      (p + "wo_EFD", R.compute([p + "wo_EFD"], functools.partial(mix, axis=0), "merge_experts")),
+      (p + "wo_EFD", R.compute([p + "wo_EFD"], functools.partial(aligned_mix, f_axis=1), "merge_experts")),
       (p + "router_DE", R.compute([p + "router_DE"], functools.partial(mix, axis=1), "merge_experts")),
       (p + "router_bias_E", R.compute([p + "router_bias_E"], functools.partial(mix, axis=0), "merge_experts")),
       (p + "selection_bias_E", R.compute([p + "selection_bias_E"], functools.partial(mix, axis=0), "merge_experts"))]
