@@ -85,7 +85,7 @@ class Figure:
   plan: dict  # JSON facts of the figure (steps, FLOPs); pinned in plan.json
   x_origin: float = 0.0  # FLOPs subtracted on the x axis (e.g. a shared checkpoint's sunk FLOPs)
   x_label: str = "training FLOPs"
-  extra_report: Callable | None = None  # (figure, root, seeds) -> anything: a figure's own tables/plots
+  extra_report: Callable | None = None  # (figure, root, seeds, data_dir) -> anything: its own tables/plots
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -509,5 +509,5 @@ def run(make_figure: Callable[[bool], Figure], argv: Sequence[str] | None = None
         return 1
   report(fig, root, seeds, args.data_dir)
   if fig.extra_report is not None:
-    fig.extra_report(fig, root, seeds)
+    fig.extra_report(fig, root, seeds, data_dir=args.data_dir)
   return 0

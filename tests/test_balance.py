@@ -118,6 +118,7 @@ def test_the_train_step_moves_the_bias_by_the_measured_load_and_the_optimizer_ne
   assert np.abs(bias).max() > 0
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_loss_free_balancing_evens_out_a_skewed_router():
   """A router that sends every token to experts 0 and 1: a few hundred bias updates spread them."""
   cfg = moe(**{**LF, "balance_rate": 0.02}, num_shared_experts=0)

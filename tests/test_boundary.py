@@ -213,6 +213,7 @@ def test_offline_grow_cli_and_errors(tmp_path, data_dir):
   assert tree_digest(os.path.join(src, "checkpoints")) == digest  # the source never changed
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_three_stages_add_most_loaded_experts_measured_at_the_boundary(tmp_path, data_dir):
   c = staged(data_dir, steps=(4, 4))
   c.stages = (dict(name="dense", steps=4),

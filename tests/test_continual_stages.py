@@ -198,6 +198,7 @@ def continual_run(tmp_path_factory, data_dir):
   return wd, c, result
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_first_step_after_exact_growth_has_zero_kl_and_zero_ewc_penalty(continual_run):
   wd, c, _ = continual_run
   rows = {r["step"]: r for r in read_metrics(wd) if "ewc_penalty" in r}
@@ -210,6 +211,7 @@ def test_first_step_after_exact_growth_has_zero_kl_and_zero_ewc_penalty(continua
   assert abs(kl[0]) < 1e-6 and max(kl) > 1e-4
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_ewc_item_fisher_zero_on_new_experts_anchor_is_the_grown_model(continual_run):
   wd, c, _ = continual_run
   _, ewc = final_params(wd, c)
@@ -225,6 +227,7 @@ def test_ewc_item_fisher_zero_on_new_experts_anchor_is_the_grown_model(continual
     np.testing.assert_array_equal(ewc[f"anchor/{k}"], np.asarray(v, np.float32), err_msg=k)
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_frozen_old_experts_stay_bit_identical_with_ewc_and_distillation(continual_run):
   wd, c, _ = continual_run
   params, ewc = final_params(wd, c)
@@ -235,6 +238,7 @@ def test_frozen_old_experts_stay_bit_identical_with_ewc_and_distillation(continu
   np.testing.assert_array_equal(params[k][:, :2], ewc[f"anchor/{k}"][:, :2])
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_forgetting_report_and_heatmap(continual_run):
   wd, c, result = continual_run
   report = json.load(open(os.path.join(wd, "continual", "stage1.json")))
@@ -249,6 +253,7 @@ def test_forgetting_report_and_heatmap(continual_run):
   check_png(os.path.join(wd, "continual", "stage1_loads.png"))
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_resume_mid_stage_with_ewc_and_distillation_is_bit_identical(continual_run, tmp_path, data_dir):
   wd, c, _ = continual_run
   wd2 = seeded(wd, str(tmp_path / "resumed"))
@@ -316,6 +321,7 @@ def test_ewc_batch_must_split_over_data_shards(data_dir):
   validate_config(c, 8)
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_add_experts_routes_the_new_domain_to_new_experts_from_its_centroid(continual_run, tmp_path, data_dir):
   src, _, _ = continual_run
   c = staged(data_dir)

@@ -144,6 +144,7 @@ def lora_run(tmp_path_factory, data_dir):
   return c, wd, stages.train_and_evaluate(c, wd)
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_a_lora_stage_trains_only_the_adapters(lora_run):
   c, wd, result = lora_run
   add, merge = result["certificates"]
@@ -164,6 +165,7 @@ def test_a_lora_stage_trains_only_the_adapters(lora_run):
   assert sorted(opt) == sorted(ad_shapes * 2), (len(opt), len(ad_shapes))
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_merge_lora_gives_the_adapter_model_exactly(lora_run):
   c, wd, result = lora_run
   _, merge = result["certificates"]
@@ -222,6 +224,7 @@ def _stored_paths(step_dir):
           for p, _ in jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))}
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_adapter_checkpoints_resume_exactly_next_to_a_pinned_base(lora_run, tmp_path):
   """Interrupted in the LoRA stage with keep_checkpoints=1 and a checkpoint every step: the
   stage's checkpoints after its first hold the adapters only, the base is kept, and the resumed
@@ -256,6 +259,7 @@ def test_adapter_checkpoints_resume_exactly_next_to_a_pinned_base(lora_run, tmp_
   assert all(two[s] == one[s] for s in two), (one, two)  # bit-identical losses, merge stage included
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_adapters_refuse_a_different_base(lora_run, tmp_path):
   """The adapters' base replaced by another model (one weight changed): restoring them is an
   error naming both checkpoints; the genuine pair restores."""
@@ -287,6 +291,7 @@ def test_adapters_refuse_a_different_base(lora_run, tmp_path):
   mngr.close()
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_a_corrupt_base_of_adapters_is_refused_naming_it(lora_run, tmp_path):
   """Flipped bytes in the adapters' base: restoring the adapter checkpoint names the base and the
   parameter (its checksums, not only its fingerprint, are checked)."""
@@ -307,6 +312,7 @@ def test_a_corrupt_base_of_adapters_is_refused_naming_it(lora_run, tmp_path):
   mngr.close()
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_seeding_a_workdir_from_adapters_brings_their_base(lora_run, tmp_path):
   from moegrow import checkpoint
   from moegrow.orchestrate import parts

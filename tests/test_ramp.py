@@ -205,6 +205,7 @@ def _restore(wd, c, stage, step):
   return jax.device_get(state), plan[stage].cfg
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_the_trainer_ramps_m_and_the_boundary_is_exact(ramp_run):
   from moegrow.train import optim
   c, wd, result = ramp_run
@@ -228,6 +229,7 @@ def test_the_trainer_ramps_m_and_the_boundary_is_exact(ramp_run):
   assert np.all(np.asarray(state["params"]["blocks"]["1"]["mlp"]["router_bias_E"])[2:] > -100)
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_a_run_stopped_mid_ramp_resumes_bit_identically(ramp_run, tmp_path):
   from moegrow.orchestrate import stages
   c, wd, _ = ramp_run

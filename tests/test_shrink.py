@@ -124,6 +124,7 @@ def test_pruning_to_one_expert_with_top_k_one():
   assert np.all(np.isfinite(np.asarray(logits)))
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 @pytest.mark.parametrize("saliency", ["frequency", "reap"])
 def test_a_pruned_model_trains_on_and_grows_again(tmp_path, data_dir, saliency):
   """E=4 trained, pruned to 2 at a boundary by a saliency measured there, trained, grown back to 4
@@ -239,6 +240,7 @@ def test_merge_experts_refusals_name_the_problem():
     apply_ops(init, cfg, [dict(op="merge_experts", num_experts=2, features={1: [[1.0, 2.0]]})])
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_a_merged_model_trains_on_after_a_boundary_that_measures_its_groups(tmp_path, data_dir):
   c = train_config(data_dir, steps=0, eval_every=0, checkpoint_every=2)
   c.model.update(moe_layers="every_other", num_experts=4, top_k=1)

@@ -204,6 +204,7 @@ def test_program_is_reused_across_cadence_changes_but_not_across_optimizer_or_se
     assert (steps.build_program(cfg, other.train, mesh).train_step.step is base.train_step.step) == (key == "seed")
 
 
+@pytest.mark.slow  # slow tier: a mesh-equivalence or whole staged run (the fast tier keeps the unit tests)
 def test_the_seed_is_data_the_step_is_the_one_it_was():
   """A step with the seed as an argument computes what a step with the seed baked in computes
   (independent reference: the same loss with jax.random.key(seed + 1) as a constant), for two

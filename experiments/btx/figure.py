@@ -166,7 +166,7 @@ def routing_rows(fig: Figure, root: str, seed: int) -> list[dict]:
   return rows
 
 
-def routing_report(fig: Figure, root: str, seeds) -> list[dict]:
+def routing_report(fig: Figure, root: str, seeds, data_dir: str = "") -> list[dict]:
   """Write btx_routing.csv and btx_routing.png (mean over seeds), and print the own-expert share."""
   rows = [r for seed in seeds for r in routing_rows(fig, root, seed)]
   write_csv(os.path.join(root, "btx_routing.csv"), rows, ["arm", "seed", "when", "layer", "domain", "expert",

@@ -164,7 +164,7 @@ def frontier_rows(fig: Figure, root: str, seeds) -> list[dict]:
   return rows
 
 
-def frontier(fig: Figure, root: str, seeds) -> list[dict]:
+def frontier(fig: Figure, root: str, seeds, data_dir: str = "") -> list[dict]:
   """Write frontier.csv (per run), frontier_summary.md (mean ± SE per arm) and frontier.png."""
   rows = frontier_rows(fig, root, seeds)
   write_csv(os.path.join(root, "frontier.csv"), rows,

@@ -158,7 +158,7 @@ def gap_closure_rows(fig: Figure, root: str, seeds) -> list[dict]:
   return rows
 
 
-def gap_closure(fig: Figure, root: str, seeds) -> list[dict]:
+def gap_closure(fig: Figure, root: str, seeds, data_dir: str = "") -> list[dict]:
   """Write gap_closure.csv (per arm and seed), gap_closure_summary.md (mean ± SE per arm, paired
   by seed) and gap_closure.png; print the summary."""
   rows = gap_closure_rows(fig, root, seeds)

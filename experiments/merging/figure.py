@@ -194,7 +194,7 @@ def summary(fig: Figure, rows: list[dict], seeds) -> tuple[str, list[dict]]:
   return "\n".join(lines) + "\n", out
 
 
-def merge_report(fig: Figure, root: str, seeds) -> list[dict]:
+def merge_report(fig: Figure, root: str, seeds, data_dir: str = "") -> list[dict]:
   """Merge and evaluate every seed's checkpoints (cached per seed); write CSV, summary, PNG."""
   from experiments.harness import read_csv_rows
   rows = []

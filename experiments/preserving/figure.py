@@ -251,7 +251,7 @@ def spike_rows(fig: Figure, root: str, seeds) -> list[dict]:
   return rows
 
 
-def spike_report(fig: Figure, root: str, seeds) -> list[dict]:
+def spike_report(fig: Figure, root: str, seeds, data_dir: str = "") -> list[dict]:
   """Write spike.csv (per run), spike_summary.md (mean ± SE per arm + the spike's paired
   comparisons) and spike.png (training loss around the growth step); print the summary."""
   rows = spike_rows(fig, root, seeds)

@@ -194,7 +194,7 @@ def saved_rows(fig: Figure, root: str, seeds) -> list[dict]:
   return rows
 
 
-def flops_saved_report(fig: Figure, root: str, seeds) -> list[dict]:
+def flops_saved_report(fig: Figure, root: str, seeds, data_dir: str = "") -> list[dict]:
   """Write flops_saved.csv (per grown run) and flops_saved_summary.md (mean ± SE per arm over the
   seeds that reached L_star, with the count that never did); print the summary."""
   rows = saved_rows(fig, root, seeds)
