@@ -35,8 +35,9 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
       active += m * d * cfg.d_ff
     else:
       shared = cfg.num_shared_experts * m * d * cfg.shared_d_ff + (d if cfg.num_shared_experts and cfg.shared_gate else 0)
-      total += e * m * d * cfg.expert_d_ff + d * e + e + shared
-      active += cfg.top_k * m * d * cfg.expert_d_ff + d * e + e + shared  # k experts per token
+      router = d * e + e + (e if cfg.balance == "loss_free" else 0)  # router, its bias, a selection bias
+      total += e * m * d * cfg.expert_d_ff + router + shared
+      active += cfg.top_k * m * d * cfg.expert_d_ff + router + shared  # k experts per token
   return {"total": total, "active": active}
 
 

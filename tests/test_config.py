@@ -136,6 +136,8 @@ CONFIGS = {
     "moe_shared_per_layer_counts": lambda: model(num_layers=4, moe_layers="every_other", num_experts=(3, 5), top_k=2,
                                                  expert_d_ff=24, num_shared_experts=2, shared_d_ff=8),
     "moe_all_gelu_top1": lambda: model(moe_layers="all", num_experts=4, top_k=1, mlp_act="gelu", tie_embeddings=False),
+    "moe_loss_free_sigmoid": lambda: model(moe_layers="all", num_experts=6, top_k=2, gating="sigmoid_topk",
+                                           balance="loss_free"),
 }
 
 

@@ -22,7 +22,7 @@ def quick(tmp_path_factory, data_dir):
 
 
 def test_both_arms_train_and_the_load_table_follows_from_the_logs(quick):
-  check_results_csv(os.path.join(quick, "balance.csv"), {"aux16", "free16"}, (0,))
+  check_results_csv(os.path.join(quick, "balance.csv"), {"aux16", "free16", "fast16"}, (0,))
   for png in ("balance.png", "load.png"):
     check_png(os.path.join(quick, png), FIGURE_SIZE)
   t = balance.SIZES["quick"]["steps"]
@@ -37,10 +37,10 @@ def test_both_arms_train_and_the_load_table_follows_from_the_logs(quick):
   assert "| free16 | 1 |" in open(os.path.join(quick, "load_summary.md")).read()
 
 
-def test_only_the_loss_free_arm_moves_a_selection_bias(quick):
+def test_only_the_loss_free_arms_move_a_selection_bias(quick):
   from moegrow import checkpoint
   t = balance.SIZES["quick"]["steps"]
-  for arm, has in (("free16", True), ("aux16", False)):
+  for arm, has, rate in (("free16", True, balance.RATE), ("fast16", True, balance.FAST_RATE), ("aux16", False, 0)):
     src_dir, prefix, step = checkpoint.locate(os.path.join(quick, arm, "seed0"))
     mngr = checkpoint.manager(src_dir, read_only=True, step_prefix=prefix)
     try:
@@ -52,4 +52,4 @@ def test_only_the_loss_free_arm_moves_a_selection_bias(quick):
     assert step == t and ("selection_bias_E" in mlp) == has
     if has:  # t steps of +-1e-3 (or 0) per expert
       b = np.asarray(mlp["selection_bias_E"])
-      assert 0 < np.abs(b).max() <= t * balance.RATE + 1e-6
+      assert 0 < np.abs(b).max() <= t * rate + 1e-6

@@ -10,7 +10,10 @@ sigmoid scores renormalised over the chosen two (DeepSeek-V3 / the paper's gatin
 per expert; the two corpora 50/50; T steps of 16 x 64 tokens, one warm-up + cosine schedule.
 Arms (same data order and initialisation per seed):
   aux<E>   the Switch load-balancing loss, weight 0.01 (moegrow's default), no selection bias;
-  free<E>  loss-free balancing (balance_rate u = 1e-3, the paper's), no auxiliary loss.
+  free<E>  loss-free balancing (balance_rate u = 1e-3, the paper's), no auxiliary loss;
+  fast<E>  loss-free balancing with u = 1e-2: at this scale (1,024 tokens a step, learning rate
+           3e-3) the router's logits move faster than the paper's u can follow (a pilot: u = 1e-3
+           left the load as uneven as the auxiliary loss did).
 Load: each logged step's fraction of the layer's token-expert choices per expert; max / mean load
 (the paper's MaxVio + 1) per step, its mean over the second half of training and its last value.
 `--quick`: 6 steps, E = 16 only (tests).
@@ -29,21 +32,22 @@ from experiments.harness import (Arm, Claim, Figure, by_arm, format_mean_se, mea
 from moegrow.configs import lm
 
 TOP_K, LAYER = 2, "1"
-RATE, AUX_WEIGHT = 1e-3, 0.01
+RATE, FAST_RATE, AUX_WEIGHT = 1e-3, 1e-2, 0.01
 SIZES = {
-    "small": dict(steps=300, warmup_steps=10, eval_every=100, log_every=5, eval_batches=64, experts=(16, 32)),
+    "small": dict(steps=1000, warmup_steps=10, eval_every=250, log_every=10, eval_batches=64, experts=(16, 32)),
     "quick": dict(steps=6, warmup_steps=2, eval_every=3, log_every=1, eval_batches=1, experts=(16,)),
 }
 
 
-def base_config(size: str, experts: int, loss_free: bool) -> ml_collections.ConfigDict:
+def base_config(size: str, experts: int, rate: float | None) -> ml_collections.ConfigDict:
+  """The E-expert model; `rate`: loss-free balancing at that rate (None: the auxiliary loss)."""
   if size not in SIZES:
     raise ValueError(f"experiments/balance: unknown size {size!r}; use {sorted(SIZES)}")
   s = SIZES[size]
   c = lm.get_config("tiny")
   c.model.update(moe_layers="every_other", num_experts=experts, top_k=TOP_K, gating="sigmoid_topk")
-  if loss_free:
-    c.model.update(balance="loss_free", balance_rate=RATE, aux_loss_weight=0.0)
+  if rate is not None:
+    c.model.update(balance="loss_free", balance_rate=rate, aux_loss_weight=0.0)
   else:
     c.model.update(balance="aux_loss", aux_loss_weight=AUX_WEIGHT)
   c.data.mixture = ml_collections.ConfigDict({"shakespeare_plays": 0.5, "python_stdlib": 0.5})
@@ -57,8 +61,9 @@ def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
   """Each arm's config (seed 0; the harness sets the seed)."""
   out = {}
   for e in SIZES[size]["experts"]:
-    out[f"aux{e}"] = base_config(size, e, loss_free=False)
-    out[f"free{e}"] = base_config(size, e, loss_free=True)
+    out[f"aux{e}"] = base_config(size, e, None)
+    out[f"free{e}"] = base_config(size, e, RATE)
+    out[f"fast{e}"] = base_config(size, e, FAST_RATE)
   return out
 
 
@@ -69,10 +74,13 @@ def figure(quick: bool = False) -> Figure:
   arms, claims = [], []
   for e in s["experts"]:
     arms += [Arm(f"aux{e}", make(f"aux{e}"), f"E={e}, auxiliary loss {AUX_WEIGHT}"),
-             Arm(f"free{e}", make(f"free{e}"), f"E={e}, loss-free (u={RATE})")]
-    claims.append(Claim(f"loss-free balancing ends at a lower loss than the auxiliary loss (E={e})", f"free{e}",
-                        f"aux{e}"))
-  plan = {"size": size, "steps": s["steps"], "experts": list(s["experts"]), "top_k": TOP_K, "rate": RATE,
+             Arm(f"free{e}", make(f"free{e}"), f"E={e}, loss-free (u={RATE})"),
+             Arm(f"fast{e}", make(f"fast{e}"), f"E={e}, loss-free (u={FAST_RATE})")]
+    claims += [Claim(f"loss-free balancing (u={RATE}) ends at a lower loss than the auxiliary loss (E={e})",
+                     f"free{e}", f"aux{e}"),
+               Claim(f"loss-free balancing (u={FAST_RATE}) ends at a lower loss than the auxiliary loss (E={e})",
+                     f"fast{e}", f"aux{e}")]
+  plan = {"size": size, "steps": s["steps"], "experts": list(s["experts"]), "top_k": TOP_K, "rates": [RATE, FAST_RATE],
           "aux_weight": AUX_WEIGHT, "eval_batches": s["eval_batches"], "log_every": s["log_every"]}
   return Figure("balance", f"Load balancing: auxiliary loss vs loss-free ({size})", tuple(arms), tuple(claims),
                 plan=plan, extra_report=load_report)
@@ -126,13 +134,17 @@ def load_report(fig: Figure, root: str, seeds, data_dir: str = "") -> list[dict]
                  f" | {format_mean_se(e['max_over_mean_final'], e['max_over_mean_final_se'], '.3f')} |")
   per = {(r["arm"], r["seed"]): r for r in rows}
   lines += ["", "Loss-free minus auxiliary loss, paired by seed (< 0: loss-free is better balanced):", "",
-            *table_head("experts", "seeds", "difference in max/mean load (late)")]
+            *table_head("experts", "loss-free arm", "seeds", "difference in max/mean load (late)",
+                        "difference at the end")]
   for e in fig.plan["experts"]:
-    d = [per[(f"free{e}", s)]["max_over_mean_late"] - per[(f"aux{e}", s)]["max_over_mean_late"]
-         for s in seeds if (f"free{e}", s) in per and (f"aux{e}", s) in per]
-    m, se = mean_se(d)
-    sep = "separated" if se == se and abs(m) > 2 * se else "not separated"
-    lines.append(f"| {e} | {len(d)} | {format_mean_se(m, se, '+.3f')} ({sep}) |")
+    for arm in (f"free{e}", f"fast{e}"):
+      pairs = [(per[(arm, s)], per[(f"aux{e}", s)]) for s in seeds if (arm, s) in per and (f"aux{e}", s) in per]
+      cells = []
+      for k in ("max_over_mean_late", "max_over_mean_final"):
+        m, se = mean_se([a[k] - b[k] for a, b in pairs])
+        sep = "separated" if se == se and abs(m) > 2 * se else "not separated"
+        cells.append("n/a" if m != m else (f"{m:+.3f} ({sep})" if se != se else f"{m:+.3f} ± {se:.3f} ({sep})"))
+      lines.append(f"| {e} | {arm} | {len(pairs)} | " + " | ".join(cells) + " |")
   write_summary(os.path.join(root, "load_summary.md"), "\n".join(lines) + "\n")
   if rows:
     _plot(os.path.join(root, "load.png"), fig, root, seeds)

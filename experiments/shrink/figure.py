@@ -64,8 +64,8 @@ LABELS = {"prune_frequency": "prune: router frequency", "prune_reap": "prune: RE
           "prune_random": "prune: random", "merge_output": "merge: output clusters (HC-SMoE)",
           "merge_output_aligned": "merge: output clusters, aligned", "prune_reap_distill": "prune: REAP + distillation"}
 SIZES = {
-    # N + M steps of 16 x 64 tokens; 64 evaluation batches of 16 x 64 per domain every 75 steps.
-    "small": dict(pre=300, post=150, warmup_steps=10, eval_every=75, log_every=25, eval_batches=64),
+    # N + M steps of 16 x 64 tokens; 64 evaluation batches of 16 x 64 per domain every 100 steps.
+    "small": dict(pre=1200, post=400, warmup_steps=10, eval_every=100, log_every=50, eval_batches=64),
     "quick": dict(pre=4, post=2, warmup_steps=2, eval_every=2, log_every=2, eval_batches=1),
 }
 
@@ -201,8 +201,8 @@ def cut_report(fig: Figure, root: str, seeds, data_dir: str = "") -> list[dict]:
            f"step {t}; > 0 means behind.", "",
            *table_head("arm", "seeds", "loss change at the cut", f"loss at {t}", "minus e8", "minus e4")]
   for e in summary:
-    cells = [format_mean_se(e[k], e[k + "_se"], "+.4f" if k != "final" else ".4f")
-             for k in ("cut", "final", "vs_e8", "vs_e4")]
+    cells = [format_mean_se(e["final"], e["final_se"])] + [_signed(e[k], e[k + "_se"]) for k in ("vs_e8", "vs_e4")]
+    cells.insert(0, _signed(e["cut"], e["cut_se"]))
     lines.append(f"| {e['arm']} | {e['n']} | " + " | ".join(cells) + " |")
   write_summary(os.path.join(root, "cut_summary.md"), "\n".join(lines) + "\n")
   if summary:
@@ -210,11 +210,16 @@ def cut_report(fig: Figure, root: str, seeds, data_dir: str = "") -> list[dict]:
   return summary
 
 
+def _signed(m: float, se: float) -> str:
+  """'+m ± se' (the SE unsigned; 'n/a' without a mean; the mean alone with one seed)."""
+  return "n/a" if m != m else (f"{m:+.4f}" if se != se else f"{m:+.4f} ± {se:.4f}")
+
+
 def _plot(path: str, fig: Figure, summary: list[dict]) -> None:
   """Two panels of paired differences with their SE: the loss change at the cut, and the gap to
   no shrink (e8) after recovery."""
   plt = plots.pyplot()
-  f, axes = plt.subplots(1, 2, figsize=(11, 4.3))
+  f, axes = plt.subplots(1, 2, figsize=(10, 4.3), gridspec_kw={"width_ratios": [1.25, 1]})
   names = [e["arm"] for e in summary]
   y = np.arange(len(names))
   hatches = ["", "//", "..", "xx", "\\\\", "oo"]
@@ -224,7 +229,7 @@ def _plot(path: str, fig: Figure, summary: list[dict]) -> None:
       ax.barh(y[j], e[key], xerr=0 if e[key + "_se"] != e[key + "_se"] else e[key + "_se"], color=f"C{j}",
               hatch=hatches[j % len(hatches)], edgecolor="0.2", capsize=4)
     ax.axvline(0.0, color="0.3", lw=0.8)
-    ax.set_yticks(y, [LABELS.get(nm, nm) for nm in names], fontsize=8)
-    plots.style_axes(ax, "validation loss change (nats/token), mean ± SE over seeds", "", title, grid="x")
+    ax.set_yticks(y, [LABELS.get(nm, nm) for nm in names] if key == "cut" else [], fontsize=8)
+    plots.style_axes(ax, "loss change (nats/token), mean ± SE", "", title, grid="x")
   n = max(e["n"] for e in summary)
   plots.save(f, path, f"{fig.title} (n={n} seeds, paired)")
