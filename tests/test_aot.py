@@ -5,7 +5,6 @@ import math
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -13,7 +12,6 @@ from moegrow import aot, flops, sharding
 from moegrow.configs import lm
 from moegrow.hlo import collectives, computations, multiplicity
 from moegrow.model import moe
-from moegrow.model import transformer as tf
 from moegrow.orchestrate import parts
 from moegrow.train import steps
 

@@ -64,6 +64,28 @@ def test_frequency_and_reap_are_the_hand_computation(gating):
   assert len(set(np.round(reap, 6))) == len(reap)  # the experts are told apart
 
 
+def test_merge_features_are_the_hand_computation():
+  """expert_features: each expert's mean output over the tokens (a loop over experts in numpy), and
+  router vectors with the cosine distances of the experts' logit vectors over those tokens."""
+  cfg = moe(router_init_std=1.0)
+  params = tf.init_params(cfg, jax.random.key(4))
+  tokens = RNG.integers(0, 259, (3, 16)).astype(np.int32)
+  mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+  got = probes.expert_features(cfg, params, [{"inputs": tokens}], mesh)["1"]
+  inputs = tf.apply(cfg, params, jnp.asarray(tokens), mlp_inputs=True)[1]["mlp_inputs"]
+  h = np.asarray(inputs["1"], np.float64).reshape(-1, cfg.d_model)
+  m = {k: np.asarray(v, np.float64) for k, v in trees.flatten(params).items() if k.startswith("blocks/1/mlp/")}
+  p = "blocks/1/mlp/"
+  silu = lambda z: z / (1 + np.exp(-z))
+  out = [np.mean((silu(h @ m[p + "wact_EDF"][e]) * (h @ m[p + "wlin_EDF"][e])) @ m[p + "wo_EFD"][e], axis=0)
+         for e in range(4)]
+  np.testing.assert_allclose(got["output"], out, rtol=1e-4, atol=1e-6)
+  logits_EN = (h @ m[p + "router_DE"] + m[p + "router_bias_E"]).T
+  cosine = lambda x: (x @ x.T) / np.outer(np.linalg.norm(x, axis=1), np.linalg.norm(x, axis=1))
+  assert np.shape(got["router"]) == (4, 4)  # E x E whatever the number of tokens
+  np.testing.assert_allclose(cosine(np.asarray(got["router"])), cosine(logits_EN), atol=1e-5)
+
+
 def state_of(cfg):
   params = tf.init_params(cfg, jax.random.key(1))
   noise = lambda s: jax.tree_util.tree_map(lambda x: jnp.asarray(RNG.normal(size=x.shape), x.dtype), params)

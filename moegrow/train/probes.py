@@ -103,12 +103,23 @@ def reap_scores(cfg, params, batches: list[dict], mesh) -> dict[str, list[float]
 def expert_features(cfg, params, batches: list[dict], mesh) -> dict[str, dict[str, list]]:
   """Per MoE layer, what merge_experts groups experts by: {'output': each expert's mean output over
   every token of `batches` [E, D] (HC-SMoE), 'router': each expert's router logits on those tokens
-  [E, N] (MC-SMoE)}."""
+  (MC-SMoE), as E vectors of length E with the same dot products as the [E, N] logits (so the
+  same cosine distances, and a certificate that stays small however many tokens were measured)}."""
   tokens, replicated = _replicated_tokens(batches, mesh)
-  views = lambda p, t: {i: (jnp.mean(y_END, axis=1), logits_NE.T)
+  views = lambda p, t: {i: (jnp.mean(y_END, axis=1), logits_NE.T @ logits_NE)
                         for i, (_, logits_NE, y_END) in _moe_views(cfg, p, t).items()}
   feats = jax.jit(views, out_shardings=replicated)(params, tokens)
-  return {i: {"output": np.asarray(o).tolist(), "router": np.asarray(r).tolist()} for i, (o, r) in feats.items()}
+  return {i: {"output": np.asarray(o).tolist(), "router": gram_root(np.asarray(g)).tolist()}
+          for i, (o, g) in feats.items()}
+
+
+def gram_root(gram_EE: np.ndarray) -> np.ndarray:
+  """Rows F with F F^T = `gram_EE` (a symmetric positive semi-definite matrix), by its eigen-
+  decomposition in float64: vectors with the dot products, hence the cosine distances, of the
+  vectors that made the Gram matrix."""
+  g = np.asarray(gram_EE, np.float64)
+  w, v = np.linalg.eigh((g + g.T) / 2)
+  return v * np.sqrt(np.clip(w, 0.0, None))
 
 
 def _example_nll(cfg, p, x_T, y_T):
