@@ -307,7 +307,10 @@ def test_a_corrupt_base_of_adapters_is_refused_naming_it(lora_run, tmp_path):
   plan = parts.resolve_stages(c, parts.model_config(c))
   prog = steps.build_program(plan[1].cfg, parts.stage_train(c.train, plan[1]), parts.make_mesh(c))
   mngr = checkpoint.manager(ck, read_only=True, step_prefix="stage1")
-  with pytest.raises(checkpoint.CorruptCheckpoint, match=r"stage1_3 is corrupt: 1 array\(s\) differ .*state/"):
+  # flipped compressed bytes: wrong values (checksums differ) or an undecodable chunk, by the layout
+  with pytest.raises(checkpoint.CorruptCheckpoint,
+                     match=r"stage1_3( is corrupt: 1 array\(s\) differ .*state/|: restore failed, its array files are "
+                           r"unreadable)"):
     checkpoint.restore(mngr, 6, prog.abstract_state)
   mngr.close()
 
