@@ -23,7 +23,9 @@ A figure is declarative (see experiments/upcycling/figure.py):
     `summary.csv` / `summary.md` (also printed) hold each arm's final loss (mean ± SE) and, per
     claim, the effect `loss(worse) - loss(better)` paired by seed, its standard error
     `std(differences, ddof=1) / sqrt(n)`, and whether it is separated (|effect| > 2 SE).
-FLOPs come from the one formula in `moegrow.flops` (`matched_steps` does compute matching).
+FLOPs come from the one formula in `moegrow.flops` (`matched_steps` does compute matching); a
+distilling stage also counts its teacher's forward pass on every batch (a third of a training step
+of the teacher's model).
 A figure's own report (`extra_report`) reuses the numbers here (`by_arm`, `mean_se_fields`,
 `paired_effect`, `format_mean_se`, `table_head`, `write_summary`) and draws with experiments/plots.py.
 """
@@ -45,7 +47,7 @@ import numpy as np
 from experiments import plots
 from moegrow import checkpoint
 from moegrow.config import ModelConfig
-from moegrow.flops import train_flops_per_token
+from moegrow.flops import forward_flops_per_token, train_flops_per_token
 from moegrow.orchestrate import parts, stages
 
 
@@ -101,12 +103,23 @@ def matched_steps(flops: float, cfg: ModelConfig, config) -> int:
   return int(round(flops / flops_per_step(cfg, config)))
 
 
+def teacher_flops_per_step(cfg: ModelConfig, config) -> float:
+  """FLOPs of one forward pass of teacher model `cfg` over a step's batch of `config`."""
+  seq = int(config.data.seq_len)
+  return forward_flops_per_token(cfg, seq) * seq * int(config.train.batch_size)
+
+
 def flops_at(config, step: int, plan: Sequence[parts.Stage] | None = None) -> float:
   """Training FLOPs a run of `config` has spent at global `step`, summed over its stages
-  (`plan`: the config's resolved stages, if already at hand)."""
+  (`plan`: the config's resolved stages, if already at hand), a distilling stage's teacher forward
+  passes included (the previous stage's model on every batch)."""
+  plan = plan or parts.resolve_stages(config, parts.model_config(config))
   total = 0.0
-  for st in plan or parts.resolve_stages(config, parts.model_config(config)):
-    total += max(0, min(step, st.end) - st.start) * flops_per_step(st.cfg, config)
+  for st in plan:
+    n = max(0, min(step, st.end) - st.start)
+    total += n * flops_per_step(st.cfg, config)
+    if st.distill and float(st.distill.get("weight", 0) or 0) > 0 and st.index > 0:
+      total += n * teacher_flops_per_step(plan[st.index - 1].cfg, config)
   return total
 
 

@@ -59,3 +59,9 @@ def matmul_params_per_token(cfg: ModelConfig) -> int:
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   """FORMULA: 6 N_active_matmul + 12 L T H A."""
   return 6.0 * matmul_params_per_token(cfg) + 12.0 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """One forward pass (a distillation teacher's): a third of FORMULA's training FLOPs, whose
+  backward pass is twice the forward."""
+  return train_flops_per_token(cfg, seq_len) / 3.0

@@ -25,6 +25,24 @@ def test_compute_matching_follows_the_formula():
                            "moe_scratch": round((n * f_dense + m * f_moe) / f_moe)}
 
 
+def test_a_distilling_stage_counts_its_teachers_forward_passes():
+  """The shrink figure's distilled arm: N steps of E=8, then M steps of E=4 plus one forward pass of
+  the E=8 teacher per batch, 2 N + 4 L T H A per token (a third of 6 N + 12 L T H A)."""
+  from experiments.shrink import figure as shrink
+  d, layers, heads, hd, f, v, t, b = 64, 2, 2, 32, 256, 259, 64, 16
+  attn = 4 * d * heads * hd
+  n_of = lambda e: d * v + layers * attn + 3 * d * f + (3 * d * 2 * f + d * e)  # layer 1: E experts, top-2
+  train = lambda e: (6 * n_of(e) + 12 * layers * t * heads * hd) * t * b
+  forward = lambda e: (2 * n_of(e) + 4 * layers * t * heads * hd) * t * b
+  s = shrink.SIZES["quick"]
+  cfgs = shrink.configs("quick")
+  end = s["pre"] + s["post"]
+  plain = s["pre"] * train(8) + s["post"] * train(4)
+  assert harness.flops_at(cfgs["prune_reap"], end) == pytest.approx(plain, rel=1e-12)
+  assert harness.flops_at(cfgs["prune_reap_distill"], end) == pytest.approx(plain + s["post"] * forward(8), rel=1e-12)
+  assert harness.flops_at(cfgs["prune_reap_distill"], s["pre"]) == pytest.approx(s["pre"] * train(8), rel=1e-12)
+
+
 def test_summary_standard_error_is_the_hand_computation(tmp_path):
   rows = []
   finals = {"a": [1.0, 1.1, 1.3], "b": [1.1, 1.3, 1.6], "c": [1.05, 1.1, 1.25]}  # per seed, at the last step

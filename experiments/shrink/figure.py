@@ -24,8 +24,8 @@ Every arm trains N + M steps of the same batches under one schedule (warm-up, co
 A shrunk arm's first N steps are e8's (same config, schedule and data): it starts from a copy of
 e8's checkpoint at N (harness `start_from`). E=8 and E=4 top-2 layers cost the same FLOPs per token
 (the same two experts per token; the router's E columns aside), so equal tokens are equal FLOPs,
-except for the distilled arm, whose teacher's forward passes (about a third of a step) are not on
-the x axis.
+except for the distilled arm, whose teacher's forward passes (a third of a step of the 8-expert
+model) the harness counts on the x axis.
 
 `cut.csv` / `cut_summary.md` / `cut.png` (per shrunk arm and seed, paired): the validation loss of
 e8 at step N, of the shrunk model right after the cut (its step-N checkpoint, evaluated on the same
