@@ -136,6 +136,18 @@ def size_arm_config(where: str, arg: str, sizes, configs: Callable[[str], dict])
   return cfgs[parts[1]]
 
 
+def check_staged_arms(where: str, cfgs: dict, start: str, target: str, arms: Sequence[str], verb: str) -> None:
+  """ValueError unless each of `arms` is a staged run whose first stage trains arm `start`'s model
+  and whose last stage trains arm `target`'s model, ending where `start`'s run ends (so the arm may
+  start from `start`'s checkpoint and be compared with `target` at equal steps)."""
+  first, last = parts.model_config(cfgs[start]), parts.model_config(cfgs[target])
+  for name in arms:
+    plan = parts.resolve_stages(cfgs[name], parts.model_config(cfgs[name]))
+    if plan[0].cfg != first or plan[-1].cfg != last or plan[-1].end != cfgs[start].train.steps:
+      raise ValueError(f"{where}: arm {name} does not {verb} {start} into {target} over the same steps: "
+                       + parts.config_diff(plan[-1].cfg, last))
+
+
 def run_dir(root: str, arm: str, seed: int) -> str:
   return os.path.join(root, arm, f"seed{seed}")
 

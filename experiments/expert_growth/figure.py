@@ -38,10 +38,9 @@ import ml_collections
 import numpy as np
 
 from experiments import plots
-from experiments.harness import (Arm, Claim, Figure, by_arm, domain_mean, format_mean_se, mean_se, mean_se_fields,
-                                 read_evals, run_dir, table_head, write_csv, write_summary)
+from experiments.harness import (Arm, Claim, Figure, by_arm, check_staged_arms, domain_mean, format_mean_se, mean_se,
+                                 mean_se_fields, read_evals, run_dir, table_head, write_csv, write_summary)
 from moegrow.configs import lm
-from moegrow.orchestrate import parts
 
 SMALL, BIG = "e2", "e4"
 E_SMALL, E_BIG, TOP_K = 2, 4, 2
@@ -94,21 +93,10 @@ def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
   return out
 
 
-def _check(cfgs: dict) -> None:
-  """The grown model is e4's model; a grown arm's first stage is e2's run (so it may start from
-  e2's checkpoint)."""
-  e2, e4 = parts.model_config(cfgs[SMALL]), parts.model_config(cfgs[BIG])
-  for name in SWITCHES:
-    plan = parts.resolve_stages(cfgs[name], parts.model_config(cfgs[name]))
-    if plan[0].cfg != e2 or plan[-1].cfg != e4 or plan[-1].end != cfgs[SMALL].train.steps:
-      raise ValueError(f"experiments/expert_growth: arm {name} does not grow e2 into e4 over the same steps: "
-                       + parts.config_diff(plan[-1].cfg, e4))
-
-
 def figure(quick: bool = False) -> Figure:
   size = "quick" if quick else "small"
   s, cfgs = SIZES[size], configs(size)
-  _check(cfgs)
+  check_staged_arms("experiments/expert_growth", cfgs, SMALL, BIG, list(SWITCHES), "grow")
   make = lambda name: (lambda seed: copy.deepcopy(cfgs[name]))
   arms = [Arm(SMALL, make(SMALL), f"{E_SMALL} experts throughout"),
           Arm(BIG, make(BIG), f"{E_BIG} experts from the start")]

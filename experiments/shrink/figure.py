@@ -43,8 +43,8 @@ import ml_collections
 import numpy as np
 
 from experiments import plots
-from experiments.harness import (Arm, Claim, Figure, arm_config, by_arm, domain_mean, format_mean_se, mean_se,
-                                 read_evals, run_dir, table_head, write_csv, write_summary)
+from experiments.harness import (Arm, Claim, Figure, arm_config, by_arm, check_staged_arms, domain_mean,
+                                 format_mean_se, mean_se, read_evals, run_dir, table_head, write_csv, write_summary)
 from moegrow import checkpoint
 from moegrow.configs import lm
 from moegrow.orchestrate import parts
@@ -100,20 +100,10 @@ def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
   return out
 
 
-def _check(cfgs: dict) -> None:
-  """A shrunk arm's first stage is e8's run and its second e4's model over the same steps."""
-  e8, e4 = parts.model_config(cfgs[BIG]), parts.model_config(cfgs[SMALL])
-  for name in CUTS:
-    plan = parts.resolve_stages(cfgs[name], parts.model_config(cfgs[name]))
-    if plan[0].cfg != e8 or plan[-1].cfg != e4 or plan[-1].end != cfgs[BIG].train.steps:
-      raise ValueError(f"experiments/shrink: arm {name} does not shrink e8 into e4 over the same steps: "
-                       + parts.config_diff(plan[-1].cfg, e4))
-
-
 def figure(quick: bool = False) -> Figure:
   size = "quick" if quick else "small"
   s, cfgs = SIZES[size], configs(size)
-  _check(cfgs)
+  check_staged_arms("experiments/shrink", cfgs, BIG, SMALL, list(CUTS), "shrink")
   make = lambda name: (lambda seed: copy.deepcopy(cfgs[name]))
   arms = [Arm(BIG, make(BIG), f"{E_BIG} experts throughout"), Arm(SMALL, make(SMALL), f"{E_SMALL} experts from scratch")]
   arms += [Arm(name, make(name), f"{LABELS[name]} at step {s['pre']}", start_from=BIG, start_step=s["pre"])

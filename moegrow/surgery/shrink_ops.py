@@ -120,20 +120,27 @@ def _kept_experts(cfg, counts: dict[int, int], saliency: str, scores, keep, seed
   return kept, missing
 
 
-def _prune_rules(cfg, i: int, idx: np.ndarray):
-  """Slice layer i's expert tables (axis 0), router columns (axis 1) and bias to the experts `idx`,
-  for params, moments and Fisher alike."""
-  def take(kind, kk, w, axis):
-    return jnp.take(w, jnp.asarray(idx), axis=axis)
+def _expert_leaves(cfg) -> list[tuple[str, int, int | None]]:
+  """(leaf, its expert axis, its hidden-unit axis or None) of every per-expert leaf of an MoE
+  layer: the expert tables, router columns, router bias and loss-free selection bias."""
+  return ([(f"{nm}_EDF", 0, 2) for nm in mlp_names(cfg)]
+          + [("wo_EFD", 0, 1), ("router_DE", 1, None), ("router_bias_E", 0, None), ("selection_bias_E", 0, None)])
 
+
+def _per_expert_rules(cfg, i: int, fn, name: str) -> list:
+  """Rules making each per-expert leaf of layer i by `fn(kind, key, w, axis=, hidden=)` of its
+  source (the same leaf), for params, moments and Fisher alike."""
   p = f"blocks/{i}/mlp/"
-  rules = [(p + f"{nm}_EDF", R.compute([p + f"{nm}_EDF"], functools.partial(take, axis=0), "prune_experts"))
-           for nm in mlp_names(cfg)]
-  return rules + [
-      (p + "wo_EFD", R.compute([p + "wo_EFD"], functools.partial(take, axis=0), "prune_experts")),
-      (p + "router_DE", R.compute([p + "router_DE"], functools.partial(take, axis=1), "prune_experts")),
-      (p + "router_bias_E", R.compute([p + "router_bias_E"], functools.partial(take, axis=0), "prune_experts")),
-      (p + "selection_bias_E", R.compute([p + "selection_bias_E"], functools.partial(take, axis=0), "prune_experts"))]
+  return [(p + leaf, R.compute([p + leaf], functools.partial(fn, axis=axis, hidden=hidden), name))
+          for leaf, axis, hidden in _expert_leaves(cfg)]
+
+
+def _prune_rules(cfg, i: int, idx: np.ndarray):
+  """Slice layer i's expert tables (axis 0), router columns (axis 1) and biases to the experts
+  `idx`, for params, moments and Fisher alike."""
+  def take(kind, kk, w, axis, hidden):
+    return jnp.take(w, jnp.asarray(idx), axis=axis)
+  return _per_expert_rules(cfg, i, take, "prune_experts")
 
 
 # ---------------------------------------------------------------- merging experts
@@ -272,24 +279,13 @@ def hidden_unit_perms(wact_EDF, wlin_EDF, wo_EFD, reference: int) -> np.ndarray:
 
 
 def _merge_rules(cfg, i: int, m_GE: np.ndarray, perms_EF: np.ndarray | None = None):
-  """Layer i's expert tables (axis 0), router columns (axis 1) and bias as usage-weighted group
+  """Layer i's expert tables (axis 0), router columns (axis 1) and biases as usage-weighted group
   means, for params, moments and Fisher alike; with `perms_EF` each expert's hidden units (the F
   axis) are permuted first."""
-  def mix(kind, kk, w, axis):
+  def mix(kind, kk, w, axis, hidden):
+    if perms_EF is not None and hidden is not None:
+      idx = jnp.asarray(perms_EF)[:, None, :] if hidden == 2 else jnp.asarray(perms_EF)[:, :, None]
+      w = jnp.take_along_axis(w, idx, axis=hidden)
     out = jnp.tensordot(jnp.asarray(m_GE, jnp.float32), jnp.moveaxis(w.astype(jnp.float32), axis, 0), axes=1)
     return jnp.moveaxis(out, 0, axis).astype(w.dtype)
-
-  def aligned_mix(kind, kk, w, f_axis):
-    if perms_EF is not None:
-      idx = jnp.asarray(perms_EF)[:, None, :] if f_axis == 2 else jnp.asarray(perms_EF)[:, :, None]
-      w = jnp.take_along_axis(w, idx, axis=f_axis)
-    return mix(kind, kk, w, 0)
-
-  p = f"blocks/{i}/mlp/"
-  rules = [(p + f"{nm}_EDF", R.compute([p + f"{nm}_EDF"], functools.partial(aligned_mix, f_axis=2), "merge_experts"))
-           for nm in mlp_names(cfg)]
-  return rules + [
-      (p + "wo_EFD", R.compute([p + "wo_EFD"], functools.partial(aligned_mix, f_axis=1), "merge_experts")),
-      (p + "router_DE", R.compute([p + "router_DE"], functools.partial(mix, axis=1), "merge_experts")),
-      (p + "router_bias_E", R.compute([p + "router_bias_E"], functools.partial(mix, axis=0), "merge_experts")),
-      (p + "selection_bias_E", R.compute([p + "selection_bias_E"], functools.partial(mix, axis=0), "merge_experts"))]
+  return _per_expert_rules(cfg, i, mix, "merge_experts")
