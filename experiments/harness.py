@@ -88,6 +88,7 @@ class Figure:
   x_origin: float = 0.0  # FLOPs subtracted on the x axis (e.g. a shared checkpoint's sunk FLOPs)
   x_label: str = "training FLOPs"
   extra_report: Callable | None = None  # (figure, root, seeds, data_dir) -> anything: its own tables/plots
+  replot: Callable | None = None  # (figure, root) -> list[plots.Drawn]: its own plots, from its CSVs in root
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -451,6 +452,9 @@ def summary_text(fig: Figure, arm_rows: list[dict], claim_rows: list[dict]) -> s
            *table_head("arm", "domain", "seeds", "loss")]
   for r in arm_rows:
     lines.append(f"| {r['arm']} | {r['domain']} | {r['n']} | {r['mean']:.4f} ± {r['se']:.4f} |")
+  if not claim_rows:
+    return "\n".join(lines + ["", "No claims on the training curves: the figure's own report tests its claims "
+                               "on what it measures after training."]) + "\n"
   lines += ["", "Claims (effect = loss(worse) - loss(better), paired by seed; > 0 supports the claim):", "",
             *table_head("claim", "better", "worse", "domain", "seeds", "effect ± SE", "separated (|effect| > 2 SE)")]
   for r in claim_rows:
@@ -458,37 +462,70 @@ def summary_text(fig: Figure, arm_rows: list[dict], claim_rows: list[dict]) -> s
   return "\n".join(lines) + "\n"
 
 
-def plot(path: str, fig: Figure, rows: list[dict]) -> None:
-  """One panel per domain ('mean' first): mean over seeds vs x, shaded ± standard error."""
+def curve_points(rows: Sequence[dict], arm: str, domain: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+  """One arm's curve on one domain: (x, mean, SE) over seeds at each step every seed reached, and
+  the number of seeds."""
+  pts: dict[int, list[tuple[float, float]]] = {}
+  for r in rows:
+    if r["arm"] == arm and r["domain"] == domain:
+      pts.setdefault(r["step"], []).append((r["x"], r["loss"]))
+  nseeds = max(len(v) for v in pts.values())
+  steps = [s for s in sorted(pts) if len(pts[s]) == nseeds]
+  m, se = mean_se_curve([[p[1] for p in pts[s]] for s in steps])
+  return np.array([pts[s][0][0] for s in steps]), m, se, nseeds
+
+
+def plot(path: str, fig: Figure, rows: list[dict]) -> list[plots.Drawn]:
+  """One panel per domain ('mean' first): mean over seeds vs x, shaded ± standard error, one style
+  per arm. Returns what it drew (x in the axis' units)."""
   plt = plots.pyplot()
   domains = ["mean"] + sorted({r["domain"] for r in rows} - {"mean"})
   labels = {a.name: a.label or a.name for a in fig.arms}
   xmax = max((abs(r["x"]) for r in rows), default=1.0) or 1.0
   scale = 10 ** math.floor(math.log10(xmax))
   f, axes = plt.subplots(1, len(domains), figsize=(5.2 * len(domains), 4.3), squeeze=False)
+  drawn = []
   for ax, dom in zip(axes[0], domains):
     for i, arm in enumerate(dict.fromkeys(r["arm"] for r in rows)):
-      pts: dict[int, list[tuple[float, float]]] = {}
-      for r in rows:
-        if r["arm"] == arm and r["domain"] == dom:
-          pts.setdefault(r["step"], []).append((r["x"], r["loss"]))
-      nseeds = max(len(v) for v in pts.values())
-      steps = [s for s in sorted(pts) if len(pts[s]) == nseeds]  # steps every seed reached
-      x = np.array([pts[s][0][0] for s in steps]) / scale
-      m, se = mean_se_curve([[p[1] for p in pts[s]] for s in steps])
-      plots.band(ax, x, m, se, f"C{i}", f"{labels[arm]} (n={nseeds})", marker="o", ms=3, lw=1.6)
+      x, m, se, nseeds = curve_points(rows, arm, dom)
+      drawn.append(plots.band(ax, x / scale, m, se, label=f"{labels.get(arm, arm)} (n={nseeds})", panel=dom, series=arm,
+                              ms=3, lw=1.4, markevery=max(1, len(x) // 12), **plots.arm_style(i)))
     plots.style_axes(ax, f"{fig.x_label} (x 1e{int(math.log10(scale))})", "validation loss (nats/token)",
                      "mean over domains" if dom == "mean" else dom)
   axes[0][0].legend(fontsize=8, loc="best")
   plots.save(f, path, f"{fig.title}: mean ± standard error over seeds")
+  return drawn
+
+
+def plot_claims(path: str, fig: Figure, claim_rows: list[dict]) -> list[plots.Drawn]:
+  """Each claim's effect loss(worse) - loss(better), paired by seed, ± its standard error: what the
+  claim rests on (two arms' separate error bands can overlap while their paired difference is
+  clear). Returns what it drew."""
+  plt = plots.pyplot()
+  f, ax = plt.subplots(figsize=(9, 0.9 + 0.55 * len(claim_rows)))
+  drawn = []
+  for i, r in enumerate(claim_rows):
+    st = plots.arm_style(i)
+    drawn.append(plots.points(ax, [i], [r["effect"]], [r["se"]], label=r["claim"], panel="claims", series=r["claim"],
+                              horizontal=True, color=st["color"], marker=st["marker"], ls="none", ms=6))
+  ax.axvline(0.0, color="0.3", lw=0.8)
+  ax.set_yticks(range(len(claim_rows)), [f"{r['claim']} ({r['domain']}, n={r['n']})" for r in claim_rows],
+                fontsize=8)
+  ax.invert_yaxis()
+  plots.style_axes(ax, "loss(worse) - loss(better), paired by seed (> 0 supports the claim)", "", grid="x")
+  plots.save(f, path, f"{fig.title}: the claims, mean ± SE of the paired differences")
+  return drawn
 
 
 def report(fig: Figure, root: str, seeds: Sequence[int], data_dir: str = "") -> tuple[list[dict], list[dict]]:
-  """Write <name>.csv, <name>.png, summary.csv and summary.md from the runs; print the summary."""
+  """Write <name>.csv, <name>.png, <name>_claims.png (if the figure has claims), summary.csv and
+  summary.md from the runs; print the summary."""
   rows = collect(fig, root, seeds, data_dir)
   write_csv(os.path.join(root, f"{fig.name}.csv"), rows, ["arm", "seed", "step", "flops", "x", "domain", "loss"])
   plot(os.path.join(root, f"{fig.name}.png"), fig, rows)
   arm_rows, claim_rows = summarize(rows, fig.claims)
+  if claim_rows:
+    plot_claims(os.path.join(root, f"{fig.name}_claims.png"), fig, claim_rows)
   write_csv(os.path.join(root, "summary.csv"),
             [{"kind": "arm", **r} for r in arm_rows] + [{"kind": "claim", **r} for r in claim_rows],
             ["kind", "arm", "claim", "better", "worse", "domain", "n", "mean", "se", "effect", "separated"])
@@ -496,6 +533,19 @@ def report(fig: Figure, root: str, seeds: Sequence[int], data_dir: str = "") -> 
   print(f"wrote {os.path.join(root, fig.name + '.csv')}, {os.path.join(root, fig.name + '.png')}, "
         f"{os.path.join(root, 'summary.md')}", flush=True)
   return arm_rows, claim_rows
+
+
+def replot(fig: Figure, root: str) -> int:
+  """Redraw a figure's PNGs from the CSVs in `root` (no run needed): the training curves, the
+  claims, and the figure's own plots where it has a `replot`."""
+  rows = read_csv(os.path.join(root, f"{fig.name}.csv"))
+  plot(os.path.join(root, f"{fig.name}.png"), fig, rows)
+  if fig.claims:
+    plot_claims(os.path.join(root, f"{fig.name}_claims.png"), fig, summarize(rows, fig.claims)[1])
+  if fig.replot is not None:
+    fig.replot(fig, root)
+  print(f"redrew the plots in {root}", flush=True)
+  return 0
 
 
 # ---------------------------------------------------------------- command line
@@ -517,10 +567,14 @@ def run(make_figure: Callable[[bool], Figure], argv: Sequence[str] | None = None
                   help="TFDS data dir (default: $MOEGROW_DATA_DIR, else ~/tensorflow_datasets)")
   ap.add_argument("--stop_after_steps", type=int, default=0,
                   help="stop every run after this many steps this invocation (rerun to resume)")
+  ap.add_argument("--replot", action="store_true",
+                  help="train nothing: redraw the PNGs from the CSVs in --workdir (e.g. the figure's results/)")
   args = ap.parse_args(argv)
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   fig = make_figure(args.quick)
+  if args.replot:
+    return replot(fig, args.workdir or os.path.join("runs", fig.name + ("_quick" if args.quick else "")))
   seeds = [int(s) for s in (args.seeds or ("0,1" if args.quick else default_seeds)).split(",") if s.strip()]
   root = args.workdir or os.path.join("runs", fig.name + ("_quick" if args.quick else ""))
   os.makedirs(root, exist_ok=True)

@@ -1,9 +1,37 @@
-"""Drawing shared by the figures: headless pyplot, mean ± standard error bands, axes, saving.
+"""Drawing shared by the figures: headless pyplot, one style per arm, mean ± standard error bands
+and error bars, axes, saving.
 
 Numbers (means, standard errors) come from experiments/harness.py; this module only draws them.
+Every function that draws a mean ± SE returns what it drew as a `Drawn` record, and each figure's
+plot function returns its records: the tests compare them with the SE computed from the CSV.
 matplotlib is imported when a plot is drawn, not when a figure module is imported.
 """
 from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+LINESTYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def arm_style(i: int) -> dict:
+  """Matplotlib style of the i-th arm: colour, line style and marker each cycle at their own period
+  (10, 4, 8), so arms 0..39 differ in their combination and two arms of one colour (10 apart) differ
+  in line style and marker too."""
+  return {"color": f"C{i % 10}", "ls": LINESTYLES[i % len(LINESTYLES)], "marker": MARKERS[i % len(MARKERS)]}
+
+
+@dataclasses.dataclass
+class Drawn:
+  """What a plot drew: in `panel`, the series `series` (an arm, a method), at `x`, means `mean` and
+  error bars ± `se` (0 where undefined)."""
+  panel: str
+  series: str
+  x: list
+  mean: list
+  se: list
 
 
 def pyplot():
@@ -14,10 +42,31 @@ def pyplot():
   return plt
 
 
-def band(ax, x, mean, se, color, label: str, **line) -> None:
-  """The curve `mean` against `x` (`line`: its matplotlib style), shaded ± `se`."""
+def _drawn(ax, series, x, mean, se, panel) -> Drawn:
+  return Drawn(panel or ax.get_title(), series, [float(v) for v in x], [float(v) for v in mean],
+               [float(v) for v in np.nan_to_num(np.asarray(se, np.float64))])
+
+
+def band(ax, x, mean, se, color, label: str, panel: str = "", series: str = "", **line) -> Drawn:
+  """The curve `mean` against `x` (`line`: its matplotlib style), shaded ± `se`; recorded as
+  `series` (default `label`) in `panel` (default the axes' title)."""
+  x, mean, se = (np.asarray(v, np.float64) for v in (x, mean, se))
   ax.plot(x, mean, color=color, label=label, **line)
-  ax.fill_between(x, mean - se, mean + se, color=color, alpha=0.2, lw=0)
+  ax.fill_between(x, mean - np.nan_to_num(se), mean + np.nan_to_num(se), color=color, alpha=0.2, lw=0)
+  return _drawn(ax, series or label, x, mean, se, panel)
+
+
+def points(ax, x, mean, se, label: str, panel: str = "", series: str = "", horizontal: bool = False,
+           **style) -> Drawn:
+  """Means with ± `se` error bars at `x` (`style`: matplotlib's errorbar style; `horizontal`: the
+  means on the x axis, at heights `x`)."""
+  x, mean, se = (np.asarray(v, np.float64) for v in (x, mean, se))
+  style = {"capsize": 3, "ms": 4, **style}
+  if horizontal:
+    ax.errorbar(mean, x, xerr=np.nan_to_num(se), label=label, **style)
+  else:
+    ax.errorbar(x, mean, yerr=np.nan_to_num(se), label=label, **style)
+  return _drawn(ax, series or label, x, mean, se, panel)
 
 
 def style_axes(ax, xlabel: str, ylabel: str, title: str = "", legend_size: float = 0, grid: str = "both") -> None:

@@ -37,7 +37,8 @@ def free_port() -> int:
 def two_processes(workdir, data_dir, *overrides, config="configs/lm.py:tiny", timeout=240, while_running=None):
   """`python -m moegrow.main` as processes 0 and 1 of one job on loopback; their outputs.
   `while_running(procs)` is called once both are started."""
-  port, env = free_port(), dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+  port, env = free_port(), dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4".strip())
   os.makedirs(workdir, exist_ok=True)
   procs, logs = [], [f"{workdir}.process{i}.log" for i in range(2)]
   try:

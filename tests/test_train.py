@@ -158,6 +158,21 @@ def test_config_errors_name_the_key(tmp_path, data_dir):
   assert code != 0 and "gating='bogus'" in out
 
 
+def test_a_zero_weight_domain_is_evaluated_and_never_trained_on(tmp_path, data_dir):
+  runs = {}
+  for name, mix in (("one", {"shakespeare_plays": 1.0}), ("zero", {"shakespeare_plays": 1.0, "python_stdlib": 0.0})):
+    config = tiny(data_dir, steps=3, eval_every=3, eval_batches=1, checkpoint_every=3, log_every=1)
+    config.data.mixture = mix
+    stages.train_and_evaluate(config, str(tmp_path / name))
+    runs[name] = metrics(tmp_path / name)
+  train = {k: [(m["step"], m["loss"]) for m in v if "loss" in m] for k, v in runs.items()}
+  assert len(train["one"]) == 3 and train["one"] == train["zero"]  # the same batches, the same updates
+  evals = {k: [m for m in v if any(key.startswith("eval/") for key in m)][-1] for k, v in runs.items()}
+  assert "eval/shakespeare_plays/loss" in evals["one"] and not any("python" in k for k in evals["one"])
+  assert evals["zero"]["eval/shakespeare_plays/loss"] == evals["one"]["eval/shakespeare_plays/loss"]
+  assert np.isfinite(evals["zero"]["eval/python_stdlib/loss"])
+
+
 def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path, data_dir):
   config = tiny(data_dir, steps=40, lr=1e30, warmup_steps=0, grad_clip=0.0, checkpoint_every=1, log_every=1,
                 eval_every=0)

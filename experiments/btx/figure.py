@@ -31,8 +31,8 @@ import ml_collections
 import numpy as np
 
 from experiments import plots
-from experiments.harness import (Arm, Claim, Figure, flops_per_step, mean_se, run_dir, table_head, write_csv,
-                                 write_summary)
+from experiments.harness import (Arm, Claim, Figure, flops_per_step, mean_se, read_csv_rows, run_dir, table_head,
+                                 write_csv, write_summary)
 from moegrow.configs import lm
 from moegrow.orchestrate import parts
 from moegrow.orchestrate.branching import mixed_run_config
@@ -128,7 +128,9 @@ def figure(quick: bool = False) -> Figure:
           "rebake_steps": s["rebake_steps"],
           "eval_batches": s["eval_batches"], "moe": MOE}
   return Figure("btx", f"Branch-Train-MiX vs upcycling vs merging ({size})", arms, claims, plan=plan,
-                x_origin=n * dense_step, x_label="training FLOPs after the seed", extra_report=routing_report)
+                x_origin=n * dense_step, x_label="training FLOPs after the seed", extra_report=routing_report,
+                replot=lambda fig, root: plot_routing(os.path.join(root, "btx_routing.png"), fig, read_csv_rows(
+                    os.path.join(root, "btx_routing.csv"))))
 
 
 # ---------------------------------------------------------------- routing
@@ -185,27 +187,38 @@ def routing_report(fig: Figure, root: str, seeds, data_dir: str = "") -> list[di
       if own[OLD][0] == own[OLD][0]:
         lines.append(f"| {arm} | {when} | {own[OLD][0]:.3f} ± {own[OLD][1]:.3f} | {own[NEW][0]:.3f} ± {own[NEW][1]:.3f} |")
   write_summary(os.path.join(root, "summary.md"), "\n".join(lines) + "\n", append=True)
-  _plot(os.path.join(root, "btx_routing.png"), fig, rows)
+  plot_routing(os.path.join(root, "btx_routing.png"), fig, rows)
   return rows
 
 
-def _plot(path: str, fig: Figure, rows: list[dict]) -> None:
+def plot_routing(path: str, fig: Figure, rows: list[dict]) -> list[plots.Drawn]:
+  """One heatmap per (arm, when): the fraction of each domain's tokens each expert gets, per layer,
+  mean over seeds, with its standard error in every cell. Returns what it drew."""
   plt = plots.pyplot()
   panels = [(a, w) for a in ROUTED for w in ("mix", "end") if any(r["arm"] == a and r["when"] == w for r in rows)]
   layers = sorted({r["layer"] for r in rows})
-  f, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.2), squeeze=False)
+  seeds = sorted({r["seed"] for r in rows})
+  f, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 1.2 + 0.75 * len(layers) * 2), squeeze=False)
+  drawn = []
   for ax, (arm, when) in zip(axes[0], panels):
     grid = np.zeros((2 * len(layers), 2))
     for li, layer in enumerate(layers):
       for di, dom in enumerate((OLD, NEW)):
         for e in range(2):
-          grid[2 * li + di, e] = np.mean([r["fraction"] for r in rows if r["arm"] == arm and r["when"] == when
-                                          and r["layer"] == layer and r["domain"] == dom and r["expert"] == e])
-    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
-    for (i, j), v in np.ndenumerate(grid):
-      ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
+          per_seed = [r["fraction"] for r in rows if r["arm"] == arm and r["when"] == when and r["layer"] == layer
+                      and r["domain"] == dom and r["expert"] == e]
+          m, se = mean_se(per_seed)
+          grid[2 * li + di, e] = m
+          panel = f"{arm}, {when}"
+          drawn.append(plots.Drawn(panel, f"L{layer} {dom} -> expert {e}", [0.0], [m], [float(np.nan_to_num(se))]))
+          ax.text(e, 2 * li + di, f"{m:.2f}\n± {np.nan_to_num(se):.2f}", ha="center", va="center",
+                  color="w" if m < 0.6 else "k", fontsize=7.5)
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks([0, 1], ["expert 0", "expert 1"], fontsize=8)
-    ax.set_yticks(range(2 * len(layers)), [f"L{l} {d[:6]}" for l in layers for d in (OLD, NEW)], fontsize=8)
+    ax.set_yticks(range(2 * len(layers)), [f"L{l} {d[:6]}" for l in layers for d in (OLD, NEW)]
+                  if ax is axes[0][0] else [], fontsize=8)  # one row of labels: the panels share them
     ax.set_title(f"{arm}, {'at the mix' if when == 'mix' else 'after training'}", fontsize=9)
   f.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="fraction of the domain's tokens (top-1)")
-  plots.save(f, path, f"{fig.title}: routing per domain (mean over seeds)", tight_bbox=True)
+  f.suptitle(f"{fig.title}: routing per domain, mean ± SE over {len(seeds)} seeds", fontsize=10, y=1.02)
+  plots.save(f, path, tight_bbox=True)
+  return drawn

@@ -29,8 +29,8 @@ import ml_collections
 import numpy as np
 
 from experiments import plots
-from experiments.harness import (Arm, Claim, Figure, by_arm, format_mean_se, mean_se_fields, read_evals, run_dir,
-                                 table_head, write_csv, write_summary)
+from experiments.harness import (Arm, Claim, Figure, by_arm, format_mean_se, mean_se_fields, read_csv_rows,
+                                 read_evals, run_dir, table_head, write_csv, write_summary)
 from moegrow.configs import lm
 
 OLD, NEW = "shakespeare_plays", "python_stdlib"
@@ -132,7 +132,9 @@ def figure(quick: bool = False) -> Figure:
   plan = {"size": size, "base_steps": n, "new_steps": s["new_steps"], "eval_batches": s["eval_batches"],
           "arms": names, "ewc": EWC, "lora_ranks": LORA_RANKS}
   return Figure("continual", f"Continual pre-training, Shakespeare -> Python ({size})", tuple(arms), tuple(claims),
-                plan=plan, x_label="training FLOPs", extra_report=frontier)
+                plan=plan, x_label="training FLOPs", extra_report=frontier,
+                replot=lambda fig, root: plot_frontier(os.path.join(root, "frontier.png"), fig, frontier_summary(
+                    read_csv_rows(os.path.join(root, "frontier.csv")))))
 
 
 # ---------------------------------------------------------------- the frontier
@@ -164,13 +166,18 @@ def frontier_rows(fig: Figure, root: str, seeds) -> list[dict]:
   return rows
 
 
+def frontier_summary(rows: list[dict]) -> list[dict]:
+  """Per arm (in order): n, and mean and SE of the Python loss, the forgetting and the drift."""
+  return [{"arm": arm, "n": len(mine), **mean_se_fields(mine, ("python_loss", "forgetting", "drift"))}
+          for arm, mine in by_arm(rows).items()]
+
+
 def frontier(fig: Figure, root: str, seeds, data_dir: str = "") -> list[dict]:
   """Write frontier.csv (per run), frontier_summary.md (mean ± SE per arm) and frontier.png."""
   rows = frontier_rows(fig, root, seeds)
   write_csv(os.path.join(root, "frontier.csv"), rows,
             ["arm", "seed", "python_loss", "shakespeare_loss", "forgetting", "drift"])
-  summary = [{"arm": arm, "n": len(mine), **mean_se_fields(mine, ("python_loss", "forgetting", "drift"))}
-             for arm, mine in by_arm(rows).items()]
+  summary = frontier_summary(rows)
   lines = [f"# {fig.title}: the frontier", "",
            "Mean ± standard error over seeds. Forgetting = Shakespeare loss at the end minus base's at "
            f"step {fig.plan['base_steps']}; drift = fraction of Shakespeare tokens routed to a new expert.", "",
@@ -179,30 +186,40 @@ def frontier(fig: Figure, root: str, seeds, data_dir: str = "") -> list[dict]:
     cells = [format_mean_se(e[k], e[k + "_se"]) for k in ("python_loss", "forgetting", "drift")]
     lines.append(f"| {e['arm']} | {e['n']} | " + " | ".join(cells) + " |")
   write_summary(os.path.join(root, "frontier_summary.md"), "\n".join(lines) + "\n")
-  _plot(os.path.join(root, "frontier.png"), fig, summary)
+  plot_frontier(os.path.join(root, "frontier.png"), fig, summary)
   return summary
 
 
-def _plot(path: str, fig: Figure, summary: list[dict]) -> None:
+def plot_frontier(path: str, fig: Figure, summary: list[dict]) -> list[plots.Drawn]:
+  """Left: each arm's mean Python loss against its mean forgetting, ± SE both ways, one style per
+  arm (told apart by the legend, not by labels on the points, which overlap). Right: routing drift.
+  Returns what it drew (x: the Python loss, mean: the forgetting; and the drift)."""
   plt = plots.pyplot()
-  f, (ax, bx) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [3, 2]})
-  colors = [plt.cm.tab20(i % 20) for i in range(len(summary))]
-  for e, color in zip(summary, colors):
+  f, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5.4), gridspec_kw={"width_ratios": [3, 2]})
+  drawn = []
+  for i, e in enumerate(summary):
+    st = plots.arm_style(i)
     ax.errorbar(e["python_loss"], e["forgetting"], xerr=np.nan_to_num(e["python_loss_se"]),
-                yerr=np.nan_to_num(e["forgetting_se"]), fmt="o", color=color, capsize=3,
-                label=f"{e['arm']} (n={e['n']})")
-    ax.annotate(e["arm"].replace("_", " "), (e["python_loss"], e["forgetting"]), fontsize=7,
-                xytext=(4, 4), textcoords="offset points", color=color)
+                yerr=np.nan_to_num(e["forgetting_se"]), color=st["color"], marker=st["marker"], ls="none", ms=6,
+                capsize=3, label=f"{e['arm']} (n={e['n']})")
+    drawn.append(plots.Drawn("frontier", e["arm"], [e["python_loss"]], [e["forgetting"]],
+                             [float(np.nan_to_num(e["forgetting_se"]))]))
+    drawn.append(plots.Drawn("frontier, Python loss", e["arm"], [0.0], [e["python_loss"]],
+                             [float(np.nan_to_num(e["python_loss_se"]))]))
   ax.axhline(0, color="k", lw=0.6)
   plots.style_axes(ax, "Python validation loss (learning; lower is better)",
-                   "Shakespeare loss increase (forgetting; lower is better)", legend_size=7)
+                   "Shakespeare loss increase (forgetting; lower is better)")
+  ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
   names = [e["arm"] for e in summary]
-  drift = [0.0 if e["drift"] != e["drift"] else e["drift"] for e in summary]
-  bx.barh(range(len(names)), drift, xerr=[np.nan_to_num(e["drift_se"]) for e in summary], color=colors)
   for i, e in enumerate(summary):
     if e["drift"] != e["drift"]:
       bx.text(0.005, i, "n/a (no new experts)", va="center", fontsize=7, color="0.4")
+      continue
+    st = plots.arm_style(i)
+    bx.barh(i, e["drift"], xerr=np.nan_to_num(e["drift_se"]), color=st["color"], capsize=3)
+    drawn.append(plots.Drawn("drift", e["arm"], [float(i)], [e["drift"]], [float(np.nan_to_num(e["drift_se"]))]))
   bx.set_yticks(range(len(names)), names, fontsize=7)
   bx.set_xlabel("routing drift: Shakespeare tokens to new experts")
   bx.grid(alpha=0.3, axis="x")
   plots.save(f, path, f"{fig.title}: mean ± standard error over seeds")
+  return drawn

@@ -39,7 +39,8 @@ import numpy as np
 
 from experiments import plots
 from experiments.harness import (Arm, Claim, Figure, by_arm, check_staged_arms, domain_mean, format_mean_se, mean_se,
-                                 mean_se_fields, read_evals, run_dir, table_head, write_csv, write_summary)
+                                 mean_se_fields, read_csv_rows, read_evals, run_dir, table_head, write_csv,
+                                 write_summary)
 from moegrow.configs import lm
 
 SMALL, BIG = "e2", "e4"
@@ -111,7 +112,7 @@ def figure(quick: bool = False) -> Figure:
           "experts": [E_SMALL, E_BIG], "top_k": TOP_K, "grow_op": grow_op(), "eval_batches": s["eval_batches"],
           "model": {k: cfgs[SMALL].model[k] for k in ("d_model", "num_heads", "d_ff", "num_layers", "moe_layers")}}
   return Figure("expert_growth", f"Growing the expert table {E_SMALL} -> {E_BIG} mid-run ({size})", tuple(arms),
-                claims, plan=plan, extra_report=gap_closure)
+                claims, plan=plan, extra_report=gap_closure, replot=_replot)
 
 
 # ---------------------------------------------------------------- gap closure
@@ -146,12 +147,13 @@ def gap_closure_rows(fig: Figure, root: str, seeds) -> list[dict]:
   return rows
 
 
-def gap_closure(fig: Figure, root: str, seeds, data_dir: str = "") -> list[dict]:
-  """Write gap_closure.csv (per arm and seed), gap_closure_summary.md (mean ± SE per arm, paired
-  by seed) and gap_closure.png; print the summary."""
-  rows = gap_closure_rows(fig, root, seeds)
-  write_csv(os.path.join(root, "gap_closure.csv"), rows,
-            ["arm", "seed", "switch_step", "switch_fraction", "L_small", "L_big", "L_grown", "closure"])
+def _replot(fig: Figure, root: str) -> list[plots.Drawn]:
+  rows = read_csv_rows(os.path.join(root, "gap_closure.csv"))
+  return plot_gap_closure(os.path.join(root, "gap_closure.png"), fig, rows, gap_closure_summary(rows))
+
+
+def gap_closure_summary(rows: list[dict]) -> list[dict]:
+  """Per grown arm: n, switch step and fraction, mean and SE of the closure, the losses and the gap."""
   summary = []
   for arm, mine in by_arm(rows).items():
     entry = {"arm": arm, "n": len(mine), "switch_step": mine[0]["switch_step"],
@@ -159,6 +161,16 @@ def gap_closure(fig: Figure, root: str, seeds, data_dir: str = "") -> list[dict]
              **mean_se_fields(mine, ("closure", "L_grown", "L_small", "L_big"))}
     entry["gap"], entry["gap_se"] = mean_se([r["L_small"] - r["L_big"] for r in mine])
     summary.append(entry)
+  return summary
+
+
+def gap_closure(fig: Figure, root: str, seeds, data_dir: str = "") -> list[dict]:
+  """Write gap_closure.csv (per arm and seed), gap_closure_summary.md (mean ± SE per arm, paired
+  by seed) and gap_closure.png; print the summary."""
+  rows = gap_closure_rows(fig, root, seeds)
+  write_csv(os.path.join(root, "gap_closure.csv"), rows,
+            ["arm", "seed", "switch_step", "switch_fraction", "L_small", "L_big", "L_grown", "closure"])
+  summary = gap_closure_summary(rows)
   lines = [f"# {fig.title}: gap closure", "",
            f"Closure = (L_{SMALL} - L_grown) / (L_{SMALL} - L_{BIG}) per seed (paired), L = final validation "
            f"loss at step {fig.plan['steps']} (mean over domains); mean ± standard error over seeds. "
@@ -171,22 +183,26 @@ def gap_closure(fig: Figure, root: str, seeds, data_dir: str = "") -> list[dict]
                  + " | ".join(cells) + " |")
   write_summary(os.path.join(root, "gap_closure_summary.md"), "\n".join(lines) + "\n")
   if summary:
-    _plot(os.path.join(root, "gap_closure.png"), fig, rows, summary)
+    plot_gap_closure(os.path.join(root, "gap_closure.png"), fig, rows, summary)
   return summary
 
 
-def _plot(path: str, fig: Figure, rows: list[dict], summary: list[dict]) -> None:
+def plot_gap_closure(path: str, fig: Figure, rows: list[dict], summary: list[dict]) -> list[plots.Drawn]:
+  """Each arm's closure, mean ± SE over seeds, and every seed's value beside it; no line joins the
+  arms (their order is a switch time, not a trend the data shows). Returns what it drew."""
   plt = plots.pyplot()
-  f, ax = plt.subplots(figsize=(6, 4.3))
+  f, ax = plt.subplots(figsize=(6.4, 4.5))
   x = [e["switch_fraction"] for e in summary]
-  ax.errorbar(x, [e["closure"] for e in summary], yerr=np.nan_to_num([e["closure_se"] for e in summary]),
-              fmt="o-", color="C0", capsize=4, label=f"mean ± SE (n={max(e['n'] for e in summary)})")
+  drawn = [plots.points(ax, x, [e["closure"] for e in summary], [e["closure_se"] for e in summary],
+                        label=f"mean ± SE (n={max(e['n'] for e in summary)})", panel="gap closure", series="closure",
+                        color="C0", marker="o", ls="none", ms=6, capsize=4)]
   ax.scatter([r["switch_fraction"] for r in rows], [r["closure"] for r in rows], s=12, color="0.5",
              label="per seed", zorder=3)
   ax.axhline(1.0, color="C2", lw=0.8, ls="--", label=f"{E_BIG} experts from the start")
-  ax.axhline(0.0, color="C3", lw=0.8, ls="--", label=f"{E_SMALL} experts throughout")
+  ax.axhline(0.0, color="C3", lw=0.8, ls=":", label=f"{E_SMALL} experts throughout")
   ax.set_xticks(x, [f"{v:.0%}" for v in x])
   plots.style_axes(ax, f"growth {E_SMALL} -> {E_BIG} at (fraction of the {fig.plan['steps']} steps)", "gap closure",
                    legend_size=8)
   ax.set_title(f"{fig.title}", fontsize=9)
   plots.save(f, path)
+  return drawn

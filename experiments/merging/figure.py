@@ -9,16 +9,19 @@ Arms (all dense, d=128, 2 layers; d=64 in --quick; one cosine schedule over N + 
   scratch            the same model from another random init (seed offset 1000), N + M steps;
   tuned_shakespeare  base's checkpoint N fine-tuned M steps on Shakespeare only;
   tuned_python       base's checkpoint N fine-tuned M steps on Python only.
+The tuned arms list the other domain at weight 0: trained on one domain, evaluated on both.
 After training, `merge_report` merges the final checkpoints (moegrow.surgery.merge, in memory)
-and evaluates every merge on the same validation batches:
+and evaluates every merge on the same validation batches (the training curves' evaluation batches):
   * interpolation theta(a) = (1 - a) theta_A + a theta_B, a in 0, 0.1, .., 1, for the pair
     (ft_0, ft_1) (one base) and (ft_0, scratch) (different inits); the loss barrier is
     max_a [L(a) - ((1 - a) L(0) + a L(1))] (Frankle et al. 2020, eq. 1) on the mean loss;
-  * the uniform soup and the greedy soup of ft_0..ft_3 (Wortsman et al. 2022, recipe 1; the
-    greedy soup's held-out set is the same validation batches: no separate test split here);
+  * the uniform soup and the greedy soup of ft_0..ft_3 (Wortsman et al. 2022, recipe 1): the greedy
+    soup and the best ingredient are chosen on `select_batches` other validation batches per
+    domain (the ones after the reported ones), never on the batches they are reported on;
   * task arithmetic vs TIES vs DARE (linear and TIES-style) of tuned_shakespeare and tuned_python
     on base, at densities 0.2 .. 1.0, every method normalised (the mean of the kept task vectors).
-Writes merging_points.csv (seed, panel, method, x, domain, loss), merging_summary.md and
+Writes merging_points.csv (seed, panel, method, x, domain, loss; panel 'greedy selection' holds the
+selection batches' losses, x the best ingredient's index), merging_summary.md and
 merging_merges.png next to the harness's merging.csv / merging.png (training curves).
 """
 from __future__ import annotations
@@ -32,14 +35,14 @@ import numpy as np
 
 from experiments import plots
 from experiments.harness import (Arm, Figure, domain_mean, format_effect, mean_se, mean_se_curve, paired_effect,
-                                 run_dir, table_head, write_csv, write_summary)
+                                 read_csv_rows, run_dir, table_head, write_csv, write_summary)
 from moegrow.configs import lm
 
 SHAKESPEARE, PYTHON = "shakespeare_plays", "python_stdlib"
 SIZES = {
-    "small": dict(base_steps=150, ft_steps=100, eval_batches=64, log_every=25, eval_every=50,
+    "small": dict(base_steps=150, ft_steps=100, eval_batches=64, select_batches=16, log_every=25, eval_every=50,
                   alphas=11, densities=(0.2, 0.4, 0.6, 0.8, 1.0), ingredients=4),
-    "quick": dict(base_steps=4, ft_steps=3, eval_batches=1, log_every=1, eval_every=3,
+    "quick": dict(base_steps=4, ft_steps=3, eval_batches=1, select_batches=1, log_every=1, eval_every=3,
                   alphas=3, densities=(0.5, 1.0), ingredients=2),
 }
 LR_SCALE = (1.0, 0.5, 1.5, 0.25)  # ft_k's learning rate: base's times LR_SCALE[k]
@@ -67,9 +70,9 @@ def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
     c = base_config(size)
     c.train.lr = c.train.lr * LR_SCALE[k]
     out[f"ft_{k}"] = c
-  for name, domain in (("tuned_shakespeare", SHAKESPEARE), ("tuned_python", PYTHON)):
+  for name, domain, other in (("tuned_shakespeare", SHAKESPEARE, PYTHON), ("tuned_python", PYTHON, SHAKESPEARE)):
     c = base_config(size)
-    c.data.mixture = ml_collections.ConfigDict({domain: 1.0})
+    c.data.mixture = ml_collections.ConfigDict({domain: 1.0, other: 0.0})  # trained on one, evaluated on both
     out[name] = c
   return out
 
@@ -89,7 +92,9 @@ def figure(quick: bool = False) -> Figure:
           "ingredients": s["ingredients"], "lr_scale": list(LR_SCALE), "densities": list(s["densities"]),
           "alphas": s["alphas"]}
   return Figure("merging", f"Weight merging on one base ({size})", tuple(arms), (), plan=plan,
-                extra_report=merge_report)
+                extra_report=merge_report,
+                replot=lambda fig, root: plot_merges(os.path.join(root, "merging_merges.png"), fig, read_csv_rows(
+                    os.path.join(root, "merging_points.csv"))))
 
 
 # ---------------------------------------------------------------- the merges
@@ -98,6 +103,23 @@ def barrier(alphas, losses) -> float:
   """Loss barrier max_a [L(a) - ((1 - a) L(0) + a L(1))] (Frankle et al. 2020, eq. 1)."""
   a, l = np.asarray(alphas, np.float64), np.asarray(losses, np.float64)
   return float(np.max(l - ((1 - a) * l[0] + a * l[-1])))
+
+
+def report_and_select_sets(config, s: dict) -> tuple[dict, dict]:
+  """({domain: batches} every merge is reported on, {domain: batches} the greedy soup selects on):
+  the first `eval_batches` of each validation split (the training curves' evaluation batches) and
+  the `select_batches` after them, so the soup is chosen on batches it is never scored on."""
+  from moegrow.orchestrate import parts
+  c = copy.deepcopy(config)
+  c.train.eval_batches = s["eval_batches"] + s["select_batches"]
+  both = parts.eval_sets(c)
+  report = {d: b[:s["eval_batches"]] for d, b in both.items()}
+  select = {d: b[s["eval_batches"]:] for d, b in both.items()}
+  short = [d for d, b in select.items() if len(b) < s["select_batches"]]
+  if short:
+    raise ValueError(f"experiments/merging: the validation split of {short} holds fewer than "
+                     f"{c.train.eval_batches} batches of {c.train.eval_batch_size} x {c.data.seq_len} tokens")
+  return report, select
 
 
 def seed_points(fig: Figure, root: str, seed: int) -> list[dict]:
@@ -111,7 +133,7 @@ def seed_points(fig: Figure, root: str, seed: int) -> list[dict]:
   config = configs(fig.plan["size"])["base"]
   config.train.seed = seed
   mesh, tr = parts.make_mesh(config), config.train
-  evals = parts.eval_sets(config)
+  evals, select = report_and_select_sets(config, s)
   p = {a.name: merging.restore_params(run_dir(root, a.name, seed), mesh, tr)[0] for a in fig.arms}
   program = build_program(parts.model_config(config), tr, mesh)
   rows = []
@@ -132,9 +154,12 @@ def seed_points(fig: Figure, root: str, seed: int) -> list[dict]:
   for k, x in enumerate(ingredients):
     measure(x, "soup", f"ft_{k}", k)
   measure(merge_ops.merge("linear", ingredients), "soup", "uniform soup", 0)
-  soup, trace = merge_ops.greedy_soup(ingredients, lambda t: measure(t, "greedy trace", "candidate", len(rows)))
+  held_out = lambda t: domain_mean({d: v["loss"] for d, v in probes.domain_losses(program, t, select).items()})
+  soup, trace = merge_ops.greedy_soup(ingredients, held_out)
   measure(soup, "soup", "greedy soup", sum(r["added"] for r in trace))
-  rows[:] = [r for r in rows if r["panel"] != "greedy trace"]
+  best_soup = min(r["soup_loss"] for r in trace if r["added"])  # the chosen soup's, on the selection batches
+  rows.extend({"seed": seed, "panel": "greedy selection", "method": m, "x": float(trace[0]["ingredient"]),
+               "domain": "mean", "loss": v} for m, v in (("best ingredient", trace[0]["loss"]), ("greedy soup", best_soup)))
   for name in ("base", "tuned_shakespeare", "tuned_python"):
     measure(p[name], "task", name, 1.0)
   tuned = [p["tuned_shakespeare"], p["tuned_python"]]
@@ -146,6 +171,12 @@ def seed_points(fig: Figure, root: str, seed: int) -> list[dict]:
   return rows
 
 
+def best_ingredient(rows: list[dict], seed: int) -> int:
+  """The index of seed's ingredient with the lowest loss on the selection batches."""
+  return int(next(r["x"] for r in rows if r["seed"] == seed and r["panel"] == "greedy selection"
+                  and r["method"] == "best ingredient"))
+
+
 def summary(fig: Figure, rows: list[dict], seeds) -> tuple[str, list[dict]]:
   """Mean ± SE per point, and the three claims paired by seed (separated: |effect| > 2 SE)."""
   at = lambda seed, panel, method, x=None, domain="mean": next(
@@ -154,8 +185,7 @@ def summary(fig: Figure, rows: list[dict], seeds) -> tuple[str, list[dict]]:
   alphas = sorted({r["x"] for r in rows if r["panel"] == "interpolation"})
   bar = {pair: {s: barrier(alphas, [at(s, "interpolation", pair, a) for a in alphas]) for s in seeds}
          for pair in ("one base", "different inits")}
-  k = fig.plan["ingredients"]
-  best = {s: min(at(s, "soup", f"ft_{i}") for i in range(k)) for s in seeds}
+  best = {s: at(s, "soup", f"ft_{best_ingredient(rows, s)}") for s in seeds}
   soup = {m: {s: at(s, "soup", m) for s in seeds} for m in ("uniform soup", "greedy soup")}
   dens = fig.plan["densities"]
   d_mid = 0.4 if 0.4 in dens else dens[0]
@@ -175,7 +205,7 @@ def summary(fig: Figure, rows: list[dict], seeds) -> tuple[str, list[dict]]:
   fmt = lambda m, se: f"{m:.4f}" if se != se else f"{m:.4f} ± {se:.4f}"
   for pair, v in bar.items():
     lines.append(f"| loss barrier, {pair} | {len(v)} | {fmt(*mean_se(v.values()))} |")
-  lines.append(f"| best ingredient | {len(best)} | {fmt(*mean_se(best.values()))} |")
+  lines.append(f"| best ingredient (chosen on the selection batches) | {len(best)} | {fmt(*mean_se(best.values()))} |")
   for m, v in soup.items():
     lines.append(f"| {m} | {len(v)} | {fmt(*mean_se(v.values()))} |")
   for m in TASK_METHODS:
@@ -196,7 +226,6 @@ def summary(fig: Figure, rows: list[dict], seeds) -> tuple[str, list[dict]]:
 
 def merge_report(fig: Figure, root: str, seeds, data_dir: str = "") -> list[dict]:
   """Merge and evaluate every seed's checkpoints (cached per seed); write CSV, summary, PNG."""
-  from experiments.harness import read_csv_rows
   rows = []
   for seed in seeds:
     cache = os.path.join(run_dir(root, "merges", seed), "points.csv")
@@ -211,43 +240,88 @@ def merge_report(fig: Figure, root: str, seeds, data_dir: str = "") -> list[dict
   write_csv(os.path.join(root, "merging_points.csv"), rows, ["seed", "panel", "method", "x", "domain", "loss"])
   text, claims = summary(fig, rows, seeds)
   write_summary(os.path.join(root, "merging_summary.md"), text)
-  _plot(os.path.join(root, "merging_merges.png"), fig, rows)
+  plot_merges(os.path.join(root, "merging_merges.png"), fig, rows)
   return claims
 
 
-def _plot(path: str, fig: Figure, rows: list[dict]) -> None:
+def _per_seed(rows: list[dict], panel: str, method: str, domain: str = "mean") -> dict[float, dict[int, float]]:
+  """{x: {seed: loss}} of one method's points."""
+  out: dict[float, dict[int, float]] = {}
+  for r in rows:
+    if r["panel"] == panel and r["method"] == method and r["domain"] == domain:
+      out.setdefault(round(r["x"], 9), {})[r["seed"]] = r["loss"]
+  return out
+
+
+def _curve(by_x: dict[float, dict[int, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  xs = sorted(by_x)
+  m, se = mean_se_curve([list(by_x[x].values()) for x in xs])
+  return np.array(xs), m, se
+
+
+def plot_merges(path: str, fig: Figure, rows: list[dict]) -> list[plots.Drawn]:
+  """Six panels, mean ± SE over seeds. Top: the losses (interpolation; ingredients and soups; task
+  merges against density). Bottom: what each claim compares, paired by seed: the loss above the
+  line between the end points (the barrier's integrand), soup minus the best ingredient, merge
+  minus task arithmetic. Returns what it drew."""
   plt = plots.pyplot()
-
-  def curve(panel, method, domain="mean"):
-    xs = sorted({r["x"] for r in rows if r["panel"] == panel and r["method"] == method})
-    m, se = mean_se_curve([[r["loss"] for r in rows if r["panel"] == panel and r["method"] == method
-                            and r["domain"] == domain and abs(r["x"] - x) < 1e-9] for x in xs])
-    return np.array(xs), m, se
-
-  f, (ax, bx, cx) = plt.subplots(1, 3, figsize=(16, 4.6))
+  seeds = sorted({r["seed"] for r in rows})
+  f, ((ax, bx, cx), (dx, ex, fx)) = plt.subplots(2, 3, figsize=(16, 8.6))
+  drawn = []
   for i, pair in enumerate(("one base", "different inits")):
-    x, m, se = curve("interpolation", pair)
-    plots.band(ax, x, m, se, f"C{i}", f"{'ft_0 -> ft_1' if i == 0 else 'ft_0 -> scratch'} ({pair})", marker="o", ms=3)
+    by_x = _per_seed(rows, "interpolation", pair)
+    x, m, se = _curve(by_x)
+    label = f"{'ft_0 -> ft_1' if i == 0 else 'ft_0 -> scratch'} ({pair})"
+    drawn.append(plots.band(ax, x, m, se, label=label, series=pair, panel="interpolation", ms=3, **plots.arm_style(i)))
+    ends = {s: (by_x[x[0]][s], by_x[x[-1]][s]) for s in seeds}
+    excess = {a: {s: by_x[a][s] - ((1 - a) * ends[s][0] + a * ends[s][1]) for s in seeds} for a in x}
+    drawn.append(plots.band(dx, *_curve(excess), label=label, series=pair, panel="above the line", ms=3, **plots.arm_style(i)))
   plots.style_axes(ax, "interpolation weight a", "validation loss, mean of domains", "linear mode connectivity",
                    legend_size=8)
+  dx.axhline(0.0, color="0.3", lw=0.8)
+  plots.style_axes(dx, "interpolation weight a", "L(a) - ((1 - a) L(0) + a L(1)), paired by seed",
+                   "loss above the straight line (the barrier is its max)", legend_size=8)
   names = [f"ft_{k}" for k in range(fig.plan["ingredients"])] + ["uniform soup", "greedy soup"]
-  stats = [curve("soup", n) for n in names]
-  bx.bar(range(len(names)), [s[1].mean() for s in stats], yerr=[s[2].mean() for s in stats], capsize=3,
-         color=["0.6"] * (len(names) - 2) + ["C2", "C3"])
-  lo = min(s[1].min() for s in stats)
-  bx.set_ylim(lo - 0.05, max(s[1].max() for s in stats) + 0.03)
+  for j, name in enumerate(names):  # one point per method, whatever x (the greedy soup's size) each seed had
+    per_seed = {s: v for by_seed in _per_seed(rows, "soup", name).values() for s, v in by_seed.items()}
+    m, se = mean_se(list(per_seed.values()))
+    drawn.append(plots.points(bx, [j], [m], [se], label=name, series=name, panel="soups", **_point_style(j)))
   bx.set_xticks(range(len(names)), names, fontsize=8, rotation=20)
-  bx.set_title("soups of 4 fine-tunes"), bx.set_ylabel("validation loss, mean of domains"), bx.grid(alpha=0.3, axis="y")
-  for i, method in enumerate(TASK_METHODS):
-    x, m, se = curve("task", method)
-    if method == "task_arithmetic":
-      cx.axhline(m[0], color="k", lw=1.2, label="task arithmetic (mean of task vectors)")
-      cx.axhspan(m[0] - se[0], m[0] + se[0], color="k", alpha=0.1)
-      continue
-    cx.errorbar(x, m, yerr=se, fmt="o-", color=f"C{i}", ms=3, capsize=3, label=method)
+  plots.style_axes(bx, "", "validation loss, mean of domains", f"soups of {fig.plan['ingredients']} fine-tunes",
+                   grid="y")
+  best = {s: next(iter(_per_seed(rows, "soup", f"ft_{best_ingredient(rows, s)}").values()))[s] for s in seeds}
+  for j, name in enumerate(("uniform soup", "greedy soup")):
+    per_seed = {s: v for by_seed in _per_seed(rows, "soup", name).values() for s, v in by_seed.items()}
+    m, se = mean_se([per_seed[s] - best[s] for s in seeds])
+    drawn.append(plots.points(ex, [j], [m], [se], label=name, series=name, panel="soup - best", **_point_style(len(names) - 2 + j)))
+  ex.axhline(0.0, color="0.3", lw=0.8)
+  ex.set_xticks([0, 1], ["uniform soup", "greedy soup"], fontsize=8)
+  ex.set_xlim(-0.6, 1.6)
+  plots.style_axes(ex, "", "soup - best ingredient, paired by seed",
+                   "soup minus the best ingredient (chosen on the selection batches)", grid="y")
+  ta = {s: v for by_seed in _per_seed(rows, "task", "task_arithmetic").values() for s, v in by_seed.items()}
+  m, se = mean_se(list(ta.values()))
+  cx.axhline(m, color="k", lw=1.2, label="task arithmetic (mean of task vectors)")
+  cx.axhspan(m - np.nan_to_num(se), m + np.nan_to_num(se), color="k", alpha=0.1)
+  drawn.append(plots.Drawn("task merges", "task_arithmetic", [1.0], [m], [float(np.nan_to_num(se))]))
+  for i, method in enumerate(TASK_METHODS[1:], start=1):
+    by_x = _per_seed(rows, "task", method)
+    drawn.append(plots.points(cx, *_curve(by_x), label=method, series=method, panel="task merges",
+                              **_point_style(i, line=True)))
+    diff = {x: {s: v[s] - ta[s] for s in seeds} for x, v in by_x.items()}
+    drawn.append(plots.points(fx, *_curve(diff), label=method, series=method, panel="merge - task arithmetic", **_point_style(i, line=True)))
   for name, style in (("tuned_shakespeare", ":"), ("tuned_python", "--")):
-    _, m, _ = curve("task", name)
-    cx.axhline(m[0], color="0.5", ls=style, lw=1, label=name.replace("_", " "))
+    m, _ = mean_se([v for by_seed in _per_seed(rows, "task", name).values() for v in by_seed.values()])
+    cx.axhline(m, color="0.5", ls=style, lw=1, label=f"{name.replace('_', ' ')} (evaluated on both domains)")
   plots.style_axes(cx, "density (fraction of each task vector kept)", "validation loss, mean of domains",
                    "Shakespeare-tuned + Python-tuned, merged on base", legend_size=7)
-  plots.save(f, path, f"{fig.title}: mean ± standard error over seeds")
+  fx.axhline(0.0, color="k", lw=1.2)
+  plots.style_axes(fx, "density (fraction of each task vector kept)", "merge - task arithmetic, paired by seed",
+                   "each merge minus task arithmetic", legend_size=7)
+  plots.save(f, path, f"{fig.title}: mean ± standard error over {len(seeds)} seeds")
+  return drawn
+
+
+def _point_style(i: int, line: bool = False) -> dict:
+  st = plots.arm_style(i)
+  return {"color": st["color"], "marker": st["marker"], "ls": st["ls"] if line else "none"}

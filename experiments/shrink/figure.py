@@ -44,7 +44,8 @@ import numpy as np
 
 from experiments import plots
 from experiments.harness import (Arm, Claim, Figure, arm_config, by_arm, check_staged_arms, domain_mean,
-                                 format_mean_se, mean_se, read_evals, run_dir, table_head, write_csv, write_summary)
+                                 format_mean_se, mean_se, read_csv_rows, read_evals, run_dir, table_head, write_csv,
+                                 write_summary)
 from moegrow import checkpoint
 from moegrow.configs import lm
 from moegrow.orchestrate import parts
@@ -119,7 +120,9 @@ def figure(quick: bool = False) -> Figure:
           "cuts": CUTS, "distill": DISTILL, "eval_batches": s["eval_batches"],
           "model": {k: cfgs[BIG].model[k] for k in ("d_model", "num_heads", "d_ff", "num_layers", "moe_layers")}}
   return Figure("shrink", f"Shrinking the expert table {E_BIG} -> {E_SMALL} mid-run ({size})", tuple(arms), claims,
-                plan=plan, extra_report=cut_report)
+                plan=plan, extra_report=cut_report,
+                replot=lambda fig, root: plot_cut(os.path.join(root, "cut.png"), fig, cut_summary(read_csv_rows(
+                    os.path.join(root, "cut.csv")))))
 
 
 # ---------------------------------------------------------------- the cut
@@ -170,19 +173,27 @@ def cut_rows(fig: Figure, root: str, seeds, data_dir: str = "") -> list[dict]:
   return rows
 
 
+DIFFS = {"cut": ("L_cut", "L_before"), "vs_e8": ("L_final", "L_e8"), "vs_e4": ("L_final", "L_e4")}
+
+
+def cut_summary(rows: list[dict]) -> list[dict]:
+  """Per arm: n, each paired difference of DIFFS (mean, SE) and the final loss (mean, SE)."""
+  summary = []
+  for arm, mine in by_arm(rows).items():
+    entry = {"arm": arm, "n": len(mine)}
+    for k, (a, b) in DIFFS.items():
+      entry[k], entry[k + "_se"] = mean_se([r[a] - r[b] for r in mine])
+    entry["final"], entry["final_se"] = mean_se([r["L_final"] for r in mine])
+    summary.append(entry)
+  return summary
+
+
 def cut_report(fig: Figure, root: str, seeds, data_dir: str = "") -> list[dict]:
   """Write cut.csv, cut_summary.md (mean ± SE over seeds of each paired difference) and cut.png;
   print the summary."""
   rows = cut_rows(fig, root, seeds, data_dir)
   write_csv(os.path.join(root, "cut.csv"), rows, ["arm", "seed", "L_before", "L_cut", "L_final", "L_e8", "L_e4"])
-  diffs = {"cut": ("L_cut", "L_before"), "vs_e8": ("L_final", "L_e8"), "vs_e4": ("L_final", "L_e4")}
-  summary = []
-  for arm, mine in by_arm(rows).items():
-    entry = {"arm": arm, "n": len(mine)}
-    for k, (a, b) in diffs.items():
-      entry[k], entry[k + "_se"] = mean_se([r[a] - r[b] for r in mine])
-    entry["final"], entry["final_se"] = mean_se([r["L_final"] for r in mine])
-    summary.append(entry)
+  summary = cut_summary(rows)
   n, t = fig.plan["pre_steps"], fig.plan["pre_steps"] + fig.plan["post_steps"]
   lines = [f"# {fig.title}: the cut and the recovery", "",
            f"Validation loss (nats/token, mean over domains), differences paired by seed, mean ± standard error "
@@ -196,7 +207,7 @@ def cut_report(fig: Figure, root: str, seeds, data_dir: str = "") -> list[dict]:
     lines.append(f"| {e['arm']} | {e['n']} | " + " | ".join(cells) + " |")
   write_summary(os.path.join(root, "cut_summary.md"), "\n".join(lines) + "\n")
   if summary:
-    _plot(os.path.join(root, "cut.png"), fig, summary)
+    plot_cut(os.path.join(root, "cut.png"), fig, summary)
   return summary
 
 
@@ -205,21 +216,25 @@ def _signed(m: float, se: float) -> str:
   return "n/a" if m != m else (f"{m:+.4f}" if se != se else f"{m:+.4f} ± {se:.4f}")
 
 
-def _plot(path: str, fig: Figure, summary: list[dict]) -> None:
+def plot_cut(path: str, fig: Figure, summary: list[dict]) -> list[plots.Drawn]:
   """Two panels of paired differences with their SE: the loss change at the cut, and the gap to
-  no shrink (e8) after recovery."""
+  no shrink (e8) after recovery. One style per arm (colour and hatch). Returns what it drew."""
   plt = plots.pyplot()
   f, axes = plt.subplots(1, 2, figsize=(10, 4.3), gridspec_kw={"width_ratios": [1.25, 1]})
   names = [e["arm"] for e in summary]
   y = np.arange(len(names))
-  hatches = ["", "//", "..", "xx", "\\\\", "oo"]
+  hatches = ["", "//", "..", "xx", "\\\\", "oo", "++", "--"]
+  drawn = []
   for ax, key, title in ((axes[0], "cut", f"right after the cut (step {fig.plan['pre_steps']})"),
                          (axes[1], "vs_e8", "after recovery, minus no shrink (e8)")):
     for j, e in enumerate(summary):
-      ax.barh(y[j], e[key], xerr=0 if e[key + "_se"] != e[key + "_se"] else e[key + "_se"], color=f"C{j}",
-              hatch=hatches[j % len(hatches)], edgecolor="0.2", capsize=4)
+      se = float(np.nan_to_num(e[key + "_se"]))
+      ax.barh(y[j], e[key], xerr=se, color=plots.arm_style(j)["color"], hatch=hatches[j % len(hatches)],
+              edgecolor="0.2", capsize=4)
+      drawn.append(plots.Drawn(key, e["arm"], [float(y[j])], [e[key]], [se]))
     ax.axvline(0.0, color="0.3", lw=0.8)
     ax.set_yticks(y, [LABELS.get(nm, nm) for nm in names] if key == "cut" else [], fontsize=8)
     plots.style_axes(ax, "loss change (nats/token), mean ± SE", "", title, grid="x")
   n = max(e["n"] for e in summary)
   plots.save(f, path, f"{fig.title} (n={n} seeds, paired)")
+  return drawn

@@ -134,7 +134,7 @@ def grow_offline(config, source: str, workdir: str, stage: int | None = None) ->
     dst = manager(workdir, stage, tr)
     if dst.latest_step() is not None:
       raise ValueError(f"{workdir} already holds stage {stage} checkpoints; use a new --workdir")
-    evals = eval_sets(config, [n for n, w in dict(stages[stage].mixture or config.data.mixture).items() if w > 0])
+    evals = eval_sets(config, list(stages[stage].mixture or config.data.mixture))
     held = {d: b[:1] for d, b in evals.items()}
     try:
       mesh = make_mesh(config)
@@ -165,7 +165,8 @@ class _Run:
 
 def _start_run(config, workdir: str, pre: loop.Preempted) -> _Run:
   """The mesh, the stages, one train config over all of them, the logbook, each stage's data and
-  the evaluation sets of every domain any stage trains on."""
+  the evaluation sets of every domain any stage's mixture lists (a weight of 0 evaluates a domain
+  that is not trained on) or replays."""
   mesh = make_mesh(config)
   stages = resolve_stages(config, model_config(config))
   tr = ml_collections.ConfigDict(config.train.to_dict())
@@ -173,7 +174,7 @@ def _start_run(config, workdir: str, pre: loop.Preempted) -> _Run:
   book = Logbook(workdir, tr.steps)
   feeds = stage_data(config, stages)
   domains = list(dict.fromkeys(n for m, r in feeds for n in data.domain_order(m, r)
-                               if m.get(n, 0) > 0 or (r is not None and r.mixture.get(n, 0) > 0)))
+                               if n in m or (r is not None and r.mixture.get(n, 0) > 0)))
   evals = eval_sets(config, domains)
   held = {d: b[:1] for d, b in evals.items()}
   return _Run(config, workdir, pre, mesh, stages, tr, book, feeds, evals, held)
