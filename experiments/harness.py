@@ -91,6 +91,11 @@ class Figure:
   replot: Callable | None = None  # (figure, root) -> list[plots.Drawn]: its own plots, from its CSVs in root
 
 
+def size_name(size: bool | str) -> str:
+  """A figure's size: True = 'quick' (tests), False = 'small' (the CPU run), or a name ('pod')."""
+  return "quick" if size is True else "small" if size is False else str(size)
+
+
 # ---------------------------------------------------------------- FLOPs
 
 def flops_per_step(cfg: ModelConfig, config) -> float:
@@ -569,14 +574,24 @@ def run(make_figure: Callable[[bool], Figure], argv: Sequence[str] | None = None
                   help="stop every run after this many steps this invocation (rerun to resume)")
   ap.add_argument("--replot", action="store_true",
                   help="train nothing: redraw the PNGs from the CSVs in --workdir (e.g. the figure's results/)")
+  ap.add_argument("--size", default=None, help="a size of the figure's SIZES (default: small; quick with --quick)")
+  ap.add_argument("--aot", default="", metavar="TOPOLOGY",
+                  help="train nothing: compile every distinct program of every arm for this TPU slice (e.g. "
+                       "v5e-64; moegrow.aot) and estimate each arm's hours; writes aot.json and aot.md")
+  ap.add_argument("--num_slices", type=int, default=1, help="with --aot: slices joined over DCN")
   args = ap.parse_args(argv)
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-  fig = make_figure(args.quick)
+  fig = make_figure(args.size or args.quick)
+  default_root = os.path.join("runs", fig.name + ("" if fig.plan.get("size", "small") == "small"
+                                                  else "_" + fig.plan["size"]))
   if args.replot:
-    return replot(fig, args.workdir or os.path.join("runs", fig.name + ("_quick" if args.quick else "")))
+    return replot(fig, args.workdir or default_root)
+  if args.aot:
+    from experiments import pod
+    return pod.report(fig, args.aot, args.workdir or default_root, args.num_slices)
   seeds = [int(s) for s in (args.seeds or ("0,1" if args.quick else default_seeds)).split(",") if s.strip()]
-  root = args.workdir or os.path.join("runs", fig.name + ("_quick" if args.quick else ""))
+  root = args.workdir or default_root
   os.makedirs(root, exist_ok=True)
   _check_plan(root, fig)
   _compile_cache(root)

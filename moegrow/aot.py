@@ -258,8 +258,29 @@ def _placeholder_measurements(cfg) -> tuple:
   return (lambda: loads), (lambda: means), (lambda: loads), (lambda: feats)
 
 
-def compile_config(config, sl: Slice, headroom: float = 0.10, log=print) -> list[dict]:
-  """Compile every program of `config`'s run for the slice; one report row per program."""
+# Train-config keys that change numbers inside a program (a schedule's constants, the optimizer's
+# scalars, the seed) or nothing in it (cadences), but not its shapes, memory or FLOPs: two programs
+# that differ only here compile once (see `compile_config`'s `seen`).
+SCHEDULE_KEYS = ("steps", "lr", "warmup_steps", "schedule", "min_lr_ratio", "b1", "b2", "weight_decay", "grad_clip",
+                 "seed", "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
+                 "async_checkpoint", "on_corrupt_checkpoint", "stop_after_steps", "stop_at_step")
+
+
+def program_key(kind: str, *parts_) -> str:
+  """A program's identity for de-duplication: its kind and a repr of what shapes it."""
+  return kind + ":" + repr(parts_)
+
+
+def _shaping_train(tr) -> dict:
+  return {k: v for k, v in sorted(tr.to_dict().items()) if k not in SCHEDULE_KEYS}
+
+
+def compile_config(config, sl: Slice, headroom: float = 0.10, log=print, seen: dict | None = None) -> list[dict]:
+  """Compile every program of `config`'s run for the slice; one report row per program.
+  `seen` ({program key: row}, shared across calls) compiles each distinct program once: a program
+  already in it (same kind, model config, batch shapes, mesh, objective and train options other
+  than SCHEDULE_KEYS, e.g. another seed or learning rate) reuses that row, marked `same_as`."""
+  seen = {} if seen is None else seen
   validate_config(config, num_devices=sl.chips, process_count=max(1, sl.chips // 4))
   devices = topology_devices(sl)
   try:
@@ -276,35 +297,61 @@ def compile_config(config, sl: Slice, headroom: float = 0.10, log=print) -> list
       obj = parts.objective(st, stages)
       programs.append(build_program(st.cfg, parts.stage_train(tr, st), mesh, obj))
     for st, prog in zip(stages, programs):
+      mesh_key = tuple(mesh.shape.items())
+      tr_key = _shaping_train(parts.stage_train(tr, st))
       if st.index > 0:  # the boundary into this stage: growth from the previous stage's state
         old_cfg, old = stages[st.index - 1].cfg, programs[st.index - 1]
-        ops = with_loads(list(st.ops), *_placeholder_measurements(old_cfg))
-        fisher = None
-        if st.ewc:
-          fisher = jax.tree_util.tree_map(lambda s, h: _abstract(s.shape, jnp.float32, h), tf.abstract_params(old_cfg),
-                                          params_sharding(old_cfg, mesh))
-        run, out_sh, _ = growth_fn(old_cfg, ops, prog, with_fisher=fisher is not None)
-        key = jax.eval_shape(lambda: jax.random.key(0))
-        row = compile_one(f"stage{st.index}/growth", "growth", jax.jit(run, out_shardings=out_sh),
-                          (old.abstract_state, key, fisher), sl, None, headroom)
-        _log_row(row, log)
-        rows.append(row)
+        key = program_key("growth", old_cfg, st.cfg, st.ops, tr_key, st.ewc is not None, mesh_key)
+        if key in seen:
+          rows.append(_reuse(seen[key], f"stage{st.index}/growth", log))
+        else:
+          rows.append(seen.setdefault(key, _compile_growth(st, old_cfg, old, prog, sl, headroom, log)))
       tokens = int(tr.batch_size) * seq
       formula = flops.train_flops_per_token(tf.base_config(st.cfg), seq) * tokens / sl.chips
-      args = (prog.abstract_state, _batch_abstract(prog, int(tr.batch_size), seq))
-      ctx = _ctx_abstract(prog)
-      if ctx is not None:
-        args = args + (ctx,)
-      row = compile_one(f"stage{st.index}/train_step", "train", prog.train_step, args, sl, formula, headroom,
-                        st.cfg.remat)
-      _log_row(row, log)
-      rows.append(row)
-      eval_rows = int(tr.eval_batch_size)
-      row = compile_one(f"stage{st.index}/eval_step", "eval", prog.eval_step,
-                        (prog.abstract_state["params"], _batch_abstract(prog, eval_rows, seq)), sl, None, headroom)
-      _log_row(row, log)
-      rows.append(row)
+      for kind, key in (("train", program_key("train", st.cfg, seq, tr_key, prog.objective, mesh_key)),
+                        ("eval", program_key("eval", st.cfg, seq, int(tr.eval_batch_size), mesh_key))):
+        name = f"stage{st.index}/{kind}_step"
+        if key in seen:
+          rows.append(_reuse(seen[key], name, log))
+          continue
+        if kind == "train":
+          args = (prog.abstract_state, _batch_abstract(prog, int(tr.batch_size), seq))
+          ctx = _ctx_abstract(prog)
+          if ctx is not None:
+            args = args + (ctx,)
+          row = compile_one(name, "train", prog.train_step, args, sl, formula, headroom, st.cfg.remat)
+        else:
+          row = compile_one(name, "eval", prog.eval_step,
+                            (prog.abstract_state["params"], _batch_abstract(prog, int(tr.eval_batch_size), seq)),
+                            sl, None, headroom)
+        _log_row(row, log)
+        rows.append(seen.setdefault(key, row))
   return rows
+
+
+def _reuse(row: dict, name: str, log) -> dict:
+  """A compiled program's row for another program with the same key."""
+  first = row.get("same_as") or (f"{row['arm']}/{row['program']}" if row.get("arm") else row["program"])
+  out = {k: v for k, v in row.items() if k != "arm"}
+  out.update(program=name, same_as=first, compile_seconds=0.0)
+  if log is not None:
+    log(f"  {name:<22} same program as {out['same_as']} (compiled once)")
+  return out
+
+
+def _compile_growth(st, old_cfg, old, prog, sl: Slice, headroom: float, log) -> dict:
+  """Compile the growth into stage `st` from the previous stage's state (`old`) to `prog`'s."""
+  ops = with_loads(list(st.ops), *_placeholder_measurements(old_cfg))
+  fisher = None
+  if st.ewc:
+    fisher = jax.tree_util.tree_map(lambda s, h: _abstract(s.shape, jnp.float32, h), tf.abstract_params(old_cfg),
+                                    params_sharding(old_cfg, prog.mesh))
+  run, out_sh, _ = growth_fn(old_cfg, ops, prog, with_fisher=fisher is not None)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  row = compile_one(f"stage{st.index}/growth", "growth", jax.jit(run, out_shardings=out_sh),
+                    (old.abstract_state, key, fisher), sl, None, headroom)
+  _log_row(row, log)
+  return row
 
 
 def _log_row(row: dict, log) -> None:

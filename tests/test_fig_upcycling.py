@@ -37,7 +37,7 @@ def test_upcycling_quick_writes_csv_png_and_summary(upcycling_quick):
   assert summary.count("| upcycling beats") == 2 and " ± " in summary
   # The summary's numbers are the CSV's: recompute one claim from the written table.
   rows = harness.read_csv(os.path.join(workdir, "upcycling.csv"))
-  _, claims = harness.summarize(rows, upcycling.figure(quick=True).claims)
+  _, claims = harness.summarize(rows, upcycling.figure(True).claims)
   written = [r for r in csv_rows(os.path.join(workdir, "summary.csv")) if r["kind"] == "claim"]
   assert [float(r["effect"]) for r in written] == pytest.approx([c["effect"] for c in claims], abs=1e-12)
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from experiments import plots
 from experiments.harness import (Arm, Claim, Figure, by_arm, format_mean_se, mean_se, mean_se_curve, metrics_rows,
-                                 run_dir, table_head, write_csv, write_summary)
+                                 run_dir, size_name, table_head, write_csv, write_summary)
 from moegrow.configs import lm
 
 TOP_K, LAYER = 2, "1"
@@ -67,8 +67,9 @@ def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
   return out
 
 
-def figure(quick: bool = False) -> Figure:
-  size = "quick" if quick else "small"
+def figure(size: bool | str = False) -> Figure:
+  """The figure at `size`: True = 'quick', False = 'small', or a size's name (see SIZES)."""
+  size = size_name(size)
   s, cfgs = SIZES[size], configs(size)
   make = lambda name: (lambda seed: copy.deepcopy(cfgs[name]))
   arms, claims = [], []

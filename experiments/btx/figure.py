@@ -31,8 +31,8 @@ import ml_collections
 import numpy as np
 
 from experiments import plots
-from experiments.harness import (Arm, Claim, Figure, flops_per_step, mean_se, read_csv_rows, run_dir, table_head,
-                                 write_csv, write_summary)
+from experiments.harness import (Arm, Claim, Figure, flops_per_step, format_mean_se, mean_se, read_csv_rows, run_dir,
+                                 size_name, table_head, write_csv, write_summary)
 from moegrow.configs import lm
 from moegrow.orchestrate import parts
 from moegrow.orchestrate.branching import mixed_run_config
@@ -96,8 +96,10 @@ def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
   return out
 
 
-def figure(quick: bool = False) -> Figure:
-  size = "quick" if quick else "small"
+def figure(size: bool | str = False) -> Figure:
+  """The figure at `size`: True = 'quick', False = 'small', or a size's name (see SIZES)."""
+  size = size_name(size)
+  quick = size == "quick"
   s, cfgs = SIZES[size], configs(size)
   n, m = s["seed_steps"], s["branch_steps"]
   dense_step = flops_per_step(parts.model_config(cfgs["seed"]), cfgs["seed"])
@@ -185,7 +187,7 @@ def routing_report(fig: Figure, root: str, seeds, data_dir: str = "") -> list[di
         per_seed = [float(np.mean(x)) for x in per_seed if x]
         own[dom] = mean_se(per_seed)
       if own[OLD][0] == own[OLD][0]:
-        lines.append(f"| {arm} | {when} | {own[OLD][0]:.3f} ± {own[OLD][1]:.3f} | {own[NEW][0]:.3f} ± {own[NEW][1]:.3f} |")
+        lines.append(f"| {arm} | {when} | {format_mean_se(*own[OLD], '.3f')} | {format_mean_se(*own[NEW], '.3f')} |")
   write_summary(os.path.join(root, "summary.md"), "\n".join(lines) + "\n", append=True)
   plot_routing(os.path.join(root, "btx_routing.png"), fig, rows)
   return rows

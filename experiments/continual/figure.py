@@ -30,7 +30,7 @@ import numpy as np
 
 from experiments import plots
 from experiments.harness import (Arm, Claim, Figure, by_arm, format_mean_se, mean_se_fields, read_csv_rows,
-                                 read_evals, run_dir, table_head, write_csv, write_summary)
+                                 read_evals, run_dir, size_name, table_head, write_csv, write_summary)
 from moegrow.configs import lm
 
 OLD, NEW = "shakespeare_plays", "python_stdlib"
@@ -100,8 +100,10 @@ def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
   return out
 
 
-def figure(quick: bool = False) -> Figure:
-  size = "quick" if quick else "small"
+def figure(size: bool | str = False) -> Figure:
+  """The figure at `size`: True = 'quick', False = 'small', or a size's name (see SIZES)."""
+  size = size_name(size)
+  quick = size == "quick"
   s, cfgs = SIZES[size], configs(size)
   n = s["base_steps"]
   make = lambda name: (lambda seed: copy.deepcopy(cfgs[name]))

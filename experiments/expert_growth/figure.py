@@ -39,7 +39,7 @@ import numpy as np
 
 from experiments import plots
 from experiments.harness import (Arm, Claim, Figure, by_arm, check_staged_arms, domain_mean, format_mean_se, mean_se,
-                                 mean_se_fields, read_csv_rows, read_evals, run_dir, table_head, write_csv,
+                                 mean_se_fields, read_csv_rows, read_evals, run_dir, size_name, table_head, write_csv,
                                  write_summary)
 from moegrow.configs import lm
 
@@ -94,8 +94,9 @@ def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
   return out
 
 
-def figure(quick: bool = False) -> Figure:
-  size = "quick" if quick else "small"
+def figure(size: bool | str = False) -> Figure:
+  """The figure at `size`: True = 'quick', False = 'small', or a size's name (see SIZES)."""
+  size = size_name(size)
   s, cfgs = SIZES[size], configs(size)
   check_staged_arms("experiments/expert_growth", cfgs, SMALL, BIG, list(SWITCHES), "grow")
   make = lambda name: (lambda seed: copy.deepcopy(cfgs[name]))

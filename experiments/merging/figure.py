@@ -35,7 +35,7 @@ import numpy as np
 
 from experiments import plots
 from experiments.harness import (Arm, Figure, domain_mean, format_effect, mean_se, mean_se_curve, paired_effect,
-                                 read_csv_rows, run_dir, table_head, write_csv, write_summary)
+                                 read_csv_rows, run_dir, size_name, table_head, write_csv, write_summary)
 from moegrow.configs import lm
 
 SHAKESPEARE, PYTHON = "shakespeare_plays", "python_stdlib"
@@ -77,8 +77,9 @@ def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
   return out
 
 
-def figure(quick: bool = False) -> Figure:
-  size = "quick" if quick else "small"
+def figure(size: bool | str = False) -> Figure:
+  """The figure at `size`: True = 'quick', False = 'small', or a size's name (see SIZES)."""
+  size = size_name(size)
   s, cfgs = SIZES[size], configs(size)
   n = s["base_steps"]
   make = lambda name: (lambda seed: copy.deepcopy(cfgs[name]))
@@ -158,8 +159,9 @@ def seed_points(fig: Figure, root: str, seed: int) -> list[dict]:
   soup, trace = merge_ops.greedy_soup(ingredients, held_out)
   measure(soup, "soup", "greedy soup", sum(r["added"] for r in trace))
   best_soup = min(r["soup_loss"] for r in trace if r["added"])  # the chosen soup's, on the selection batches
+  chosen = (("best ingredient", trace[0]["loss"]), ("greedy soup", best_soup))
   rows.extend({"seed": seed, "panel": "greedy selection", "method": m, "x": float(trace[0]["ingredient"]),
-               "domain": "mean", "loss": v} for m, v in (("best ingredient", trace[0]["loss"]), ("greedy soup", best_soup)))
+               "domain": "mean", "loss": v} for m, v in chosen)
   for name in ("base", "tuned_shakespeare", "tuned_python"):
     measure(p[name], "task", name, 1.0)
   tuned = [p["tuned_shakespeare"], p["tuned_python"]]
@@ -275,7 +277,8 @@ def plot_merges(path: str, fig: Figure, rows: list[dict]) -> list[plots.Drawn]:
     drawn.append(plots.band(ax, x, m, se, label=label, series=pair, panel="interpolation", ms=3, **plots.arm_style(i)))
     ends = {s: (by_x[x[0]][s], by_x[x[-1]][s]) for s in seeds}
     excess = {a: {s: by_x[a][s] - ((1 - a) * ends[s][0] + a * ends[s][1]) for s in seeds} for a in x}
-    drawn.append(plots.band(dx, *_curve(excess), label=label, series=pair, panel="above the line", ms=3, **plots.arm_style(i)))
+    drawn.append(plots.band(dx, *_curve(excess), label=label, series=pair, panel="above the line", ms=3,
+                            **plots.arm_style(i)))
   plots.style_axes(ax, "interpolation weight a", "validation loss, mean of domains", "linear mode connectivity",
                    legend_size=8)
   dx.axhline(0.0, color="0.3", lw=0.8)
@@ -293,7 +296,8 @@ def plot_merges(path: str, fig: Figure, rows: list[dict]) -> list[plots.Drawn]:
   for j, name in enumerate(("uniform soup", "greedy soup")):
     per_seed = {s: v for by_seed in _per_seed(rows, "soup", name).values() for s, v in by_seed.items()}
     m, se = mean_se([per_seed[s] - best[s] for s in seeds])
-    drawn.append(plots.points(ex, [j], [m], [se], label=name, series=name, panel="soup - best", **_point_style(len(names) - 2 + j)))
+    drawn.append(plots.points(ex, [j], [m], [se], label=name, series=name, panel="soup - best",
+                              **_point_style(len(names) - 2 + j)))
   ex.axhline(0.0, color="0.3", lw=0.8)
   ex.set_xticks([0, 1], ["uniform soup", "greedy soup"], fontsize=8)
   ex.set_xlim(-0.6, 1.6)
@@ -309,7 +313,8 @@ def plot_merges(path: str, fig: Figure, rows: list[dict]) -> list[plots.Drawn]:
     drawn.append(plots.points(cx, *_curve(by_x), label=method, series=method, panel="task merges",
                               **_point_style(i, line=True)))
     diff = {x: {s: v[s] - ta[s] for s in seeds} for x, v in by_x.items()}
-    drawn.append(plots.points(fx, *_curve(diff), label=method, series=method, panel="merge - task arithmetic", **_point_style(i, line=True)))
+    drawn.append(plots.points(fx, *_curve(diff), label=method, series=method, panel="merge - task arithmetic",
+                              **_point_style(i, line=True)))
   for name, style in (("tuned_shakespeare", ":"), ("tuned_python", "--")):
     m, _ = mean_se([v for by_seed in _per_seed(rows, "task", name).values() for v in by_seed.values()])
     cx.axhline(m, color="0.5", ls=style, lw=1, label=f"{name.replace('_', ' ')} (evaluated on both domains)")

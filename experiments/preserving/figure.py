@@ -55,7 +55,7 @@ import numpy as np
 
 from experiments import harness, plots
 from experiments.harness import (Arm, Claim, Figure, by_arm, domain_mean, format_mean_se, mean_se_curve,
-                                 mean_se_fields, paired_effect, read_evals, run_dir, table_head, write_csv,
+                                 mean_se_fields, paired_effect, read_evals, run_dir, size_name, table_head, write_csv,
                                  write_summary)
 from moegrow.configs import lm
 from moegrow.orchestrate import parts
@@ -147,8 +147,10 @@ def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
   return out
 
 
-def figure(quick: bool = False) -> Figure:
-  size = "quick" if quick else "small"
+def figure(size: bool | str = False) -> Figure:
+  """The figure at `size`: True = 'quick', False = 'small', or a size's name (see SIZES)."""
+  size = size_name(size)
+  quick = size == "quick"
   s, cfgs = SIZES[size], configs(size)
   S = s["small_steps"]
   make = lambda name: (lambda seed: copy.deepcopy(cfgs[name]))

@@ -44,8 +44,8 @@ import numpy as np
 
 from experiments import plots
 from experiments.harness import (Arm, Claim, Figure, arm_config, by_arm, check_staged_arms, domain_mean,
-                                 format_mean_se, mean_se, read_csv_rows, read_evals, run_dir, table_head, write_csv,
-                                 write_summary)
+                                 format_mean_se, mean_se, read_csv_rows, read_evals, run_dir, size_name, table_head,
+                                 write_csv, write_summary)
 from moegrow import checkpoint
 from moegrow.configs import lm
 from moegrow.orchestrate import parts
@@ -101,8 +101,9 @@ def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
   return out
 
 
-def figure(quick: bool = False) -> Figure:
-  size = "quick" if quick else "small"
+def figure(size: bool | str = False) -> Figure:
+  """The figure at `size`: True = 'quick', False = 'small', or a size's name (see SIZES)."""
+  size = size_name(size)
   s, cfgs = SIZES[size], configs(size)
   check_staged_arms("experiments/shrink", cfgs, BIG, SMALL, list(CUTS), "shrink")
   make = lambda name: (lambda seed: copy.deepcopy(cfgs[name]))

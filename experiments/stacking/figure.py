@@ -38,7 +38,7 @@ import ml_collections
 
 from experiments import harness
 from experiments.harness import (Arm, Claim, Figure, by_arm, domain_mean, format_mean_se, mean_se_fields, read_evals,
-                                 run_dir, table_head, write_csv, write_summary)
+                                 run_dir, size_name, table_head, write_csv, write_summary)
 from moegrow.configs import lm
 
 SIZES = {
@@ -124,8 +124,9 @@ def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
   return out
 
 
-def figure(quick: bool = False) -> Figure:
-  size = "quick" if quick else "small"
+def figure(size: bool | str = False) -> Figure:
+  """The figure at `size`: True = 'quick', False = 'small', or a size's name (see SIZES)."""
+  size = size_name(size)
   s, cfgs, sw = SIZES[size], configs(size), switch_steps(size)
   make = lambda name: (lambda seed: copy.deepcopy(cfgs[name]))
   arms = [Arm("shallow", make("shallow"), LABELS["shallow"], end_step=max(sw.values())),

@@ -21,7 +21,7 @@ import copy
 
 import ml_collections
 
-from experiments.harness import Arm, Claim, Figure, flops_per_step, matched_steps
+from experiments.harness import (Arm, Claim, Figure, flops_per_step, matched_steps, size_name)
 from moegrow.configs import grow as grow_configs
 from moegrow.configs import lm
 from moegrow.orchestrate import parts
@@ -36,6 +36,13 @@ SIZES = {
                   model=dict(d_model=128, num_heads=4, d_ff=512), seq_len=128),
     "quick": dict(base="tiny", dense_steps=6, moe_steps=4, warmup_steps=2, eval_every=2,
                   log_every=2, checkpoint_every=100, eval_batches=2),
+    # configs/lm.py:pod's model (d=1024, 16 layers, bfloat16, sequence 2048, batch 512 on c4/en;
+    # E=8 top-2 in every other layer: 0.97B total / 0.37B active parameters): N = 20k dense steps
+    # (21B tokens), M = 10k upcycled steps. The paper's gains over dense continuation show on
+    # well-trained checkpoints of 100M+ parameter models (Komatsuzaki et al. 2023, Fig. 2-3);
+    # the CPU size's dense model has seen 1.2M tokens.
+    "pod": dict(base="pod", dense_steps=20_000, moe_steps=10_000, warmup_steps=2000, eval_every=2000,
+                log_every=100, checkpoint_every=2000, eval_batches=8, topology="v5e-64"),
 }
 
 
@@ -59,6 +66,8 @@ def plan(size: str) -> dict:
 def _base(s: dict, moe: str = "") -> ml_collections.ConfigDict:
   """configs/lm.py's `base` variant with the size's model and sequence overrides."""
   c = lm.get_config(s["base"] + moe)
+  if not moe:
+    c.model.moe_layers = "none"  # configs/lm.py:pod is sparse by default
   c.model.update(s.get("model", {}))
   c.data.seq_len = s.get("seq_len", c.data.seq_len)
   return c
@@ -84,8 +93,9 @@ def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
           "moe_scratch": _finish(_base(s, ",moe"), s, p["end_step"]["moe_scratch"])}
 
 
-def figure(quick: bool = False) -> Figure:
-  size = "quick" if quick else "small"
+def figure(size: bool | str = False) -> Figure:
+  """The figure at `size`: True = 'quick', False = 'small', or a size's name (see SIZES)."""
+  size = size_name(size)
   p, cfgs = plan(size), configs(size)
   up_cfg = parts.resolve_stages(cfgs["upcycled"], parts.model_config(cfgs["upcycled"]))[-1].cfg
   if up_cfg != parts.model_config(cfgs["moe_scratch"]):
