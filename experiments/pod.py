@@ -18,8 +18,27 @@ from __future__ import annotations
 import json
 import os
 
+import ml_collections
+
 from experiments.harness import Figure, arm_config, end_step, trained_config
+from moegrow.configs import lm
 from moegrow.orchestrate import parts
+
+# The TFDS datasets of the pod sizes, in place of the local corpora. English: C4 (the TFDS catalog,
+# field 'text'). Code: the TFDS catalog has no source-code corpus; prepare one as a TFDS dataset
+# with a 'text' field under this name in the data dir (e.g. The Stack's Python files), or name
+# your own with --config.data.mixture.
+ENGLISH, CODE = "c4/en", "the_stack_python"
+
+
+def base_config(mixture: dict | None = None) -> ml_collections.ConfigDict:
+  """configs/lm.py:pod (d=1024, 16 layers, 16 heads, d_ff 4096, bfloat16, block remat, scanned
+  blocks; sequence 2048, batch 512; mesh data=-1, fsdp=8, expert=8) made dense, on `mixture`
+  (default C4 alone). A figure's pod size sets its own experts, steps and mesh on top."""
+  c = lm.get_config("pod")
+  c.model.moe_layers = "none"
+  c.data.mixture = ml_collections.ConfigDict(mixture or {ENGLISH: 1.0})
+  return c
 
 
 def run_configs(config) -> list[tuple[str, object]]:

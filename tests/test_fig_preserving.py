@@ -134,3 +134,22 @@ def test_spike_numbers_follow_from_the_logs(quick):
       assert num(by[(arm, s)]["train_next"]) == pytest.approx(ref, abs=1e-4), f"{arm}/{s}"
     for arm in RANDOM:
       assert abs(num(by[(arm, s)]["train_next"]) - ref) > 1e-3, f"{arm}/{s}"
+
+
+def test_the_spike_plot_draws_every_grown_arm_as_the_logs_mean_and_se(quick, tmp_path):
+  fig, root, _ = quick
+  S = fig.plan["small_steps"]
+  drawn = preserving.plot_spike(str(tmp_path / "spike.png"), fig, root, SEEDS)
+  grown = {a.name for a in fig.arms if a.name in preserving.GROWN + preserving.COPIES}
+  assert {(d.panel, d.series) for d in drawn} == ({(k, "small") for k in ("wide", "deep")}
+                                                 | {(n.split("_")[0], n) for n in grown})
+  for d in drawn:
+    logs = []
+    for s in SEEDS:
+      small, own = _train(os.path.join(root, "small", f"seed{s}")), _train(os.path.join(root, d.series, f"seed{s}"))
+      logs.append({t: (small[t] if t <= S else own[t]) for t in small.keys() | own.keys()
+                   if (t <= S and t in small) or (t > S and t in own)})
+    for t, m, e in zip(d.x, d.mean, d.se):
+      v = [log[int(t)] for log in logs]
+      assert m == pytest.approx(np.mean(v), abs=1e-12)
+      assert e == pytest.approx(np.std(v, ddof=1) / math.sqrt(len(v)), abs=1e-12)

@@ -16,12 +16,20 @@ FIGURES = sorted(d for d in os.listdir(os.path.join(REPO, "experiments"))
                  if os.path.exists(os.path.join(REPO, "experiments", d, "results", f"{d}.csv")))
 
 
-def results(name, file):
-  return os.path.join(REPO, "experiments", name, "results", file)
+# (figure, results folder, size): every committed result, the longer upcycling run included
+RESULTS = [(n, "results", False) for n in FIGURES] + [("upcycling", "results_long", "long")]
+
+
+def results(name, file, folder="results"):
+  return os.path.join(REPO, "experiments", name, folder, file)
 
 
 def se(xs):
   return statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0
+
+
+def _figure(name, size=False):
+  return importlib.import_module(f"experiments.{name}.figure").figure(size)
 
 
 def check_drawn(d, expected, where):
@@ -49,10 +57,10 @@ def test_arm_styles_differ_in_their_combination_and_neighbours_in_every_part():
     assert a["color"] == b["color"] and a["ls"] != b["ls"] and a["marker"] != b["marker"]
 
 
-@pytest.mark.parametrize("name", FIGURES)
-def test_training_curves_are_the_csvs_mean_and_se_over_seeds(name, tmp_path):
-  fig = _figure(name)
-  rows = harness.read_csv(results(name, f"{name}.csv"))
+@pytest.mark.parametrize("name, folder, size", RESULTS)
+def test_training_curves_are_the_csvs_mean_and_se_over_seeds(name, folder, size, tmp_path):
+  fig = _figure(name, size)
+  rows = harness.read_csv(results(name, f"{name}.csv", folder))
   drawn = harness.plot(str(tmp_path / "curves.png"), fig, rows)
   assert os.path.getsize(tmp_path / "curves.png") > 10_000
   groups = collections.defaultdict(list)
@@ -165,15 +173,11 @@ def test_shrink_cut_bars_are_the_paired_differences_mean_and_se(tmp_path):
     check_drawn(d, {float(arms.index(d.series)): (sum(diff) / len(diff), se(diff))}, f"{d.panel}/{d.series}")
 
 
-def _figure(name):
-  return importlib.import_module(f"experiments.{name}.figure").figure(False)
-
-
 # merging states its claims in its own report (tested above), on its merges, not on training curves
-@pytest.mark.parametrize("name", [n for n in FIGURES if _figure(n).claims])
-def test_claims_are_the_paired_differences_of_the_final_losses(name, tmp_path):
-  fig = _figure(name)
-  rows = harness.read_csv(results(name, f"{name}.csv"))
+@pytest.mark.parametrize("name, folder, size", [r for r in RESULTS if _figure(r[0], r[2]).claims])
+def test_claims_are_the_paired_differences_of_the_final_losses(name, folder, size, tmp_path):
+  fig = _figure(name, size)
+  rows = harness.read_csv(results(name, f"{name}.csv", folder))
   _, claim_rows = harness.summarize(rows, fig.claims)
   drawn = harness.plot_claims(str(tmp_path / "claims.png"), fig, claim_rows)
   last = {}

@@ -26,7 +26,7 @@ import os
 import ml_collections
 import numpy as np
 
-from experiments import plots
+from experiments import plots, pod
 from experiments.harness import (Arm, Claim, Figure, by_arm, format_mean_se, mean_se, mean_se_curve, metrics_rows,
                                  run_dir, size_name, table_head, write_csv, write_summary)
 from moegrow.configs import lm
@@ -36,6 +36,12 @@ RATE, FAST_RATE, AUX_WEIGHT = 1e-3, 1e-2, 0.01
 SIZES = {
     "small": dict(steps=1000, warmup_steps=10, eval_every=250, log_every=10, eval_batches=64, experts=(16, 32)),
     "quick": dict(steps=6, warmup_steps=2, eval_every=3, log_every=1, eval_batches=1, experts=(16,)),
+    # configs/lm.py:pod's model with E=16 / 32 sigmoid top-2 experts in every other layer, 20k steps
+    # of 512 x 2048 tokens on C4, v5e-64 (expert axis 8: two or four experts per chip). The paper's
+    # runs: 1B-3B parameters, tens of thousands of steps (Wang et al. 2024, table 1); at 1000 CPU
+    # steps the paper's u = 1e-3 spends most of the run undoing an early collapse.
+    "pod": dict(steps=20_000, warmup_steps=2000, eval_every=2000, log_every=100, eval_batches=8, experts=(16, 32),
+                batch_size=512, eval_batch_size=64, topology="v5e-64"),
 }
 
 
@@ -44,15 +50,17 @@ def base_config(size: str, experts: int, rate: float | None) -> ml_collections.C
   if size not in SIZES:
     raise ValueError(f"experiments/balance: unknown size {size!r}; use {sorted(SIZES)}")
   s = SIZES[size]
-  c = lm.get_config("tiny")
+  c = pod.base_config() if size == "pod" else lm.get_config("tiny")
   c.model.update(moe_layers="every_other", num_experts=experts, top_k=TOP_K, gating="sigmoid_topk")
   if rate is not None:
     c.model.update(balance="loss_free", balance_rate=rate, aux_loss_weight=0.0)
   else:
     c.model.update(balance="aux_loss", aux_loss_weight=AUX_WEIGHT)
-  c.data.mixture = ml_collections.ConfigDict({"shakespeare_plays": 0.5, "python_stdlib": 0.5})
-  c.train.update(steps=s["steps"], batch_size=16, warmup_steps=s["warmup_steps"], log_every=s["log_every"],
-                 eval_every=s["eval_every"], eval_batches=s["eval_batches"], eval_batch_size=16,
+  if size != "pod":
+    c.data.mixture = ml_collections.ConfigDict({"shakespeare_plays": 0.5, "python_stdlib": 0.5})
+  c.train.update(steps=s["steps"], batch_size=s.get("batch_size", 16), warmup_steps=s["warmup_steps"],
+                 log_every=s["log_every"], eval_every=s["eval_every"], eval_batches=s["eval_batches"],
+                 eval_batch_size=s.get("eval_batch_size", 16),
                  checkpoint_every=s["steps"], keep_checkpoints=2)
   return c
 

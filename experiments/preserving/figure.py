@@ -293,20 +293,22 @@ def spike_report(fig: Figure, root: str, seeds, data_dir: str = "") -> list[dict
           lines.append(f"| {b} vs {a} | {q} | {effect['n']} | {format_mean_se(effect['effect'], effect['se'])} | "
                        f"{'yes' if effect['separated'] else 'no'} |")
   write_summary(os.path.join(root, "spike_summary.md"), "\n".join(lines) + "\n")
-  _plot_spike(os.path.join(root, "spike.png"), fig, root, seeds)
+  plot_spike(os.path.join(root, "spike.png"), fig, root, seeds)
   return summary
 
 
-def _plot_spike(path: str, fig: Figure, root: str, seeds) -> None:
-  """Training loss around the growth step (mean over seeds ± SE), one panel per growth kind."""
+def plot_spike(path: str, fig: Figure, root: str, seeds) -> list[plots.Drawn]:
+  """Training loss around the growth step (mean over seeds ± SE), one panel per growth kind, every
+  grown arm of that kind (the copies included), one style per arm. Returns what it drew."""
   plt = plots.pyplot()
   p = fig.plan
   S = p["small_steps"]
   lo, hi = max(1, S - 4 * p["ramp_steps"]), S + 6 * p["ramp_steps"]
   f, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
   small = {s: train_losses(run_dir(root, "small", s)) for s in seeds}
+  drawn = []
   for ax, kind in zip(axes[0], ("wide", "deep")):
-    names = ["small"] + [f"{kind}_{m}" for m in ("exact", "random", "ramped")]
+    names = ["small"] + [a.name for a in fig.arms if a.name in GROWN + COPIES and a.name.startswith(kind + "_")]
     for i, name in enumerate(names):
       per_seed = []
       for s in seeds:
@@ -318,7 +320,9 @@ def _plot_spike(path: str, fig: Figure, root: str, seeds) -> None:
         continue
       steps = [t for t in range(lo, hi + 1) if all(d.get(t) is not None for d in per_seed)]
       m, se = mean_se_curve([[d[t] for d in per_seed] for t in steps])
-      plots.band(ax, steps, m, se, f"C{i}", f"{LABELS.get(name, name)} (n={len(per_seed)})", lw=1.3)
+      drawn.append(plots.band(ax, steps, m, se, label=f"{LABELS.get(name, name)} (n={len(per_seed)})", panel=kind,
+                              series=name, lw=1.3, ms=3, markevery=max(1, len(steps) // 10), **plots.arm_style(i)))
     ax.axvline(S + 0.5, color="k", lw=0.7, ls="--")
     plots.style_axes(ax, "step", "training loss (nats/token)", f"{kind} growth at step {S}", legend_size=7)
   plots.save(f, path, f"{fig.title}: training loss around the growth step, mean ± SE over seeds")
+  return drawn

@@ -34,6 +34,10 @@ SIZES = {
     "small": dict(base="small", dense_steps=300, moe_steps=150, warmup_steps=30, eval_every=100,
                   log_every=25, checkpoint_every=150, eval_batches=32,
                   model=dict(d_model=128, num_heads=4, d_ff=512), seq_len=128),
+    # the longer run (1.7x the steps, about 50 min alone on 2 CPU cores): results_long/
+    "long": dict(base="small", dense_steps=500, moe_steps=250, warmup_steps=50, eval_every=50,
+                 log_every=25, checkpoint_every=250, eval_batches=32,
+                 model=dict(d_model=128, num_heads=4, d_ff=512), seq_len=128),
     "quick": dict(base="tiny", dense_steps=6, moe_steps=4, warmup_steps=2, eval_every=2,
                   log_every=2, checkpoint_every=100, eval_batches=2),
     # configs/lm.py:pod's model (d=1024, 16 layers, bfloat16, sequence 2048, batch 512 on c4/en;
