@@ -37,6 +37,7 @@ import dataclasses
 import json
 import math
 import os
+import textwrap
 import time
 from typing import Callable, Sequence
 
@@ -452,7 +453,43 @@ def summarize(rows: list[dict], claims: Sequence[Claim]) -> tuple[list[dict], li
   return arms, out
 
 
-def summary_text(fig: Figure, arm_rows: list[dict], claim_rows: list[dict]) -> str:
+def loss_at_flops(points: Sequence[tuple[float, float]], flops: float) -> float:
+  """The loss of a curve [(flops, loss)] at `flops`, linear between its evaluations (nan outside)."""
+  pts = sorted(points)
+  xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+  if not pts or flops < xs[0] * (1 - 1e-9) or flops > xs[-1] * (1 + 1e-9):
+    return math.nan
+  return float(np.interp(flops, xs, ys))
+
+
+def claims_at_equal_flops(rows: list[dict], claims: Sequence[Claim]) -> list[dict]:
+  """Each claim again at equal training FLOPs: both arms' losses at the smaller of their final
+  FLOPs (per seed; linear between evaluations), paired by seed. Rows as `summarize`'s claims, plus
+  `flops` (the mean over seeds of where they are compared) and `differs` (the two arms' final FLOPs
+  differ by more than 1%: only then is this a different comparison from the one at the end). The
+  effect is nan where one arm's curve starts after the other's ends (no common FLOPs)."""
+  out = []
+  for c in claims:
+    curves: dict[str, dict[int, list]] = {}
+    for r in rows:
+      if r["arm"] in (c.better, c.worse) and r["domain"] == c.domain:
+        curves.setdefault(r["arm"], {}).setdefault(r["seed"], []).append((r["flops"], r["loss"]))
+    seeds = sorted(set(curves.get(c.better, {})) & set(curves.get(c.worse, {})))
+    at, diffs = {}, []
+    better, worse = {}, {}
+    for s in seeds:
+      b, w = curves[c.better][s], curves[c.worse][s]
+      at[s] = min(max(b)[0], max(w)[0])
+      better[s], worse[s] = loss_at_flops(b, at[s]), loss_at_flops(w, at[s])
+      diffs.append(abs(max(b)[0] - max(w)[0]) / max(max(b)[0], max(w)[0]))
+    out.append({"claim": c.text, "better": c.better, "worse": c.worse, "domain": c.domain,
+                "flops": float(np.mean(list(at.values()))) if at else math.nan,
+                "differs": bool(diffs) and max(diffs) > 0.01, **paired_effect(better, worse, seeds)})
+  return out
+
+
+def summary_text(fig: Figure, arm_rows: list[dict], claim_rows: list[dict],
+                 flops_rows: Sequence[dict] = ()) -> str:
   lines = [f"# {fig.title}", "", "Final validation loss (nats/token), mean ± standard error over seeds:", "",
            *table_head("arm", "domain", "seeds", "loss")]
   for r in arm_rows:
@@ -464,6 +501,19 @@ def summary_text(fig: Figure, arm_rows: list[dict], claim_rows: list[dict]) -> s
             *table_head("claim", "better", "worse", "domain", "seeds", "effect ± SE", "separated (|effect| > 2 SE)")]
   for r in claim_rows:
     lines.append(f"| {r['claim']} | {r['better']} | {r['worse']} | {r['domain']} | {r['n']} | {format_effect(r)} |")
+  differ = [r for r in flops_rows if r["differs"]]
+  if flops_rows and not differ:
+    lines += ["", "Every claim's two arms end at the same training FLOPs (within 1%): the claims above are "
+              "also at equal FLOPs."]
+  elif differ:
+    lines += ["", "The same claims at equal training FLOPs, where the two arms end at different FLOPs: both "
+              "arms' losses at the smaller of their final FLOPs (linear between evaluations), paired by seed:", "",
+              *table_head("claim", "better", "worse", "domain", "at FLOPs", "seeds", "effect ± SE",
+                          "separated (|effect| > 2 SE)")]
+    for r in differ:
+      effect = format_effect(r) if r["effect"] == r["effect"] else "n/a: one curve starts after the other ends | no"
+      lines.append(f"| {r['claim']} | {r['better']} | {r['worse']} | {r['domain']} | {r['flops']:.3g} | {r['n']} | "
+                   f"{effect} |")
   return "\n".join(lines) + "\n"
 
 
@@ -502,22 +552,30 @@ def plot(path: str, fig: Figure, rows: list[dict]) -> list[plots.Drawn]:
   return drawn
 
 
-def plot_claims(path: str, fig: Figure, claim_rows: list[dict]) -> list[plots.Drawn]:
+def plot_claims(path: str, fig: Figure, claim_rows: list[dict], flops_rows: Sequence[dict] = ()) -> list[plots.Drawn]:
   """Each claim's effect loss(worse) - loss(better), paired by seed, ± its standard error: what the
   claim rests on (two arms' separate error bands can overlap while their paired difference is
-  clear). Returns what it drew."""
+  clear); where the two arms end at different FLOPs, the effect at equal FLOPs too (hollow, below).
+  Returns what it drew (panels 'claims' and 'claims at equal FLOPs')."""
   plt = plots.pyplot()
-  f, ax = plt.subplots(figsize=(9, 0.9 + 0.55 * len(claim_rows)))
+  f, ax = plt.subplots(figsize=(11, 1.3 + 0.8 * len(claim_rows)))
   drawn = []
+  at_flops = {r["claim"]: r for r in flops_rows if r["differs"]}
   for i, r in enumerate(claim_rows):
     st = plots.arm_style(i)
     drawn.append(plots.points(ax, [i], [r["effect"]], [r["se"]], label=r["claim"], panel="claims", series=r["claim"],
                               horizontal=True, color=st["color"], marker=st["marker"], ls="none", ms=6))
+    if r["claim"] in at_flops and at_flops[r["claim"]]["effect"] == at_flops[r["claim"]]["effect"]:
+      e = at_flops[r["claim"]]
+      drawn.append(plots.points(ax, [i + 0.25], [e["effect"]], [e["se"]], label="", panel="claims at equal FLOPs",
+                                series=r["claim"], horizontal=True, color=st["color"], marker=st["marker"], ls="none",
+                                ms=6, mfc="none"))
   ax.axvline(0.0, color="0.3", lw=0.8)
-  ax.set_yticks(range(len(claim_rows)), [f"{r['claim']} ({r['domain']}, n={r['n']})" for r in claim_rows],
-                fontsize=8)
-  ax.invert_yaxis()
-  plots.style_axes(ax, "loss(worse) - loss(better), paired by seed (> 0 supports the claim)", "", grid="x")
+  ax.set_yticks(range(len(claim_rows)), [textwrap.fill(f"{r['claim']} ({r['domain']}, n={r['n']})"
+                                                       + (" [hollow: at equal FLOPs]" if r["claim"] in at_flops else ""),
+                                                       45) for r in claim_rows], fontsize=8)
+  ax.set_ylim(len(claim_rows) - 0.5, -0.5)
+  plots.style_axes(ax, "loss(worse) - loss(better), paired by seed\n(> 0 supports the claim)", "", grid="x")
   plots.save(f, path, f"{fig.title}: the claims, mean ± SE of the paired differences")
   return drawn
 
@@ -529,12 +587,14 @@ def report(fig: Figure, root: str, seeds: Sequence[int], data_dir: str = "") -> 
   write_csv(os.path.join(root, f"{fig.name}.csv"), rows, ["arm", "seed", "step", "flops", "x", "domain", "loss"])
   plot(os.path.join(root, f"{fig.name}.png"), fig, rows)
   arm_rows, claim_rows = summarize(rows, fig.claims)
+  flops_rows = claims_at_equal_flops(rows, fig.claims)
   if claim_rows:
-    plot_claims(os.path.join(root, f"{fig.name}_claims.png"), fig, claim_rows)
+    plot_claims(os.path.join(root, f"{fig.name}_claims.png"), fig, claim_rows, flops_rows)
   write_csv(os.path.join(root, "summary.csv"),
-            [{"kind": "arm", **r} for r in arm_rows] + [{"kind": "claim", **r} for r in claim_rows],
-            ["kind", "arm", "claim", "better", "worse", "domain", "n", "mean", "se", "effect", "separated"])
-  write_summary(os.path.join(root, "summary.md"), summary_text(fig, arm_rows, claim_rows))
+            [{"kind": "arm", **r} for r in arm_rows] + [{"kind": "claim", **r} for r in claim_rows]
+            + [{"kind": "claim_at_equal_flops", **r} for r in flops_rows if r["differs"]],
+            ["kind", "arm", "claim", "better", "worse", "domain", "n", "mean", "se", "effect", "separated", "flops"])
+  write_summary(os.path.join(root, "summary.md"), summary_text(fig, arm_rows, claim_rows, flops_rows))
   print(f"wrote {os.path.join(root, fig.name + '.csv')}, {os.path.join(root, fig.name + '.png')}, "
         f"{os.path.join(root, 'summary.md')}", flush=True)
   return arm_rows, claim_rows
@@ -542,11 +602,16 @@ def report(fig: Figure, root: str, seeds: Sequence[int], data_dir: str = "") -> 
 
 def replot(fig: Figure, root: str) -> int:
   """Redraw a figure's PNGs from the CSVs in `root` (no run needed): the training curves, the
-  claims, and the figure's own plots where it has a `replot`."""
+  claims (and claims.md: the summary's tables, claims at equal FLOPs included), and the figure's
+  own plots where it has a `replot`."""
   rows = read_csv(os.path.join(root, f"{fig.name}.csv"))
   plot(os.path.join(root, f"{fig.name}.png"), fig, rows)
   if fig.claims:
-    plot_claims(os.path.join(root, f"{fig.name}_claims.png"), fig, summarize(rows, fig.claims)[1])
+    arm_rows, claim_rows = summarize(rows, fig.claims)
+    flops_rows = claims_at_equal_flops(rows, fig.claims)
+    plot_claims(os.path.join(root, f"{fig.name}_claims.png"), fig, claim_rows, flops_rows)
+    with open(os.path.join(root, "claims.md"), "w") as f:  # the summary's tables, from the CSV alone
+      f.write(summary_text(fig, arm_rows, claim_rows, flops_rows))
   if fig.replot is not None:
     fig.replot(fig, root)
   print(f"redrew the plots in {root}", flush=True)

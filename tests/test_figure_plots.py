@@ -7,6 +7,7 @@ import math
 import os
 import statistics
 
+import numpy as np
 import pytest
 
 from experiments import harness, plots
@@ -179,7 +180,10 @@ def test_claims_are_the_paired_differences_of_the_final_losses(name, folder, siz
   fig = _figure(name, size)
   rows = harness.read_csv(results(name, f"{name}.csv", folder))
   _, claim_rows = harness.summarize(rows, fig.claims)
-  drawn = harness.plot_claims(str(tmp_path / "claims.png"), fig, claim_rows)
+  drawn = harness.plot_claims(str(tmp_path / "claims.png"), fig, claim_rows,
+                              harness.claims_at_equal_flops(rows, fig.claims))
+  at_flops = {d.series: d for d in drawn if d.panel == "claims at equal FLOPs"}
+  drawn = [d for d in drawn if d.panel == "claims"]
   last = {}
   for r in rows:
     last[(r["arm"], r["seed"])] = max(last.get((r["arm"], r["seed"]), -1), r["step"])
@@ -191,6 +195,22 @@ def test_claims_are_the_paired_differences_of_the_final_losses(name, folder, siz
     diff = [final[(c.worse, c.domain, s)] - final[(c.better, c.domain, s)] for s in seeds]
     assert len(diff) >= 2, c.text
     check_drawn(d, {float(i): (sum(diff) / len(diff), se(diff))}, c.text)
+    # at equal FLOPs: both curves at the smaller of their final FLOPs, by linear interpolation
+    curve = lambda arm, s: sorted((r["flops"], r["loss"]) for r in rows
+                                  if r["arm"] == arm and r["seed"] == s and r["domain"] == c.domain)
+    ends = [(curve(c.better, s)[-1][0], curve(c.worse, s)[-1][0]) for s in seeds]
+    if max(abs(a - b) / max(a, b) for a, b in ends) <= 0.01:
+      assert c.text not in at_flops, c.text
+      continue
+    if any(min(a, b) < max(curve(c.better, s)[0][0], curve(c.worse, s)[0][0]) for s, (a, b) in zip(seeds, ends)):
+      assert c.text not in at_flops, f"{c.text}: the curves share no FLOPs, nothing to draw"
+      continue
+    diff = []
+    for s, (a, b) in zip(seeds, ends):
+      f = min(a, b)
+      interp = lambda pts: float(np.interp(f, [p[0] for p in pts], [p[1] for p in pts]))
+      diff.append(interp(curve(c.worse, s)) - interp(curve(c.better, s)))
+    check_drawn(at_flops[c.text], {i + 0.25: (sum(diff) / len(diff), se(diff))}, f"{c.text} at equal FLOPs")
 
 
 @pytest.mark.parametrize("name", FIGURES)
