@@ -34,12 +34,20 @@ def test_upcycling_quick_writes_csv_png_and_summary(upcycling_quick):
     assert sorted(os.listdir(os.path.join(workdir, "dense_base", f"seed{s}", "checkpoints"))) == ["6"]
   with open(os.path.join(workdir, "summary.md")) as f:
     summary = f.read()
-  assert summary.count("| upcycling beats") == 2 and " ± " in summary
-  # The summary's numbers are the CSV's: recompute one claim from the written table.
+  at_end, _, at_flops = summary.partition("at equal training FLOPs")
+  assert at_end.count("| upcycling beats") == 2 and " ± " in summary
+  # The summary's numbers are the CSV's: recompute the claims from the written table, at the end
+  # and (where the arms end at different FLOPs) at equal FLOPs.
   rows = harness.read_csv(os.path.join(workdir, "upcycling.csv"))
-  _, claims = harness.summarize(rows, upcycling.figure(True).claims)
-  written = [r for r in csv_rows(os.path.join(workdir, "summary.csv")) if r["kind"] == "claim"]
-  assert [float(r["effect"]) for r in written] == pytest.approx([c["effect"] for c in claims], abs=1e-12)
+  fig = upcycling.figure(True)
+  _, claims = harness.summarize(rows, fig.claims)
+  written = csv_rows(os.path.join(workdir, "summary.csv"))
+  assert [float(r["effect"]) for r in written if r["kind"] == "claim"] == pytest.approx(
+      [c["effect"] for c in claims], abs=1e-12)
+  flops = [c for c in harness.claims_at_equal_flops(rows, fig.claims) if c["differs"]]
+  assert [float(r["effect"]) for r in written if r["kind"] == "claim_at_equal_flops"] == pytest.approx(
+      [c["effect"] for c in flops], abs=1e-12)
+  assert at_flops.count("| upcycling beats") == len(flops)
 
 
 def in_process(capsys, *args) -> tuple[int, str]:
