@@ -55,7 +55,7 @@ SIZES = {
     "quick": dict(steps=8, warmup_steps=2, eval_every=2, log_every=2, eval_batches=1),
     # configs/lm.py:pod's model with E=2 -> 4 top-2 experts in every other layer, 20k steps of
     # 512 x 2048 tokens on C4 (21B tokens), v5e-64 (expert axis 2: one then two experts per chip).
-    # The claim needs a gap L_e2 - L_e4 far above its SE (0.011 nats at the CPU size); at a fixed
+    # The claim needs a gap L_e2 - L_e4 far above its SE (0.002 ± 0.009 nats at the CPU size); at a fixed
     # active size, more experts lower the loss steadily at this scale (Fedus et al. 2022, fig. 4;
     # Clark et al. 2022).
     "pod": dict(steps=20_000, warmup_steps=2000, eval_every=1000, log_every=100, eval_batches=8,
