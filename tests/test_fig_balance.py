@@ -37,6 +37,19 @@ def test_both_arms_train_and_the_load_table_follows_from_the_logs(quick):
   assert "| free16 | 1 |" in open(os.path.join(quick, "load_summary.md")).read()
 
 
+def test_the_load_plot_draws_each_arms_logged_load(quick, tmp_path):
+  drawn = balance.plot_load(str(tmp_path / "load.png"), balance.figure(True), quick, (0,))
+  assert [d.series for d in drawn] == ["aux16", "free16", "fast16"]
+  for d in drawn:
+    ratios = {}
+    for m in read_metrics(os.path.join(quick, d.series, "seed0")):
+      loads = [m[f"moe/1/load/{e}"] for e in range(16) if f"moe/1/load/{e}" in m]
+      if len(loads) == 16 and "loss" in m:
+        ratios[m["step"]] = max(loads) / (sum(loads) / 16)
+    assert d.x == sorted(ratios) and d.mean == pytest.approx([ratios[s] for s in sorted(ratios)], abs=1e-12)
+    assert d.se == [0.0] * len(d.x)  # one seed: no band
+
+
 def test_only_the_loss_free_arms_move_a_selection_bias(quick):
   from moegrow import checkpoint
   t = balance.SIZES["quick"]["steps"]

@@ -156,14 +156,16 @@ def load_report(fig: Figure, root: str, seeds, data_dir: str = "") -> list[dict]
       lines.append(f"| {e} | {arm} | {len(pairs)} | " + " | ".join(cells) + " |")
   write_summary(os.path.join(root, "load_summary.md"), "\n".join(lines) + "\n")
   if rows:
-    _plot(os.path.join(root, "load.png"), fig, root, seeds)
+    plot_load(os.path.join(root, "load.png"), fig, root, seeds)
   return summary
 
 
-def _plot(path: str, fig: Figure, root: str, seeds) -> None:
+def plot_load(path: str, fig: Figure, root: str, seeds) -> list[plots.Drawn]:
+  """Max / mean expert load against the step, mean ± SE over seeds, one style per arm (log scale).
+  Returns what it drew."""
   plt = plots.pyplot()
   f, ax = plt.subplots(figsize=(7, 4.3))
-  styles = ["-", "--", "-.", ":"]
+  drawn = []
   for i, arm in enumerate(fig.arms):
     curves = [dict(load_curve(run_dir(root, arm.name, s))) for s in seeds]
     curves = [c for c in curves if c]
@@ -171,9 +173,11 @@ def _plot(path: str, fig: Figure, root: str, seeds) -> None:
       continue
     steps = sorted(set.intersection(*(set(c) for c in curves)))
     m, se = mean_se_curve([[c[s] for c in curves] for s in steps])
-    plots.band(ax, np.array(steps), m, se, f"C{i}", f"{arm.label} (n={len(curves)})", ls=styles[i % len(styles)],
-               lw=1.6)
+    drawn.append(plots.band(ax, np.array(steps), m, se, label=f"{arm.label} (n={len(curves)})", panel="load",
+                            series=arm.name, lw=1.4, ms=3, markevery=max(1, len(steps) // 12),
+                            **plots.arm_style(i)))
   ax.axhline(1.0, color="0.3", lw=0.8)
   ax.set_yscale("log")
   plots.style_axes(ax, "training step", "max / mean expert load", legend_size=8)
   plots.save(f, path, f"{fig.title}: mean ± SE over seeds")
+  return drawn
