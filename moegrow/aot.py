@@ -249,13 +249,16 @@ def _batch_abstract(program: Program, rows: int, seq: int) -> dict:
 
 
 def _placeholder_measurements(cfg) -> tuple:
-  """Uniform expert loads (and REAP scores) and zero centroids: the shapes growth ops need, for
-  compiling."""
+  """Uniform expert loads (and REAP scores), zero centroids, one-hot features and identity
+  hidden-unit permutations: the shapes growth ops need, for compiling."""
   loads = {str(i): [1.0 / cfg.experts_in_layer(i)] * cfg.experts_in_layer(i) for i in cfg.moe_layer_ids}
   means = {str(i): {"a": np.zeros(cfg.d_model), "b": np.ones(cfg.d_model)} for i in cfg.moe_layer_ids}
   feats = {str(i): {g: np.eye(cfg.experts_in_layer(i)).tolist() for g in ("output", "router")}
            for i in cfg.moe_layer_ids}
-  return (lambda: loads), (lambda: means), (lambda: loads), (lambda: feats)
+  blocks = tf.abstract_params(cfg)["blocks"]
+  perms = {str(i): [list(range(blocks[str(i)]["mlp"]["wo_EFD"].shape[1]))] * cfg.experts_in_layer(i)
+           for i in cfg.moe_layer_ids}
+  return (lambda: loads), (lambda: means), (lambda: loads), (lambda: feats), (lambda usage: perms)
 
 
 # Train-config keys that change numbers inside a program (a schedule's constants, the optimizer's

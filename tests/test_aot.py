@@ -248,3 +248,19 @@ def test_cli_prints_the_table_writes_json_and_refuses_an_unknown_topology(tmp_pa
   bad = subprocess.run(cmd[:4] + ["--topology=v9:2x2"], cwd=repo, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 1
   assert "moegrow: error: topology 'v9:2x2'" in bad.stderr
+
+
+@pytest.mark.parametrize("op", [
+    dict(op="prune_experts", num_experts=2, saliency="reap"),
+    dict(op="merge_experts", num_experts=2, grouping="output", align=True),
+])
+def test_shrink_boundaries_compile_with_placeholder_measurements(op):
+  c = lm.get_config("tiny,moe")
+  c.model.update(num_experts=4, moe_layers="every_other")
+  c.train.update(batch_size=8, eval_batch_size=8, steps=4)
+  c.mesh.update(data=4, fsdp=1, expert=1)
+  c.stages = (dict(name="e4", steps=2), dict(name="e2", steps=2, ops=(op,)))
+  rows = aot.compile_config(c, aot.parse_topology("v5e-4"), log=None)
+  assert [r["program"] for r in rows] == ["stage0/train_step", "stage0/eval_step", "stage1/growth",
+                                           "stage1/train_step", "stage1/eval_step"]
+  assert all(r["fits"] for r in rows), [r.get("error") for r in rows]
