@@ -36,7 +36,7 @@ import os
 
 import ml_collections
 
-from experiments import harness
+from experiments import harness, pod
 from experiments.harness import (Arm, Claim, Figure, by_arm, domain_mean, format_mean_se, mean_se_fields, read_evals,
                                  run_dir, size_name, table_head, write_csv, write_summary)
 from moegrow.configs import lm
@@ -48,6 +48,13 @@ SIZES = {
                   lr=1e-2, log_every=8, eval_batches=16, eval_batch_size=8),
     "quick": dict(d_model=32, num_heads=2, d_ff=32, layers=2, total_steps=12, batch_size=8, warmup=2,
                   lr=1e-2, log_every=1, eval_batches=1, eval_batch_size=8),
+    # configs/lm.py:pod's width (d=1024, 16 heads, d_ff 4096, bfloat16), dense, 8 -> 16 layers
+    # (0.2B -> 0.4B parameters), T = 20k steps of 512 x 2048 tokens on C4 (21B tokens), v5e-64.
+    # The paper stacks models of hundreds of millions of parameters after billions of tokens and
+    # finds an early growth point best (Du et al. 2024); at the CPU size (d=64, 480 steps) growing
+    # at 10% beats 50% at equal tokens but not at equal FLOPs.
+    "pod": dict(d_model=1024, num_heads=16, d_ff=4096, layers=8, total_steps=20_000, batch_size=512, warmup=2000,
+                lr=3e-4, log_every=100, eval_batches=8, eval_batch_size=64, topology="v5e-64"),
 }
 FRACTIONS = {"stack10": 0.10, "stack25": 0.25, "stack50": 0.50}  # switch point as a fraction of T
 GROWN = tuple(FRACTIONS)
@@ -78,7 +85,8 @@ def base_config(size: str) -> ml_collections.ConfigDict:
   if size not in SIZES:
     raise ValueError(f"experiments/stacking: unknown size {size!r}; use {sorted(SIZES)}")
   s = SIZES[size]
-  c = lm.get_config("tiny")  # dense, byte vocabulary, seq 64, both corpora 50/50
+  # dense, byte vocabulary; tiny: seq 64, both corpora 50/50; pod: seq 2048, C4, its mesh
+  c = pod.base_config() if size == "pod" else lm.get_config("tiny")
   c.model.update(d_model=s["d_model"], num_heads=s["num_heads"], d_ff=s["d_ff"], num_layers=s["layers"])
   c.train.update(steps=0, batch_size=s["batch_size"], warmup_steps=s["warmup"], lr=s["lr"],
                  log_every=s["log_every"], eval_every=eval_every(size), eval_batches=s["eval_batches"],
