@@ -33,10 +33,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from experiments import plots
+from experiments import plots, pod
 from experiments.harness import (Arm, Figure, domain_mean, format_effect, mean_se, mean_se_curve, paired_effect,
                                  read_csv_rows, run_dir, size_name, table_head, write_csv, write_summary)
 from moegrow.configs import lm
+from moegrow.data import domain_name
 
 SHAKESPEARE, PYTHON = "shakespeare_plays", "python_stdlib"
 SIZES = {
@@ -44,6 +45,12 @@ SIZES = {
                   alphas=11, densities=(0.2, 0.4, 0.6, 0.8, 1.0), ingredients=4),
     "quick": dict(base_steps=4, ft_steps=3, eval_batches=1, select_batches=1, log_every=1, eval_every=3,
                   alphas=3, densities=(0.5, 1.0), ingredients=2),
+    # configs/lm.py:pod's model made dense (d=1024, 16 layers, bfloat16; 0.2B parameters), sequence
+    # 2048, batch 512, on C4 + code (50/50): base 10k steps (10B tokens), every fine-tune 5k more;
+    # v5e-64. The papers merge fine-tunes of large pre-trained bases, whose task vectors are small
+    # next to the weights (Yadav et al. 2023; Yu et al. 2024); the CPU size's base is 150 steps old.
+    "pod": dict(base_steps=10_000, ft_steps=5_000, eval_batches=8, select_batches=4, log_every=100, eval_every=1000,
+                alphas=11, densities=(0.2, 0.4, 0.6, 0.8, 1.0), ingredients=4, topology="v5e-64"),
 }
 LR_SCALE = (1.0, 0.5, 1.5, 0.25)  # ft_k's learning rate: base's times LR_SCALE[k]
 TASK_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
@@ -53,6 +60,12 @@ def base_config(size: str) -> ml_collections.ConfigDict:
   if size not in SIZES:
     raise ValueError(f"experiments/merging: unknown size {size!r}; use {sorted(SIZES)}")
   s = SIZES[size]
+  if size == "pod":
+    c = pod.base_config({pod.ENGLISH: 0.5, pod.CODE: 0.5})
+    c.train.update(steps=s["base_steps"] + s["ft_steps"], warmup_steps=1000, log_every=s["log_every"],
+                   eval_every=s["eval_every"], eval_batches=s["eval_batches"], checkpoint_every=5000,
+                   keep_checkpoints=2)
+    return c
   c = lm.get_config("tiny")
   if size != "quick":
     c.model.update(d_model=128, num_heads=4, d_ff=512)
@@ -60,6 +73,11 @@ def base_config(size: str) -> ml_collections.ConfigDict:
                  log_every=s["log_every"], eval_every=s["eval_every"], eval_batches=s["eval_batches"],
                  eval_batch_size=16, checkpoint_every=10_000, keep_checkpoints=2)
   return c
+
+
+def domains(size: str) -> tuple[str, str]:
+  """The figure's two domains (dataset names) at `size`: the local corpora, or C4 and code at pod."""
+  return (pod.ENGLISH, pod.CODE) if size == "pod" else (SHAKESPEARE, PYTHON)
 
 
 def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
@@ -70,7 +88,8 @@ def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
     c = base_config(size)
     c.train.lr = c.train.lr * LR_SCALE[k]
     out[f"ft_{k}"] = c
-  for name, domain, other in (("tuned_shakespeare", SHAKESPEARE, PYTHON), ("tuned_python", PYTHON, SHAKESPEARE)):
+  first, second = domains(size)
+  for name, domain, other in (("tuned_shakespeare", first, second), ("tuned_python", second, first)):
     c = base_config(size)
     c.data.mixture = ml_collections.ConfigDict({domain: 1.0, other: 0.0})  # trained on one, evaluated on both
     out[name] = c
@@ -215,7 +234,7 @@ def summary(fig: Figure, rows: list[dict], seeds) -> tuple[str, list[dict]]:
       v = [at(s, "task", m, d) for s in seeds]
       lines.append(f"| {m}{'' if m == 'task_arithmetic' else f' density {d}'} | {len(v)} | {fmt(*mean_se(v))} |")
   for name in ("base", "tuned_shakespeare", "tuned_python"):
-    for dom in (SHAKESPEARE, PYTHON, "mean"):
+    for dom in (*(domain_name(d) for d in domains(fig.plan["size"])), "mean"):
       v = [at(s, "task", name, 1.0, dom) for s in seeds]
       lines.append(f"| {name}, {dom} | {len(v)} | {fmt(*mean_se(v))} |")
   lines += ["", "Claims (effect = worse - better, paired by seed; > 0 supports the claim):", "",
