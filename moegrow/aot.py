@@ -11,7 +11,8 @@ TPU is needed. For each program it reports, per chip:
   memory   argument, output, alias and temporary bytes (`memory_analysis()`); what the chip must
            hold = argument + output - alias + temporary (the train step donates its state, so the
            aliased bytes count once), against the chip's HBM, with the headroom left;
-  FLOPs    `cost_analysis()['flops']` next to the `moegrow.flops` formula's share of one chip;
+  FLOPs    `cost_analysis()['flops']` next to the `moegrow.flops` formula's share of one chip (a
+           distilling stage's teacher forward pass included);
   traffic  count and result bytes of all-gather, reduce-scatter, all-reduce, all-to-all and
            ragged all-to-all in the compiled HLO (`moegrow.hlo`);
   time     ESTIMATES, lower bounds: a roofline of the train step (the formula's FLOPs, times
@@ -311,6 +312,9 @@ def compile_config(config, sl: Slice, headroom: float = 0.10, log=print, seen: d
           rows.append(seen.setdefault(key, _compile_growth(st, old_cfg, old, prog, sl, headroom, log)))
       tokens = int(tr.batch_size) * seq
       formula = flops.train_flops_per_token(tf.base_config(st.cfg), seq) * tokens / sl.chips
+      if st.distill and float(st.distill.get("weight", 0) or 0) > 0 and st.index > 0:
+        # the teacher (the previous stage's model) runs forward on every batch of a distilling stage
+        formula += flops.forward_flops_per_token(tf.base_config(stages[st.index - 1].cfg), seq) * tokens / sl.chips
       for kind, key in (("train", program_key("train", st.cfg, seq, tr_key, prog.objective, mesh_key)),
                         ("eval", program_key("eval", st.cfg, seq, int(tr.eval_batch_size), mesh_key))):
         name = f"stage{st.index}/{kind}_step"
