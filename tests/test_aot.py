@@ -250,35 +250,27 @@ def test_cli_prints_the_table_writes_json_and_refuses_an_unknown_topology(tmp_pa
   assert "moegrow: error: topology 'v9:2x2'" in bad.stderr
 
 
-@pytest.mark.parametrize("op", [
-    dict(op="prune_experts", num_experts=2, saliency="reap"),
-    dict(op="merge_experts", num_experts=2, grouping="output", align=True),
+@pytest.mark.parametrize("op, distill", [
+    (dict(op="prune_experts", num_experts=2, saliency="reap"), dict(weight=1.0)),
+    (dict(op="merge_experts", num_experts=2, grouping="output", align=True), None),
 ])
-def test_shrink_boundaries_compile_with_placeholder_measurements(op):
+def test_shrink_boundaries_compile_and_a_distilling_stage_counts_its_teacher(op, distill):
   c = lm.get_config("tiny,moe")
   c.model.update(num_experts=4, moe_layers="every_other")
   c.train.update(batch_size=8, eval_batch_size=8, steps=4)
   c.mesh.update(data=4, fsdp=1, expert=1)
-  c.stages = (dict(name="e4", steps=2), dict(name="e2", steps=2, ops=(op,)))
+  extra = {"distill": distill} if distill else {}
+  c.stages = (dict(name="e4", steps=2), dict(name="e2", steps=2, ops=(op,), **extra))
   rows = aot.compile_config(c, aot.parse_topology("v5e-4"), log=None)
   assert [r["program"] for r in rows] == ["stage0/train_step", "stage0/eval_step", "stage1/growth",
                                            "stage1/train_step", "stage1/eval_step"]
   assert all(r["fits"] for r in rows), [r.get("error") for r in rows]
-
-
-def test_a_distilling_stage_counts_its_teachers_forward_pass():
-  c = lm.get_config("tiny,moe")
-  c.model.update(num_experts=4, moe_layers="every_other")
-  c.train.update(batch_size=8, eval_batch_size=8, steps=4)
-  c.mesh.update(data=4, fsdp=1, expert=1)
-  c.stages = (dict(name="e4", steps=2),
-              dict(name="e2", steps=2, ops=(dict(op="prune_experts", num_experts=2),), distill=dict(weight=1.0)))
-  sl = aot.parse_topology("v5e-4")
-  rows = {r["program"]: r for r in aot.compile_config(c, sl, log=None)}
+  # the formula's FLOPs per chip: the student's training step, plus (distilling) one forward pass
+  # of the teacher, the model before the cut: a hand count
   st = parts.resolve_stages(c, parts.model_config(c))
   tokens, seq = 8 * c.data.seq_len, c.data.seq_len
-  student = flops.train_flops_per_token(st[1].cfg, seq) * tokens / 4
-  teacher = flops.forward_flops_per_token(st[0].cfg, seq) * tokens / 4  # hand count: one forward of e4
-  assert teacher > 0 and rows["stage1/train_step"]["formula_flops_per_chip"] == pytest.approx(student + teacher)
-  assert rows["stage0/train_step"]["formula_flops_per_chip"] == pytest.approx(
-      flops.train_flops_per_token(st[0].cfg, seq) * tokens / 4)
+  teacher = flops.forward_flops_per_token(st[0].cfg, seq) * tokens / 4 if distill else 0.0
+  train = {r["program"]: r["formula_flops_per_chip"] for r in rows if r["program"].endswith("train_step")}
+  assert train["stage0/train_step"] == pytest.approx(flops.train_flops_per_token(st[0].cfg, seq) * tokens / 4)
+  assert train["stage1/train_step"] == pytest.approx(flops.train_flops_per_token(st[1].cfg, seq) * tokens / 4
+                                                      + teacher)
