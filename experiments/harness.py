@@ -125,8 +125,8 @@ def flops_at(config, step: int, plan: Sequence[parts.Stage] | None = None) -> fl
   for st in plan:
     n = max(0, min(step, st.end) - st.start)
     total += n * flops_per_step(st.cfg, config)
-    if st.distill and float(st.distill.get("weight", 0) or 0) > 0 and st.index > 0:
-      total += n * teacher_flops_per_step(plan[st.index - 1].cfg, config)
+    if parts.teacher(st, plan) is not None:
+      total += n * teacher_flops_per_step(parts.teacher(st, plan), config)
   return total
 
 

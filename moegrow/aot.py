@@ -300,8 +300,8 @@ def compile_config(config, sl: Slice, headroom: float = 0.10, log=print, seen: d
     for st in stages:
       obj = parts.objective(st, stages)
       programs.append(build_program(st.cfg, parts.stage_train(tr, st), mesh, obj))
+    mesh_key = tuple(mesh.shape.items())
     for st, prog in zip(stages, programs):
-      mesh_key = tuple(mesh.shape.items())
       tr_key = _shaping_train(parts.stage_train(tr, st))
       if st.index > 0:  # the boundary into this stage: growth from the previous stage's state
         old_cfg, old = stages[st.index - 1].cfg, programs[st.index - 1]
@@ -312,9 +312,8 @@ def compile_config(config, sl: Slice, headroom: float = 0.10, log=print, seen: d
           rows.append(seen.setdefault(key, _compile_growth(st, old_cfg, old, prog, sl, headroom, log)))
       tokens = int(tr.batch_size) * seq
       formula = flops.train_flops_per_token(tf.base_config(st.cfg), seq) * tokens / sl.chips
-      if st.distill and float(st.distill.get("weight", 0) or 0) > 0 and st.index > 0:
-        # the teacher (the previous stage's model) runs forward on every batch of a distilling stage
-        formula += flops.forward_flops_per_token(tf.base_config(stages[st.index - 1].cfg), seq) * tokens / sl.chips
+      if parts.teacher(st, stages) is not None:  # a distilling stage's teacher runs forward on every batch
+        formula += flops.forward_flops_per_token(tf.base_config(parts.teacher(st, stages)), seq) * tokens / sl.chips
       for kind, key in (("train", program_key("train", st.cfg, seq, tr_key, prog.objective, mesh_key)),
                         ("eval", program_key("eval", st.cfg, seq, int(tr.eval_batch_size), mesh_key))):
         name = f"stage{st.index}/{kind}_step"

@@ -87,6 +87,12 @@ def _train(workdir):
   return out
 
 
+def _log(root, arm, seed, S):
+  """A grown run's training losses: steps <= S from small's run of the same seed, after S its own."""
+  small, own = _train(os.path.join(root, "small", f"seed{seed}")), _train(os.path.join(root, arm, f"seed{seed}"))
+  return {**{t: v for t, v in small.items() if t <= S}, **{t: v for t, v in own.items() if t > S}}
+
+
 def test_spike_numbers_follow_from_the_logs(quick):
   fig, root, _ = quick
   p = fig.plan
@@ -96,11 +102,8 @@ def test_spike_numbers_follow_from_the_logs(quick):
   for r in rows:
     arm, seed = r["arm"], int(r["seed"])
     wd = os.path.join(root, arm, f"seed{seed}")
-    # the log: steps <= S from small's run of the same seed, steps > S from the run itself
-    small, own = _train(os.path.join(root, "small", f"seed{seed}")), _train(wd)
-    assert min(own) > S or arm == "small"
-    log = {t: v for t, v in small.items() if t <= S}
-    log.update({t: v for t, v in own.items() if t > S})
+    assert min(_train(wd)) > S or arm == "small"
+    log = _log(root, arm, seed, S)
     before = sum(log[t] for t in range(S - w + 1, S + 1)) / w
     peak = max(log[t] for t in range(S + 1, S + K + 1))
     recover = math.nan
@@ -144,11 +147,7 @@ def test_the_spike_plot_draws_every_grown_arm_as_the_logs_mean_and_se(quick, tmp
   assert {(d.panel, d.series) for d in drawn} == ({(k, "small") for k in ("wide", "deep")}
                                                  | {(n.split("_")[0], n) for n in grown})
   for d in drawn:
-    logs = []
-    for s in SEEDS:
-      small, own = _train(os.path.join(root, "small", f"seed{s}")), _train(os.path.join(root, d.series, f"seed{s}"))
-      logs.append({t: (small[t] if t <= S else own[t]) for t in small.keys() | own.keys()
-                   if (t <= S and t in small) or (t > S and t in own)})
+    logs = [_log(root, d.series, s, S) for s in SEEDS]
     for t, m, e in zip(d.x, d.mean, d.se):
       v = [log[int(t)] for log in logs]
       assert m == pytest.approx(np.mean(v), abs=1e-12)

@@ -105,6 +105,14 @@ def stage_data(config, stages: list[Stage]) -> list[tuple[dict, data.Replay | No
   return out
 
 
+def teacher(stage: Stage, stages: list[Stage]) -> ModelConfig | None:
+  """The model a distilling stage runs forward on every batch (the previous stage's; None when the
+  stage does not distil, or with weight 0): what its FLOPs count besides its own training step."""
+  if stage.distill and float(stage.distill.get("weight", 0) or 0) > 0 and stage.index > 0:
+    return stages[stage.index - 1].cfg
+  return None
+
+
 def objective(stage: Stage, stages: list[Stage]) -> Objective | None:
   """The stage's loss terms against forgetting (None: plain LM loss)."""
   if not (stage.ewc or stage.distill):
