@@ -37,6 +37,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import textwrap
 import time
 from typing import Callable, Sequence
@@ -57,7 +58,9 @@ class Arm:
   """One curve of a figure. `config(seed)` is the complete run config (stages included);
   `start_from`: the arm whose run with the same seed provides the checkpoint at `start_step`
   this run starts from; `end_step`: the step at which the run counts as finished (default the
-  config's last step; smaller for a run that stops partway through its own schedule)."""
+  config's last step; smaller for a run that stops partway through its own schedule); `reuse`:
+  '<arm>/<subdir>' directories of another, finished arm's run (same seed) copied into this run
+  before it starts, e.g. BTX branches that two arms would train identically."""
   name: str
   config: Callable[[int], ml_collections.ConfigDict]
   label: str = ""
@@ -67,6 +70,7 @@ class Arm:
   plotted: bool = True
   seed_offset: int = 0  # the run's train.seed is seed + seed_offset (another init and data order)
   flops_before: float = 0.0  # training FLOPs spent outside this run's own steps (e.g. BTX branches)
+  reuse: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +224,8 @@ def run_one(fig: Figure, arm: Arm, seed: int, root: str, data_dir: str, stop_aft
   if arm.start_from:
     src = os.path.join(run_dir(root, arm.start_from, seed), "checkpoints", checkpoint.step_name(0, arm.start_step))
     checkpoint.seed_workdir(src, wd, arm.start_step)
+  for ref in arm.reuse:
+    copy_finished(root, ref, seed, wd)
   config.train.stop_at_step = end
   config.train.stop_after_steps = int(stop_after_steps)
   print(f"[{arm.name} seed {seed}] training in {wd} (to step {end})", flush=True)
@@ -231,6 +237,22 @@ def run_one(fig: Figure, arm: Arm, seed: int, root: str, data_dir: str, stop_aft
         "step": int(result["step"]), "seconds": time.perf_counter() - t0,
         "final": {k: v for k, v in result.items() if k.startswith("eval/")}})
   return finished
+
+
+def copy_finished(root: str, ref: str, seed: int, workdir: str) -> None:
+  """Copy '<arm>/<subdir>' of that arm's finished run (same seed) to `workdir/<subdir>` unless it is
+  there; the copy is written beside it and renamed, so a crash leaves nothing half-copied."""
+  arm, sub = ref.split("/", 1)
+  src, dst = os.path.join(run_dir(root, arm, seed), sub), os.path.join(workdir, sub)
+  if os.path.exists(dst):
+    return
+  if not os.path.exists(os.path.join(run_dir(root, arm, seed), "done.json")) or not os.path.isdir(src):
+    raise ValueError(f"reuse {ref!r}: {src} is not a finished run's directory (run arm {arm!r} first)")
+  tmp = dst + ".partial"
+  shutil.rmtree(tmp, ignore_errors=True)
+  shutil.copytree(src, tmp)
+  os.replace(tmp, dst)
+  print(f"[reuse] {src} -> {dst}", flush=True)
 
 
 def _check_plan(root: str, fig: Figure) -> None:

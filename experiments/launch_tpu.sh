@@ -3,6 +3,7 @@
 #
 #   experiments/launch_tpu.sh <tpu-name> <zone> <config> <workdir> [extra flags...]
 #   experiments/launch_tpu.sh my-v4-64 us-central2-b configs/lm.py:pod gs://my-bucket/runs/pod1
+#   MODULE=moegrow.btx experiments/launch_tpu.sh ...   # a config with a `btx` (or, moegrow.merge, `merge`) section
 #
 # Check first, on any machine, that every program of the run fits the slice:
 #   python -m moegrow.aot --config=<config> --topology=<slice, e.g. v4-128>
@@ -17,6 +18,6 @@ TPU=${1:?tpu name}; ZONE=${2:?zone}; CONFIG=${3:?config}; WORKDIR=${4:?workdir};
 REPO=${REPO:-https://github.com/moegrow/moegrow.git}
 CMD="set -e; if [ ! -d moegrow ]; then git clone -q ${REPO} moegrow; fi; cd moegrow && git pull -q; \
 python3.11 -m venv .venv && . .venv/bin/activate && pip install -q -e '.[tpu]' && \
-python -m moegrow.main --config=${CONFIG} --workdir=${WORKDIR} --config.distributed.enabled=True \
+python -m ${MODULE:-moegrow.main} --config=${CONFIG} --workdir=${WORKDIR} --config.distributed.enabled=True \
   --config.data.data_dir=\${TFDS_DATA_DIR:-gs://my-bucket/tensorflow_datasets} $*"
 gcloud compute tpus tpu-vm ssh "${TPU}" --zone "${ZONE}" --worker=all --command "${CMD}"

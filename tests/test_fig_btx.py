@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow  # slow tier: a figure's --quick run
 def test_btx_quick_trains_every_arm_and_measures_routing(tmp_path, data_dir):
   from experiments.btx import figure as btx
   workdir = str(tmp_path / "btx")
-  run_module("experiments.btx.run", "--quick", f"--workdir={workdir}", f"--data_dir={data_dir}", "--seeds=0")
+  p = run_module("experiments.btx.run", "--quick", f"--workdir={workdir}", f"--data_dir={data_dir}", "--seeds=0")
   arms = set(btx.QUICK_ARMS) - {"seed"}
   rows = check_results_csv(os.path.join(workdir, "btx.csv"), arms, (0,))
   check_png(os.path.join(workdir, "btx.png"), FIGURE_SIZE)
@@ -29,6 +29,16 @@ def test_btx_quick_trains_every_arm_and_measures_routing(tmp_path, data_dir):
     cert = json.load(f)
   first = [r for r in rows if r["arm"] == "btx" and r["seed"] == "0" and r["step"] == "0"]
   assert {r["domain"]: float(r["loss"]) for r in first if r["domain"] != "mean"} == pytest.approx(cert["losses"]["mix"])
+  # btx_random's branches are btx's, copied and not trained again: its log names the copy, the
+  # branches' logs are byte-identical (a retrained branch logs its own throughput) and its mix
+  # certificate reports the same branch losses
+  assert "[reuse]" in p.stdout
+  for branch in ("shakespeare", "python"):
+    logs = [open(os.path.join(workdir, a, "seed0", "branches", branch, "metrics.jsonl"), "rb").read()
+            for a in ("btx", "btx_random")]
+    assert logs[0] == logs[1] and logs[0]
+  with open(os.path.join(workdir, "btx_random", "seed0", "btx.json")) as f:
+    assert json.load(f)["losses"]["branch shakespeare"] == pytest.approx(cert["losses"]["branch shakespeare"], abs=0)
   routing = harness.read_csv_rows(os.path.join(workdir, "btx_routing.csv"))
   groups = {}
   for r in routing:

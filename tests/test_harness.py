@@ -1,6 +1,7 @@
 """The experiment harness (experiments/harness.py) by hand: compute matching against the FLOPs
 formula computed by hand, and the summary's mean ± standard error against a hand computation."""
 import math
+import os
 
 import pytest
 
@@ -69,3 +70,26 @@ def test_summary_standard_error_is_the_hand_computation(tmp_path):
   assert ac["separated"] is False
   one = harness.summarize([r for r in rows if r["seed"] == 0], claims)[1][0]
   assert one["n"] == 1 and math.isnan(one["se"]) and one["separated"] is False  # one seed separates nothing
+
+
+def test_reuse_copies_a_finished_runs_directory_and_refuses_an_unfinished_one(tmp_path):
+  """`Arm.reuse`: '<arm>/<subdir>' is copied from that arm's finished run of the same seed; an
+  unfinished source is refused by name, and an existing copy is left as it is."""
+  root = str(tmp_path)
+  src = harness.run_dir(root, "btx", 3)
+  os.makedirs(os.path.join(src, "branches", "a"))
+  with open(os.path.join(src, "branches", "a", "metrics.jsonl"), "w") as f:
+    f.write('{"step": 1}\n')
+  mine = harness.run_dir(root, "btx_random", 3)
+  with pytest.raises(ValueError, match="btx/branches.*not a finished run"):
+    harness.copy_finished(root, "btx/branches", 3, mine)
+  assert not os.path.exists(os.path.join(mine, "branches"))
+  with open(os.path.join(src, "done.json"), "w") as f:
+    f.write("{}")
+  harness.copy_finished(root, "btx/branches", 3, mine)
+  assert open(os.path.join(mine, "branches", "a", "metrics.jsonl")).read() == '{"step": 1}\n'
+  assert not os.path.exists(os.path.join(mine, "branches.partial"))
+  with open(os.path.join(src, "branches", "a", "metrics.jsonl"), "w") as f:
+    f.write("changed\n")
+  harness.copy_finished(root, "btx/branches", 3, mine)  # already there: kept
+  assert open(os.path.join(mine, "branches", "a", "metrics.jsonl")).read() == '{"step": 1}\n'

@@ -30,10 +30,11 @@ import os
 import ml_collections
 import numpy as np
 
-from experiments import plots
+from experiments import plots, pod
 from experiments.harness import (Arm, Claim, Figure, flops_per_step, format_mean_se, mean_se, read_csv_rows, run_dir,
                                  size_name, table_head, write_csv, write_summary)
 from moegrow.configs import lm
+from moegrow.data import domain_name
 from moegrow.orchestrate import parts
 from moegrow.orchestrate.branching import mixed_run_config
 
@@ -41,24 +42,47 @@ OLD, NEW = "shakespeare_plays", "python_stdlib"
 MIX = {OLD: 0.5, NEW: 0.5}
 MOE = dict(layers="all", num_experts=2, top_k=1, gating="softmax_topk")
 SIZES = {
+    # evaluated every 100 steps and at every run's end (every 50 until 2026-12-06: 36 minutes)
     "small": dict(seed_steps=150, branch_steps=100, mix_steps=100, rebake_steps=100, eval_batches=64,
-                  log_every=25, eval_every=50),
+                  log_every=25, eval_every=100),
     "quick": dict(seed_steps=4, branch_steps=3, mix_steps=3, rebake_steps=2, eval_batches=1, log_every=1,
                   eval_every=3),
+    # configs/lm.py:pod's model made dense (d=1024, 16 layers, bfloat16: 0.2B parameters) as the
+    # seed, sequence 2048, batch 512, on C4 + code (50/50): seed 10k steps (10B tokens), branches
+    # 5k each, the mix 5k, the re-bake 5k; v5e-64, expert axis 2. Why: BTX's gain over dense
+    # continuation and upcycling comes from branches that become domain experts on billions of
+    # tokens each (Sukhbaatar et al. 2024: Llama-2 7B, 3 branches); the CPU branches train 100 steps.
+    "pod": dict(seed_steps=10_000, branch_steps=5_000, mix_steps=5_000, rebake_steps=5_000, eval_batches=8,
+                log_every=100, eval_every=1000, warmup_steps=1000, topology="v5e-64",
+                mesh=dict(data=-1, fsdp=8, expert=2)),
 }
 ROUTED = ("btx", "btx_random", "upcycle")
-QUICK_ARMS = ("seed", "dense", "btx", "btm", "rebake")  # every code path: start_from, BTX, merge, re-bake
+# every code path: start_from, BTX, reused branches, merge, re-bake
+QUICK_ARMS = ("seed", "dense", "btx", "btx_random", "btm", "rebake")
+
+
+def domains(size: str) -> tuple[str, str]:
+  """The two domains (datasets) at `size`: the local corpora, or C4 and code at pod (the arms and
+  branches keep their names: the 'shakespeare' branch trains on C4, 'python' on code)."""
+  return (pod.ENGLISH, pod.CODE) if size == "pod" else (OLD, NEW)
 
 
 def base_config(size: str) -> ml_collections.ConfigDict:
   if size not in SIZES:
     raise ValueError(f"experiments/btx: unknown size {size!r}; use {sorted(SIZES)}")
   s = SIZES[size]
+  steps = s["seed_steps"] + 2 * s["branch_steps"] + s["mix_steps"]
+  if size == "pod":
+    c = pod.base_config(dict.fromkeys(domains(size), 0.5))
+    c.mesh.update(s["mesh"])
+    c.train.update(steps=steps, warmup_steps=s["warmup_steps"], log_every=s["log_every"], eval_every=s["eval_every"],
+                   eval_batches=s["eval_batches"], checkpoint_every=s["branch_steps"], keep_checkpoints=2)
+    return c
   c = lm.get_config("tiny")
   if size != "quick":
     c.model.update(d_model=128, num_heads=4, d_ff=512)
   c.data.mixture = ml_collections.ConfigDict(MIX)
-  c.train.update(steps=s["seed_steps"] + 2 * s["branch_steps"] + s["mix_steps"], batch_size=16,
+  c.train.update(steps=steps, batch_size=16,
                  warmup_steps=2 if size == "quick" else 10, log_every=s["log_every"], eval_every=s["eval_every"],
                  eval_batches=s["eval_batches"], eval_batch_size=16, checkpoint_every=10_000, keep_checkpoints=2)
   return c
@@ -68,6 +92,7 @@ def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
   """Each arm's config (seed 0; the harness sets the seed and resolves 'arm:' paths)."""
   s = SIZES[size]
   n, t = s["seed_steps"], 2 * s["branch_steps"] + s["mix_steps"]
+  first, second = domains(size)
   out = {"seed": base_config(size), "dense": base_config(size)}
   up = base_config(size)
   up.stages = (dict(name="seed", steps=n), dict(name="upcycled", steps=t, ops=(dict(op="upcycle", **MOE),)))
@@ -76,13 +101,13 @@ def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
     c = base_config(size)
     c.train.steps = s["mix_steps"]
     c.btx = dict(seed=f"arm:seed/checkpoints/{n}",
-                 branches=[dict(name="shakespeare", mixture={OLD: 1.0}, steps=s["branch_steps"]),
-                           dict(name="python", mixture={NEW: 1.0}, steps=s["branch_steps"])],
+                 branches=[dict(name="shakespeare", mixture={first: 1.0}, steps=s["branch_steps"]),
+                           dict(name="python", mixture={second: 1.0}, steps=s["branch_steps"])],
                  layers=MOE["layers"], top_k=MOE["top_k"], gating=MOE["gating"], router=router)
     out[name] = c
   btm = base_config(size)
   btm.train.steps = s["mix_steps"]
-  btm.merge = dict(sources=["arm:btx/branches/shakespeare", "arm:btx/branches/python"], base="", method="linear",
+  btm.merge = dict(sources=("arm:btx/branches/shakespeare", "arm:btx/branches/python"), base="", method="linear",
                    params={}, overrides=[], seed=0)
   out["btm"] = btm
   for name, kl_weight in (("rebake", 0.5), ("rebake_plain", 0.0)):
@@ -109,7 +134,9 @@ def figure(size: bool | str = False) -> Figure:
           Arm("dense", make("dense"), "dense continuation", start_from="seed", start_step=n),
           Arm("upcycle", make("upcycle"), "sparse upcycling", start_from="seed", start_step=n),
           Arm("btx", make("btx"), "BTX (hidden-state router)", flops_before=before),
-          Arm("btx_random", make("btx_random"), "BTX (random router)", flops_before=before),
+          # the same branches as btx's (same seed, data and steps): copied, not trained again
+          Arm("btx_random", make("btx_random"), "BTX (random router)", flops_before=before,
+              reuse=("btx/branches",)),
           Arm("btm", make("btm"), "linear merge of the branches (BTM)", flops_before=before),
           Arm("rebake", make("rebake"), "re-baked dense student (distilled)", start_from="btx",
               start_step=s["mix_steps"], flops_before=before),
@@ -121,8 +148,8 @@ def figure(size: bool | str = False) -> Figure:
             Claim("BTX beats the linear merge of its branches", "btx", "btm"),
             Claim("BTX beats sparse upcycling", "btx", "upcycle"),
             Claim("hidden-state router init beats a random router", "btx", "btx_random"),
-            Claim("BTX beats dense continuation on Python", "btx", "dense", NEW),
-            Claim("BTX beats dense continuation on Shakespeare", "btx", "dense", OLD),
+            Claim("BTX beats dense continuation on Python", "btx", "dense", domain_name(domains(size)[1])),
+            Claim("BTX beats dense continuation on Shakespeare", "btx", "dense", domain_name(domains(size)[0])),
             Claim("the distilled re-bake beats the same student without a teacher", "rebake", "rebake_plain"),
             Claim("the distilled re-bake beats dense continuation", "rebake", "dense")]
   claims = tuple(c for c in claims if c.better in names and c.worse in names)

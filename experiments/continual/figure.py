@@ -28,10 +28,11 @@ import os
 import ml_collections
 import numpy as np
 
-from experiments import plots
+from experiments import plots, pod
 from experiments.harness import (Arm, Claim, Figure, by_arm, format_mean_se, mean_se_fields, read_csv_rows,
                                  read_evals, run_dir, size_name, table_head, write_csv, write_summary)
 from moegrow.configs import lm
+from moegrow.data import domain_name
 
 OLD, NEW = "shakespeare_plays", "python_stdlib"
 GROW = (dict(op="add_experts", num_experts=4, mode="copy_noise", noise_std=0.01),)
@@ -40,17 +41,33 @@ LORA_RANKS = (4, 16, 64)
 SIZES = {
     "small": dict(base_steps=200, new_steps=100, eval_batches=64, log_every=20, eval_every=50),
     "quick": dict(base_steps=4, new_steps=3, eval_batches=1, log_every=1, eval_every=3),
+    # configs/lm.py:pod's model (d=1024, 16 layers, bfloat16, sequence 2048, batch 512) with E=2
+    # top-1 experts in every other layer (2 -> 4 in the grown arms), base 10k steps on C4 (10B
+    # tokens), every arm 5k more on code; v5e-64, expert axis 2. Why: replay's and EWC's
+    # trade-offs are reported for models pre-trained for billions of tokens (Ibrahim et al. 2024:
+    # 405M and 10B parameters, 300B tokens), whose forgetting is not the CPU size's 200-step base
+    # relearning its first domain; LoRA's "learns less, forgets less" is measured on 7B models
+    # (Biderman et al. 2024), where rank 16 is a small fraction of the width.
+    "pod": dict(base_steps=10_000, new_steps=5_000, eval_batches=8, log_every=100, eval_every=1000,
+                warmup_steps=1000, ewc_batch_size=64, topology="v5e-64", mesh=dict(data=-1, fsdp=8, expert=2)),
 }
 QUICK_ARMS = ("plain", "ewc_hi", "grow_freeze_distill", "lora_4")  # every code path but replay (unit-tested)
 
 
-def stage1(name: str) -> dict:
-  """Stage 1 of arm `name` (its options on top of the Python mixture)."""
-  spec = dict(name="python", mixture={NEW: 1.0})
+def domains(size: str) -> tuple[str, str]:
+  """(old, new): the figure's first and second domain at `size`: Shakespeare then Python, or C4
+  then code at pod (the arms keep their names; columns named 'python' / 'shakespeare' are the new
+  and the old domain)."""
+  return (pod.ENGLISH, pod.CODE) if size == "pod" else (OLD, NEW)
+
+
+def stage1(name: str, size: str = "small") -> dict:
+  """Stage 1 of arm `name` (its options on top of the new domain's mixture)."""
+  spec = dict(name="python", mixture={domains(size)[1]: 1.0})
   if name.startswith("replay_"):
     spec["replay"] = dict(fraction=int(name.split("_")[1]) / 100)
   elif name in EWC:
-    spec["ewc"] = dict(weight=EWC[name], batches=4, batch_size=16)
+    spec["ewc"] = dict(weight=EWC[name], batches=4, batch_size=SIZES[size].get("ewc_batch_size", 16))
   elif name.startswith("grow_freeze"):
     spec.update(ops=GROW, freeze_old_experts=True)
     if name.endswith("distill"):
@@ -69,6 +86,13 @@ def base_config(size: str) -> ml_collections.ConfigDict:
   if size not in SIZES:
     raise ValueError(f"experiments/continual: unknown size {size!r}; use {sorted(SIZES)}")
   s = SIZES[size]
+  if size == "pod":
+    c = pod.base_config()
+    c.model.update(moe_layers="every_other", num_experts=2, top_k=1)
+    c.mesh.update(s["mesh"])
+    c.train.update(steps=0, warmup_steps=s["warmup_steps"], log_every=s["log_every"], eval_every=s["eval_every"],
+                   eval_batches=s["eval_batches"], checkpoint_every=s["new_steps"], keep_checkpoints=2)
+    return c
   c = lm.get_config("tiny")
   c.model.update(moe_layers="every_other", num_experts=2, top_k=1)
   if size != "quick":
@@ -84,14 +108,15 @@ def configs(size: str) -> dict[str, ml_collections.ConfigDict]:
   s = SIZES[size]
   names = ["plain", "replay_5", "replay_25", *EWC, "grow_freeze", "grow_freeze_distill",
            "grow_freeze_replay5", *(f"lora_{r}" for r in LORA_RANKS)]
+  old, new = domains(size)
   out = {}
   for name in ["base"] + names:
     c = base_config(size)
-    c.stages = (dict(name="shakespeare", steps=s["base_steps"], mixture={OLD: 1.0}),
-                stage1("plain" if name == "base" else name))
+    c.stages = (dict(name="shakespeare", steps=s["base_steps"], mixture={old: 1.0}),
+                stage1("plain" if name == "base" else name, size))
     out[name] = c
   joint = base_config(size)
-  joint.data.mixture = ml_collections.ConfigDict({OLD: 0.5, NEW: 0.5})
+  joint.data.mixture = ml_collections.ConfigDict({old: 0.5, new: 0.5})
   joint.train.steps = s["base_steps"] + s["new_steps"]
   out["joint"] = joint
   for name, c in out.items():
@@ -114,23 +139,25 @@ def figure(size: bool | str = False) -> Figure:
       arms.append(Arm(name, make(name), "joint training (reference)"))
     else:
       arms.append(Arm(name, make(name), name.replace("_", " "), start_from="base", start_step=n))
-  claims = [Claim("EWC (high lambda) forgets less than plain fine-tuning", "ewc_hi", "plain", OLD),
-            Claim("plain fine-tuning learns Python better than EWC (high lambda)", "plain", "ewc_hi", NEW),
-            Claim("new experts + freezing + distillation forget less than plain", "grow_freeze_distill", "plain", OLD),
-            Claim("LoRA (r=4) forgets less than full fine-tuning", "lora_4", "plain", OLD)]
+  old, new = (domain_name(d) for d in domains(size))  # the metrics' names: c4/en -> c4
+  claims = [Claim("EWC (high lambda) forgets less than plain fine-tuning", "ewc_hi", "plain", old),
+            Claim("plain fine-tuning learns Python better than EWC (high lambda)", "plain", "ewc_hi", new),
+            Claim("new experts + freezing + distillation forget less than plain", "grow_freeze_distill", "plain", old),
+            Claim("LoRA (r=4) forgets less than full fine-tuning", "lora_4", "plain", old)]
   if not quick:
-    claims += [Claim("25% replay forgets less than plain fine-tuning", "replay_25", "plain", OLD),
-               Claim("5% replay forgets less than plain fine-tuning", "replay_5", "plain", OLD),
-               Claim("EWC: high lambda forgets less than low", "ewc_hi", "ewc_lo", OLD),
-               Claim("EWC: low lambda learns Python better than high", "ewc_lo", "ewc_hi", NEW),
-               Claim("new experts + freezing forget less than plain", "grow_freeze", "plain", OLD),
-               Claim("distillation reduces the remaining forgetting", "grow_freeze_distill", "grow_freeze", OLD),
+    claims += [Claim("25% replay forgets less than plain fine-tuning", "replay_25", "plain", old),
+               Claim("5% replay forgets less than plain fine-tuning", "replay_5", "plain", old),
+               Claim("EWC: high lambda forgets less than low", "ewc_hi", "ewc_lo", old),
+               Claim("EWC: low lambda learns Python better than high", "ewc_lo", "ewc_hi", new),
+               Claim("new experts + freezing forget less than plain", "grow_freeze", "plain", old),
+               Claim("distillation reduces the remaining forgetting", "grow_freeze_distill", "grow_freeze", old),
                # Biderman et al. 2024: LoRA learns less and forgets less, more so at lower rank
-               Claim("full fine-tuning learns Python better than LoRA (r=64)", "plain", "lora_64", NEW),
-               Claim("full fine-tuning learns Python better than LoRA (r=16)", "plain", "lora_16", NEW),
-               Claim("LoRA r=64 learns Python better than r=4", "lora_64", "lora_4", NEW),
-               Claim("LoRA (r=64) forgets less than full fine-tuning", "lora_64", "plain", OLD),
-               Claim("LoRA r=4 forgets less than r=64", "lora_4", "lora_64", OLD)]
+               Claim("full fine-tuning learns Python better than LoRA (r=64)", "plain", "lora_64", new),
+               Claim("full fine-tuning learns Python better than LoRA (r=16)", "plain", "lora_16", new),
+               Claim("LoRA r=64 learns Python better than r=4", "lora_64", "lora_4", new),
+               Claim("LoRA (r=16) forgets less than full fine-tuning", "lora_16", "plain", old),
+               Claim("LoRA (r=64) forgets less than full fine-tuning", "lora_64", "plain", old),
+               Claim("LoRA r=4 forgets less than r=64", "lora_4", "lora_64", old)]
   plan = {"size": size, "base_steps": n, "new_steps": s["new_steps"], "eval_batches": s["eval_batches"],
           "arms": names, "ewc": EWC, "lora_ranks": LORA_RANKS}
   return Figure("continual", f"Continual pre-training, Shakespeare -> Python ({size})", tuple(arms), tuple(claims),
@@ -141,17 +168,17 @@ def figure(size: bool | str = False) -> Figure:
 
 # ---------------------------------------------------------------- the frontier
 
-def _drift(workdir: str) -> float:
+def _drift(workdir: str, old: str) -> float:
   path = os.path.join(workdir, "continual", "stage1.json")
   if not os.path.exists(path):
     return math.nan
   with open(path) as f:
-    return float(json.load(f).get("scalars", {}).get(f"drift/{OLD}", math.nan))
+    return float(json.load(f).get("scalars", {}).get(f"drift/{old}", math.nan))
 
 
 def frontier_rows(fig: Figure, root: str, seeds) -> list[dict]:
   """Per (arm, seed): Python loss, Shakespeare forgetting (vs base at step N), routing drift."""
-  n = fig.plan["base_steps"]
+  n, (old, new) = fig.plan["base_steps"], (domain_name(d) for d in domains(fig.plan["size"]))
   rows = []
   for arm in fig.arms:
     if not arm.plotted:
@@ -159,12 +186,12 @@ def frontier_rows(fig: Figure, root: str, seeds) -> list[dict]:
     for seed in seeds:
       base = read_evals(run_dir(root, "base", seed)).get(n, {})
       ev = read_evals(run_dir(root, arm.name, seed))
-      if not ev or OLD not in base:
+      if not ev or old not in base:
         continue
       last = ev[max(ev)]
-      rows.append({"arm": arm.name, "seed": int(seed), "python_loss": last[NEW],
-                   "shakespeare_loss": last[OLD], "forgetting": last[OLD] - base[OLD],
-                   "drift": _drift(run_dir(root, arm.name, seed))})
+      rows.append({"arm": arm.name, "seed": int(seed), "python_loss": last[new],
+                   "shakespeare_loss": last[old], "forgetting": last[old] - base[old],
+                   "drift": _drift(run_dir(root, arm.name, seed), old)})
   return rows
 
 

@@ -53,7 +53,7 @@ import os
 import ml_collections
 import numpy as np
 
-from experiments import harness, plots
+from experiments import harness, plots, pod
 from experiments.harness import (Arm, Claim, Figure, by_arm, domain_mean, format_mean_se, mean_se_curve,
                                  mean_se_fields, paired_effect, read_evals, run_dir, size_name, table_head, write_csv,
                                  write_summary)
@@ -65,9 +65,24 @@ SIZES = {
                   window=10, batch_size=16, warmup=10, log_every=1, eval_every=10, eval_batches=4),
     "quick": dict(d_model=32, num_heads=2, d_ff=32, small_steps=4, grown_steps=4, ramp_steps=2,
                   window=1, batch_size=8, warmup=2, log_every=1, eval_every=4, eval_batches=1),
+    # configs/lm.py:pod's model made dense (d=1024, 16 layers, d_ff 4096, bfloat16: 0.2B
+    # parameters), sequence 2048, batch 512, on C4; grown after 10k steps (10B tokens) to d_ff 8192
+    # or 32 layers, 10k steps more; v5e-64. Why: MSG's and Net2Net's spikes are measured on models
+    # trained long enough that new, unmasked units disturb a function the model has learned (Yao
+    # et al. 2024: BERT-large and GPT-2-sized models); at the CPU size fresh units move the loss by
+    # 0.002 nats. The training loss is logged every step: the spike is a per-step quantity.
+    "pod": dict(d_model=1024, num_heads=16, d_ff=4096, small_steps=10_000, grown_steps=10_000, ramp_steps=1000,
+                window=50, batch_size=512, warmup=1000, log_every=1, eval_every=1000, eval_batches=8,
+                eval_batch_size=64, num_layers=16, topology="v5e-64"),
 }
 WIDE_NOISE = 3.0  # wide_random: noise_std of widen_mlp (relative to each weight matrix's std)
 DEPTH_POSITIONS = (2, 3)  # insert_blocks: the new blocks on top, the layout G_stack gives
+
+
+def depth_positions(size: str) -> tuple[int, ...]:
+  """insert_blocks' positions at `size`: L new blocks on top of the L old ones (L = 2 but at pod)."""
+  n = SIZES[size].get("num_layers", 2)
+  return tuple(range(n, 2 * n)) if n != 2 else DEPTH_POSITIONS
 GROWN = ("wide_exact", "wide_random", "wide_ramped", "deep_exact", "deep_random", "deep_ramped")
 COPIES = ("wide_noisy", "deep_stack")  # full size only: non-preserving copies
 SCRATCH = ("wide_scratch", "deep_scratch")
@@ -96,10 +111,10 @@ def growth_ops(arm: str, size: str) -> tuple:
       "wide_random": (dict(op="widen_mlp", d_ff=f2, method="fresh"),),
       "wide_noisy": (dict(op="widen_mlp", d_ff=f2, method="round_robin", noise_std=WIDE_NOISE),),
       "wide_ramped": (dict(op="widen_mlp", d_ff=f2, ramp_steps=n),),
-      "deep_exact": (dict(op="insert_blocks", positions=DEPTH_POSITIONS),),
-      "deep_random": (dict(op="insert_blocks", positions=DEPTH_POSITIONS, init="random"),),
+      "deep_exact": (dict(op="insert_blocks", positions=depth_positions(size)),),
+      "deep_random": (dict(op="insert_blocks", positions=depth_positions(size), init="random"),),
       "deep_stack": (dict(op="stack", times=2),),
-      "deep_ramped": (dict(op="insert_blocks", positions=DEPTH_POSITIONS, ramp_steps=n),),
+      "deep_ramped": (dict(op="insert_blocks", positions=depth_positions(size), ramp_steps=n),),
   }
   if arm not in ops:
     raise ValueError(f"experiments/preserving: unknown growth arm {arm!r}; use {sorted(ops)}")
@@ -110,11 +125,14 @@ def base_config(size: str) -> ml_collections.ConfigDict:
   if size not in SIZES:
     raise ValueError(f"experiments/preserving: unknown size {size!r}; use {sorted(SIZES)}")
   s = SIZES[size]
-  c = lm.get_config("tiny")  # dense, 2 layers, byte vocabulary, seq 64, both corpora 50/50
+  if size == "pod":
+    c = pod.base_config()
+  else:
+    c = lm.get_config("tiny")  # dense, 2 layers, byte vocabulary, seq 64, both corpora 50/50
   c.model.update(d_model=s["d_model"], num_heads=s["num_heads"], d_ff=s["d_ff"])
   c.train.update(steps=0, batch_size=s["batch_size"], warmup_steps=s["warmup"], log_every=s["log_every"],
-                 eval_every=s["eval_every"], eval_batches=s["eval_batches"], eval_batch_size=16,
-                 checkpoint_every=10_000, keep_checkpoints=2)
+                 eval_every=s["eval_every"], eval_batches=s["eval_batches"],
+                 eval_batch_size=s.get("eval_batch_size", 16), checkpoint_every=10_000, keep_checkpoints=2)
   if size == "quick":  # one device, whatever the process simulates: fewer, smaller programs to compile
     c.mesh.update(data=1, num_devices=1)
   return c
@@ -170,7 +188,7 @@ def figure(size: bool | str = False) -> Figure:
                      "wide_scratch"),
                Claim("exact deepening at least matches the deep model from scratch (matched FLOPs)", "deep_exact",
                      "deep_scratch")]
-  plan = {"size": size, **s, "wide_noise": WIDE_NOISE, "depth_positions": DEPTH_POSITIONS,
+  plan = {"size": size, **s, "wide_noise": WIDE_NOISE, "depth_positions": depth_positions(size),
           "arms": [a.name for a in arms],
           "scratch_steps": {n: int(cfgs[n].train.steps) for n in SCRATCH}}
   return Figure("preserving", f"Function-preserving vs non-preserving growth ({size})", tuple(arms), tuple(claims),
