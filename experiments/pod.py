@@ -83,8 +83,12 @@ def compile_arms(fig: Figure, topology: str, root: str = "", num_slices: int = 1
       for r in got:
         r.setdefault("arm", arm.name)  # a row first compiled here (it is `seen`'s); reused rows carry `same_as`
         r["program"] = label + r["program"]
-      # the steps this arm trains itself: from its start checkpoint (another arm's) to its end
-      h = arm_hours(config, got, arm.start_step if arm.start_from else 0, end_step(arm, config) if not label else None)
+      # the steps this arm trains itself: from its start checkpoint (another arm's) to its end; none
+      # in branches it copies from another arm (`Arm.reuse`)
+      if label.startswith("branch") and any(ref.split("/", 1)[-1] == "branches" for ref in arm.reuse):
+        h = 0.0
+      else:
+        h = arm_hours(config, got, arm.start_step if arm.start_from else 0, end_step(arm, config) if not label else None)
       hours = None if h is None or hours is None else hours + h
       mine += [dict(r, arm=arm.name) for r in got]
     rows += mine
