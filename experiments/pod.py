@@ -68,6 +68,12 @@ def arm_hours(config, rows: list[dict], start: int = 0, end: int | None = None) 
   return total / 3600
 
 
+def trains_itself(arm, label: str) -> bool:
+  """Whether `arm` trains the run `label` (from `run_configs`) itself: not a BTX branch it copies
+  from another arm (`Arm.reuse` of '<arm>/branches')."""
+  return not (label.startswith("branch ") and any(ref.split("/", 1)[-1] == "branches" for ref in arm.reuse))
+
+
 def compile_arms(fig: Figure, topology: str, root: str = "", num_slices: int = 1, log=print) -> list[dict]:
   """One row per (arm, program) of the figure for the slice (moegrow.aot rows plus 'arm'), and one
   summary row per arm (kind 'arm': fits, hours)."""
@@ -83,12 +89,9 @@ def compile_arms(fig: Figure, topology: str, root: str = "", num_slices: int = 1
       for r in got:
         r.setdefault("arm", arm.name)  # a row first compiled here (it is `seen`'s); reused rows carry `same_as`
         r["program"] = label + r["program"]
-      # the steps this arm trains itself: from its start checkpoint (another arm's) to its end; none
-      # in branches it copies from another arm (`Arm.reuse`)
-      if label.startswith("branch") and any(ref.split("/", 1)[-1] == "branches" for ref in arm.reuse):
-        h = 0.0
-      else:
-        h = arm_hours(config, got, arm.start_step if arm.start_from else 0, end_step(arm, config) if not label else None)
+      # the steps this arm trains itself: from its start checkpoint (another arm's) to its end
+      h = (arm_hours(config, got, arm.start_step if arm.start_from else 0, end_step(arm, config) if not label else None)
+           if trains_itself(arm, label) else 0.0)
       hours = None if h is None or hours is None else hours + h
       mine += [dict(r, arm=arm.name) for r in got]
     rows += mine

@@ -43,3 +43,24 @@ def test_pod_arms_are_valid_for_their_slice_and_read_only_pod_datasets(name):
       for mix in mixtures(config):
         assert mix and not set(mix) & set(LOCAL), (where, mix)
         assert set(mix) <= {pod.ENGLISH, pod.CODE}, (where, mix)
+
+
+def test_an_arm_is_not_charged_for_branches_it_reuses():
+  """BTX at pod: btx trains its branches, btx_random copies them (Arm.reuse) and trains only its
+  mixed MoE; the hours of experiments/pod.py count what each arm trains itself."""
+  btx = importlib.import_module("experiments.btx.figure").figure("pod")
+  arms = {a.name: a for a in btx.arms}
+  for name, expected in (("btx", [True, True, True]), ("btx_random", [False, False, True])):
+    labels = [label for label, _ in pod.run_configs(harness.arm_config(btx, arms[name], 0, data_dir=""))]
+    assert labels == ["branch shakespeare/", "branch python/", "mix/"]
+    assert [pod.trains_itself(arms[name], label) for label in labels] == expected, name
+
+
+@pytest.mark.parametrize("name", FIGURES)
+def test_each_pod_arm_is_its_config_files_arm(name):
+  """The launch commands' `experiments/<figure>/config.py:pod,<arm>` is the figure's pod arm."""
+  figure = importlib.import_module(f"experiments.{name}.figure")
+  config = importlib.import_module(f"experiments.{name}.config")
+  fig = figure.figure("pod")
+  for arm in fig.arms:
+    assert config.get_config(f"pod,{arm.name}").to_dict() == arm.config(0).to_dict(), (name, arm.name)
