@@ -9,8 +9,8 @@ switch point.) The whole figure, sharing the shallow runs:
 
 Arms: shallow, deep_scratch, stack10, stack25, stack50; sizes: small (the figure: d=64, 2 -> 4
 layers, T = 480 steps, switches at 48 / 120 / 240), quick (tests).
-Expected (3 seeds, final mean loss at T): deep_scratch 2.190, stack10 2.203, stack25 2.200,
-stack50 2.231 (stack10 beats stack50 by 0.028 ± 0.010, separated; stack10 vs deep_scratch not
+Expected (3 seeds, final mean loss at T): deep_scratch 2.190, stack10 2.199, stack25 2.204,
+stack50 2.227 (stack10 beats stack50 by 0.028 ± 0.016, not separated; stack10 vs deep_scratch not
 separated). The paper's claim, at 7B: G_stack reaches the from-scratch loss with 54.6% fewer FLOPs;
 here 1 seed of 3 reaches it (6% / 12% saved at 10% / 25%). See experiments/stacking/README.md.
 """
