@@ -8,9 +8,9 @@ whole figure, sharing the dense checkpoints, about 27 minutes on 2 CPU cores:
 
 Arms: dense_base, dense, upcycled, moe_scratch; sizes: small (the figure: d=128, N = 300 dense
 steps, M = 150 upcycled steps, E=8 top-2 in layers 1 and 3), quick (tests).
-Expected (3 seeds, final mean loss at equal extra FLOPs): dense 1.964, upcycled 1.979, scratch
-MoE 2.056 (upcycled beats the scratch MoE by 0.077 ± 0.008, separated; upcycled vs dense
--0.016 ± 0.008, not separated). See experiments/upcycling/README.md.
+Expected (3 seeds, final mean loss at equal extra FLOPs): dense 1.965, upcycled 1.978, scratch
+MoE 2.055 (upcycled beats the scratch MoE by 0.077 ± 0.006, separated; upcycled vs dense
+-0.013 ± 0.009, not separated). See experiments/upcycling/README.md.
 """
 from experiments.upcycling import figure
 from experiments.harness import size_arm_config
