@@ -129,8 +129,8 @@ def flops_at(config, step: int, plan: Sequence[parts.Stage] | None = None) -> fl
   for st in plan:
     n = max(0, min(step, st.end) - st.start)
     total += n * flops_per_step(st.cfg, config)
-    if parts.teacher(st, plan) is not None:
-      total += n * teacher_flops_per_step(parts.teacher(st, plan), config)
+    if (teacher := parts.teacher(st, plan)) is not None:
+      total += n * teacher_flops_per_step(teacher, config)
   return total
 
 

@@ -31,6 +31,11 @@ from moegrow.orchestrate import parts
 ENGLISH, CODE = "c4/en", "the_stack_python"
 
 
+def domains(size: str, local: tuple[str, str]) -> tuple[str, str]:
+  """A two-domain figure's datasets at `size`: C4 and code at pod, else its `local` corpora."""
+  return (ENGLISH, CODE) if size == "pod" else local
+
+
 def base_config(mixture: dict | None = None) -> ml_collections.ConfigDict:
   """configs/lm.py:pod (d=1024, 16 layers, 16 heads, d_ff 4096, bfloat16, block remat, scanned
   blocks; sequence 2048, batch 512; mesh data=-1, fsdp=8, expert=8) made dense, on `mixture`

@@ -306,33 +306,34 @@ def compile_config(config, sl: Slice, headroom: float = 0.10, log=print, seen: d
       if st.index > 0:  # the boundary into this stage: growth from the previous stage's state
         old_cfg, old = stages[st.index - 1].cfg, programs[st.index - 1]
         key = program_key("growth", old_cfg, st.cfg, st.ops, tr_key, st.ewc is not None, mesh_key)
-        if key in seen:
-          rows.append(_reuse(seen[key], f"stage{st.index}/growth", log))
-        else:
-          rows.append(seen.setdefault(key, _compile_growth(st, old_cfg, old, prog, sl, headroom, log)))
+        rows.append(_once(seen, key, f"stage{st.index}/growth", log,
+                          lambda: _compile_growth(st, old_cfg, old, prog, sl, headroom)))
       tokens = int(tr.batch_size) * seq
       formula = flops.train_flops_per_token(tf.base_config(st.cfg), seq) * tokens / sl.chips
-      if parts.teacher(st, stages) is not None:  # a distilling stage's teacher runs forward on every batch
-        formula += flops.forward_flops_per_token(tf.base_config(parts.teacher(st, stages)), seq) * tokens / sl.chips
-      for kind, key in (("train", program_key("train", st.cfg, seq, tr_key, prog.objective, mesh_key)),
-                        ("eval", program_key("eval", st.cfg, seq, int(tr.eval_batch_size), mesh_key))):
-        name = f"stage{st.index}/{kind}_step"
-        if key in seen:
-          rows.append(_reuse(seen[key], name, log))
-          continue
-        if kind == "train":
-          args = (prog.abstract_state, _batch_abstract(prog, int(tr.batch_size), seq))
-          ctx = _ctx_abstract(prog)
-          if ctx is not None:
-            args = args + (ctx,)
-          row = compile_one(name, "train", prog.train_step, args, sl, formula, headroom, st.cfg.remat)
-        else:
-          row = compile_one(name, "eval", prog.eval_step,
-                            (prog.abstract_state["params"], _batch_abstract(prog, int(tr.eval_batch_size), seq)),
-                            sl, None, headroom)
-        _log_row(row, log)
-        rows.append(seen.setdefault(key, row))
+      if (teacher := parts.teacher(st, stages)) is not None:  # a distilling stage's teacher: forward, every batch
+        formula += flops.forward_flops_per_token(tf.base_config(teacher), seq) * tokens / sl.chips
+      train_args = (prog.abstract_state, _batch_abstract(prog, int(tr.batch_size), seq))
+      if (ctx := _ctx_abstract(prog)) is not None:
+        train_args += (ctx,)
+      eval_args = (prog.abstract_state["params"], _batch_abstract(prog, int(tr.eval_batch_size), seq))
+      name = f"stage{st.index}/train_step"
+      rows.append(_once(seen, program_key("train", st.cfg, seq, tr_key, prog.objective, mesh_key), name, log,
+                        lambda: compile_one(name, "train", prog.train_step, train_args, sl, formula, headroom,
+                                            st.cfg.remat)))
+      name = f"stage{st.index}/eval_step"
+      rows.append(_once(seen, program_key("eval", st.cfg, seq, int(tr.eval_batch_size), mesh_key), name, log,
+                        lambda: compile_one(name, "eval", prog.eval_step, eval_args, sl, None, headroom)))
   return rows
+
+
+def _once(seen: dict, key: str, name: str, log, compile_fn) -> dict:
+  """Program `name`'s row: compiled by `compile_fn` (and logged) the first time `key` is seen, else
+  the row of the program first compiled under `key`, marked `same_as`."""
+  if key in seen:
+    return _reuse(seen[key], name, log)
+  row = seen[key] = compile_fn()
+  _log_row(row, log)
+  return row
 
 
 def _reuse(row: dict, name: str, log) -> dict:
@@ -345,7 +346,7 @@ def _reuse(row: dict, name: str, log) -> dict:
   return out
 
 
-def _compile_growth(st, old_cfg, old, prog, sl: Slice, headroom: float, log) -> dict:
+def _compile_growth(st, old_cfg, old, prog, sl: Slice, headroom: float) -> dict:
   """Compile the growth into stage `st` from the previous stage's state (`old`) to `prog`'s."""
   ops = with_loads(list(st.ops), *_placeholder_measurements(old_cfg))
   fisher = None
@@ -356,7 +357,6 @@ def _compile_growth(st, old_cfg, old, prog, sl: Slice, headroom: float, log) -> 
   key = jax.eval_shape(lambda: jax.random.key(0))
   row = compile_one(f"stage{st.index}/growth", "growth", jax.jit(run, out_shardings=out_sh),
                     (old.abstract_state, key, fisher), sl, None, headroom)
-  _log_row(row, log)
   return row
 
 

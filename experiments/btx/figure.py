@@ -64,7 +64,7 @@ QUICK_ARMS = ("seed", "dense", "btx", "btx_random", "btm", "rebake")
 def domains(size: str) -> tuple[str, str]:
   """The two domains (datasets) at `size`: the local corpora, or C4 and code at pod (the arms and
   branches keep their names: the 'shakespeare' branch trains on C4, 'python' on code)."""
-  return (pod.ENGLISH, pod.CODE) if size == "pod" else (OLD, NEW)
+  return pod.domains(size, (OLD, NEW))
 
 
 def base_config(size: str) -> ml_collections.ConfigDict:

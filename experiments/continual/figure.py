@@ -58,7 +58,7 @@ def domains(size: str) -> tuple[str, str]:
   """(old, new): the figure's first and second domain at `size`: Shakespeare then Python, or C4
   then code at pod (the arms keep their names; columns named 'python' / 'shakespeare' are the new
   and the old domain)."""
-  return (pod.ENGLISH, pod.CODE) if size == "pod" else (OLD, NEW)
+  return pod.domains(size, (OLD, NEW))
 
 
 def stage1(name: str, size: str = "small") -> dict:

@@ -77,7 +77,7 @@ def base_config(size: str) -> ml_collections.ConfigDict:
 
 def domains(size: str) -> tuple[str, str]:
   """The figure's two domains (dataset names) at `size`: the local corpora, or C4 and code at pod."""
-  return (pod.ENGLISH, pod.CODE) if size == "pod" else (SHAKESPEARE, PYTHON)
+  return pod.domains(size, (SHAKESPEARE, PYTHON))
 
 
 def configs(size: str) -> dict[str, ml_collections.ConfigDict]:

@@ -76,13 +76,15 @@ SIZES = {
                 eval_batch_size=64, num_layers=16, topology="v5e-64"),
 }
 WIDE_NOISE = 3.0  # wide_random: noise_std of widen_mlp (relative to each weight matrix's std)
-DEPTH_POSITIONS = (2, 3)  # insert_blocks: the new blocks on top, the layout G_stack gives
 
 
 def depth_positions(size: str) -> tuple[int, ...]:
-  """insert_blocks' positions at `size`: L new blocks on top of the L old ones (L = 2 but at pod)."""
+  """insert_blocks' positions at `size`: L new blocks on top of the L old ones (L = 2 but at pod),
+  the layout G_stack gives."""
   n = SIZES[size].get("num_layers", 2)
-  return tuple(range(n, 2 * n)) if n != 2 else DEPTH_POSITIONS
+  return tuple(range(n, 2 * n))
+
+
 GROWN = ("wide_exact", "wide_random", "wide_ramped", "deep_exact", "deep_random", "deep_ramped")
 COPIES = ("wide_noisy", "deep_stack")  # full size only: non-preserving copies
 SCRATCH = ("wide_scratch", "deep_scratch")
